@@ -1,0 +1,1 @@
+"""Generative TRM: a Tiny Recursive Model as a causal Japanese language model."""
