@@ -1,0 +1,78 @@
+"""Checkpoint files: written atomically, self-contained, and loaded without executing pickled code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)` reads
+it and refuses anything that would run code on load. It holds everything needed to resume exactly (model, EMA,
+optimizer, step, data position, RNG states, config, args) and to generate (the tokenizer itself).
+"""
+import glob
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+
+FORMAT = "generative-trm"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file in the same directory, then rename: a crash never leaves a half-written step_N.pt."""
+    state = {"format": FORMAT, "version": VERSION, **state}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load and validate a checkpoint; every failure is a CheckpointError with a one-line reason."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"not a file: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses globals it does not know, i.e. anything that could execute code while loading
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise CheckpointError(f"{path} was refused: it contains objects that would run code when loaded "
+                              f"(weights_only=True) [{first[:160]}]") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable or truncated ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has format version {state['version']}; this code reads up to {VERSION}")
+    return state
+
+
+def checkpoint_step(path):
+    m = re.search(r"step_(\d+)\.pt$", os.path.basename(path))
+    return int(m.group(1)) if m else -1
+
+
+def list_checkpoints(save_dir):
+    """step_N.pt and final_step_N.pt in save_dir, newest (highest N) first; final before step at equal N."""
+    paths = glob.glob(os.path.join(save_dir, "step_*.pt")) + glob.glob(os.path.join(save_dir, "final_step_*.pt"))
+    return sorted(paths, key=lambda p: (checkpoint_step(p), os.path.basename(p).startswith("final")), reverse=True)
+
+
+def prune_checkpoints(save_dir, keep_last):
+    """Delete all but the newest `keep_last` step_N.pt files (final checkpoints are never deleted)."""
+    if keep_last <= 0:
+        return
+    steps = [p for p in list_checkpoints(save_dir) if os.path.basename(p).startswith("step_")]
+    for p in steps[keep_last:]:
+        os.remove(p)

@@ -1,0 +1,34 @@
+"""The one place that decides device and precision, and says why."""
+import torch
+
+
+def pick_device(requested="auto", dtype="auto"):
+    """Returns (device, autocast dtype or None, reason). cuda -> mps -> cpu; bf16 autocast on capable GPUs."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            device, why = torch.device("cuda"), "CUDA GPU found"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device, why = torch.device("mps"), "Apple GPU (MPS) found"
+        else:
+            device, why = torch.device("cpu"), "no GPU found"
+    else:
+        device, why = torch.device(requested), "--device"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda was given but torch.cuda.is_available() is False "
+                             "(no GPU, or a CPU-only torch build)")
+    if dtype == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        amp = torch.bfloat16 if bf16_ok else None
+        why += ", bf16 autocast" if bf16_ok else ", fp32"
+    elif dtype == "bf16":
+        amp, why = torch.bfloat16, why + ", bf16 autocast (--dtype)"
+    elif dtype == "fp32":
+        amp, why = None, why + ", fp32 (--dtype)"
+    else:
+        raise SystemExit(f"error: --dtype must be auto, bf16 or fp32, got {dtype!r}")
+    return device, amp, why
+
+
+def autocast(device, amp_dtype):
+    """Context manager for the forward pass: bf16 autocast when chosen, otherwise a no-op."""
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)

@@ -1,0 +1,281 @@
+"""The Generative TRM: a Tiny Recursive Model (arXiv 2510.04871) used as a causal next-token language model.
+
+One small network `net` (n_layers transformer blocks) is applied again and again to three streams of shape [B, T, D]:
+x (the embedded tokens), z (a latent "reasoning" state) and y (the current answer, read by the output head):
+
+    latent_recursion:  z = net(x + y + z)  n times,  then  y = net(y + z)
+    deep_recursion:    T_deep - 1 latent recursions without gradients, then one with gradients
+    deep supervision:  N_sup rounds of deep_recursion, each one scored by the output head; y, z detached between rounds
+
+Every net call is causal (causal attention, position-wise everything else), so the state at position t of every
+stream at every depth depends on tokens <= t only. That is what makes the model a language model, and it is what
+lets generation cache keys/values per net call: each (round, deep step, call, layer) gets its own cache slot.
+
+arch="gpt" stacks the same blocks once (no recursion): the in-project baseline for "does recursion pay?".
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class TRMConfig:
+    vocab_size: int = 16000
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 2
+    latent_steps: int = 2       # n: z-updates per latent recursion
+    deep_steps: int = 2         # T: latent recursions per deep recursion (T-1 of them without gradients)
+    supervision_steps: int = 2  # N_sup: deep-supervision rounds, each with its own loss
+    dropout: float = 0.1
+    max_seq_len: int = 512
+    arch: str = "trm"           # "trm" (recursive) or "gpt" (n_layers blocks applied once)
+    mlp_hidden: int = 0         # SwiGLU width; 0 = 8/3 d_model rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.arch not in ("trm", "gpt"):
+            raise ValueError(f"arch must be 'trm' or 'gpt', got {self.arch!r}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
+        if self.mlp_hidden <= 0:
+            self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def rms_norm(x):
+    # No learned gain, as in the official TRM: the recursion re-normalizes its states every call.
+    return F.rms_norm(x, (x.size(-1),), eps=1e-6)
+
+
+def rotary(x, cos, sin):
+    # x [B, H, T, hd]; rotate the two halves of each head (GPT-NeoX layout).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys/values of every net call at every depth, for incremental decoding.
+
+    Slots are handed out in call order during a forward pass; the order of calls is fixed by the depth settings,
+    so slot i always belongs to the same (round, deep step, call, layer).
+    """
+
+    def __init__(self, n_slots, batch_size, n_heads, max_len, head_dim, device, dtype=torch.float32):
+        shape = (n_slots, batch_size, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0   # tokens already stored
+        self.slot = 0  # next slot in the current forward pass
+
+    def update(self, k, v):
+        s, T = self.slot, k.size(2)
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {T} > {self.max_len} tokens")
+        self.slot += 1
+        self.k[s, :, :, self.pos:self.pos + T] = k
+        self.v[s, :, :, self.pos:self.pos + T] = v
+        return self.k[s, :, :, :self.pos + T], self.v[s, :, :, :self.pos + T]
+
+    def advance(self, T):
+        self.pos += T
+        self.slot = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, h, cos, sin, cache=None):
+        B, T, D = h.shape
+        q, k, v = self.qkv(h).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            past = cache.pos
+            k, v = cache.update(k, v)
+            if T == 1:
+                mask = None  # one new query may see everything cached
+            else:
+                # query i sits at absolute position past + i and may see keys 0 .. past + i
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=h.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, h):
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    # Post-norm, as in the official TRM: every block ends in an RMSNorm, so y and z come out of each net call at
+    # unit scale however many times the net is applied. Pre-norm would let the residual stream grow with depth.
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h, cos, sin, cache=None):
+        h = rms_norm(h + self.drop(self.attn(h, cos, sin, cache)))
+        return rms_norm(h + self.drop(self.mlp(h)))
+
+
+class TRM(nn.Module):
+    def __init__(self, cfg: TRMConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # Fixed starting states for y and z (as the official TRM): unit-scale random vectors, not copies of x,
+        # so the first z-update sees x + y0 + z0 at the same scale as every later one.
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("y_init", torch.randn(cfg.d_model, generator=g), persistent=True)
+        self.register_buffer("z_init", torch.randn(cfg.d_model, generator=g), persistent=True)
+        cos, sin = self._rope_table(cfg.max_seq_len, torch.device("cpu"))
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        for name, p in self.named_parameters():
+            if name == "embed.weight":
+                # unit-scale token vectors, like the states they are added to
+                nn.init.normal_(p, std=0.02 if self.config.tie_embeddings else 1.0)
+            elif name == "lm_head.weight":
+                # small logits at step 0: y has unit RMS, so logit std = 0.02 sqrt(D) and the first loss is
+                # ln(vocab) + about std^2 / 2
+                nn.init.normal_(p, std=0.02)
+            else:
+                nn.init.trunc_normal_(p, std=1.0 / math.sqrt(p.size(1)), a=-2.0 / math.sqrt(p.size(1)),
+                                      b=2.0 / math.sqrt(p.size(1)))
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def depth(self, latent_steps=None, deep_steps=None, supervision_steps=None):
+        """Depth settings, trained values unless overridden (test-time depth changes no weights)."""
+        c = self.config
+        return (latent_steps or c.latent_steps, deep_steps or c.deep_steps, supervision_steps or c.supervision_steps)
+
+    def net_calls(self, latent_steps=None, deep_steps=None, supervision_steps=None):
+        """Applications of `net` per token in one forward pass."""
+        if self.config.arch == "gpt":
+            return 1
+        n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
+        return N_sup * T_deep * (n + 1)
+
+    def new_cache(self, batch_size, max_len, device=None, dtype=torch.float32, **depth):
+        c = self.config
+        slots = self.net_calls(**depth) * c.n_layers
+        return KVCache(slots, batch_size, c.n_heads, max_len, c.d_model // c.n_heads,
+                       device or self.embed.weight.device, dtype)
+
+    def _rope_table(self, n, device):
+        hd = self.config.d_model // self.config.n_heads
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+        angles = torch.outer(torch.arange(n, device=device).float(), inv_freq)
+        return angles.cos(), angles.sin()
+
+    def rope(self, start, T):
+        end = start + T
+        if end > self.rope_cos.size(0):  # only generation past max_seq_len gets here
+            self.rope_cos, self.rope_sin = self._rope_table(2 * end, self.rope_cos.device)
+        return self.rope_cos[start:end], self.rope_sin[start:end]
+
+    def num_params(self, non_embedding=False):
+        """Distinct parameters (tied weights counted once)."""
+        params = {id(p): p for p in self.parameters()}
+        n = sum(p.numel() for p in params.values())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward), counted as 2 per multiply-add of every matmul.
+
+        No-grad deep steps cost one forward; the last deep step of each round and the head cost forward+backward (3x).
+        Attention scores count the full T x T square (the usual convention, e.g. PaLM's MFU).
+        """
+        c = self.config
+        T = seq_len or c.max_seq_len
+        block_matmul = 4 * c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden
+        per_call = c.n_layers * (2 * block_matmul + 4 * T * c.d_model)
+        head = 2 * c.vocab_size * c.d_model
+        if c.arch == "gpt":
+            return 3 * (per_call + head)
+        n, T_deep, N_sup = self.depth()
+        calls = n + 1
+        return N_sup * ((T_deep - 1) * calls * per_call + 3 * calls * per_call + 3 * head)
+
+    # ---- the recursion ------------------------------------------------------------------------------------
+    def net(self, h, rope, cache=None):
+        for block in self.blocks:
+            h = block(h, *rope, cache)
+        return h
+
+    def latent_recursion(self, x, y, z, n, rope, cache=None):
+        for _ in range(n):
+            z = self.net(x + y + z, rope, cache)  # refine the latent reasoning state
+        y = self.net(y + z, rope, cache)          # then the answer, from the latent state alone
+        return y, z
+
+    def deep_recursion(self, x, y, z, n, T_deep, rope, cache=None):
+        with torch.no_grad():
+            for _ in range(T_deep - 1):
+                y, z = self.latent_recursion(x, y, z, n, rope, cache)
+        return self.latent_recursion(x, y, z, n, rope, cache)  # the only step that backpropagates
+
+    def forward(self, idx, targets=None, cache=None, latent_steps=None, deep_steps=None, supervision_steps=None,
+                return_all_losses=False):
+        """logits [B, T, vocab] of the last supervision round; loss = mean of the rounds' losses (None without targets).
+
+        With `cache`, idx holds only the new tokens; positions continue from cache.pos.
+        return_all_losses=True returns the per-round losses as a list instead of their mean.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        rope = self.rope(start, T)
+        x = self.embed(idx)
+        if self.config.arch == "gpt":
+            logits = self.lm_head(self.net(x, rope, cache))
+            losses = [self._loss(logits, targets)] if targets is not None else []
+        else:
+            n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
+            y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
+            losses = []
+            for _ in range(N_sup):
+                y, z = self.deep_recursion(x, y, z, n, T_deep, rope, cache)
+                logits = self.lm_head(y)
+                if targets is not None:
+                    losses.append(self._loss(logits, targets))
+                y, z = y.detach(), z.detach()  # each round backpropagates through its own last deep step only
+        if cache is not None:
+            cache.advance(T)
+        if targets is None:
+            return logits, None
+        return logits, (losses if return_all_losses else torch.stack(losses).mean())
+
+    @staticmethod
+    def _loss(logits, targets):
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
