@@ -76,3 +76,30 @@ def prune_checkpoints(save_dir, keep_last):
     steps = [p for p in list_checkpoints(save_dir) if os.path.basename(p).startswith("step_")]
     for p in steps[keep_last:]:
         os.remove(p)
+
+
+def load_model(path, weights="ema", map_location="cpu"):
+    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint, for generation and evaluation.
+
+    weights='ema' (the default everywhere) or 'raw'. Falls back to raw weights, with a note, when a checkpoint has
+    no EMA (e.g. one written with --ema_decay 0).
+    """
+    from trm.model import TRM, TRMConfig
+    from trm.tokenizer import Tokenizer
+
+    state = load_checkpoint(path, map_location)
+    try:
+        model = TRM(TRMConfig(**state["config"]))
+        if weights not in ("ema", "raw"):
+            raise CheckpointError(f"weights must be 'ema' or 'raw', got {weights!r}")
+        sd = state["model"]
+        if weights == "ema" and state.get("ema") is not None:
+            sd = state["ema"]["model"]
+        model.load_state_dict(sd)
+        tokenizer = Tokenizer.from_state(state["tokenizer"])
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not match this code's model ({type(e).__name__}: {str(e)[:160]})") \
+            from None
+    return model.eval(), tokenizer, state
