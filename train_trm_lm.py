@@ -1,0 +1,414 @@
+"""Step 3: train a Generative TRM on JSONL.GZ files.
+
+    python train_trm_lm.py --tokenizer sentencepiece --sp_model ja_trm.model \
+        --train_paths train_0.jsonl.gz ... train_10.jsonl.gz --valid_paths validation_0.jsonl.gz \
+        --save_dir checkpoints_new --batch_size 4 --max_seq_len 512 --max_steps 50000 --eval_every 500 --log_every 100
+
+More GPUs: torchrun --nproc_per_node=N train_trm_lm.py ... (--batch_size is per GPU; the global batch is
+batch_size x grad_accum x N sequences). Resume: add --resume auto (the newest readable checkpoint in --save_dir).
+
+Deep supervision update rule: each step runs all supervision rounds on the batch and takes ONE optimizer step on the
+mean of the rounds' losses. y and z are detached between rounds, so this equals accumulating the rounds' gradients
+(the paper instead steps the optimizer after every round: N_sup times the optimizer work and a different effective
+learning rate, with no measured gain for language modeling here; see README).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from trm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from trm.data import DataError, PackedLoader, check_paths, eval_windows, load_tokens
+from trm.device import autocast, pick_device
+from trm.ema import EMA
+from trm.evaluate import evaluate
+from trm.model import TRM, TRMConfig
+from trm.tokenizer import Tokenizer, TokenizerError
+
+# bf16 dense matmul rates used for MFU. Hopper: the rate measured on this project's H100/H200 machines, not the
+# 989 TFLOP/s datasheet figure (the issue tracker's baselines use the same number).
+PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# data and tokenizer (the procedure's flags)
+p.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "byte"])
+p.add_argument("--sp_model", default="ja_trm.model")
+p.add_argument("--train_paths", nargs="+", default=[f"train_{i}.jsonl.gz" for i in range(11)])
+p.add_argument("--valid_paths", nargs="*", default=["validation_0.jsonl.gz"])
+p.add_argument("--text_field", default="text")
+p.add_argument("--save_dir", default="checkpoints_new")
+p.add_argument("--cache_dir", default=None, help="token cache (default: token_cache/ beside --save_dir)")
+p.add_argument("--num_workers", type=int, default=0, help="tokenizer threads for the token cache (0 = all cores)")
+# schedule and logging
+p.add_argument("--batch_size", type=int, default=4, help="sequences per GPU per micro-step")
+p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+p.add_argument("--max_seq_len", type=int, default=512)
+p.add_argument("--max_steps", type=int, default=50000)
+p.add_argument("--eval_every", type=int, default=500)
+p.add_argument("--eval_tokens", type=int, default=262144, help="validation target tokens per evaluation")
+p.add_argument("--log_every", type=int, default=100)
+p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0 = at every evaluation)")
+p.add_argument("--keep_last", type=int, default=0, help="keep only the newest N step_*.pt (0 = keep all)")
+p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --save_dir) or a checkpoint path")
+# model
+p.add_argument("--arch", default="trm", choices=["trm", "gpt"], help="gpt: the same blocks stacked, no recursion")
+p.add_argument("--d_model", type=int, default=256)
+p.add_argument("--n_heads", type=int, default=4)
+p.add_argument("--n_layers", type=int, default=2)
+p.add_argument("--latent_steps", type=int, default=2)
+p.add_argument("--deep_steps", type=int, default=2)
+p.add_argument("--supervision_steps", type=int, default=2)
+p.add_argument("--dropout", type=float, default=0.1)
+# optimizer
+p.add_argument("--lr", type=float, default=3e-4)
+p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"])
+p.add_argument("--weight_decay", type=float, default=0.01)
+p.add_argument("--warmup_steps", type=int, default=500)
+p.add_argument("--grad_clip", type=float, default=1.0)
+p.add_argument("--ema_decay", type=float, default=0.995, help="0 disables the EMA")
+# system
+p.add_argument("--device", default="auto", help="auto, cuda, cpu, mps")
+p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA)")
+p.add_argument("--seed", type=int, default=1337)
+args = p.parse_args()
+
+
+def fail(msg, code=2):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# setup: processes, device, tokenizer, data, model, optimizer
+ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+rank = int(os.environ.get("RANK", "0"))
+world_size = int(os.environ.get("WORLD_SIZE", "1"))
+local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+master = rank == 0
+
+device, amp_dtype, device_why = pick_device(args.device, args.dtype)
+if ddp:
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def log(msg):
+    if master:
+        print(msg, flush=True)
+
+
+log(f"device: {device} ({device_why})" + (f", {world_size} processes" if ddp else ""))
+if device.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+try:
+    tokenizer = Tokenizer.from_args(args.tokenizer, args.sp_model)
+    check_paths(args.train_paths, "train")
+    check_paths(args.valid_paths, "valid")
+except (TokenizerError, DataError) as e:
+    fail(str(e))
+log(f"tokenizer: {args.tokenizer}" + (f" {args.sp_model}" if args.tokenizer == "sentencepiece" else "") +
+    f", vocab {tokenizer.vocab_size:,}")
+
+# Rank 0 tokenizes into the cache; the others wait and then map the same files.
+cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.save_dir)), "token_cache")
+threads = args.num_workers or os.cpu_count()
+try:
+    for turn in (0, 1) if ddp else (0,):
+        if (turn == 0) == master:
+            train_tokens = load_tokens(args.train_paths, tokenizer, cache_dir, args.text_field, threads, "train", log)
+            valid_tokens = (load_tokens(args.valid_paths, tokenizer, cache_dir, args.text_field, threads, "valid", log)
+                            if args.valid_paths else None)
+        if ddp:
+            dist.barrier()
+except DataError as e:
+    fail(str(e))
+loader = PackedLoader(train_tokens, args.max_seq_len, args.batch_size, args.seed, rank, world_size)
+val_windows = eval_windows(valid_tokens, args.max_seq_len, args.eval_tokens) if valid_tokens is not None else None
+token_bytes = tokenizer.token_bytes()
+tokens_per_step = args.batch_size * args.max_seq_len * args.grad_accum * world_size
+log(f"data: {len(train_tokens):,} train tokens = {loader.n_windows:,} windows of {args.max_seq_len} "
+    f"({loader.n_windows * args.max_seq_len / tokens_per_step:,.0f} steps per epoch at {tokens_per_step:,} tokens/step)"
+    + (f"; {val_windows.shape[0]} validation windows" if val_windows is not None else ""))
+
+# Resume: the newest readable checkpoint (a truncated one is reported and skipped) or the one named.
+ckpt = None
+if args.resume:
+    candidates = list_checkpoints(args.save_dir) if args.resume == "auto" else [args.resume]
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path, map_location="cpu")
+            log(f"resuming from {path} (step {ckpt['step']})")
+            break
+        except CheckpointError as e:
+            if args.resume != "auto":
+                fail(str(e))
+            log(f"warning: skipping {e}")
+    if ckpt is None:
+        log(f"--resume auto: no checkpoint in {args.save_dir}, starting from scratch")
+    elif ckpt["tokenizer"] and Tokenizer.from_state(ckpt["tokenizer"]).fingerprint() != tokenizer.fingerprint():
+        fail(f"the checkpoint was trained with a different tokenizer than {args.tokenizer} {args.sp_model}")
+
+if ckpt is not None:
+    config = TRMConfig(**ckpt["config"])  # the architecture is the checkpoint's, whatever the flags say
+else:
+    config = TRMConfig(vocab_size=tokenizer.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
+                       n_layers=args.n_layers, latent_steps=args.latent_steps, deep_steps=args.deep_steps,
+                       supervision_steps=args.supervision_steps, dropout=args.dropout,
+                       max_seq_len=args.max_seq_len, arch=args.arch)
+torch.manual_seed(args.seed)  # identical initial weights on every rank
+model = TRM(config).to(device)
+log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without "
+    f"embeddings), {model.net_calls()} net calls per token, {model.flops_per_token(args.max_seq_len) / 1e6:.1f} "
+    f"MFLOP per training token")
+
+decay = [p_ for n, p_ in model.named_parameters() if p_.dim() >= 2]
+no_decay = [p_ for n, p_ in model.named_parameters() if p_.dim() < 2]
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+step, tokens_seen = 0, 0
+if ckpt is not None:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"])
+    loader.load_state_dict(ckpt["loader"])
+    step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    random.setstate(ckpt["rng"]["python"])
+    if ddp:
+        torch.manual_seed(args.seed + 1000 * rank + step)  # distinct dropout per rank after a resume too
+else:
+    torch.manual_seed(args.seed + rank)  # distinct dropout noise per rank
+    random.seed(args.seed + rank)
+
+raw_model = model  # what gets saved, evaluated and sampled; never the compiled or DDP wrapper
+use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+if use_compile:
+    model = torch.compile(model)
+if ddp:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+
+def lr_at(s):
+    if s < args.warmup_steps:
+        return args.lr * (s + 1) / args.warmup_steps
+    if args.lr_schedule == "constant":
+        return args.lr
+    frac = min(1.0, (s - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_schedule == "cosine" else 1 - frac
+    return args.lr * (0.1 + 0.9 * shape)  # decays to 10% of --lr
+
+
+def checkpoint_state():
+    return {"config": config.to_dict(), "model": raw_model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
+            "step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "args": vars(args), "tokenizer": tokenizer.to_state(), "metrics": last_eval}
+
+
+def save(name):
+    path = os.path.join(args.save_dir, name)
+    save_checkpoint(checkpoint_state(), path)
+    prune_checkpoints(args.save_dir, args.keep_last)
+    return path
+
+
+def plot_curves(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    train = [h for h in history if h["kind"] == "train"]
+    valid = [h for h in history if h["kind"] == "eval"]
+    ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss", lw=1)
+    if valid:
+        ax.plot([h["step"] for h in valid], [h["loss"] for h in valid], "o-", label="validation loss (EMA)", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+# Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once.
+stop_signal = []
+
+
+def on_signal(signum, frame):
+    if stop_signal:
+        raise KeyboardInterrupt
+    stop_signal.append(signum)
+    log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to abort)")
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+
+# ----------------------------------------------------------------------------------------------------------------
+# training loop
+metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
+curves_path = os.path.join(args.save_dir, "training_curves.png")
+history = []
+if master:
+    os.makedirs(args.save_dir, exist_ok=True)
+    if ckpt is not None and os.path.exists(metrics_path):
+        with open(metrics_path) as f:  # keep the history up to the resumed step, drop what came after
+            history = [h for h in map(json.loads, f) if h["step"] <= step]
+    with open(metrics_path, "w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in history)
+last_eval = ckpt.get("metrics") if ckpt is not None else None
+save_every = args.save_every or args.eval_every
+gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
+flops_per_step = raw_model.flops_per_token(args.max_seq_len) * tokens_per_step
+bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
+loss_sum = torch.zeros((), device=device)
+loss_count = 0
+
+
+def record(entry):
+    history.append(entry)
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def run_eval():
+    eval_model = ema.model if ema is not None else raw_model
+    result = evaluate(eval_model, val_windows, token_bytes, 16, device, amp_dtype)
+    result.update(step=step, kind="eval", tokens_seen=tokens_seen)
+    record(result)
+    plot_curves(history, curves_path)
+    return result
+
+
+def check_finite():
+    """Stop before a non-finite loss or gradient reaches a checkpoint (the last good one stays intact)."""
+    if ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        fail(f"non-finite loss or gradient before step {step}: stopping without saving. The last good checkpoint "
+             f"in {args.save_dir} is intact; try a lower --lr or more --warmup_steps, then --resume auto.", 3)
+
+
+def any_rank_stopping():
+    """All ranks must leave the loop at the same step, so under DDP the flag is agreed on every 10 steps."""
+    if not ddp:
+        return bool(stop_signal)
+    if step % 10:
+        return False
+    flag = torch.tensor(float(bool(stop_signal)), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+from tqdm import tqdm  # noqa: E402
+
+bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", disable=not master or None,
+           dynamic_ncols=True, leave=False)
+t_start = t_log = time.time()
+tokens_at_log, steps_at_log = tokens_seen, step
+model.train()
+try:
+    while step < args.max_steps:
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(args.grad_accum):
+            x, y = loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
+            with model.no_sync() if not sync else contextlib.nullcontext():
+                with autocast(device, amp_dtype):
+                    _, loss = model(x, y)
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.detach()
+            loss_count += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        bad |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(raw_model)
+        step += 1
+        tokens_seen += tokens_per_step
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            check_finite()  # .item() forces a CPU-GPU sync; only on log steps
+            train_loss = loss_sum.item() / loss_count
+            loss_sum.zero_()
+            loss_count = 0
+            dt = time.time() - t_log
+            tok_s = (tokens_seen - tokens_at_log) / max(dt, 1e-9)
+            mfu = flops_per_step * (step - steps_at_log) / max(dt, 1e-9) / world_size / peak if peak else None
+            eta = (args.max_steps - step) * dt / max(step - steps_at_log, 1)
+            t_log, tokens_at_log, steps_at_log = time.time(), tokens_seen, step
+            if master:
+                record({"step": step, "kind": "train", "loss": train_loss, "lr": lr, "tok_s": tok_s,
+                        "tokens_seen": tokens_seen, "epoch": loader.epoch})
+                bar.write(f"step {step:>6}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                          f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "") +
+                          f" | epoch {loader.epoch:.2f} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        if master and val_windows is not None and step % args.eval_every == 0 and step < args.max_steps:
+            r = run_eval()
+            last_eval = r
+            bar.write(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
+                      f"{r['bits_per_byte']:.4f} bits/byte")
+            t_log = time.time()  # evaluation time is not training throughput
+        if step % save_every == 0 and step < args.max_steps:
+            check_finite()
+            if master:
+                bar.write(f"saved {save(f'step_{step}.pt')}")
+        if any_rank_stopping():
+            break
+except torch.cuda.OutOfMemoryError:
+    fail(f"CUDA out of memory at --batch_size {args.batch_size} --max_seq_len {args.max_seq_len} --d_model "
+         f"{config.d_model}. Reduce --batch_size (e.g. 2 or 1; keep the global batch with --grad_accum), "
+         f"--max_seq_len (e.g. 256) or --d_model (e.g. 128).", 1)
+bar.close()
+
+# ----------------------------------------------------------------------------------------------------------------
+# the end: a final checkpoint (or an interrupted one), evaluation, summary
+check_finite()
+if stop_signal:
+    if master:
+        path = save(f"step_{step}.pt")
+        log(f"interrupted at step {step}: saved {path}; continue with the same command plus --resume auto")
+else:
+    if master and val_windows is not None:
+        last_eval = run_eval()
+    if master:
+        path = save(f"final_step_{step}.pt")
+        if val_windows is None:
+            plot_curves(history, curves_path)
+        minutes = (time.time() - t_start) / 60
+        log(f"done: {step} steps, {tokens_seen:,} tokens in {minutes:.1f} min; final checkpoint {path}")
+        if last_eval:
+            log(f"validation (EMA): loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.1f}, "
+                f"{last_eval['bits_per_byte']:.4f} bits/byte; curves in {curves_path}")
+if ddp:
+    dist.destroy_process_group()

@@ -1,0 +1,188 @@
+"""Training data: tokenize the JSONL.GZ corpus once into a token cache, then serve packed windows.
+
+Why a cache: tokenizing 1.8 GB of Japanese takes minutes even on many threads, and doing it inside the training loop
+would stall the GPU. The cache is a flat array of token ids (each document as BOS ... EOS) in
+`<save_dir>/token_cache/<key>.bin`, keyed by the files (path, size, mtime), the text field and the exact tokenizer,
+so a changed corpus or tokenizer builds a new one and a resumed run reuses the old one.
+
+Packing: the documents are laid end to end and the stream is read as a circle of N tokens. Window i is the L + 1
+tokens starting at i * L (inputs = first L, targets = last L), so consecutive windows share one token and every
+token is a target exactly once per epoch; the last window wraps around to the start of the stream, reusing fewer
+than L tokens. No truncation, no padding. The order of windows is a permutation that depends only on the seed and
+the epoch; global batch g takes the next world_size * batch_size windows of that order and rank r takes its own
+disjoint batch_size of them, so the whole data position is one integer (`cursor`) and resuming is exact.
+"""
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from trm.corpus import CorpusStats, iter_texts
+
+
+class DataError(RuntimeError):
+    pass
+
+
+def check_paths(paths, what):
+    """The procedure's troubleshooting case: a missing train/valid file is an error naming the file."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{what} file not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if
+                                                                   len(missing) > 1 else "") +
+                        f" (working directory: {os.getcwd()})")
+
+
+def cache_key(paths, tokenizer, text_field):
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"{text_field}|{tokenizer.fingerprint()}".encode())
+    return h.hexdigest()[:20]
+
+
+def build_token_cache(paths, tokenizer, out_path, text_field="text", num_threads=None, desc="tokenizing",
+                      docs_per_batch=2048):
+    """Tokenize every document of `paths` into out_path (uint16/uint32 ids) + out_path.json (counts).
+
+    Written to temporary files and renamed, so an interrupted build is simply rebuilt next time.
+    """
+    from tqdm import tqdm
+
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    stats = CorpusStats()
+    n_tokens, t0 = 0, time.time()
+    tmp = f"{out_path}.tmp.{os.getpid()}"
+    total_bytes = sum(os.path.getsize(p) for p in paths)
+    bar = tqdm(total=len(paths), desc=desc, unit="file", disable=None, leave=False,
+               postfix=f"{total_bytes / 1e6:.0f} MB")
+    try:
+        with open(tmp, "wb") as f:
+            for path in paths:
+                batch = []
+                for text in iter_texts(path, text_field, stats):
+                    batch.append(text)
+                    if len(batch) == docs_per_batch:
+                        n_tokens += _write_batch(f, tokenizer, batch, dtype, num_threads)
+                        batch = []
+                n_tokens += _write_batch(f, tokenizer, batch, dtype, num_threads)
+                bar.update(1)
+                bar.set_postfix(tokens=f"{n_tokens / 1e6:.1f}M")
+        bar.close()
+        if n_tokens == 0:
+            raise DataError(f"no readable documents in {', '.join(paths)} (text field {text_field!r})")
+        meta = {"tokens": n_tokens, "dtype": np.dtype(dtype).name, "documents": stats.documents,
+                "skipped": dict(stats.skipped), "errors": stats.errors, "files": [os.path.abspath(p) for p in paths],
+                "seconds": round(time.time() - t0, 2)}
+        with open(out_path + ".json.tmp", "w") as f:
+            json.dump(meta, f, ensure_ascii=False, indent=1)
+        os.replace(tmp, out_path)
+        os.replace(out_path + ".json.tmp", out_path + ".json")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return meta
+
+
+def _write_batch(f, tokenizer, texts, dtype, num_threads):
+    if not texts:
+        return 0
+    n = 0
+    for ids in tokenizer.encode_batch(texts, num_threads=num_threads):
+        # BOS ... EOS around every document: generation starts a prompt with BOS, exactly like a document starts
+        doc = np.empty(len(ids) + 2, dtype=dtype)
+        doc[0], doc[1:-1], doc[-1] = tokenizer.bos_id, ids, tokenizer.eos_id
+        doc.tofile(f)
+        n += len(doc)
+    return n
+
+
+def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None, desc="tokenizing", log=print):
+    """Token ids of the corpus as a read-only memmap, building the cache on first use."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, cache_key(paths, tokenizer, text_field) + ".bin")
+    if os.path.exists(path) and os.path.exists(path + ".json"):
+        with open(path + ".json") as f:
+            meta = json.load(f)
+        log(f"{desc}: token cache {path} ({meta['tokens']:,} tokens, {meta['documents']:,} documents)")
+    else:
+        log(f"{desc}: building token cache {path} from {len(paths)} file(s)")
+        meta = build_token_cache(paths, tokenizer, path, text_field, num_threads, desc)
+        skipped = sum(meta["skipped"].values())
+        log(f"{desc}: {meta['tokens']:,} tokens from {meta['documents']:,} documents in {meta['seconds']:.1f}s"
+            + (f", {skipped:,} malformed lines skipped {meta['skipped']}" if skipped else "")
+            + (f", damaged files: {meta['errors']}" if meta["errors"] else ""))
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["tokens"],))
+
+
+class PackedLoader:
+    """Shuffled, packed windows of seq_len + 1 tokens; rank r of world_size reads a disjoint share of each batch."""
+
+    def __init__(self, tokens, seq_len, batch_size, seed=0, rank=0, world_size=1):
+        if len(tokens) < 2:
+            raise DataError("the training corpus has fewer than 2 tokens")
+        self.tokens, self.L, self.B = tokens, seq_len, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.n_windows = -(-len(tokens) // seq_len)  # ceil(N / L): every token is a target once per epoch
+        self.cursor = 0  # windows consumed by all ranks together
+        self._order_epoch, self._order = -1, None
+
+    def order(self, epoch):
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def window(self, i):
+        N, start = len(self.tokens), i * self.L
+        if start + self.L + 1 <= N:
+            return np.asarray(self.tokens[start:start + self.L + 1])
+        return np.asarray(self.tokens[(start + np.arange(self.L + 1)) % N])  # wraps around the circle
+
+    def window_ids(self, cursor, count):
+        ids = []
+        for g in range(cursor, cursor + count):
+            epoch, j = divmod(g, self.n_windows)
+            ids.append(int(self.order(epoch)[j]))
+        return ids
+
+    def next_batch(self):
+        """(x, y) int64 tensors [B, L] for this rank; advances the shared cursor by the global batch."""
+        mine = self.cursor + self.rank * self.B
+        rows = np.stack([self.window(i) for i in self.window_ids(mine, self.B)]).astype(np.int64)
+        self.cursor += self.B * self.world_size
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+    @property
+    def epoch(self):
+        return self.cursor / self.n_windows
+
+    def state_dict(self):
+        return {"cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state):
+        if state["n_windows"] != self.n_windows:
+            print(f"warning: the training corpus changed since the checkpoint ({state['n_windows']} -> "
+                  f"{self.n_windows} windows); continuing from the same position in the new order", file=sys.stderr)
+        self.cursor = state["cursor"]
+
+
+def eval_windows(tokens, seq_len, max_tokens):
+    """A fixed, deterministic validation set: the first windows of the stream, stride L, no wrap-around.
+
+    Returns an int64 tensor [n, L + 1]; at most max_tokens targets (at least one window).
+    """
+    N, L = len(tokens), seq_len
+    if N < 2:
+        raise DataError("the validation corpus has fewer than 2 tokens")
+    if N < L + 1:
+        return torch.from_numpy(np.asarray(tokens, dtype=np.int64)[None])  # one short window
+    n = min((N - 1) // L, max(1, max_tokens // L))
+    idx = np.arange(n)[:, None] * L + np.arange(L + 1)[None]
+    return torch.from_numpy(np.asarray(tokens)[idx].astype(np.int64))

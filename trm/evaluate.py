@@ -1,0 +1,89 @@
+"""Validation loss, perplexity and bits per UTF-8 byte; also a command that scores any checkpoint on any text.
+
+    python -m trm.evaluate --model_path checkpoints_new/step_500.pt --data validation_0.jsonl.gz [--eval_tokens N]
+
+Bits per byte divides the summed loss (in bits) by the UTF-8 bytes the target tokens stand for, so it compares
+models with different tokenizers. EOS targets count their loss but no bytes (slightly pessimistic).
+"""
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from trm.device import autocast
+
+
+@torch.no_grad()
+def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype=None, **depth):
+    """Score fixed windows [n, L + 1] with the model's final-round logits. Returns a dict of plain floats/ints."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    token_bytes = torch.as_tensor(token_bytes, device=device)
+    nats, n_tokens, n_bytes = 0.0, 0, 0
+    for i in range(0, len(windows), batch_size):
+        w = windows[i:i + batch_size].to(device, non_blocking=True)
+        x, y = w[:, :-1], w[:, 1:]
+        with autocast(device, amp_dtype):
+            logits, _ = model(x, **depth)
+        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        n_tokens += y.numel()
+        n_bytes += int(token_bytes[y].sum().item())
+    model.train(was_training)
+    loss = nats / n_tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "tokens": n_tokens, "bytes": n_bytes}
+
+
+def main(argv=None):
+    from trm.checkpoint import CheckpointError, load_model
+    from trm.data import DataError, check_paths, eval_windows
+    from trm.corpus import CorpusStats, iter_texts
+    from trm.device import pick_device
+
+    p = argparse.ArgumentParser(description="Score a checkpoint on held-out JSONL.GZ text; prints one JSON object.")
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--data", nargs="+", required=True, help="JSONL(.GZ) files of held-out documents")
+    p.add_argument("--eval_tokens", type=int, default=1_000_000, help="at most this many target tokens")
+    p.add_argument("--seq_len", type=int, default=0, help="window length (default: the model's max_seq_len)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    p.add_argument("--text_field", default="text")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--supervision_steps", type=int, default=None)
+    p.add_argument("--deep_steps", type=int, default=None)
+    p.add_argument("--latent_steps", type=int, default=None)
+    args = p.parse_args(argv)
+
+    try:
+        check_paths(args.data, "data")
+        device, amp, _ = pick_device(args.device, args.dtype)
+        model, tokenizer, state = load_model(args.model_path, args.weights)
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model.to(device)
+    stats, ids = CorpusStats(), []
+    for path in args.data:
+        for text in iter_texts(path, args.text_field, stats):
+            ids.extend([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id])  # as in training
+            if len(ids) > args.eval_tokens + model.config.max_seq_len:
+                break
+    if len(ids) < 2:
+        print(f"error: no readable documents in {args.data}", file=sys.stderr)
+        return 2
+    windows = eval_windows(ids, args.seq_len or model.config.max_seq_len, args.eval_tokens)
+    depth = dict(latent_steps=args.latent_steps, deep_steps=args.deep_steps, supervision_steps=args.supervision_steps)
+    result = evaluate(model, windows, tokenizer.token_bytes(), args.batch_size, device, amp, **depth)
+    result.update(params=model.num_params(), step=state.get("step"), weights=args.weights,
+                  checkpoint=args.model_path)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
