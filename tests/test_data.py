@@ -1,0 +1,129 @@
+"""Token cache and packed loader: every token once per epoch, disjoint ranks, exact resume, clear errors."""
+import gzip
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from trm.data import DataError, PackedLoader, build_token_cache, check_paths, eval_windows, load_tokens
+from trm.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+
+def write_jsonl_gz(path, texts, extra_lines=()):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t, "meta": {"n": 1}}, ensure_ascii=False) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return str(path)
+
+
+def all_targets_of_one_epoch(loader):
+    """Run exactly one epoch of windows (all ranks together) and return the target values seen, per rank."""
+    seen = []
+    while loader.cursor < loader.n_windows:
+        _, y = loader.next_batch()
+        seen.append(y.reshape(-1))
+    return torch.cat(seen).tolist()
+
+
+def test_cache_holds_every_document_as_bos_text_eos(tmp_path):
+    tok = Tokenizer("byte")
+    texts = ["吾輩は猫である。", "名前は\nまだ無い。", "a" * 5000]  # long documents are kept whole
+    path = write_jsonl_gz(tmp_path / "a.jsonl.gz", texts, extra_lines=["{not json", '{"text": 5}'])
+    tokens = load_tokens([path], tok, str(tmp_path / "cache"), log=lambda m: None)
+    expected = []
+    for t in texts:
+        expected += [BOS_ID, *tok.encode(t), EOS_ID]
+    assert tokens.tolist() == expected
+    meta = json.loads((tmp_path / "cache").joinpath(next(p.name for p in (tmp_path / "cache").glob("*.json"))).read_text())
+    assert sum(meta["skipped"].values()) == 2 and meta["documents"] == 3
+
+
+def test_cache_is_reused_and_keyed_by_content(tmp_path):
+    tok = Tokenizer("byte")
+    path = write_jsonl_gz(tmp_path / "a.jsonl.gz", ["abc"])
+    msgs = []
+    load_tokens([path], tok, str(tmp_path / "c"), log=msgs.append)
+    load_tokens([path], tok, str(tmp_path / "c"), log=msgs.append)
+    assert "building" in msgs[0] and "building" not in msgs[1]
+    write_jsonl_gz(tmp_path / "a.jsonl.gz", ["abc", "de"])  # the corpus changed (size, mtime): a new cache
+    tokens = load_tokens([path], tok, str(tmp_path / "c"), log=msgs.append)
+    assert "building" in msgs[2] and len(tokens) == 9
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    path = write_jsonl_gz(tmp_path / "a.jsonl.gz", [], extra_lines=["garbage"])
+    with pytest.raises(DataError, match="no readable documents"):
+        build_token_cache([path], Tokenizer("byte"), str(tmp_path / "x.bin"))
+    assert not list(tmp_path.glob("x.bin*"))  # nothing half-written left behind
+
+
+def test_missing_file_error_names_the_file(tmp_path):
+    with pytest.raises(DataError, match="train_7.jsonl.gz"):
+        check_paths([str(tmp_path / "train_7.jsonl.gz")], "train")
+
+
+@pytest.mark.parametrize("N,L,B", [(1000, 16, 4), (1001, 7, 3), (64, 8, 1), (50, 64, 2)])
+def test_every_token_is_a_target_once_per_epoch(N, L, B):
+    tokens = np.arange(N)  # token value = its position in the stream
+    loader = PackedLoader(tokens, L, B, seed=3)
+    counts = Counter(all_targets_of_one_epoch(loader))
+    assert set(counts) == set(range(N))  # every position is a target (position 0 via the wrap-around)
+    extra = sum(c - 1 for c in counts.values())
+    overshoot = loader.cursor - loader.n_windows  # a batch may run into the next epoch
+    assert extra <= (L - 1) + overshoot * L
+
+
+def test_windows_are_contiguous_and_inputs_shift_targets():
+    tokens = np.arange(500)
+    loader = PackedLoader(tokens, 10, 4, seed=0)
+    x, y = loader.next_batch()
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert ((y - x) % 500 == 1).all()  # consecutive stream positions, wrap-around included
+
+
+def test_order_depends_only_on_seed_and_epoch():
+    tokens = np.arange(4096)
+    a = PackedLoader(tokens, 16, 8, seed=1)
+    b = PackedLoader(tokens, 16, 8, seed=1)
+    c = PackedLoader(tokens, 16, 8, seed=2)
+    assert a.window_ids(0, 256) == b.window_ids(0, 256) != c.window_ids(0, 256)
+    assert sorted(a.window_ids(0, 256)) == list(range(256))
+    assert a.window_ids(0, 256) != a.window_ids(256, 256)  # the next epoch is shuffled differently
+
+
+def test_ranks_read_disjoint_shares_of_the_same_global_batches():
+    tokens = np.arange(3000)
+    single = PackedLoader(tokens, 10, 4, seed=5)
+    ranks = [PackedLoader(tokens, 10, 2, seed=5, rank=r, world_size=2) for r in range(2)]
+    for _ in range(100):  # past an epoch boundary (300 windows)
+        _, y = single.next_batch()
+        parts = [loader.next_batch()[1] for loader in ranks]
+        assert torch.equal(torch.cat(parts), y)
+        assert not set(parts[0][:, 0].tolist()) & set(parts[1][:, 0].tolist())
+
+
+def test_loader_state_round_trip_gives_the_same_next_batches():
+    tokens = np.arange(10_000)
+    a = PackedLoader(tokens, 32, 4, seed=9)
+    for _ in range(17):
+        a.next_batch()
+    b = PackedLoader(tokens, 32, 4, seed=9)
+    b.load_state_dict(a.state_dict())
+    for _ in range(200):  # crosses epoch boundaries
+        xa, ya = a.next_batch()
+        xb, yb = b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_eval_windows_are_fixed_and_bounded():
+    tokens = np.arange(1000)
+    w = eval_windows(tokens, 32, 200)
+    assert w.shape == (6, 33)  # 200 // 32 windows
+    assert torch.equal(w, eval_windows(tokens, 32, 200))
+    assert torch.equal(w[1, :1], w[0, -1:])  # stride L
+    short = eval_windows(np.arange(10), 32, 200)
+    assert short.shape == (1, 10)
