@@ -1,0 +1,236 @@
+"""Step 2: train the SentencePiece BPE tokenizer (ja_trm.model, ja_trm.vocab) on train_texts.txt from step 1.
+
+    python train_spm.py                                   # the procedure's settings: 16k BPE, coverage 0.9995
+    python train_spm.py --vocab_size 32000 --model_prefix ja_trm32k --eval_file validation_0.jsonl.gz
+
+Every document reaches the trainer: SentencePiece silently drops any line longer than max_sentence_length bytes
+(4,192 by default, ~1,400 Japanese characters, which most documents exceed), so each line is cut into sentences at
+。！？ (then at a space or 、, then at a character boundary) before it is fed. Time and memory stay bounded on a
+1.8 GB corpus: the trainer sees a uniform sample of about --input_sentence_size sentences, streamed to it from the
+file, never the whole corpus in memory. byte_fallback gives 0 unknown tokens; ids unk=0 pad=1 bos=2 eos=3 are the
+ones the users' existing models use. The .model and .vocab files appear only when training has finished.
+"""
+import argparse
+import os
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+from trm.corpus import CorpusStats, iter_texts
+from trm.tokenizer import SPM_SPECIAL_IDS, UNK_ID
+
+HOLDOUT_EVERY = 200  # without --eval_file, every 200th line is held out of training and measures the tokenizer
+EVAL_MAX_BYTES = 20 << 20  # enough held-out text for stable figures; encoding it takes seconds
+READ_SIZE = 16 << 20
+
+# A sentence: text up to and including a run of 。！？ and any closing brackets after it (「はい。」 stays whole),
+# or trailing text without an end mark. Leading spaces (step 1's former line breaks) are not part of it.
+SENTENCE = re.compile(r" *([^。！？]*[。！？]+[」』）]*|[^。！？]+)")
+
+
+def split_line(line, max_bytes):
+    """Sentences of `line`, each under `max_bytes` UTF-8 bytes, that together hold all of its text."""
+    pieces = []
+    for s in SENTENCE.findall(line):
+        if len(s) * 4 < max_bytes or len(s.encode("utf-8")) < max_bytes:
+            pieces.append(s)
+        else:
+            pieces += hard_split(s, max_bytes)
+    return [p for p in pieces if not p.isspace()]
+
+
+def hard_split(sentence, max_bytes):
+    """A sentence with no end mark for thousands of bytes: cut at a space or 、 if one is near, else between chars."""
+    b, pieces = sentence.encode("utf-8"), []
+    while len(b) >= max_bytes:
+        cut = max_bytes - 1
+        while b[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: step back to the start of its character
+            cut -= 1
+        soft = max(b.rfind(b" ", cut // 2, cut) + 1, b.rfind("、".encode(), cut // 2, cut) + 3)
+        cut = soft if soft > 3 else cut  # rfind's -1 gives 0 or 2: no soft break in the second half
+        pieces.append(b[:cut].decode("utf-8"))
+        b = b[cut:]
+    return pieces + [b.decode("utf-8")]
+
+
+def count_input(path):
+    """Pass 1, at the speed of bytes.count: lines, bytes, and sentence ends, to set the sampling rate."""
+    lines = ends = size = 0
+    has_text, last = False, b"\n"
+    marks = [m.encode("utf-8") for m in "。！？"]
+    with open(path, "rb") as f:
+        while block := f.read(READ_SIZE):
+            size += len(block)
+            lines += block.count(b"\n")
+            ends += sum(block.count(m) for m in marks)
+            has_text = has_text or not block.isspace()
+            last = block[-1:]
+    lines += last != b"\n"  # a final line without its newline
+    return lines, size, ends, has_text
+
+
+def read_lines(path, bar):
+    """The file's lines as bytes, read in big blocks (a 1.8 GB file never sits in memory)."""
+    pending = b""
+    with open(path, "rb") as f:
+        while block := f.read(READ_SIZE):
+            bar.update(len(block))
+            lines = (pending + block).split(b"\n")
+            pending = lines.pop()
+            yield from lines
+    if pending:
+        yield pending
+
+
+def sentences_for_training(path, keep, max_bytes, holdout, heldout, fed, bar, seed):
+    """Pass 2, streamed into the trainer: each line is kept with probability `keep` and cut into sentences.
+
+    Lines are the sampling unit (whole documents, so no sentence is favoured by its position), and the rate comes
+    from pass 1's count so that about --input_sentence_size sentences come out. Every `HOLDOUT_EVERY`th line goes to
+    `heldout` instead when `holdout` is on."""
+    rng = random.Random(seed)
+    heldout_bytes = 0
+    for i, raw in enumerate(read_lines(path, bar), 1):
+        if holdout and i % HOLDOUT_EVERY == 0:
+            if heldout_bytes < EVAL_MAX_BYTES and raw.strip():
+                heldout.append(raw.decode("utf-8", "replace"))
+                heldout_bytes += len(raw)
+            continue
+        if keep < 1 and rng.random() >= keep:
+            continue
+        for piece in split_line(raw.decode("utf-8", "replace"), max_bytes):
+            fed["sentences"] += 1
+            fed["chars"] += len(piece)
+            yield piece
+    bar.close()  # the trainer has everything; what follows is SentencePiece's own work
+
+
+def read_eval_file(path):
+    """Held-out text from --eval_file: a .jsonl(.gz) corpus (raw documents) or a text file, one document per line."""
+    texts, size = [], 0
+    if path.endswith((".jsonl.gz", ".jsonl", ".json.gz")):
+        stream = iter_texts(path, stats=CorpusStats())
+    else:
+        stream = (line.rstrip("\n") for line in open(path, encoding="utf-8", errors="replace"))
+    for text in stream:
+        if text.strip():
+            texts.append(text)
+            size += len(text)
+            if size * 3 >= EVAL_MAX_BYTES:
+                break
+    return texts
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def vocab_error(message, args):
+    """SentencePiece's own complaints about --vocab_size, as one actionable line."""
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message):
+        most = int(m.group(2))
+        fail(f"--vocab_size {args.vocab_size:,} is too large for this corpus: it supports at most {most:,} pieces. "
+             f"Use --vocab_size {most} (or less), or train on more text.")
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message):
+        need = int(m.group(2))
+        fail(f"--vocab_size {args.vocab_size:,} cannot hold the {need:,} characters that --character_coverage "
+             f"{args.character_coverage} requires: use --vocab_size {need + 256} or more, or lower --character_coverage.")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", default="train_texts.txt", help="one document per line (step 1's output)")
+    parser.add_argument("--model_prefix", default="ja_trm", help="writes PREFIX.model and PREFIX.vocab")
+    parser.add_argument("--vocab_size", type=int, default=16000)
+    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram", "char", "word"])
+    parser.add_argument("--character_coverage", type=float, default=0.9995)
+    parser.add_argument("--input_sentence_size", type=int, default=2_000_000,
+                        help="sentences sampled for training (bounds time and memory; 0 = all)")
+    parser.add_argument("--num_threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max_sentence_length", type=int, default=4192,
+                        help="bytes; longer sentences are cut, never dropped")
+    parser.add_argument("--eval_file", default=None,
+                        help="held-out text (.txt one document per line, or .jsonl.gz); "
+                             f"default: every {HOLDOUT_EVERY}th line of --input, kept out of training")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+
+    if not os.path.isfile(args.input):
+        fail(f"{args.input} not found (working directory {os.getcwd()}). Run step 1 first: python extract_texts.py "
+             f"(it writes train_texts.txt from train_0.jsonl.gz ... train_10.jsonl.gz), or pass --input PATH.")
+    if args.eval_file and not os.path.isfile(args.eval_file):
+        fail(f"--eval_file {args.eval_file} not found.")
+    t0 = time.time()
+    n_lines, n_bytes, n_ends, has_text = count_input(args.input)
+    if not has_text:
+        fail(f"{args.input} is empty: no text to train on. Check that step 1 (python extract_texts.py) "
+             f"reported documents.")
+    est_sentences = n_ends + n_lines  # every line ends in at least one sentence
+    keep = 1.0 if args.input_sentence_size <= 0 else min(1.0, args.input_sentence_size / est_sentences)
+    print(f"{args.input}: {n_bytes / 1e6:,.1f} MB, {n_lines:,} lines, ~{est_sentences:,} sentences; "
+          f"sampling {keep:.1%} of the lines")
+
+    # train into a temporary prefix next to the real one: an interrupted run leaves the old model untouched
+    out_dir = os.path.dirname(os.path.abspath(args.model_prefix))
+    tmp_prefix = os.path.join(out_dir, f".{os.path.basename(args.model_prefix)}.tmp{os.getpid()}")
+    heldout, fed = [], {"sentences": 0, "chars": 0}
+    bar = tqdm(total=n_bytes, unit="B", unit_scale=True, desc="sample", file=sys.stderr)
+    sentences = sentences_for_training(args.input, keep, args.max_sentence_length, args.eval_file is None,
+                                       heldout, fed, bar, args.seed)
+    spm.set_random_generator_seed(args.seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences, model_prefix=tmp_prefix,
+            vocab_size=args.vocab_size, model_type=args.model_type, character_coverage=args.character_coverage,
+            # our sample is already the size asked for; the trainer's own reservoir only trims the estimate's excess
+            input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True,
+            max_sentence_length=args.max_sentence_length, num_threads=args.num_threads,
+            byte_fallback=True,  # a character outside the vocabulary becomes its UTF-8 bytes, never <unk>
+            split_digits=True,  # numbers as digit sequences: a small model learns them instead of memorising
+            add_dummy_prefix=False, remove_extra_whitespaces=False,  # keep text as written; Japanese has no words
+            user_defined_symbols=["\n"],  # a paragraph break in raw training text (step 3) is exactly one token
+            normalization_rule_name="nmt_nfkc", minloglevel=2, **SPM_SPECIAL_IDS)
+    except (RuntimeError, KeyboardInterrupt) as e:
+        bar.close()
+        for ext in (".model", ".vocab"):
+            if os.path.exists(tmp_prefix + ext):
+                os.unlink(tmp_prefix + ext)
+        if isinstance(e, KeyboardInterrupt):
+            fail("interrupted; existing model files (if any) are unchanged.")
+        vocab_error(str(e), args)
+        fail(f"SentencePiece training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}")
+    bar.close()
+    for ext in (".model", ".vocab"):
+        os.replace(tmp_prefix + ext, args.model_prefix + ext)
+    train_seconds = time.time() - t0
+    print(f"trained on {fed['sentences']:,} sentences ({fed['chars']:,} characters) in {train_seconds:.0f} s "
+          f"-> {args.model_prefix}.model, {args.model_prefix}.vocab")
+
+    # what a user needs to judge the tokenizer, on text it has not seen
+    sp = spm.SentencePieceProcessor(model_file=args.model_prefix + ".model")
+    where = args.eval_file or f"every {HOLDOUT_EVERY}th line of {args.input}"
+    texts = read_eval_file(args.eval_file) if args.eval_file else heldout
+    if not texts:  # a corpus under HOLDOUT_EVERY lines holds nothing back: measure on (seen) training lines
+        where = f"the first lines of {args.input} (too short to hold lines back: these were trained on)"
+        texts = read_eval_file(args.input)[:1000]
+    ids = sp.encode(texts, num_threads=args.num_threads)
+    flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
+    is_byte = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])
+    n_bytes_eval = sum(len(t.encode("utf-8")) for t in texts)
+    n_chars_eval = sum(len(t) for t in texts)
+    sample = texts[:: max(1, len(texts) // 200)]
+    # decode(encode(x)) gives back x as the normalizer rewrote it (NFKC; spaces are '▁' inside the model)
+    same = sum(sp.decode(sp.encode(x)) == sp.normalize(x).replace("\u2581", " ") for x in sample)
+    print(f"vocab size        {sp.get_piece_size():,}")
+    print(f"evaluated on      {where}: {len(texts):,} documents, {n_chars_eval:,} characters")
+    print(f"bytes/token       {n_bytes_eval / len(flat):.3f}")
+    print(f"characters/token  {n_chars_eval / len(flat):.3f}")
+    print(f"unknown rate      {np.mean(flat == UNK_ID):.4%} ({int(np.sum(flat == UNK_ID)):,} of {len(flat):,} tokens)")
+    print(f"byte fallback     {np.mean(is_byte[flat]):.4%} of tokens")
+    print(f"round trip        {same}/{len(sample)} documents decode(encode(x)) == normalized x")
