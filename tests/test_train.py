@@ -1,0 +1,167 @@
+"""train_trm_lm.py end to end on CPU: outputs, exact resume, interruption, damaged checkpoints, DDP on gloo."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trm.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--tokenizer", "byte", "--d_model", "32", "--n_heads", "2", "--max_seq_len", "32", "--batch_size", "4",
+        "--eval_tokens", "256", "--warmup_steps", "5", "--lr", "3e-3", "--seed", "7"]
+
+
+def make_corpus(d):
+    lines = [f"{i}番目の文書です。今日は{'晴れ' if i % 2 else '雨'}でした。\n猫が{i % 7}匹、庭で遊んでいます。" * (1 + i % 5)
+             for i in range(120)]
+    paths = {}
+    for name, part in (("train_0", lines[:60]), ("train_1", lines[60:110]), ("validation_0", lines[110:])):
+        p = d / f"{name}.jsonl.gz"
+        with gzip.open(p, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t, "meta": {}}, ensure_ascii=False) + "\n" for t in part)
+        paths[name] = str(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def train(corpus, save_dir, *extra, check=True, env=None):
+    cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], corpus["train_1"],
+           "--valid_paths", corpus["validation_0"], "--save_dir", str(save_dir), *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def params(path, key="model"):
+    state = load_checkpoint(path)
+    return state[key] if key == "model" else state[key]["model"]
+
+
+def logged_losses(save_dir):
+    with open(Path(save_dir) / "metrics.jsonl") as f:
+        return [(h["step"], h["kind"], h["loss"]) for h in map(json.loads, f)]
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
+    save = tmp_path / "ck"
+    r = train(corpus, save, "--max_steps", "12", "--eval_every", "6", "--log_every", "3")
+    names = sorted(os.listdir(save))
+    assert {"step_6.pt", "final_step_12.pt", "metrics.jsonl", "training_curves.png"} <= set(names)
+    assert "bits/byte" in r.stdout and "parameters" in r.stdout
+    state = load_checkpoint(save / "final_step_12.pt")  # weights_only=True inside
+    for key in ("config", "model", "ema", "optimizer", "step", "tokens_seen", "loader", "rng", "args", "tokenizer"):
+        assert key in state, key
+    assert state["step"] == 12 and state["tokens_seen"] == 12 * 4 * 32
+    assert state["args"]["d_model"] == 32
+    kinds = [k for _, k, _ in logged_losses(save)]
+    assert kinds.count("train") == 4 and kinds.count("eval") == 2
+    # EMA differs from the raw weights and is what the evaluation used
+    assert any(not torch.equal(a, b) for a, b in zip(state["model"].values(), state["ema"]["model"].values()))
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical(corpus, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--max_steps", "16", "--eval_every", "8", "--log_every", "4", "--dropout", "0.1"]
+    train(corpus, straight, *common)
+    resumed.mkdir()
+    (resumed / "step_8.pt").write_bytes((straight / "step_8.pt").read_bytes())
+    (resumed / "metrics.jsonl").write_text(
+        "".join(line for line in (straight / "metrics.jsonl").read_text().splitlines(True)
+                if json.loads(line)["step"] <= 8))
+    r = train(corpus, resumed, *common, "--resume", "auto")
+    assert "resuming from" in r.stdout
+    a, b = straight / "final_step_16.pt", resumed / "final_step_16.pt"
+    for key in ("model", "ema"):
+        pa, pb = params(a, key), params(b, key)
+        assert all(torch.equal(pa[k], pb[k]) for k in pa), key
+    oa, ob = load_checkpoint(a)["optimizer"]["state"], load_checkpoint(b)["optimizer"]["state"]
+    assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
+    assert logged_losses(straight) == logged_losses(resumed)
+
+
+@pytest.mark.slow
+def test_sigint_saves_a_checkpoint_that_resumes(corpus, tmp_path):
+    save = tmp_path / "ck"
+    cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"],
+           "--valid_paths", corpus["validation_0"], "--save_dir", str(save), "--max_steps", "100000",
+           "--eval_every", "100000", "--log_every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    saved = list(save.glob("step_*.pt"))
+    assert len(saved) == 1 and "interrupted at step" in out
+    step = load_checkpoint(saved[0])["step"]
+    r = train(corpus, save, "--max_steps", str(step + 3), "--eval_every", "100000", "--log_every", "1",
+              "--train_paths", corpus["train_0"], "--resume", "auto")
+    assert f"resuming from {saved[0]}" in r.stdout
+    assert (save / f"final_step_{step + 3}.pt").exists()
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_is_reported_and_auto_resume_falls_back(corpus, tmp_path):
+    save = tmp_path / "ck"
+    train(corpus, save, "--max_steps", "8", "--eval_every", "4", "--log_every", "4")
+    final = save / "final_step_8.pt"
+    final.write_bytes(final.read_bytes()[:1000])
+    r = train(corpus, save, "--max_steps", "10", "--eval_every", "4", "--log_every", "2", "--resume", "auto")
+    assert "unreadable or truncated" in r.stdout and "final_step_8.pt" in r.stdout
+    assert "resuming from" in r.stdout and "step_4.pt" in r.stdout
+    r = train(corpus, save, "--resume", str(final), check=False)
+    assert r.returncode == 2 and "unreadable or truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_inputs_are_clear_errors(corpus, tmp_path):
+    r = train(corpus, tmp_path / "ck", "--train_paths", str(tmp_path / "train_9.jsonl.gz"), check=False)
+    assert r.returncode == 2 and "train file not found" in r.stderr and "train_9.jsonl.gz" in r.stderr
+    r = train(corpus, tmp_path / "ck", "--tokenizer", "sentencepiece", "--sp_model", str(tmp_path / "nope.model"),
+              check=False)
+    assert r.returncode == 2 and "SentencePiece model not found" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    save = tmp_path / "ck"
+    train(corpus, save, "--max_steps", "4", "--eval_every", "4", "--log_every", "4", "--lr_schedule", "constant")
+    good = (save / "final_step_4.pt").read_bytes()
+    r = train(corpus, save, "--max_steps", "40", "--eval_every", "4", "--log_every", "4", "--resume", "auto",
+              "--lr", "1e30", "--grad_clip", "1e30", "--warmup_steps", "0", "--lr_schedule", "constant", check=False)
+    assert r.returncode == 3 and "non-finite" in r.stderr, r.stdout + r.stderr
+    assert not list(save.glob("step_*.pt")) and (save / "final_step_4.pt").read_bytes() == good
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):
+    common = ["--max_steps", "6", "--eval_every", "100", "--log_every", "2", "--dropout", "0"]
+    train(corpus, tmp_path / "one", *common, "--batch_size", "4")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], corpus["train_1"],
+           "--valid_paths", corpus["validation_0"], "--save_dir", str(tmp_path / "two"), *common, "--batch_size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("step      2/6") == 1  # only rank 0 logs
+    a, b = params(tmp_path / "one" / "final_step_6.pt"), params(tmp_path / "two" / "final_step_6.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    la, lb = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert [s for s, *_ in la] == [s for s, *_ in lb]
+    for (_, _, x), (_, _, y) in zip(la, lb):
+        assert abs(x - y) < 1e-4
