@@ -22,7 +22,6 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from trm.corpus import CorpusStats, iter_texts
-from trm.tokenizer import SPM_SPECIAL_IDS, UNK_ID
 
 HOLDOUT_EVERY = 200  # without --eval_file, every 200th line is held out of training and measures the tokenizer
 EVAL_MAX_BYTES = 20 << 20  # enough held-out text for stable figures; encoding it takes seconds
@@ -183,6 +182,9 @@ if __name__ == "__main__":
     bar = tqdm(total=n_bytes, unit="B", unit_scale=True, desc="sample", file=sys.stderr)
     sentences = sentences_for_training(args.input, keep, args.max_sentence_length, args.eval_file is None,
                                        heldout, fed, bar, args.seed)
+    # imported only here: trm.tokenizer brings in torch, seconds of start-up that a bad --input should not wait for
+    from trm.tokenizer import SPM_SPECIAL_IDS, UNK_ID
+
     spm.set_random_generator_seed(args.seed)
     try:
         spm.SentencePieceTrainer.train(

@@ -65,8 +65,7 @@ def _natural_key(path):
 
 def _search_dir(directory):
     found = []
-    for root, dirs, files in os.walk(directory):
-        dirs.sort()
+    for root, _, files in os.walk(directory):
         found += [os.path.join(root, f) for f in files if f.endswith(SUFFIXES)]
     return sorted(found, key=_natural_key)
 

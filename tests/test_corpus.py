@@ -1,0 +1,135 @@
+"""trm/corpus.py: which files a pattern names, and that every readable record comes out while bad ones are counted."""
+import gzip
+import json
+import os
+
+import pytest
+
+from trm import corpus
+from trm.corpus import CorpusStats, expand_inputs, iter_texts
+
+DOCS = ["吾輩は猫である。\n名前はまだ無い。", "どこで生れたかとんと見当がつかぬ。", "何でも薄暗いじめじめした所で泣いていた。"]
+
+
+def write_jsonl(path, lines, compress=True):
+    """`lines`: dicts (dumped as JSON) or raw bytes (written as they are), one per line."""
+    data = b"".join((json.dumps(x, ensure_ascii=False).encode() if isinstance(x, dict) else x) + b"\n" for x in lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return str(path)
+
+
+def test_expand_inputs_dirs_globs_files_and_missing(tmp_path):
+    for name in ["a/train_10.jsonl.gz", "a/train_2.jsonl.gz", "a/b/c.jsonl", "a/b/d.json.gz", "a/notes.txt"]:
+        write_jsonl(tmp_path / name, [{"text": "x"}])
+    d = str(tmp_path / "a")
+    files, missing = expand_inputs([d])
+    rel = [os.path.relpath(f, d) for f in files]
+    assert rel == ["b/c.jsonl", "b/d.json.gz", "train_2.jsonl.gz", "train_10.jsonl.gz"]  # natural order, no .txt
+    files, missing = expand_inputs([f"{d}/train_*.jsonl.gz", f"{d}/b/c.jsonl", f"{d}/nope.jsonl.gz", f"{d}/zz*"])
+    assert [os.path.basename(f) for f in files] == ["train_2.jsonl.gz", "train_10.jsonl.gz", "c.jsonl"]
+    assert missing == [f"{d}/nope.jsonl.gz", f"{d}/zz*"]
+    files, _ = expand_inputs([f"{d}/b/c.jsonl", f"{d}/train_2.jsonl.gz"])  # plain files keep the given order
+    assert [os.path.basename(f) for f in files] == ["c.jsonl", "train_2.jsonl.gz"]
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_texts_come_out_raw_and_in_order(tmp_path, compress):
+    path = write_jsonl(tmp_path / ("x.jsonl.gz" if compress else "x.jsonl"),
+                       [{"text": t, "meta": {"i": i}} for i, t in enumerate(DOCS)], compress)
+    stats = CorpusStats()
+    assert list(iter_texts(path, stats=stats)) == DOCS  # newlines kept: the loader tokenizes raw text
+    assert (stats.files, stats.documents, stats.chars) == (1, 3, sum(map(len, DOCS)))
+    assert not stats.skipped and not stats.errors
+
+
+def test_lines_split_across_small_blocks(tmp_path, monkeypatch):
+    # 7-byte reads cut lines and multi-byte characters anywhere; nothing may be lost or garbled
+    monkeypatch.setattr(corpus, "READ_SIZE", 7)
+    docs = DOCS * 20
+    path = write_jsonl(tmp_path / "x.jsonl.gz", [{"text": t} for t in docs])
+    assert list(iter_texts(path)) == docs
+    path = write_jsonl(tmp_path / "y.jsonl", [{"text": t} for t in docs], compress=False)
+    assert list(iter_texts(path)) == docs
+
+
+def test_concatenated_gzip_members_are_one_file(tmp_path):
+    path = tmp_path / "cat.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "a"}\n') + gzip.compress(b'{"text": "b"}\n'))
+    assert list(iter_texts(str(path))) == ["a", "b"]
+
+
+def test_bad_records_are_skipped_counted_and_located(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl.gz", [
+        {"text": "一"},
+        b'{"text": "broken',  # line 2: malformed JSON
+        {"text": 5},  # 3: not a string
+        {"body": "二"},  # 4: no text field
+        b"[1, 2]",  # 5: not an object
+        b'{"text": "\xff\xfe"}',  # 6: undecodable bytes
+        b'{"text": "\\ud800"}',  # 7: a lone surrogate cannot be written as UTF-8
+        b"",  # 8: blank lines are not records and not errors
+        {"text": ""},  # 9: empty
+        {"text": "三"},
+    ])
+    stats = CorpusStats()
+    assert list(iter_texts(path, stats=stats)) == ["一", "三"]
+    assert stats.skipped == {"malformed JSON": 1, "no string 'text' field": 3, "undecodable bytes": 2,
+                             "empty text": 1}
+    assert stats.examples == [f"{path}:2: malformed JSON", f"{path}:3: no string 'text' field",
+                              f"{path}:4: no string 'text' field", f"{path}:5: no string 'text' field",
+                              f"{path}:6: undecodable bytes"]  # the first five
+    assert "malformed JSON" in stats.summary() and f"{path}:2" in stats.summary()
+
+
+def test_text_field_and_min_chars(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl.gz", [{"content": "短い"}, {"content": "これは長めの文書です。"}])
+    stats = CorpusStats()
+    assert list(iter_texts(path, text_field="content", stats=stats, min_chars=5)) == ["これは長めの文書です。"]
+    assert stats.skipped == {"shorter than 5 chars": 1}
+
+
+def test_last_line_without_newline(tmp_path):
+    path = tmp_path / "x.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "b"}'))
+    assert list(iter_texts(str(path))) == ["a", "b"]
+
+
+def test_truncated_gzip_keeps_what_came_before_and_names_the_file(tmp_path, capsys):
+    docs = [f"{i}番目の文書です。" * 50 for i in range(400)]
+    whole = gzip.compress("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    stats = CorpusStats()
+    got = list(iter_texts(str(path), stats=stats))
+    assert 0 < len(got) < len(docs) and got == docs[: len(got)]  # a prefix, every kept document whole
+    assert len(stats.errors) == 1 and str(path) in stats.errors[0] and "truncated" in stats.errors[0]
+    assert str(path) in capsys.readouterr().err
+
+
+def test_not_gzip_at_all(tmp_path, capsys):
+    path = tmp_path / "fake.jsonl.gz"
+    path.write_bytes(b'{"text": "plain text, not gzip"}\n')
+    stats = CorpusStats()
+    assert list(iter_texts(str(path), stats=stats)) == []
+    assert stats.errors and str(path) in stats.errors[0] and "corrupt" in stats.errors[0]
+    assert str(path) in capsys.readouterr().err
+
+
+def test_stopping_early_is_clean(tmp_path):
+    # the training loader may stop mid-file; the read-ahead thread must not hang or leak the file
+    path = write_jsonl(tmp_path / "x.jsonl.gz", [{"text": f"{i}"} for i in range(100_000)])
+    for _ in range(20):
+        it = iter_texts(path)
+        assert next(it) == "0"
+        it.close()
+
+
+def test_stats_merge():
+    a, b = CorpusStats(files=1, documents=2, chars=3), CorpusStats(files=1, documents=1, chars=1)
+    a.skip("f", 1, "malformed JSON")
+    b.skip("g", 7, "malformed JSON")
+    b.errors.append("g: truncated gzip")
+    a.merge(b)
+    assert (a.files, a.documents, a.chars, a.skipped["malformed JSON"]) == (2, 3, 4, 2)
+    assert a.examples == ["f:1: malformed JSON", "g:7: malformed JSON"] and a.errors == ["g: truncated gzip"]

@@ -1,0 +1,122 @@
+"""extract_texts.py (step 1): the procedure's no-argument run, bad input, an interrupted run, the shared corpus."""
+import gzip
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import trm.corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "extract_texts.py")
+AOZORA = ROOT.parent / "shared/corpus/aozora"
+
+
+def write_jsonl(path, lines):
+    data = b"".join((json.dumps(x, ensure_ascii=False).encode() if isinstance(x, dict) else x) + b"\n" for x in lines)
+    Path(path).write_bytes(gzip.compress(data))
+
+
+def run(cwd, *args):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def shard_docs(i):
+    return [f"シャード{i}の文書{j}です。\n改行の後の段落。" for j in range(3)]
+
+
+def test_no_arguments_as_the_procedure_says(tmp_path):
+    for i in range(11):
+        if i != 3:  # a missing shard is skipped with a warning, as the procedure promises
+            write_jsonl(tmp_path / f"train_{i}.jsonl.gz", [{"text": t, "meta": {}} for t in shard_docs(i)])
+    r = run(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "train_3.jsonl.gz not found" in r.stderr
+    lines = (tmp_path / "train_texts.txt").read_text(encoding="utf-8").split("\n")
+    assert lines.pop() == ""  # the file ends with a newline
+    # shard order 0, 1, 2, 4, ..., 10 (not 0, 1, 10, 2), one document per line, line breaks become spaces
+    assert lines == [t.replace("\n", " ") for i in range(11) if i != 3 for t in shard_docs(i)]
+    assert "10 files, 30 documents" in r.stdout and "MB/s" in r.stdout
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_workers_give_the_same_bytes(tmp_path):
+    (tmp_path / "data/x").mkdir(parents=True)
+    for i in range(6):
+        write_jsonl(tmp_path / f"data/x/part_{i}.jsonl.gz", [{"text": f"{i}-{j}\r\n行"} for j in range(500)])
+    outputs = []
+    for workers in ("1", "3"):
+        r = run(tmp_path, "--inputs", "data", "--output", f"out{workers}.txt", "--workers", workers)
+        assert r.returncode == 0, r.stderr
+        outputs.append((tmp_path / f"out{workers}.txt").read_bytes())
+    assert outputs[0] == outputs[1]
+    assert outputs[0].startswith("0-0 行\n0-1 行\n".encode())  # \r\n is one space too
+    assert outputs[0].count(b"\n") == 3000
+
+
+def test_bad_records_are_reported_and_the_rest_kept(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl.gz", [{"text": "良い"}, b"{oops", {"text": None}, b'{"text": "\xff"}', {"text": "良い2"}])
+    whole = gzip.compress("".join(json.dumps({"text": f"文書{i}" * 100}, ensure_ascii=False) + "\n"
+                                  for i in range(300)).encode())
+    (tmp_path / "b.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # truncated mid-stream
+    r = run(tmp_path, "--inputs", "a.jsonl.gz", "b.jsonl.gz", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "a.jsonl.gz:2: malformed JSON" in r.stdout and "a.jsonl.gz:4: undecodable bytes" in r.stdout
+    assert "1 malformed JSON" in r.stdout and "1 no string 'text' field" in r.stdout
+    assert "b.jsonl.gz: truncated gzip" in r.stdout and "b.jsonl.gz" in r.stderr
+    lines = (tmp_path / "train_texts.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[:2] == ["良い", "良い2"] and 2 < len(lines) < 302 and lines[2] == "文書0" * 100
+
+
+def test_nothing_readable_fails_and_says_what_was_looked_for(tmp_path):
+    r = run(tmp_path)  # an empty directory: none of train_0 ... train_10
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "train_0.jsonl.gz" in r.stderr and "train_10.jsonl.gz" in r.stderr
+    write_jsonl(tmp_path / "x.jsonl.gz", [{"body": "テキストはbodyにある"}])
+    r = run(tmp_path, "--inputs", "x.jsonl.gz")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "no readable document" in r.stderr and "'text'" in r.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "x.jsonl.gz"]  # no output, no temporary files
+    r = run(tmp_path, "--inputs", "x.jsonl.gz", "--text_field", "body")
+    assert r.returncode == 0 and (tmp_path / "train_texts.txt").read_text(encoding="utf-8") == "テキストはbodyにある\n"
+
+
+def test_interrupted_run_never_leaves_a_finished_looking_output(tmp_path, monkeypatch):
+    for i in range(3):
+        write_jsonl(tmp_path / f"train_{i}.jsonl.gz", [{"text": f"{i}:{j}"} for j in range(1000)])
+    (tmp_path / "train_texts.txt").write_text("the previous, complete output\n")
+    real_iter_texts = trm.corpus.iter_texts
+
+    def interrupted(path, *args, **kwargs):  # Ctrl-C in the middle of the second file
+        for n, text in enumerate(real_iter_texts(path, *args, **kwargs)):
+            if path.endswith("train_1.jsonl.gz") and n == 500:
+                raise KeyboardInterrupt
+            yield text
+
+    monkeypatch.setattr(trm.corpus, "iter_texts", interrupted)
+    monkeypatch.setattr(trm.corpus, "READ_SIZE", 1024)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["extract_texts.py", "--workers", "1"])
+    with pytest.raises(KeyboardInterrupt):
+        runpy.run_path(SCRIPT, run_name="__main__")
+    assert (tmp_path / "train_texts.txt").read_text() == "the previous, complete output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"train_{i}.jsonl.gz" for i in range(3)] + ["train_texts.txt"]
+
+
+@pytest.mark.corpus
+@pytest.mark.slow
+def test_shared_corpus_every_document_extracted(tmp_path):
+    if not AOZORA.is_dir():
+        pytest.skip(f"{AOZORA} not present")
+    files = [str(AOZORA / f"train_{i}.jsonl.gz") for i in (2, 5)]
+    r = run(tmp_path, "--inputs", *files, "--output", "t.txt", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    expected = []
+    for f in files:
+        with gzip.open(f, "rt", encoding="utf-8") as src:
+            expected += [json.loads(line)["text"].replace("\n", " ") for line in src]
+    got = (tmp_path / "t.txt").read_text(encoding="utf-8").split("\n")
+    assert got.pop() == "" and got == expected

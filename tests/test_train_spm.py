@@ -1,0 +1,137 @@
+"""train_spm.py (step 2): every document reaches the trainer, no <unk>, clear errors, outputs only when finished."""
+import gzip
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "train_spm.py")
+AOZORA = ROOT.parent / "shared/corpus/aozora"
+sys.path.insert(0, str(ROOT))
+from train_spm import split_line  # noqa: E402
+
+from trm.tokenizer import Tokenizer  # noqa: E402
+
+WORDS = ["吾輩", "は", "猫", "で", "ある", "名前", "まだ", "無い", "どこ", "生れ", "た", "か", "見当", "が", "つか",
+         "ぬ", "何", "でも", "薄暗い", "所", "泣い", "て", "い", "記憶", "し", "ニャー", "１２３", " "]
+RARE = "薔薇園"  # appears only in the tail of one long document
+
+
+def sentence(rng):
+    return "".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice("。。。！？")
+
+
+def corpus_lines(n_docs=400, seed=0):
+    rng = random.Random(seed)
+    docs = ["".join(sentence(rng) for _ in range(rng.randint(1, 8))) for _ in range(n_docs)]
+    # a document far over the 4,192-byte line limit whose tail alone holds RARE: the old script dropped it whole
+    docs[7] = "".join(sentence(rng) for _ in range(400)) + (RARE + "の花が咲いた。") * 60
+    return docs
+
+
+def run(cwd, *args):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spm")
+    (d / "train_texts.txt").write_text("\n".join(corpus_lines()) + "\n", encoding="utf-8")
+    r = run(d, "--vocab_size", "400", "--character_coverage", "1.0", "--num_threads", "2")
+    return d, r
+
+
+def test_split_line_keeps_all_text_under_the_limit():
+    rng = random.Random(1)
+    line = "".join(sentence(rng) for _ in range(500)) + "句読点のない長い文" * 300 + " 英語 words " * 400
+    assert len(line.encode()) > 20_000
+    pieces = split_line(line, 4192)
+    assert all(0 < len(p.encode()) < 4192 for p in pieces)
+    assert "".join(pieces).replace(" ", "") == line.replace(" ", "")  # only the spaces between pieces go
+    assert split_line("短い。文書！本当？「はい。」と言った", 4192) == ["短い。", "文書！", "本当？", "「はい。」", "と言った"]
+
+
+def test_hard_split_at_character_boundaries():
+    line = "鸞" * 5000  # 15,000 bytes, not one break anywhere
+    pieces = split_line(line, 100)
+    assert "".join(pieces) == line and all(len(p.encode()) < 100 for p in pieces)
+
+
+def test_cli_trains_on_every_document(trained):
+    d, r = trained
+    assert r.returncode == 0, r.stderr
+    assert (d / "ja_trm.model").is_file() and (d / "ja_trm.vocab").is_file()
+    assert [p.name for p in d.iterdir() if ".tmp" in p.name] == []
+    tok = Tokenizer.from_args("sentencepiece", str(d / "ja_trm.model"))  # special ids 0..3 are checked here
+    pieces = {tok.sp.id_to_piece(i) for i in range(tok.vocab_size)}
+    assert tok.vocab_size == 400
+    assert any(RARE[:2] in p for p in pieces)  # learnt from the tail of a 20 kB line
+    assert "\n" in pieces
+    for key in ["vocab size", "bytes/token", "characters/token", "unknown rate", "round trip"]:
+        assert key in r.stdout
+    assert "unknown rate      0.0000%" in r.stdout
+
+
+def test_no_unknowns_on_rare_kanji_and_newlines_are_one_token(trained):
+    d, _ = trained
+    tok = Tokenizer.from_args("sentencepiece", str(d / "ja_trm.model"))
+    text = "鱻龘齉は見たことのない字だ。\n次の段落。"
+    ids = tok.encode(text)
+    assert tok.unk_id not in ids  # byte fallback instead of <unk>
+    assert ids.count(tok.sp.piece_to_id("\n")) == 1
+    assert tok.decode(ids) == text
+
+
+def test_eval_file_jsonl_gz(trained, tmp_path):
+    d, _ = trained
+    texts = corpus_lines(50, seed=9)
+    with gzip.open(tmp_path / "validation_0.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    r = run(d, "--vocab_size", "400", "--character_coverage", "1.0", "--model_prefix", str(tmp_path / "m"),
+            "--eval_file", str(tmp_path / "validation_0.jsonl.gz"))
+    assert r.returncode == 0, r.stderr
+    assert "validation_0.jsonl.gz: 50 documents" in r.stdout and "unknown rate      0.0000%" in r.stdout
+
+
+def test_missing_input_points_to_step_1(tmp_path):
+    r = run(tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "train_texts.txt not found" in r.stderr and "python extract_texts.py" in r.stderr
+
+
+def test_empty_input(tmp_path):
+    (tmp_path / "train_texts.txt").write_text("\n\n  \n")
+    r = run(tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "empty" in r.stderr
+
+
+def test_vocab_too_large_suggests_a_size_and_keeps_the_old_model(tmp_path):
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(30)) + "\n", encoding="utf-8")
+    (tmp_path / "ja_trm.model").write_bytes(b"old model")
+    r = run(tmp_path, "--vocab_size", "16000", "--character_coverage", "1.0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "too large for this corpus" in r.stderr and "--vocab_size " in r.stderr
+    suggested = int(r.stderr.split("Use --vocab_size ")[1].split()[0])
+    assert 300 < suggested < 16000
+    assert (tmp_path / "ja_trm.model").read_bytes() == b"old model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ja_trm.model", "train_texts.txt"]
+
+
+@pytest.mark.corpus
+@pytest.mark.slow
+def test_shared_corpus_small_model(tmp_path):
+    if not AOZORA.is_dir():
+        pytest.skip(f"{AOZORA} not present")
+    with gzip.open(AOZORA / "train_2.jsonl.gz", "rt", encoding="utf-8") as src:
+        lines = [json.loads(line)["text"].replace("\n", " ") for line in src]
+    (tmp_path / "train_texts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    r = run(tmp_path, "--vocab_size", "3000", "--character_coverage", "0.99", "--input_sentence_size", "30000",
+            "--eval_file", str(AOZORA / "validation_0.jsonl.gz"))
+    assert r.returncode == 0, r.stderr
+    assert "unknown rate      0.0000%" in r.stdout
+    bytes_per_token = float(r.stdout.split("bytes/token")[1].split()[0])
+    assert bytes_per_token > 2.5
