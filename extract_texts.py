@@ -10,11 +10,10 @@ directory, then renamed), so an interrupted run never leaves a train_texts.txt t
 """
 import argparse
 import os
-import shutil
+import queue
 import sys
-import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
@@ -25,36 +24,52 @@ WRITE_BATCH = 8 << 20  # characters per write: few big writes, bounded memory
 
 
 def extract_file(path, write, text_field, min_chars, stats, progress=None):
-    """Pass `path`'s documents to `write` as UTF-8 bytes, one document per line, in batches of ~WRITE_BATCH."""
+    """Pass `path`'s documents to `write` as UTF-8 bytes, one document per line, in batches of ~WRITE_BATCH bytes."""
     batch, size = [], 0
     seen = stats.bytes_in
-    for text in iter_texts(path, text_field, stats, min_chars):
-        if "\r" in text:
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
-        batch.append(text.replace("\n", " "))
+    for text in iter_texts(path, text_field, stats, min_chars, as_bytes=True):
+        if b"\r" in text:
+            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        batch.append(text.replace(b"\n", b" "))
         size += len(text)
         if size >= WRITE_BATCH:
-            write(("\n".join(batch) + "\n").encode("utf-8"))
+            batch.append(b"")  # so the join ends the last line too
+            write(b"\n".join(batch))
             batch, size = [], 0
             if progress is not None:
                 progress.update(stats.bytes_in - seen)
                 seen = stats.bytes_in
     if batch:
-        write(("\n".join(batch) + "\n").encode("utf-8"))
+        batch.append(b"")
+        write(b"\n".join(batch))
     if progress is not None:
         progress.update(stats.bytes_in - seen)
 
 
-def background_writer(out, executor):
+def background_writer(out):
     """write(data) that returns at once: the write syscall releases the GIL, so the next batch is parsed meanwhile.
-    One write in flight at a time keeps memory bounded and the order intact; .result() re-raises e.g. disk full."""
-    pending = None
+    At most one batch waits (bounded memory, order kept); write(None) waits for the rest. A failed write (disk full)
+    is raised at the next call."""
+    jobs, failed = queue.Queue(1), []
+
+    def drain():
+        while (data := jobs.get()) is not None:
+            if failed:
+                continue  # keep taking batches so the main thread never blocks; it raises the error
+            try:
+                out.write(data)
+            except (OSError, ValueError) as e:  # ValueError: the main thread closed the file after an error
+                failed.append(e)
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
 
     def write(data):
-        nonlocal pending
-        if pending is not None:
-            pending.result()
-        pending = executor.submit(out.write, data) if data is not None else None
+        jobs.put(data)
+        if data is None:
+            thread.join()
+        if failed:
+            raise failed[0]
 
     return write
 
@@ -63,8 +78,8 @@ def extract_part(job):
     """Worker: one input file -> its own part file next to the output; the parent concatenates parts in input order."""
     path, part, text_field, min_chars = job
     stats = CorpusStats()
-    with open(part, "wb") as out, ThreadPoolExecutor(1) as executor:
-        write = background_writer(out, executor)
+    with open(part, "wb") as out:
+        write = background_writer(out)
         extract_file(path, write, text_field, min_chars, stats)
         write(None)  # wait for the last write
     return part, stats
@@ -77,8 +92,9 @@ if __name__ == "__main__":
                              "(default: train_0.jsonl.gz ... train_10.jsonl.gz)")
     parser.add_argument("--output", default="train_texts.txt")
     parser.add_argument("--text_field", default="text", help="JSON field that holds the document")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="processes, parallel over files (default: all cores); output order is input order")
+    # each worker keeps about two cores busy (inflate thread + parse thread), hence half the cores
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                        help="processes, parallel over files (default: half the cores); output order is input order")
     parser.add_argument("--min_chars", type=int, default=0, help="skip documents shorter than this")
     args = parser.parse_args()
 
@@ -91,23 +107,24 @@ if __name__ == "__main__":
 
     total_bytes = sum(os.path.getsize(f) for f in files)
     out_dir = os.path.dirname(os.path.abspath(args.output))
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=os.path.basename(args.output) + ".", suffix=".tmp")
+    # the output is renamed into place only when complete; a killed run leaves at most this .tmp file
+    tmp = os.path.join(out_dir, f".{os.path.basename(args.output)}.{os.getpid()}.tmp")
     workers = max(1, min(args.workers, len(files)))
     parts = [f"{tmp}.part{i}" for i in range(len(files))]
     stats, t0 = CorpusStats(), time.time()
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="extract", file=sys.stderr)
     pool = None
     try:
-        with os.fdopen(fd, "wb") as out, ThreadPoolExecutor(1) as executor:
+        with open(tmp, "wb") as out:
             if workers == 1:
-                write = background_writer(out, executor)
+                write = background_writer(out)
                 for path in files:
                     extract_file(path, write, args.text_field, args.min_chars, stats, bar)
                 write(None)
             else:
                 # each worker writes its file to a part; parts are appended in input order as they finish, so the
                 # output is byte-identical to --workers 1
-                import multiprocessing  # only here: its import costs a noticeable share of a small run
+                import multiprocessing, shutil  # only here: importing them is a noticeable share of a small run
                 pool = multiprocessing.Pool(workers)
                 jobs = [(path, part, args.text_field, args.min_chars) for path, part in zip(files, parts)]
                 for path, (part, file_stats) in zip(files, pool.imap(extract_part, jobs)):
