@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import random
 
 import pytest
 
@@ -133,3 +134,29 @@ def test_stats_merge():
     a.merge(b)
     assert (a.files, a.documents, a.chars, a.skipped["malformed JSON"]) == (2, 3, 4, 2)
     assert a.examples == ["f:1: malformed JSON", "g:7: malformed JSON"] and a.errors == ["g: truncated gzip"]
+
+
+def test_fast_path_agrees_with_json(tmp_path):
+    # {"text": "..."} lines skip json.loads when they can; the result must be exactly json.loads's
+    rng = random.Random(0)
+    alphabet = ["あ", "漢", "a", " ", "\n", "\r", "\t", '"', "\\", "/", "\\n", "\u2028", "é", "😀", "\x00", "}"]
+    lines = []
+    for i in range(800):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        record = {"meta": {"note": '"text": "x"'}, "text": t} if i % 4 == 2 else {"text": t, "meta": {"i": i}}
+        separators = (",", ":") if i % 4 == 3 else (", ", ": ")
+        lines.append(json.dumps(record, ensure_ascii=i % 4 == 1, separators=separators).encode())
+    path = write_jsonl(tmp_path / "x.jsonl.gz", lines)
+    expected = [json.loads(line)["text"] for line in lines]
+    expected = [t for t in expected if t]
+    assert list(iter_texts(path)) == expected
+    assert list(iter_texts(path, as_bytes=True)) == [t.encode() for t in expected]
+
+
+def test_fast_path_still_rejects_malformed_lines(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl.gz", [
+        b'{"text": "ok", "meta": {broken}', b'{"text": "ok",}', b'{"text": "ok"} trailing', b'{"text": "ok"',
+        b'{"text": "ok", "meta": 1}', b'{"text":"ok2"}'])
+    stats = CorpusStats()
+    assert list(iter_texts(path, stats=stats)) == ["ok", "ok2"]
+    assert stats.skipped == {"malformed JSON": 4}
