@@ -1,0 +1,61 @@
+"""Fixtures shared by the tests: a tiny SentencePiece model and a tiny checkpoint that uses it, built in tmp dirs."""
+import io
+import random
+
+import pytest
+
+WORDS = ("私 は 猫 が 好き です 。 今日 の 天気 晴れ 雨 明日 学校 に 行き ます 本 を 読む 東京 大阪 日本 語 先生 友達 "
+         "と 話す 山 川 海 見る 食べる ご飯 美味しい 春 夏 秋 冬 、").split()
+
+# Kanji that never occur in the training lines: the tiny model encodes them as three byte-fallback tokens each,
+# so a prompt made of them has tokens that split characters.
+RARE = "鬱蒼とした薔薇"
+
+
+def japanese_lines(n=2000, seed=0):
+    rng = random.Random(seed)
+    return ["".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_sp_model(tmp_path_factory):
+    """Path to a 400-piece BPE SentencePiece model with byte fallback and the project's special ids (trains in ~0.1 s)."""
+    import sentencepiece as spm
+
+    from trm.tokenizer import SPM_SPECIAL_IDS
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(japanese_lines()), model_writer=proto, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   add_dummy_prefix=False, minloglevel=2, **SPM_SPECIAL_IDS)
+    path = tmp_path_factory.mktemp("spm") / "tiny.model"
+    path.write_bytes(proto.getvalue())
+    return str(path)
+
+
+def make_checkpoint(path, tokenizer, seed=0, **config):
+    """A checkpoint as train_trm_lm.py writes it, with random weights (EMA = raw). Returns the model."""
+    import torch
+
+    from trm.checkpoint import save_checkpoint
+    from trm.model import TRM, TRMConfig
+
+    kw = dict(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=2, max_seq_len=64, dropout=0.0)
+    kw.update(config)
+    cfg = TRMConfig(**kw)
+    torch.manual_seed(seed)
+    model = TRM(cfg).eval()
+    save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(),
+                     "ema": {"model": model.state_dict(), "updates": 0, "decay": 0.995},
+                     "tokenizer": tokenizer.to_state(), "step": 0, "args": {}}, str(path))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_sp_model):
+    """Path to a checkpoint of a d_model=32, max_seq_len=64 TRM (random weights) carrying the tiny SentencePiece model."""
+    from trm.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("ckpt") / "final_step_0.pt"
+    make_checkpoint(path, Tokenizer.from_args("sentencepiece", tiny_sp_model))
+    return str(path)

@@ -1,0 +1,120 @@
+"""Sampling text from a TRM: the next-token rule, the token-by-token loop, and terminal-safe streaming of the text.
+
+generate() feeds the prompt once (prefill) and then one token per forward pass, reusing the keys/values that every
+net call at every depth has cached. use_cache=False recomputes the whole window for every token: slower, and there
+only to check the cached path. Both follow the same sliding-window policy past max_seq_len, so greedy outputs agree.
+"""
+import torch
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, prev_ids=None, generator=None):
+    """Next token ids [B] from last-position logits [B, V].
+
+    temperature 0 = greedy (argmax); top_k 0 and top_p 1.0 switch those filters off; repetition_penalty 1.0 = off.
+    """
+    logits = logits.float()
+    if repetition_penalty != 1.0 and prev_ids is not None and prev_ids.numel():
+        # CTRL (Keskar et al. 2019): every token already in the text becomes less likely. Dividing a negative logit
+        # would raise it, so negative logits are multiplied instead.
+        seen = logits.gather(1, prev_ids)
+        seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+        logits = logits.scatter(1, prev_ids, seen)
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    V = logits.size(-1)
+    k = top_k if 0 < top_k < V else V
+    candidates = None
+    if k < V or top_p < 1.0:
+        # top-p only ever looks at the top-k survivors, so sort those few, not the whole vocabulary
+        logits, candidates = logits.topk(k, dim=-1)  # best first
+        if top_p < 1.0:
+            probs = logits.softmax(dim=-1)
+            # drop a token once the tokens ranked above it already cover top_p; the best token always stays
+            logits = logits.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))
+    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    return (candidates.gather(1, choice) if candidates is not None else choice).squeeze(1)
+
+
+def prompt_ids(tokenizer, text):
+    """Token ids to start from: the encoded prompt, or BOS alone when the prompt is empty."""
+    return tokenizer.encode(text) or [tokenizer.bos_id]
+
+
+@torch.inference_mode()  # as a decorator it is entered and left around each step, never held across a yield
+def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.0,
+             eos_id=None, use_cache=True, latent_steps=None, deep_steps=None, supervision_steps=None, generator=None):
+    """Yield new token ids one at a time (batch 1): stops after max_new_tokens or at eos_id (which is not yielded).
+
+    Context window: model.config.max_seq_len tokens. When the text outgrows it, the window jumps forward to the last
+    max_seq_len // 2 tokens and the cache is rebuilt from them with one prefill. Halving (rather than sliding one
+    token at a time) keeps the rebuilds rare: one prefill per max_seq_len // 2 new tokens.
+    """
+    if not len(prompt_ids):
+        raise ValueError("empty prompt: start from [tokenizer.bos_id] (see prompt_ids)")
+    depth = dict(latent_steps=latent_steps, deep_steps=deep_steps, supervision_steps=supervision_steps)
+    device = model.lm_head.weight.device
+    L = model.config.max_seq_len
+    keep = max(1, L // 2)
+    P = len(prompt_ids)
+    # every id of the text so far, preallocated: the repetition penalty reads it, the model reads its window
+    ids = torch.empty(1, P + max_new_tokens, dtype=torch.long, device=device)
+    ids[0, :P] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+    n = P       # ids[:, :n] is the text so far
+    start = 0   # ids[:, start:n] is the window the model sees
+
+    def refill():
+        # the whole window in one forward pass; with the cache this is the prefill that fills a fresh cache
+        cache = model.new_cache(1, L, **depth) if use_cache else None
+        logits, _ = model(ids[:, start:n], cache=cache, **depth)
+        return logits, cache
+
+    if n - start > L:
+        start = n - keep
+    logits, cache = refill()
+    while n < P + max_new_tokens:
+        next_id = sample_next(logits[:, -1], temperature, top_k, top_p, repetition_penalty, ids[:, :n], generator)
+        token = int(next_id)  # one device sync per token, needed anyway to stop at EOS and to print
+        if token == eos_id:
+            return
+        yield token
+        ids[0, n] = next_id[0]
+        n += 1
+        if n == P + max_new_tokens:
+            return  # no forward pass for a token nobody will read
+        if n - start > L:
+            start = n - keep
+            logits, cache = refill()
+        elif use_cache:
+            logits, _ = model(ids[:, n - 1:n], cache=cache, **depth)
+        else:
+            logits, _ = refill()
+
+
+class StreamDecoder:
+    """The text to print as ids arrive, safe for byte-fallback tokens (a third of a Japanese character each).
+
+    Each push decodes the whole id list and returns what was added since the last push; a trailing U+FFFD (an
+    unfinished multi-byte character) is held back until the character completes. Never decode([token]).
+    prefix_ids (the prompt) are decoded along so that spacing at the seam comes out as decode(all ids) has it.
+    """
+
+    def __init__(self, tokenizer, prefix_ids=()):
+        self.tokenizer = tokenizer
+        self.ids = [int(i) for i in prefix_ids]
+        self.printed = len(tokenizer.decode(self.ids)) if self.ids else 0  # characters of the decode already out
+
+    def push(self, token_id):
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        end = len(text.rstrip("\ufffd"))
+        new = text[self.printed:end]
+        self.printed = max(self.printed, end)
+        return new
+
+    def flush(self):
+        """Whatever is still held back (an unfinished character at the very end prints as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids)
+        new = text[self.printed:]
+        self.printed = len(text)
+        return new
