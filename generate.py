@@ -1,0 +1,136 @@
+"""Step 4: generate text from a trained TRM checkpoint, streaming it to the terminal as it comes.
+
+    python generate.py --model_path checkpoints_new/final_step_50000.pt --sp_model ja_trm.model \
+        --prompt "日本語のプロンプト" --max_new_tokens 100
+
+--sp_model is optional: the checkpoint carries its tokenizer (when given, it must be the same vocabulary).
+With neither --prompt nor --prompt_file, prompts are read interactively. Generated text goes to stdout;
+everything else (device, per-sample speed, errors) to stderr, so `> out.txt` captures just the text.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from trm.checkpoint import CheckpointError, load_model
+from trm.device import pick_device
+from trm.sampling import StreamDecoder, generate, prompt_ids
+from trm.tokenizer import Tokenizer, TokenizerError
+
+
+def positive_int(s):
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+parser = argparse.ArgumentParser(description="Generate text with a trained Generative TRM checkpoint.")
+parser.add_argument("--model_path", required=True, help="checkpoint written by train_trm_lm.py (step_N.pt / final_step_N.pt)")
+parser.add_argument("--sp_model", default=None, help="optional; must match the tokenizer stored in the checkpoint")
+parser.add_argument("--prompt", default=None, help="one prompt ('' starts from BOS)")
+parser.add_argument("--prompt_file", default=None, help="a text file with one prompt per line (blank lines skipped)")
+parser.add_argument("--max_new_tokens", type=int, default=100)
+parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+parser.add_argument("--top_k", type=int, default=50, help="0 = off")
+parser.add_argument("--top_p", type=float, default=0.95, help="1.0 = off")
+parser.add_argument("--repetition_penalty", type=float, default=1.1, help="1.0 = off")
+parser.add_argument("--seed", type=int, default=None, help="default: a fresh one, printed so a sample can be redone")
+parser.add_argument("--num_samples", type=positive_int, default=1, help="samples per prompt")
+parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+parser.add_argument("--no_cache", action="store_true", help="recompute every token from scratch (slow; for checking)")
+parser.add_argument("--supervision_steps", type=positive_int, default=None, help="test-time depth (default: trained)")
+parser.add_argument("--deep_steps", type=positive_int, default=None, help="test-time depth (default: trained)")
+parser.add_argument("--latent_steps", type=positive_int, default=None, help="test-time depth (default: trained)")
+args = parser.parse_args()
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---- load ----------------------------------------------------------------------------------------------------
+try:
+    model, tokenizer, state = load_model(args.model_path, weights=args.weights)
+except (CheckpointError, TokenizerError) as e:
+    fail(e)
+except Exception as e:  # torch.load(weights_only=True) ran no code; whatever else went wrong, the file is bad
+    fail(f"{args.model_path} could not be loaded ({type(e).__name__}: {str(e).strip()[:160]})")
+if args.sp_model:
+    try:
+        given = Tokenizer.from_args("sentencepiece", args.sp_model)
+    except TokenizerError as e:
+        fail(e)
+    if given.fingerprint() != tokenizer.fingerprint():
+        fail(f"--sp_model {args.sp_model} is not the vocabulary {args.model_path} was trained with "
+             f"(fingerprint {given.fingerprint()} vs {tokenizer.fingerprint()}); leave --sp_model out to use the "
+             f"tokenizer stored in the checkpoint")
+if args.prompt is not None and args.prompt_file is not None:
+    fail("give --prompt or --prompt_file, not both")
+prompts = None
+if args.prompt is not None:
+    prompts = [args.prompt]
+elif args.prompt_file is not None:
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\r\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read --prompt_file {args.prompt_file} ({type(e).__name__}: {e})")
+
+# Batch-1 decoding is bound by per-token latency, not arithmetic, so fp32 everywhere: bf16 would buy nothing here.
+device, _, why = pick_device(args.device, "fp32")
+model.to(device)
+seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+generator = torch.Generator(device=device).manual_seed(seed)
+depth = dict(latent_steps=args.latent_steps, deep_steps=args.deep_steps, supervision_steps=args.supervision_steps)
+n, T_deep, N_sup = model.depth(**depth)
+c = model.config
+print(f"{args.model_path}: step {state.get('step', '?')}, {model.num_params() / 1e6:.2f}M parameters, "
+      f"{args.weights} weights, arch {c.arch}, depth n={n} T={T_deep} N_sup={N_sup}, window {c.max_seq_len} tokens, "
+      f"{'no cache' if args.no_cache else 'KV cache'}, device {device.type} ({why.split(',')[0]}), seed {seed}",
+      file=sys.stderr)
+
+
+# ---- generate --------------------------------------------------------------------------------------------------
+def run(prompt):
+    ids = prompt_ids(tokenizer, prompt)
+    for i in range(args.num_samples):
+        stream = StreamDecoder(tokenizer, ids)
+        print(prompt, end="", flush=True)
+        t0, count, stop = time.perf_counter(), 0, "max_new_tokens"
+        for token in generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id,
+                              use_cache=not args.no_cache, generator=generator, **depth):
+            count += 1
+            print(stream.push(token), end="", flush=True)
+        print(stream.flush(), flush=True)
+        if count < args.max_new_tokens:
+            stop = "EOS"
+        dt = time.perf_counter() - t0
+        print(f"[sample {i + 1}/{args.num_samples}] {count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s "
+              f"(stopped at {stop})", file=sys.stderr, flush=True)
+
+
+try:
+    if prompts is not None:
+        for prompt in prompts:
+            run(prompt)
+    else:
+        print("Type a prompt and press Enter (an empty line samples from BOS); 'exit' or Ctrl-D quits.",
+              file=sys.stderr)
+        while True:
+            try:
+                prompt = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                break
+            if prompt.strip() in ("exit", "quit"):
+                break
+            run(prompt)
+except KeyboardInterrupt:
+    print(file=sys.stderr)
+    sys.exit(130)

@@ -1,0 +1,289 @@
+"""Behaviour of trm/sampling.py and generate.py: cached = uncached, safe loading, streaming, EOS, the seed command."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import RARE
+from trm.checkpoint import load_model
+from trm.sampling import StreamDecoder, generate, prompt_ids, sample_next
+from trm.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "猫は" + RARE + "を見る"  # byte-fallback tokens in the middle: tokens that split characters
+
+
+def run_generate(*args, stdin=None):
+    # one thread: the test machine is small and shared; batch-1 decoding does not use more
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def assert_refused(result, *words):
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny batch-1 models: more threads only add synchronization (and the test machine is small and shared)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    model, tokenizer, _ = load_model(tiny_checkpoint)
+    return model, tokenizer
+
+
+def scripted(model, script, monkeypatch):
+    """Make the model's k-th forward pass put all its mass on script[k] (whatever the window), counting passes."""
+    forward, calls = model.forward, []
+
+    def fake(idx, **kw):
+        logits, loss = forward(idx, **kw)
+        logits = torch.zeros_like(logits)
+        logits[:, -1, script[min(len(calls), len(script) - 1)]] = 100.0
+        calls.append(idx.shape[1])
+        return logits, loss
+
+    monkeypatch.setattr(model, "forward", fake)
+    return calls
+
+
+# ---- cached decoding equals recomputation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth", [{}, dict(supervision_steps=3, latent_steps=1), dict(deep_steps=3)])
+def test_greedy_with_and_without_cache_identical_past_max_seq_len(tiny, depth):
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    n = 120  # the window is 64 tokens: the cache is rebuilt several times
+    # the penalty keeps a random model from repeating one token, so the comparison covers many different contexts
+    kw = dict(temperature=0, repetition_penalty=2.0, **depth)
+    cached = list(generate(model, ids, n, **kw))
+    uncached = list(generate(model, ids, n, use_cache=False, **kw))
+    assert len(cached) == n and len(set(cached)) > 20
+    assert cached == uncached
+
+
+def test_seeded_sampling_with_and_without_cache_identical(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    kw = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
+    cached = list(generate(model, ids, 100, generator=torch.Generator().manual_seed(3), **kw))
+    uncached = list(generate(model, ids, 100, use_cache=False, generator=torch.Generator().manual_seed(3), **kw))
+    assert cached == uncached
+
+
+def test_prompt_longer_than_window(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT * 10)
+    assert len(ids) > model.config.max_seq_len
+    kw = dict(temperature=0, repetition_penalty=2.0)
+    cached = list(generate(model, ids, 40, **kw))
+    assert cached == list(generate(model, ids, 40, use_cache=False, **kw))
+    assert len(cached) == 40
+
+
+def test_generation_leaves_grad_mode_alone(tiny):
+    model, tok = tiny
+    steps = generate(model, tok.encode(PROMPT), 3, temperature=0)
+    next(steps)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # not held across the yield
+
+
+# ---- the next-token rule ------------------------------------------------------------------------------------------
+
+def test_sample_next_rules():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0, 0.5]])
+    assert sample_next(logits, temperature=0).tolist() == [1]
+    assert all(sample_next(logits, 1.0, top_k=1, generator=g).item() == 1 for _ in range(20))
+    assert all(sample_next(logits, 1.0, top_p=0.01, generator=g).item() == 1 for _ in range(20))
+    assert {sample_next(logits, 5.0, top_k=2, generator=g).item() for _ in range(200)} == {1, 2}
+    # top_p 0.8 keeps the smallest set covering 80%: here the two best tokens (0.63 + 0.23)
+    assert {sample_next(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(300)} == {1, 2}
+    # CTRL penalty: the best token, once seen, loses to the runner-up; a negative logit gets more negative
+    assert sample_next(logits, 0, repetition_penalty=2.0, prev_ids=torch.tensor([[1, 1]])).tolist() == [2]
+    neg = torch.tensor([[-1.0, -1.5]])
+    assert sample_next(neg, 0, repetition_penalty=2.0, prev_ids=torch.tensor([[0]])).tolist() == [1]
+    batch = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert sample_next(batch, 0).tolist() == [1, 0]
+
+
+# ---- EOS, BOS -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_eos_stops_and_is_not_yielded(tiny, monkeypatch, use_cache):
+    model, tok = tiny
+    calls = scripted(model, [10, 11, 12, tok.eos_id, 13], monkeypatch)
+    out = list(generate(model, tok.encode(PROMPT), 50, temperature=0.7, eos_id=tok.eos_id, use_cache=use_cache))
+    assert out == [10, 11, 12]
+    assert len(calls) == 4
+    if use_cache:
+        assert calls[1:] == [1, 1, 1]  # one prefill, then one token per forward pass
+
+
+def test_max_new_tokens_and_no_forward_for_unread_token(tiny, monkeypatch):
+    model, tok = tiny
+    calls = scripted(model, [10], monkeypatch)
+    assert list(generate(model, tok.encode(PROMPT), 5, temperature=0)) == [10] * 5
+    assert len(calls) == 5
+
+
+def test_empty_prompt_starts_from_bos(tiny, monkeypatch):
+    model, tok = tiny
+    assert prompt_ids(tok, "") == [tok.bos_id]
+    assert prompt_ids(tok, "猫") == tok.encode("猫")
+    calls = scripted(model, [10], monkeypatch)
+    assert list(generate(model, [tok.bos_id], 2, temperature=0)) == [10, 10]
+    assert calls[0] == 1
+    with pytest.raises(ValueError, match="bos"):
+        next(generate(model, [], 2))
+
+
+# ---- streaming ----------------------------------------------------------------------------------------------------
+
+def test_stream_decoder_holds_back_split_characters(tiny_sp_model):
+    tok = Tokenizer.from_args("sentencepiece", tiny_sp_model)
+    prefix, rest = tok.encode("猫は"), tok.encode(RARE + "を見る")
+    assert sum(tok.sp.is_byte(i) for i in rest) >= 9  # the fixture really splits characters into byte tokens
+    stream = StreamDecoder(tok, prefix)
+    pieces = [stream.push(i) for i in rest]
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces.count("") >= 6  # held back while a character was incomplete
+    assert "".join(pieces) + stream.flush() == RARE + "を見る"
+    # generation that ends inside a character: the remainder comes out of flush(), as decode() has it
+    stream = StreamDecoder(tok)
+    half = tok.encode(RARE)[:2]
+    assert [stream.push(i) for i in half] == ["", ""]
+    assert stream.flush() == tok.decode(half)
+
+
+def test_streamed_generation_equals_final_decode(tiny, monkeypatch):
+    model, tok = tiny
+    target = tok.encode(RARE + "を見る" + RARE)
+    scripted(model, target + [tok.eos_id], monkeypatch)
+    prompt = tok.encode(PROMPT)
+    stream, pieces = StreamDecoder(tok, prompt), []
+    for token in generate(model, prompt, 100, temperature=0, eos_id=tok.eos_id):
+        pieces.append(stream.push(token))
+    pieces.append(stream.flush())
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(prompt + target)[len(tok.decode(prompt)):] == RARE + "を見る" + RARE
+
+
+# ---- generate.py --------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_seed_command_streams_the_greedy_continuation(tiny, tiny_checkpoint, tiny_sp_model):
+    model, tok = tiny
+    r = run_generate("--model_path", tiny_checkpoint, "--sp_model", tiny_sp_model, "--prompt", PROMPT,
+                     "--max_new_tokens", 100, "--temperature", 0)
+    assert r.returncode == 0, r.stderr
+    ids = tok.encode(PROMPT)
+    out = list(generate(model, ids, 100, temperature=0, repetition_penalty=1.1, eos_id=tok.eos_id))
+    expected = PROMPT + tok.decode(ids + out)[len(tok.decode(ids)):] + "\n"
+    assert r.stdout == expected
+    assert "100 tokens" in r.stderr and "tokens/s" in r.stderr
+    # --no_cache recomputes and must print exactly the same
+    r2 = run_generate("--model_path", tiny_checkpoint, "--prompt", PROMPT, "--max_new_tokens", 100,
+                      "--temperature", 0, "--no_cache", "--supervision_steps", 1)
+    r3 = run_generate("--model_path", tiny_checkpoint, "--prompt", PROMPT, "--max_new_tokens", 100,
+                      "--temperature", 0, "--supervision_steps", 1)
+    assert r2.returncode == r3.returncode == 0
+    assert r2.stdout == r3.stdout and r2.stdout.startswith(PROMPT)
+
+
+def test_procedure_command_as_written(tiny_checkpoint, tiny_sp_model):
+    # sampling defaults (temperature 0.8, top_k 50, top_p 0.95, repetition penalty 1.1)
+    r = run_generate("--model_path", tiny_checkpoint, "--sp_model", tiny_sp_model, "--prompt", "日本語のプロンプト",
+                     "--max_new_tokens", 100)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("日本語のプロンプト") and len(r.stdout) > len("日本語のプロンプト") + 10
+    assert "tokens/s" in r.stderr
+
+
+@pytest.mark.slow
+def test_prompt_file_interactive_and_empty_prompt(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("猫は\n\n東京\n", encoding="utf-8")
+    r = run_generate("--model_path", tiny_checkpoint, "--prompt_file", prompts, "--num_samples", 2,
+                     "--max_new_tokens", 5, "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("[sample ") == 4  # blank line skipped
+    # interactive: an empty line samples from BOS, 'exit' quits
+    r = run_generate("--model_path", tiny_checkpoint, "--max_new_tokens", 5, stdin="猫は\n\nexit\n東京\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("[sample ") == 2
+    r = run_generate("--model_path", tiny_checkpoint, "--prompt", "", "--max_new_tokens", 5, "--temperature", 0)
+    assert r.returncode == 0 and "5 tokens" in r.stderr, r.stderr
+
+
+class Payload:
+    """Unpickling this calls open(path, 'w'): the file appears only if the loader executes pickled code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_checkpoint_is_refused_without_running_its_payload(tmp_path):
+    sentinel = tmp_path / "SENTINEL"
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "generative-trm", "version": 1, "config": {}, "model": Payload(str(sentinel))}, bad)
+    # the payload is real: full pickle would run it
+    torch.load(bad, weights_only=False)
+    assert sentinel.exists()
+    sentinel.unlink()
+    r = run_generate("--model_path", bad, "--prompt", "猫")
+    assert_refused(r, "evil.pt", "run code")
+    assert not sentinel.exists()
+
+
+@pytest.mark.slow
+def test_bad_files_are_refused_with_one_line(tmp_path):
+    rand = tmp_path / "random.pt"
+    rand.write_bytes(os.urandom(4096))
+    plain = tmp_path / "plain.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, plain)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello world\n")
+    assert_refused(run_generate("--model_path", tmp_path / "missing.pt", "--prompt", "猫"), "not found")
+    assert_refused(run_generate("--model_path", rand, "--prompt", "猫"), "random.pt")
+    assert_refused(run_generate("--model_path", plain, "--prompt", "猫"), "not a checkpoint of this project")
+    assert_refused(run_generate("--model_path", text, "--prompt", "猫"), "notes.pt")
+
+
+@pytest.mark.slow
+def test_sp_model_mismatch_is_refused(tiny_checkpoint, tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    from conftest import japanese_lines
+    from trm.tokenizer import SPM_SPECIAL_IDS
+
+    other = tmp_path / "other.model"
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(japanese_lines(seed=1)), model_writer=proto, vocab_size=350,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   add_dummy_prefix=False, minloglevel=2, **SPM_SPECIAL_IDS)
+    other.write_bytes(proto.getvalue())
+    assert_refused(run_generate("--model_path", tiny_checkpoint, "--sp_model", other, "--prompt", "猫"),
+                   "other.model", "vocabulary")
+    assert_refused(run_generate("--model_path", tiny_checkpoint, "--sp_model", tmp_path / "nope.model",
+                                "--prompt", "猫"), "nope.model")
