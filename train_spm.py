@@ -9,6 +9,8 @@ Every document reaches the trainer: SentencePiece silently drops any line longer
 1.8 GB corpus: the trainer sees a uniform sample of about --input_sentence_size sentences, streamed to it from the
 file, never the whole corpus in memory. byte_fallback gives 0 unknown tokens; ids unk=0 pad=1 bos=2 eos=3 are the
 ones the users' existing models use. The .model and .vocab files appear only when training has finished.
+"\n" is one piece of its own, so ja_trm.vocab (a listing for people; the .model is what code reads) has one entry
+broken across two lines.
 """
 import argparse
 import os
@@ -221,6 +223,8 @@ if __name__ == "__main__":
     if not texts:  # a corpus under HOLDOUT_EVERY lines holds nothing back: measure on (seen) training lines
         where = f"the first lines of {args.input} (too short to hold lines back: these were trained on)"
         texts = read_eval_file(args.input)[:1000]
+    if not texts:
+        fail(f"no text to evaluate in {where}; the model itself is written.")
     ids = sp.encode(texts, num_threads=args.num_threads)
     flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
     is_byte = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])

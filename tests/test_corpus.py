@@ -160,3 +160,9 @@ def test_fast_path_still_rejects_lines_cut_short(tmp_path):
     stats = CorpusStats()
     assert list(iter_texts(path, stats=stats)) == ["ok", "ok2", "last"]
     assert stats.skipped == {"malformed JSON": 4}
+
+
+def test_unreadable_file_is_reported_not_fatal(tmp_path, capsys):
+    stats = CorpusStats()
+    assert list(iter_texts(str(tmp_path / "vanished.jsonl.gz"), stats=stats)) == []
+    assert "vanished.jsonl.gz: cannot open" in stats.errors[0] and "vanished" in capsys.readouterr().err

@@ -93,7 +93,12 @@ def expand_inputs(patterns):
 
 def _read_blocks(path, stats):
     """Decompressed bytes of `path` in big blocks; at damage, record it and stop (what came before stands)."""
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # vanished since expand_inputs, or unreadable: one file must not end the run
+        yield _damaged(path, stats, f"cannot open ({e.strerror})")
+        return
+    with f:
         if not path.endswith(".gz"):
             while block := f.read(READ_SIZE * 4):
                 stats.bytes_in += len(block)
@@ -119,7 +124,7 @@ def _read_blocks(path, stats):
 
 def _read_ahead(blocks, depth=4):
     """Run the `blocks` generator in a thread. zlib and file reads release the GIL, so inflating the next blocks
-    overlaps parsing this one: on two cores that is most of the gap to zcat."""
+    overlaps parsing this one on a second core."""
     q, done, stop = queue.Queue(depth), object(), threading.Event()
 
     def produce():
