@@ -98,6 +98,9 @@ print(f"{args.model_path}: step {state.get('step', '?')}, {model.num_params() / 
 # ---- generate --------------------------------------------------------------------------------------------------
 def run(prompt):
     ids = prompt_ids(tokenizer, prompt)
+    if len(ids) > c.max_seq_len:
+        print(f"note: the prompt is {len(ids)} tokens, longer than the model's {c.max_seq_len}-token window; "
+              f"generation starts from its last {c.max_seq_len // 2} tokens", file=sys.stderr)
     for i in range(args.num_samples):
         stream = StreamDecoder(tokenizer, ids)
         print(prompt, end="", flush=True)
@@ -111,8 +114,8 @@ def run(prompt):
         if count < args.max_new_tokens:
             stop = "EOS"
         dt = time.perf_counter() - t0
-        print(f"[sample {i + 1}/{args.num_samples}] {count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s "
-              f"(stopped at {stop})", file=sys.stderr, flush=True)
+        print(f"[sample {i + 1}/{args.num_samples}] prompt {len(ids)} tokens, generated {count} tokens in {dt:.2f} s, "
+              f"{count / dt:.1f} tokens/s (stopped at {stop})", file=sys.stderr, flush=True)
 
 
 try:

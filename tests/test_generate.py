@@ -140,6 +140,7 @@ def test_max_new_tokens_and_no_forward_for_unread_token(tiny, monkeypatch):
     calls = scripted(model, [10], monkeypatch)
     assert list(generate(model, tok.encode(PROMPT), 5, temperature=0)) == [10] * 5
     assert len(calls) == 5
+    assert list(generate(model, tok.encode(PROMPT), 0)) == [] and len(calls) == 5
 
 
 def test_empty_prompt_starts_from_bos(tiny, monkeypatch):
@@ -196,7 +197,7 @@ def test_seed_command_streams_the_greedy_continuation(tiny, tiny_checkpoint, tin
     out = list(generate(model, ids, 100, temperature=0, repetition_penalty=1.1, eos_id=tok.eos_id))
     expected = PROMPT + tok.decode(ids + out)[len(tok.decode(ids)):] + "\n"
     assert r.stdout == expected
-    assert "100 tokens" in r.stderr and "tokens/s" in r.stderr
+    assert "generated 100 tokens" in r.stderr and "tokens/s" in r.stderr
     # --no_cache recomputes and must print exactly the same
     r2 = run_generate("--model_path", tiny_checkpoint, "--prompt", PROMPT, "--max_new_tokens", 100,
                       "--temperature", 0, "--no_cache", "--supervision_steps", 1)
@@ -228,7 +229,7 @@ def test_prompt_file_interactive_and_empty_prompt(tiny_checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("[sample ") == 2
     r = run_generate("--model_path", tiny_checkpoint, "--prompt", "", "--max_new_tokens", 5, "--temperature", 0)
-    assert r.returncode == 0 and "5 tokens" in r.stderr, r.stderr
+    assert r.returncode == 0 and "prompt 1 tokens, generated 5 tokens" in r.stderr, r.stderr
 
 
 class Payload:

@@ -52,6 +52,8 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
     """
     if not len(prompt_ids):
         raise ValueError("empty prompt: start from [tokenizer.bos_id] (see prompt_ids)")
+    if max_new_tokens <= 0:
+        return
     depth = dict(latent_steps=latent_steps, deep_steps=deep_steps, supervision_steps=supervision_steps)
     device = model.lm_head.weight.device
     L = model.config.max_seq_len
