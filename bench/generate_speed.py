@@ -1,0 +1,79 @@
+"""Generation speed, with and without the KV cache: batch 1, greedy, seed model size, random weights.
+
+    python bench/generate_speed.py                       # this CPU
+    python bench/generate_speed.py --device cuda         # a GPU machine
+
+Prints one row per mode: prefill time (the prompt's forward pass), then new tokens per second over the whole run
+(prefill included) and over the decoding steps alone. Random weights are fine: speed does not depend on them.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from trm.model import TRM, TRMConfig  # noqa: E402
+from trm.sampling import generate  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--device", default="cpu")
+parser.add_argument("--prompt_len", type=int, default=256)
+parser.add_argument("--new_tokens", type=int, default=256)
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+parser.add_argument("--modes", default="cache,no_cache")
+parser.add_argument("--d_model", type=int, default=256)
+parser.add_argument("--n_heads", type=int, default=4)
+parser.add_argument("--vocab_size", type=int, default=16000)
+parser.add_argument("--max_seq_len", type=int, default=512)
+args = parser.parse_args()
+
+if args.threads:
+    torch.set_num_threads(args.threads)
+device = torch.device(args.device)
+torch.manual_seed(0)
+cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, max_seq_len=args.max_seq_len)
+model = TRM(cfg).to(device).eval()
+prompt = torch.randint(4, cfg.vocab_size, (args.prompt_len,)).tolist()
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_run(use_cache, new_tokens):
+    """(seconds to the first token, total seconds, tokens) for one greedy run."""
+    sync()
+    t0 = time.perf_counter()
+    first, count = None, 0
+    for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache):
+        count += 1
+        if first is None:
+            first = time.perf_counter() - t0
+    sync()
+    return first, time.perf_counter() - t0, count
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "cpu"
+
+
+name = torch.cuda.get_device_name() if device.type == "cuda" else \
+    f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+print(f"# {name}, torch {torch.__version__}; d_model={cfg.d_model} n_heads={cfg.n_heads} n_layers={cfg.n_layers} "
+      f"vocab={cfg.vocab_size} depth n={cfg.latent_steps} T={cfg.deep_steps} N_sup={cfg.supervision_steps} "
+      f"({model.net_calls() * cfg.n_layers} block calls per token), {model.num_params() / 1e6:.2f}M params; "
+      f"batch 1, greedy, prompt {args.prompt_len}, new {args.new_tokens}")
+timed_run(True, 4)  # warm-up: allocator, kernels, lazy init
+print(f"| {'mode':8} | {'prefill s':>9} | {'total s':>8} | {'tokens/s':>8} | {'decode tokens/s':>15} |")
+print(f"|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 17}|")
+for mode in args.modes.split(","):
+    first, total, count = timed_run(mode == "cache", args.new_tokens)
+    decode = (count - 1) / (total - first) if count > 1 else float("nan")
+    print(f"| {mode:8} | {first:9.3f} | {total:8.2f} | {count / total:8.1f} | {decode:15.1f} |", flush=True)
