@@ -77,7 +77,8 @@ p.add_argument("--ema_decay", type=float, default=0.995, help="0 disables the EM
 # system
 p.add_argument("--device", default="auto", help="auto, cuda, cpu, mps")
 p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on CUDA)")
+p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs"],
+               help="torch.compile (auto: on CUDA); graphs: also CUDA graphs (mode reduce-overhead), for small batches")
 p.add_argument("--seed", type=int, default=1337)
 args = p.parse_args()
 
@@ -199,9 +200,11 @@ else:
     random.seed(args.seed + rank)
 
 raw_model = model  # what gets saved, evaluated and sampled; never the compiled or DDP wrapper
-use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+use_compile = args.compile in ("on", "graphs") or (args.compile == "auto" and device.type == "cuda")
+cuda_graphs = args.compile == "graphs" and device.type == "cuda"
 if use_compile:
-    model = torch.compile(model)
+    # CUDA graphs replay a whole step's kernels with one launch: small batches are launch-bound, not math-bound
+    model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -338,7 +341,11 @@ try:
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(args.grad_accum):
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             x, y = loader.next_batch()
+            if device.type == "cuda":  # pinned, so the copy is asynchronous and the CPU runs ahead of the GPU
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
             with model.no_sync() if not sync else contextlib.nullcontext():

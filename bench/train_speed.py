@@ -1,0 +1,107 @@
+"""Training throughput of the real trainer, and how fast the data path can feed it.
+
+Runs train_trm_lm.py itself (so the figures are the ones users see in its log lines: tokens/s and MFU counted by
+the model's own flops_per_token) for a few configurations, and times the packed loader alone on the same corpus.
+
+    python bench/train_speed.py --data ../shared/corpus/aozora --sp_model ja_trm.model --steps 300
+    python bench/train_speed.py --data DIR --configs "seed b64" "seed b4"     # a subset
+
+Prints one table; --json FILE also writes the rows.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CONFIGS = {  # name: extra train_trm_lm.py flags
+    "seed b64": ["--batch_size", "64"],
+    "seed b4": ["--batch_size", "4"],
+    "seed b4 graphs": ["--batch_size", "4", "--compile", "graphs"],
+    "d512 b64": ["--batch_size", "64", "--d_model", "512", "--n_heads", "8"],
+    "gpt2L b64": ["--batch_size", "64", "--arch", "gpt"],
+}
+
+p = argparse.ArgumentParser()
+p.add_argument("--data", required=True, help="folder with train_*.jsonl.gz and validation_0.jsonl.gz")
+p.add_argument("--sp_model", default="ja_trm.model")
+p.add_argument("--steps", type=int, default=300)
+p.add_argument("--configs", nargs="*", default=list(CONFIGS))
+p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
+p.add_argument("--json", default=None)
+args = p.parse_args()
+
+train_paths = sorted((os.path.join(args.data, f) for f in os.listdir(args.data) if f.startswith("train_")),
+                     key=lambda s: int(re.findall(r"\d+", os.path.basename(s))[0]))
+valid = os.path.join(args.data, "validation_0.jsonl.gz")
+work = tempfile.mkdtemp(prefix="trm_bench_")
+rows = []
+
+
+def run_trainer(name, flags):
+    log_every = max(10, args.steps // 5)
+    cmd = [sys.executable, os.path.join(ROOT, "train_trm_lm.py"), "--sp_model", args.sp_model,
+           "--train_paths", *train_paths, "--valid_paths", valid, "--save_dir", os.path.join(work, "ck"),
+           "--max_steps", str(args.steps), "--eval_every", str(10 ** 9), "--log_every", str(log_every),
+           "--cache_dir", os.path.join(work, "token_cache"), *flags, *args.extra]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"{name}: failed\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}", file=sys.stderr)
+        return None
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("step")]
+    # skip the first log window: compilation and warm-up
+    tok = [float(re.search(r"([\d,]+) tok/s", ln).group(1).replace(",", "")) for ln in lines[1:]]
+    mfu = [float(m.group(1)) for ln in lines[1:] if (m := re.search(r"MFU ([\d.]+)%", ln))]
+    return {"config": name, "flags": " ".join(flags), "tok_s": sorted(tok)[len(tok) // 2] if tok else None,
+            "mfu_pct": sorted(mfu)[len(mfu) // 2] if mfu else None, "wall_s": round(time.time() - t0, 1)}
+
+
+def loader_speed(batch_size=64, seq_len=512, batches=2000):
+    """Tokens/s the packed loader delivers (host side, into pinned memory), fresh and after a state round trip."""
+    import torch
+    from trm.data import PackedLoader, load_tokens
+    from trm.tokenizer import Tokenizer
+    tok = Tokenizer.from_args("sentencepiece", args.sp_model)
+    cache = os.path.join(work, "token_cache_loader")
+    t0 = time.time()
+    tokens = load_tokens(train_paths, tok, cache, log=lambda m: None)
+    build_s = time.time() - t0
+    out = {"cache_build_s": round(build_s, 2), "cache_tokens": len(tokens),
+           "tokenize_tok_s": round(len(tokens) / build_s)}
+    loader = PackedLoader(tokens, seq_len, batch_size, seed=0)
+    for label in ("loader_tok_s", "loader_after_resume_tok_s"):
+        t0 = time.time()
+        for _ in range(batches):
+            x, y = loader.next_batch()
+            x.pin_memory() if torch.cuda.is_available() else x
+        out[label] = round(batches * batch_size * seq_len / (time.time() - t0))
+        state = loader.state_dict()
+        loader = PackedLoader(tokens, seq_len, batch_size, seed=0)
+        loader.load_state_dict(state)
+    return out
+
+
+for name in args.configs:
+    row = run_trainer(name, CONFIGS[name])
+    if row:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+loader = loader_speed()
+print(json.dumps(loader), flush=True)
+
+print(f"\n{'config':<16} {'tokens/s':>12} {'MFU':>7}  flags")
+for r in rows:
+    mfu = f"{r['mfu_pct']:.1f}%" if r["mfu_pct"] is not None else "-"
+    print(f"{r['config']:<16} {r['tok_s'] or 0:>12,.0f} {mfu:>7}  {r['flags']}")
+print(f"\nloader (64 x 512): {loader['loader_tok_s']:,} tokens/s fresh, {loader['loader_after_resume_tok_s']:,} after "
+      f"resume; token cache built at {loader['tokenize_tok_s']:,} tokens/s ({loader['cache_tokens']:,} tokens)")
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump({"rows": rows, "loader": loader}, f, indent=1)
