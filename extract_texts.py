@@ -140,6 +140,10 @@ if __name__ == "__main__":
             sys.exit(f"error: no readable document in {len(files)} file(s) ({', '.join(files[:3])}"
                      f"{', ...' if len(files) > 3 else ''}); looked for JSON lines with a string {args.text_field!r} "
                      f"field. Check --text_field and the files.")
+        if os.path.exists(args.output):
+            # ext4 writes out a file that is renamed over another (auto_da_alloc) before the rename returns: seconds
+            # for a 1.8 GB output. The new file still appears only when complete.
+            os.unlink(args.output)
         os.replace(tmp, args.output)
     finally:
         if pool is not None:

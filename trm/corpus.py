@@ -176,7 +176,7 @@ def iter_texts(path, text_field="text", stats=None, min_chars=0, as_bytes=False)
 
 def _texts(lines, path, lineno, text_field, stats, min_chars, as_bytes):
     key = json.dumps(text_field).encode()
-    heads = [key + sep for sep in (b': "', b':"')]  # how {"text": " starts a line
+    heads = [b"{" + key + sep for sep in (b': "', b':"')]  # how {"text": " starts a line
     for line in lines:
         lineno += 1
         raw = _fast_path(line, heads, key)
@@ -220,12 +220,12 @@ def _fast_path(line, heads, key):
 
     Corpora are mostly this layout, and then the JSON string's bytes are the text's bytes once \\n is unescaped:
     json.loads would spend its time building a str (and parsing "meta") only for the writer to encode it back.
-    The fields after the text are not parsed ("json.loads only what is needed"): a line cut short still fails the
-    closing-brace check below and goes to json.loads, which reports it."""
-    for head in heads:
-        if line.startswith(head, 1) and line[:1] == b"{":
-            start = len(head) + 1
-            break
+    The fields after the text are not parsed (on short documents that parse was most of the time): a line cut short
+    still fails the closing-brace check below and goes to json.loads, which reports it."""
+    if line.startswith(heads[0]):
+        start = len(heads[0])
+    elif line.startswith(heads[1]):
+        start = len(heads[1])
     else:
         return None
     end = line.find(b'"', start)
