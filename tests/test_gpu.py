@@ -72,7 +72,7 @@ def test_trainer_runs_compiled_on_cuda(tmp_path, mode):
     r = _trainer(tmp_path, "--save_dir", str(tmp_path / "ck"), "--max_steps", "20", "--compile", mode,
                  launcher=(sys.executable,))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "bf16 autocast" in r.stdout and "MFU" in r.stdout or "tok/s" in r.stdout
+    assert "bf16 autocast" in r.stdout and "tok/s" in r.stdout
     assert (tmp_path / "ck" / "final_step_20.pt").exists()
 
 

@@ -7,7 +7,6 @@ import hashlib
 import os
 
 import numpy as np
-import torch
 
 UNK_ID, PAD_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -64,6 +63,7 @@ class Tokenizer:
 
     def to_state(self):
         """Checkpoint form: only tensors and plain types, so torch.load(weights_only=True) accepts it."""
+        import torch  # here, not at the top: steps 1-2 import this module and need no torch
         return {"kind": self.kind, "proto": torch.frombuffer(bytearray(self.proto), dtype=torch.uint8)
                 if self.proto else torch.zeros(0, dtype=torch.uint8)}
 
