@@ -53,6 +53,12 @@ def fail(message):
     sys.exit(2)
 
 
+if args.prompt is not None and args.prompt_file is not None:
+    fail("give --prompt or --prompt_file, not both")
+if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0 \
+        or args.max_new_tokens < 0:
+    fail("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, --repetition_penalty > 0, --max_new_tokens >= 0")
+
 # ---- load ----------------------------------------------------------------------------------------------------
 try:
     model, tokenizer, state = load_model(args.model_path, weights=args.weights)
@@ -69,8 +75,6 @@ if args.sp_model:
         fail(f"--sp_model {args.sp_model} is not the vocabulary {args.model_path} was trained with "
              f"(fingerprint {given.fingerprint()} vs {tokenizer.fingerprint()}); leave --sp_model out to use the "
              f"tokenizer stored in the checkpoint")
-if args.prompt is not None and args.prompt_file is not None:
-    fail("give --prompt or --prompt_file, not both")
 prompts = None
 if args.prompt is not None:
     prompts = [args.prompt]
@@ -137,3 +141,6 @@ try:
 except KeyboardInterrupt:
     print(file=sys.stderr)
     sys.exit(130)
+except BrokenPipeError:  # `generate.py ... | head`: the reader left; say nothing more
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
