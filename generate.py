@@ -28,7 +28,7 @@ def positive_int(s):
 
 
 parser = argparse.ArgumentParser(description="Generate text with a trained Generative TRM checkpoint.")
-parser.add_argument("--model_path", required=True, help="checkpoint written by train_trm_lm.py (step_N.pt / final_step_N.pt)")
+parser.add_argument("--model_path", required=True, help="a step_N.pt / final_step_N.pt written by train_trm_lm.py")
 parser.add_argument("--sp_model", default=None, help="optional; must match the tokenizer stored in the checkpoint")
 parser.add_argument("--prompt", default=None, help="one prompt ('' starts from BOS)")
 parser.add_argument("--prompt_file", default=None, help="a text file with one prompt per line (blank lines skipped)")

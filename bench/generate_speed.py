@@ -44,16 +44,16 @@ def sync():
 
 
 def timed_run(use_cache, new_tokens):
-    """(seconds to the first token, total seconds, tokens) for one greedy run."""
+    """(seconds to the first token, total seconds, CPU seconds of this process, tokens) for one greedy run."""
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     first, count = None, 0
     for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache):
         count += 1
         if first is None:
             first = time.perf_counter() - t0
     sync()
-    return first, time.perf_counter() - t0, count
+    return first, time.perf_counter() - t0, time.process_time() - c0, count
 
 
 def cpu_name():
@@ -71,9 +71,12 @@ print(f"# {name}, torch {torch.__version__}; d_model={cfg.d_model} n_heads={cfg.
       f"({model.net_calls() * cfg.n_layers} block calls per token), {model.num_params() / 1e6:.2f}M params; "
       f"batch 1, greedy, prompt {args.prompt_len}, new {args.new_tokens}")
 timed_run(True, 4)  # warm-up: allocator, kernels, lazy init
-print(f"| {'mode':8} | {'prefill s':>9} | {'total s':>8} | {'tokens/s':>8} | {'decode tokens/s':>15} |")
-print(f"|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 17}|")
+# tokens per CPU-second: on a shared machine, what one free core would give with --threads 1
+print(f"| {'mode':8} | {'prefill s':>9} | {'total s':>8} | {'tokens/s':>8} | {'decode tokens/s':>15} | "
+      f"{'tokens/CPU-s':>12} |")
+print(f"|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 17}|{'-' * 14}|")
 for mode in args.modes.split(","):
-    first, total, count = timed_run(mode == "cache", args.new_tokens)
+    first, total, cpu, count = timed_run(mode == "cache", args.new_tokens)
     decode = (count - 1) / (total - first) if count > 1 else float("nan")
-    print(f"| {mode:8} | {first:9.3f} | {total:8.2f} | {count / total:8.1f} | {decode:15.1f} |", flush=True)
+    print(f"| {mode:8} | {first:9.3f} | {total:8.2f} | {count / total:8.1f} | {decode:15.1f} | {count / cpu:12.1f} |",
+          flush=True)

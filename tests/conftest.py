@@ -19,7 +19,7 @@ def japanese_lines(n=2000, seed=0):
 
 @pytest.fixture(scope="session")
 def tiny_sp_model(tmp_path_factory):
-    """Path to a 400-piece BPE SentencePiece model with byte fallback and the project's special ids (trains in ~0.1 s)."""
+    """Path to a 400-piece BPE SentencePiece model, byte fallback, the project's special ids (trains in ~0.1 s)."""
     import sentencepiece as spm
 
     from trm.tokenizer import SPM_SPECIAL_IDS
@@ -53,7 +53,7 @@ def make_checkpoint(path, tokenizer, seed=0, **config):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_sp_model):
-    """Path to a checkpoint of a d_model=32, max_seq_len=64 TRM (random weights) carrying the tiny SentencePiece model."""
+    """Path to a checkpoint of a d_model=32, max_seq_len=64 TRM (random weights) with the tiny SentencePiece model."""
     from trm.tokenizer import Tokenizer
 
     path = tmp_path_factory.mktemp("ckpt") / "final_step_0.pt"
