@@ -1,0 +1,367 @@
+"""Behaviour of trm/model.py: causality, KV-cached decoding, where gradients flow, the loss contract, init, depth."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trm.model import TRM, TRMConfig
+
+V, D = 64, 32  # tiny vocab and width for everything but the seed-size init check
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP spin-waits made this file 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(arch="trm", seed=0, **overrides):
+    kw = dict(vocab_size=V, d_model=D, n_heads=4, n_layers=2, latent_steps=2, deep_steps=2, supervision_steps=2,
+              dropout=0.0, max_seq_len=32, arch=arch)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return TRM(TRMConfig(**kw)).eval()
+
+
+def tokens(B, T, seed=1, vocab=V):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+DEPTHS = [(1, 1, 1), (2, 2, 2), (3, 1, 2)]  # (latent_steps n, deep_steps T, supervision_steps N_sup)
+ARCH_DEPTHS = [("trm", d) for d in DEPTHS] + [("gpt", (1, 1, 1))]
+
+
+# ---- no future-token leakage ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,depth", ARCH_DEPTHS)
+def test_changing_future_tokens_leaves_past_logits_unchanged(arch, depth):
+    n, T_deep, N_sup = depth
+    model = tiny(arch, latent_steps=n, deep_steps=T_deep, supervision_steps=N_sup)
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        ref, _ = model(idx)
+        for t in (0, 5, 14):
+            changed = idx.clone()
+            changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.arange(15 - t)) % V
+            logits, _ = model(changed)
+            torch.testing.assert_close(logits[:, :t + 1], ref[:, :t + 1], atol=1e-5, rtol=0)
+            assert not torch.allclose(logits[:, t + 1:], ref[:, t + 1:], atol=1e-3)  # the change does reach the future
+
+
+@pytest.mark.parametrize("arch,depth", ARCH_DEPTHS)
+def test_loss_at_position_t_has_no_gradient_from_later_tokens(arch, depth):
+    n, T_deep, N_sup = depth
+    model = tiny(arch, latent_steps=n, deep_steps=T_deep, supervision_steps=N_sup)
+    idx, t = tokens(2, 12), 6
+    embedded = []
+
+    def keep_grad(module, inputs, out):
+        out.retain_grad()
+        embedded.append(out)
+
+    model.embed.register_forward_hook(keep_grad)
+    logits, _ = model(idx)
+    F.cross_entropy(logits[:, t], idx[:, t + 1]).backward()
+    grad = embedded[0].grad
+    assert torch.all(grad[:, t + 1:] == 0)
+    assert torch.all(grad[:, :t + 1].abs().sum(-1) > 0)  # every past and present token does get a gradient
+
+
+# ---- KV-cached decoding equals the full forward pass --------------------------------------------------------------
+
+CACHE_CASES = [("trm", {}), ("gpt", {}), ("trm", dict(supervision_steps=3, deep_steps=3)),
+               ("trm", dict(latent_steps=1, deep_steps=1, supervision_steps=1))]
+
+
+@pytest.mark.parametrize("arch,depth", CACHE_CASES)
+def test_cached_decoding_equals_full_forward(arch, depth):
+    model = tiny(arch)  # trained depth 2, 2, 2; `depth` overrides it at test time
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        full, _ = model(idx, **depth)
+        cache = model.new_cache(2, 20, **depth)
+        chunks = [model(idx[:, :5], cache=cache, **depth)[0],    # prefill
+                  model(idx[:, 5:9], cache=cache, **depth)[0]]   # a second multi-token chunk
+        chunks += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(9, 20)]  # token by token
+    cached = torch.cat(chunks, dim=1)
+    assert cache.pos == 20
+    assert (cached - full).abs().max().item() <= 1e-4
+
+
+def test_cached_decoding_past_max_seq_len_matches_full_forward():
+    model = tiny(max_seq_len=8)  # rotary tables must grow when generation runs past the trained length
+    idx = tokens(1, 14)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache(1, 14)
+        cached = torch.cat([model(idx[:, :6], cache=cache)[0]]
+                           + [model(idx[:, i:i + 1], cache=cache)[0] for i in range(6, 14)], dim=1)
+    assert (cached - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch,depth", CACHE_CASES[:3])
+def test_greedy_continuation_is_identical_with_and_without_cache(arch, depth):
+    model = tiny(arch)
+    prompt, steps = tokens(2, 4), 20
+    with torch.no_grad():
+        seq = prompt
+        for _ in range(steps):  # no cache: re-run the whole sequence for every token
+            seq = torch.cat([seq, model(seq, **depth)[0][:, -1:].argmax(-1)], dim=1)
+        cache = model.new_cache(2, prompt.size(1) + steps, **depth)
+        out, nxt = [prompt], prompt
+        for _ in range(steps):
+            nxt = model(nxt, cache=cache, **depth)[0][:, -1:].argmax(-1)
+            out.append(nxt)
+    assert torch.equal(torch.cat(out, dim=1), seq)
+
+
+def test_kv_cache_overflow_raises_clear_error():
+    model = tiny()
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(tokens(1, 6), cache=cache)
+        with pytest.raises(ValueError, match="KV cache full"):
+            model(tokens(1, 3), cache=cache)
+        with pytest.raises(ValueError, match="KV cache full"):
+            model(tokens(1, 9), cache=model.new_cache(1, 8))
+
+
+# ---- gradients flow through the last deep step of each round only -------------------------------------------------
+
+def manual_round_losses(model, idx, targets, n, T_deep, N_sup):
+    """The paper's pseudocode written out with explicit net calls: T_deep - 1 latent recursions without gradients,
+    one with, a loss per round, y and z detached between rounds."""
+    x, rope = model.embed(idx), model.rope(0, idx.size(1))
+    y, z = model.y_init.expand_as(x), model.z_init.expand_as(x)
+
+    def latent(y, z):
+        for _ in range(n):
+            z = model.net(x + y + z, rope)
+        return model.net(y + z, rope), z
+
+    losses = []
+    for _ in range(N_sup):
+        with torch.no_grad():
+            for _ in range(T_deep - 1):
+                y, z = latent(y, z)
+        y, z = latent(y, z)
+        losses.append(F.cross_entropy(model.lm_head(y).view(-1, V), targets.view(-1)))
+        y, z = y.detach(), z.detach()
+    return losses
+
+
+def grads(loss, model):
+    params = list(model.parameters())
+    # retain_graph: the rounds' losses share the embedding's graph
+    got = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    return [g if g is not None else torch.zeros_like(p) for p, g in zip(params, got)]
+
+
+def assert_grads_close(a, b):
+    for ga, gb in zip(a, b):
+        torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_match_manual_last_deep_step_computation():
+    n, T_deep, N_sup = 2, 3, 2
+    model = tiny(latent_steps=n, deep_steps=T_deep, supervision_steps=N_sup)
+    idx, targets = tokens(2, 10), tokens(2, 10, seed=2)
+    _, loss = model(idx, targets)
+    manual = torch.stack(manual_round_losses(model, idx, targets, n, T_deep, N_sup)).mean()
+    torch.testing.assert_close(loss, manual, atol=1e-5, rtol=0)
+    assert_grads_close(grads(loss, model), grads(manual, model))
+
+    # the comparison can fail: backpropagating through every deep step gives different gradients
+    x, rope = model.embed(idx), model.rope(0, 10)
+    y, z = model.y_init.expand_as(x), model.z_init.expand_as(x)
+    for _ in range(T_deep):
+        y, z = model.latent_recursion(x, y, z, n, rope)
+    full_bptt = F.cross_entropy(model.lm_head(y).view(-1, V), targets.view(-1))
+    _, round1 = model(idx, targets, supervision_steps=1)
+    torch.testing.assert_close(full_bptt, round1)  # same value, ...
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(grads(full_bptt, model), grads(round1, model)))
+
+
+def test_each_round_loss_backpropagates_into_its_own_round_only():
+    # deep_steps=1: no no-grad step inside a round, so only the detach between rounds can cut the graph
+    n, T_deep, N_sup = 2, 1, 3
+    model = tiny(latent_steps=n, deep_steps=T_deep, supervision_steps=N_sup)
+    idx, targets = tokens(2, 10), tokens(2, 10, seed=2)
+    _, losses = model(idx, targets, return_all_losses=True)
+    manual = manual_round_losses(model, idx, targets, n, T_deep, N_sup)
+    assert len(losses) == N_sup
+    for k in range(N_sup):  # round k's loss alone gives the gradient of a fresh computation from detached states
+        torch.testing.assert_close(losses[k], manual[k], atol=1e-5, rtol=0)
+        assert_grads_close(grads(losses[k], model), grads(manual[k], model))
+
+
+def test_rounds_start_from_detached_states_and_only_the_last_deep_step_records_a_graph():
+    n, T_deep, N_sup = 2, 3, 3
+    model = tiny(latent_steps=n, deep_steps=T_deep, supervision_steps=N_sup).train()
+    rounds, latent_calls = [], []
+    deep_recursion, latent_recursion = model.deep_recursion, model.latent_recursion
+
+    def spy_deep(x, y, z, *args, **kw):
+        if not rounds:  # round 1 starts from the fixed y_init, z_init vectors, not from copies of x
+            assert torch.equal(y, model.y_init.expand_as(x)) and torch.equal(z, model.z_init.expand_as(x))
+        rounds.append((y.requires_grad, z.requires_grad))
+        return deep_recursion(x, y, z, *args, **kw)
+
+    def spy_latent(*args, **kw):
+        latent_calls.append(torch.is_grad_enabled())
+        return latent_recursion(*args, **kw)
+
+    model.deep_recursion, model.latent_recursion = spy_deep, spy_latent
+    model(tokens(2, 8), tokens(2, 8, seed=2))
+    assert rounds == [(False, False)] * N_sup
+    assert latent_calls == ([False] * (T_deep - 1) + [True]) * N_sup
+
+
+# ---- loss contract ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["trm", "gpt"])
+def test_forward_contract(arch):
+    model = tiny(arch, supervision_steps=3)
+    idx, targets = tokens(2, 12), tokens(2, 12, seed=2)
+    logits, loss = model(idx)
+    assert logits.shape == (2, 12, V) and loss is None
+    logits_t, loss = model(idx, targets)
+    assert torch.equal(logits_t, logits)
+    _, losses = model(idx, targets, return_all_losses=True)
+    assert len(losses) == (3 if arch == "trm" else 1)
+    torch.testing.assert_close(loss, torch.stack(losses).mean())
+    # logits are those of the last round
+    torch.testing.assert_close(losses[-1], F.cross_entropy(logits.view(-1, V), targets.view(-1)))
+    if arch == "trm":
+        assert len({round(l.item(), 6) for l in losses}) == 3  # the rounds really differ
+
+
+def test_ignore_index_minus_one():
+    model = tiny(supervision_steps=1)
+    idx, targets = tokens(2, 12), tokens(2, 12, seed=2)
+    masked = targets.clone()
+    masked[0, :5] = -1
+    masked[1, 9:] = -1
+    logits, loss = model(idx, masked)
+    keep = masked != -1
+    torch.testing.assert_close(loss, F.cross_entropy(logits[keep], targets[keep]))
+
+
+# ---- initialization and learning --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,tie", [("trm", False), ("gpt", False), ("trm", True)])
+@pytest.mark.parametrize("size", ["seed", "tiny"])
+def test_step0_loss_is_near_ln_vocab(arch, tie, size):
+    if size == "seed":
+        vocab, cfg = 16000, dict(vocab_size=16000, d_model=256, n_heads=4, max_seq_len=64)
+    else:
+        vocab, cfg = V, dict(vocab_size=V, d_model=D, n_heads=4, max_seq_len=64)
+    torch.manual_seed(0)
+    model = TRM(TRMConfig(arch=arch, tie_embeddings=tie, **cfg)).train()  # default dropout: what step 0 of training sees
+    idx = torch.randint(0, vocab, (2, 65))
+    with torch.no_grad():
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+    assert abs(loss.item() - math.log(vocab)) < 0.5
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_repeated_sequence():
+    torch.manual_seed(0)
+    model = tiny(n_layers=1).train()
+    pattern = torch.randperm(V)[:8]
+    seq = pattern.repeat(5)[None, :33]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(300):
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        _, final = model.eval()(seq[:, :-1], seq[:, 1:])
+    assert final.item() < 0.1
+
+
+# ---- determinism and test-time depth ----------------------------------------------------------------------------
+
+def test_forward_is_deterministic_for_a_fixed_seed():
+    idx = tokens(2, 10)
+    a, b = tiny(seed=3), tiny(seed=3)
+    assert torch.equal(a(idx)[0], b(idx)[0])
+    assert torch.equal(a(idx)[0], a(idx)[0])
+    assert not torch.equal(a(idx)[0], tiny(seed=4)(idx)[0])
+
+
+def test_train_mode_dropout_is_deterministic_for_a_fixed_torch_seed():
+    model = tiny(dropout=0.1).train()
+    idx = tokens(2, 10)
+    outs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        outs.append(model(idx)[0])
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])  # dropout is live in train mode
+
+
+def test_test_time_depth_changes_output_not_weights():
+    model = tiny()
+    idx = tokens(2, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(idx)[0]
+        for depth in (dict(supervision_steps=3), dict(deep_steps=3), dict(latent_steps=3),
+                      dict(supervision_steps=1, deep_steps=1, latent_steps=1)):
+            assert not torch.allclose(model(idx, **depth)[0], base, atol=1e-4), depth
+        assert torch.equal(model(idx)[0], base)  # overrides do not stick
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- parameter and FLOP counting ---------------------------------------------------------------------------------
+
+def test_num_params_counts_tied_weights_once():
+    tied, untied = tiny(tie_embeddings=True), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.embed.weight
+    unique = {id(p): p.numel() for _, p in tied.named_parameters(remove_duplicate=False)}
+    every = sum(p.numel() for _, p in tied.named_parameters(remove_duplicate=False))
+    assert tied.num_params() == sum(unique.values()) == every - V * D
+    assert untied.num_params() == tied.num_params() + V * D
+    blocks = sum(p.numel() for p in untied.blocks.parameters())
+    assert untied.num_params(non_embedding=True) == tied.num_params(non_embedding=True) == blocks
+
+
+def test_flops_per_token_structure():
+    T = 32
+
+    def flops(arch="trm", **depth):
+        return tiny(arch, **depth).flops_per_token(T)
+
+    # independent count: 2 FLOPs per multiply-add; a net call = every block weight once plus QK^T and AV
+    model = tiny()
+    per_call = 2 * sum(p.numel() for p in model.blocks.parameters()) + model.config.n_layers * 4 * T * D
+    head = 2 * V * D
+    n, T_deep, N_sup = 2, 2, 2
+    calls = n + 1
+    # per round: T_deep - 1 forward-only latent recursions, one forward+backward (3x), head forward+backward
+    expected = N_sup * ((T_deep - 1) * calls * per_call + 3 * calls * per_call + 3 * head)
+    assert flops(latent_steps=n, deep_steps=T_deep, supervision_steps=N_sup) == expected
+    assert flops("gpt") == 3 * (per_call + head)
+    assert flops("gpt") < flops()
+    f1, f2, f3 = (flops(supervision_steps=N) for N in (1, 2, 3))
+    assert f3 - f2 == f2 - f1 > 0
+    assert flops(deep_steps=3) > flops(deep_steps=2) and flops(latent_steps=3) > flops(latent_steps=2)
+
+
+# ---- config validation -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4),   # not divisible
+                                 dict(d_model=12, n_heads=4),   # odd head size: rotary needs pairs
+                                 dict(arch="rnn")])
+def test_bad_config_raises(bad):
+    kw = dict(vocab_size=V, d_model=D, n_heads=4)
+    kw.update(bad)
+    with pytest.raises(ValueError):
+        TRMConfig(**kw)
