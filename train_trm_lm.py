@@ -202,12 +202,14 @@ else:
 raw_model = model  # what gets saved, evaluated and sampled; never the compiled or DDP wrapper
 use_compile = args.compile in ("on", "graphs") or (args.compile == "auto" and device.type == "cuda")
 cuda_graphs = args.compile == "graphs" and device.type == "cuda"
-if use_compile:
-    # CUDA graphs replay a whole step's kernels with one launch: small batches are launch-bound, not math-bound
-    model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
-    model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    # the buffers (initial states, rotary tables) are constants: no need to broadcast them every forward
+    model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+if use_compile:
+    # compiled after DDP so that the compiler splits the graph at gradient buckets and overlaps the all-reduce;
+    # CUDA graphs replay a whole step's kernels with one launch: small batches are launch-bound, not math-bound
+    model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
 
 
 def lr_at(s):
@@ -383,15 +385,18 @@ try:
                           f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "") +
                           f" | epoch {loader.epoch:.2f} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
         if master and val_windows is not None and step % args.eval_every == 0 and step < args.max_steps:
+            t_eval = time.time()
             r = run_eval()
             last_eval = r
             bar.write(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
                       f"{r['bits_per_byte']:.4f} bits/byte")
-            t_log = time.time()  # evaluation time is not training throughput
+            t_log += time.time() - t_eval  # evaluation time is not training throughput
         if step % save_every == 0 and step < args.max_steps:
             check_finite()
             if master:
+                t_save = time.time()
                 bar.write(f"saved {save(f'step_{step}.pt')}")
+                t_log += time.time() - t_save
         if any_rank_stopping():
             break
 except torch.cuda.OutOfMemoryError:

@@ -146,7 +146,7 @@ def test_max_new_tokens_and_no_forward_for_unread_token(tiny, monkeypatch):
 def test_empty_prompt_starts_from_bos(tiny, monkeypatch):
     model, tok = tiny
     assert prompt_ids(tok, "") == [tok.bos_id]
-    assert prompt_ids(tok, "猫") == tok.encode("猫")
+    assert prompt_ids(tok, "猫") == [tok.bos_id, *tok.encode("猫")]  # a prompt starts a document, as in training
     calls = scripted(model, [10], monkeypatch)
     assert list(generate(model, [tok.bos_id], 2, temperature=0)) == [10, 10]
     assert calls[0] == 1

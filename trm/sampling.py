@@ -37,8 +37,11 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=
 
 
 def prompt_ids(tokenizer, text):
-    """Token ids to start from: the encoded prompt, or BOS alone when the prompt is empty."""
-    return tokenizer.encode(text) or [tokenizer.bos_id]
+    """Token ids to start from: BOS, then the encoded prompt (BOS alone when the prompt is empty).
+
+    Training sees every document as BOS text EOS, so a prompt is the start of a document, as in training.
+    """
+    return [tokenizer.bos_id, *tokenizer.encode(text)]
 
 
 @torch.inference_mode()  # as a decorator it is entered and left around each step, never held across a yield
