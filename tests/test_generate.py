@@ -193,7 +193,7 @@ def test_seed_command_streams_the_greedy_continuation(tiny, tiny_checkpoint, tin
     r = run_generate("--model_path", tiny_checkpoint, "--sp_model", tiny_sp_model, "--prompt", PROMPT,
                      "--max_new_tokens", 100, "--temperature", 0)
     assert r.returncode == 0, r.stderr
-    ids = tok.encode(PROMPT)
+    ids = prompt_ids(tok, PROMPT)  # generate.py starts from BOS, as training documents do
     out = list(generate(model, ids, 100, temperature=0, repetition_penalty=1.1, eos_id=tok.eos_id))
     expected = PROMPT + tok.decode(ids + out)[len(tok.decode(ids)):] + "\n"
     assert r.stdout == expected
