@@ -42,20 +42,48 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint not found: {path}")
     if not os.path.isfile(path):
         raise CheckpointError(f"not a file: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses globals it does not know, i.e. anything that could execute code while loading
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise CheckpointError(f"{path} was refused: it contains objects that would run code when loaded "
-                              f"(weights_only=True) [{first[:160]}]") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable or truncated ({type(e).__name__}: {str(e)[:160]})") from None
+        # weights_only refuses any global it does not know, i.e. anything that could execute code while loading;
+        # other unpickling errors (an unknown opcode in random bytes) only mean the file is not a checkpoint
+        refused, reason = _unpickler_reason(str(e))
+        if refused:
+            raise CheckpointError(f"{path} was refused: it contains objects that would run code when loaded "
+                                  f"(weights_only=True) [{reason}]") from None
+        raise CheckpointError(f"{path} is unreadable or not a PyTorch checkpoint ({reason})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is unreadable or truncated ({type(e).__name__}: {_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001
+        # weights_only=True runs no code from the file, so any other failure (a text file gives KeyError, one byte
+        # IndexError) is the unpickler tripping over bytes that are not a pickle
+        raise CheckpointError(f"{path} is unreadable or not a PyTorch checkpoint "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has format version {state['version']}; this code reads up to {VERSION}")
     return state
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0][:160] if text else "no details"
+
+
+def _unpickler_reason(message):
+    """(refused GLOBAL?, the weights-only unpickler's own reason) from its multi-paragraph error message."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported global" in line:
+            return True, line.removeprefix("WeightsUnpickler error:").strip().split(". ")[0][:160]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return False, (rest or (lines[i + 1] if i + 1 < len(lines) else "no details"))[:160]
+    return False, (lines[0] if lines else "no details")[:160]
 
 
 def checkpoint_step(path):
@@ -99,7 +127,7 @@ def load_model(path, weights="ema", map_location="cpu"):
         tokenizer = Tokenizer.from_state(state["tokenizer"])
     except CheckpointError:
         raise
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} does not match this code's model ({type(e).__name__}: {str(e)[:160]})") \
             from None
     return model.eval(), tokenizer, state

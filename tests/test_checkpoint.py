@@ -1,0 +1,168 @@
+"""Behaviour of trm/checkpoint.py: atomic writes, every bad file a one-line CheckpointError, listing and pruning."""
+import os
+import pickle
+import random
+
+import pytest
+import torch
+
+from trm.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_model, prune_checkpoints,
+                            save_checkpoint)
+
+
+def state(step=0):
+    return {"step": step, "model": {"w": torch.arange(4.0) + step}}
+
+
+def refused(path, *words):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(str(path))
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message, message
+    for w in words:
+        assert w in message, message
+    return message
+
+
+# ---- atomic save --------------------------------------------------------------------------------------------------
+
+def test_save_then_load_round_trip_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "run" / "step_3.pt"  # the directory is created
+    save_checkpoint(state(3), str(path))
+    assert os.listdir(path.parent) == ["step_3.pt"]
+    loaded = load_checkpoint(str(path))
+    assert loaded["format"] == "generative-trm" and loaded["step"] == 3
+    assert torch.equal(loaded["model"]["w"], state(3)["model"]["w"])
+
+
+def test_failing_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "step_1.pt"
+    save_checkpoint(state(1), str(path))
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        # a lambda cannot be pickled: torch.save fails after it has started writing the temporary file
+        save_checkpoint({**state(2), "bad": lambda: None}, str(path))
+    assert os.listdir(tmp_path) == ["step_1.pt"]
+    assert path.read_bytes() == before
+    assert load_checkpoint(str(path))["step"] == 1
+
+
+# ---- every bad file is a CheckpointError with a reason ------------------------------------------------------------
+
+def test_missing_path_and_directory(tmp_path):
+    refused(tmp_path / "missing.pt", "not found")
+    refused(tmp_path, "not a file")
+
+
+def test_text_file(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("hello world\n")  # the unpickler raises KeyError on it
+    refused(path, "not a PyTorch checkpoint")
+
+
+def test_one_byte_and_empty_file(tmp_path):
+    one = tmp_path / "one.pt"
+    one.write_bytes(b"\x80")  # a pickle PROTO opcode with no argument: IndexError inside the unpickler
+    refused(one, "not a PyTorch checkpoint")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    refused(empty, "empty")
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "random.pt"
+    data = random.Random(0).randbytes(4096)
+    assert data[:1] not in (b"c", b"\x93")  # not a GLOBAL / STACK_GLOBAL opcode: that would be a (junk) global
+    path.write_bytes(data)
+    message = refused(path, "not a PyTorch checkpoint")
+    assert "run code" not in message
+
+
+def test_plain_dict_without_marker(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, path)
+    refused(path, "not a checkpoint of this project", "generative-trm")
+    torch.save([1, 2, 3], path)
+    refused(path, "not a checkpoint of this project")
+
+
+def test_newer_format_version(tmp_path):
+    path = tmp_path / "future.pt"
+    torch.save({"format": "generative-trm", "version": 99}, path)
+    refused(path, "version 99")
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "step_5.pt"
+    save_checkpoint(state(5), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # what a crash mid-copy leaves
+    message = refused(path, "unreadable or truncated")
+    assert "run code" not in message
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # full pickle would create the sentinel file while loading
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_malicious_pickle_is_refused_without_running_its_payload(tmp_path, legacy):
+    sentinel = tmp_path / "SENTINEL"
+    path = tmp_path / "evil.pt"
+    evil = {"format": "generative-trm", "version": 1, "model": Payload(str(sentinel))}
+    if legacy:  # a bare pickle, not torch.save's zip container
+        path.write_bytes(pickle.dumps(evil, protocol=2))
+    else:
+        torch.save(evil, path)
+    message = refused(path, "would run code", "GLOBAL", "open")
+    assert "not a PyTorch checkpoint" not in message
+    assert not sentinel.exists()
+
+
+def test_load_model_wraps_config_and_tokenizer_mismatches(tmp_path, tiny_checkpoint):
+    good = torch.load(tiny_checkpoint, weights_only=True)
+    cases = {"arch.pt": {**good, "config": {**good["config"], "arch": "rnn"}},          # ValueError from TRMConfig
+             "tok.pt": {**good, "tokenizer": {"kind": "bytes", "proto": [1, 2, 3]}},   # AttributeError: .numpy()
+             "keys.pt": {**good, "model": {"w": torch.zeros(1)}, "ema": None}}          # RuntimeError: state dict
+    for name, bad in cases.items():
+        path = tmp_path / name
+        torch.save(bad, path)
+        with pytest.raises(CheckpointError, match="does not match this code's model"):
+            load_model(str(path))
+    with pytest.raises(CheckpointError, match="weights must be"):
+        load_model(tiny_checkpoint, weights="best")
+
+
+# ---- listing and pruning ------------------------------------------------------------------------------------------
+
+NAMES = ["step_2.pt", "step_10.pt", "final_step_5.pt", "step_5.pt", "final_step_1.pt", "step_7.pt", "notes.txt",
+         "best.pt"]
+
+
+def touch_all(save_dir):
+    for name in NAMES:
+        (save_dir / name).write_bytes(b"")
+
+
+def test_list_checkpoints_newest_first_final_before_step(tmp_path):
+    touch_all(tmp_path)
+    got = [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
+    # numeric order (10 after 7, not before 2), final_step_N ahead of step_N, other files ignored
+    assert got == ["step_10.pt", "step_7.pt", "final_step_5.pt", "step_5.pt", "step_2.pt", "final_step_1.pt"]
+    assert list_checkpoints(str(tmp_path / "nowhere")) == []
+
+
+def test_prune_keeps_newest_step_files_and_every_final(tmp_path):
+    touch_all(tmp_path)
+    prune_checkpoints(str(tmp_path), keep_last=0)  # 0 = keep everything
+    assert sorted(os.listdir(tmp_path)) == sorted(NAMES)
+    prune_checkpoints(str(tmp_path), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == sorted(["step_10.pt", "step_7.pt", "final_step_5.pt", "final_step_1.pt",
+                                                    "notes.txt", "best.pt"])
+    prune_checkpoints(str(tmp_path), keep_last=1)
+    assert sorted(os.listdir(tmp_path)) == sorted(["step_10.pt", "final_step_5.pt", "final_step_1.pt", "notes.txt",
+                                                    "best.pt"])
