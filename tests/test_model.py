@@ -268,6 +268,26 @@ def test_step0_loss_is_near_ln_vocab(arch, tie, size):
     assert abs(loss.item() - math.log(vocab)) < 0.5
 
 
+def test_tied_embedding_is_scaled_up_on_the_input_side_only():
+    model = tiny(tie_embeddings=True)
+    assert model.lm_head.weight is model.embed.weight
+    assert abs(model.embed.weight.std().item() - 0.02) < 0.005  # the head keeps its small init
+    seen = []
+    model.net = lambda h, rope, cache=None: seen.append(h) or h
+    idx = tokens(2, 8)
+    with torch.no_grad():
+        model(idx, latent_steps=1, deep_steps=1, supervision_steps=1)
+        x = model.embed(idx)
+        y0, z0 = model.y_init.expand_as(x), model.z_init.expand_as(x)
+    torch.testing.assert_close(seen[0], x * math.sqrt(D) + y0 + z0)  # first z-update: x + y + z, x scaled by sqrt(D)
+    untied = tiny()
+    untied.net = lambda h, rope, cache=None: seen.append(h) or h
+    with torch.no_grad():
+        untied(idx, latent_steps=1, deep_steps=1, supervision_steps=1)
+        x = untied.embed(idx)
+    torch.testing.assert_close(seen[2], x + y0 + z0)  # untied: unit-scale init, no factor
+
+
 @pytest.mark.slow
 def test_tiny_model_overfits_a_repeated_sequence():
     torch.manual_seed(0)
@@ -320,6 +340,18 @@ def test_test_time_depth_changes_output_not_weights():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_depth_overrides_are_taken_as_given_and_must_be_at_least_one():
+    model = tiny(latent_steps=2, deep_steps=3, supervision_steps=4)
+    assert model.depth() == (2, 3, 4)
+    assert model.depth(latent_steps=1, supervision_steps=1) == (1, 3, 1)
+    for bad in (dict(latent_steps=0), dict(deep_steps=0), dict(supervision_steps=-1)):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=name):  # 0 used to fall back silently to the trained depth
+            model.depth(**bad)
+        with pytest.raises(ValueError, match=name):
+            model(tokens(1, 4), **bad)
+
+
 # ---- parameter and FLOP counting ---------------------------------------------------------------------------------
 
 def test_num_params_counts_tied_weights_once():
@@ -353,6 +385,9 @@ def test_flops_per_token_structure():
     f1, f2, f3 = (flops(supervision_steps=N) for N in (1, 2, 3))
     assert f3 - f2 == f2 - f1 > 0
     assert flops(deep_steps=3) > flops(deep_steps=2) and flops(latent_steps=3) > flops(latent_steps=2)
+    # test-time depth overrides count like a model trained at that depth
+    for depth in (dict(supervision_steps=3), dict(deep_steps=1), dict(latent_steps=4, deep_steps=3)):
+        assert model.flops_per_token(T, **depth) == flops(**depth)
 
 
 # ---- config validation -------------------------------------------------------------------------------------------

@@ -147,6 +147,10 @@ class TRM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # A tied matrix keeps the head's small init (std 0.02: small step-0 logits), so the input side multiplies it
+        # by sqrt(D), as Gemma does: token vectors enter at RMS 0.02 sqrt(D) (0.32 at D=256) instead of 0.02, which
+        # the unit-scale y and z they are added to would drown. The product learns its scale from there.
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.tie_embeddings else 1.0
         # Fixed starting states for y and z (as the official TRM): unit-scale random vectors, not copies of x,
         # so the first z-update sees x + y0 + z0 at the same scale as every later one.
         g = torch.Generator().manual_seed(0)
@@ -160,7 +164,7 @@ class TRM(nn.Module):
     def _init_weights(self):
         for name, p in self.named_parameters():
             if name == "embed.weight":
-                # unit-scale token vectors, like the states they are added to
+                # unit-scale token vectors, like the states they are added to (tied: see embed_scale)
                 nn.init.normal_(p, std=0.02 if self.config.tie_embeddings else 1.0)
             elif name == "lm_head.weight":
                 # small logits at step 0: y has unit RMS, so logit std = 0.02 sqrt(D) and the first loss is
@@ -174,7 +178,13 @@ class TRM(nn.Module):
     def depth(self, latent_steps=None, deep_steps=None, supervision_steps=None):
         """Depth settings, trained values unless overridden (test-time depth changes no weights)."""
         c = self.config
-        return (latent_steps or c.latent_steps, deep_steps or c.deep_steps, supervision_steps or c.supervision_steps)
+        depth = (latent_steps if latent_steps is not None else c.latent_steps,
+                 deep_steps if deep_steps is not None else c.deep_steps,
+                 supervision_steps if supervision_steps is not None else c.supervision_steps)
+        for name, value in zip(("latent_steps", "deep_steps", "supervision_steps"), depth):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        return depth
 
     def net_calls(self, latent_steps=None, deep_steps=None, supervision_steps=None):
         """Applications of `net` per token in one forward pass."""
@@ -211,8 +221,10 @@ class TRM(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len=None):
+    def flops_per_token(self, seq_len=None, **depth):
         """Training FLOPs per token (forward + backward), counted as 2 per multiply-add of every matmul.
+
+        depth: latent_steps / deep_steps / supervision_steps overrides, as for forward().
 
         No-grad deep steps cost one forward; the last deep step of each round and the head cost forward+backward (3x).
         Attention scores count the full T x T square (the usual convention, e.g. PaLM's MFU).
@@ -224,7 +236,7 @@ class TRM(nn.Module):
         head = 2 * c.vocab_size * c.d_model
         if c.arch == "gpt":
             return 3 * (per_call + head)
-        n, T_deep, N_sup = self.depth()
+        n, T_deep, N_sup = self.depth(**depth)
         calls = n + 1
         return N_sup * ((T_deep - 1) * calls * per_call + 3 * calls * per_call + 3 * head)
 
@@ -257,6 +269,8 @@ class TRM(nn.Module):
         start = cache.pos if cache is not None else 0
         rope = self.rope(start, T)
         x = self.embed(idx)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         if self.config.arch == "gpt":
             logits = self.lm_head(self.net(x, rope, cache))
             losses = [self._loss(logits, targets)] if targets is not None else []
