@@ -240,6 +240,23 @@ def test_forward_contract(arch):
         assert len({round(l.item(), 6) for l in losses}) == 3  # the rounds really differ
 
 
+@pytest.mark.parametrize("arch", ["trm", "gpt"])
+def test_last_only_gives_the_last_positions_logits(arch):
+    model = tiny(arch, supervision_steps=3)
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        full, _ = model(idx)
+        last, loss = model(idx, last_only=True)
+        assert last.shape == (2, 1, V) and loss is None
+        torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
+        cache = model.new_cache(2, 12)
+        model(idx[:, :8], cache=cache, last_only=True)  # prefill
+        step, _ = model(idx[:, 8:9], cache=cache, last_only=True)
+        torch.testing.assert_close(step, model(idx[:, :9])[0][:, -1:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, tokens(2, 12, seed=2), last_only=True)
+
+
 def test_ignore_index_minus_one():
     model = tiny(supervision_steps=1)
     idx, targets = tokens(2, 12), tokens(2, 12, seed=2)

@@ -259,30 +259,36 @@ class TRM(nn.Module):
         return self.latent_recursion(x, y, z, n, rope, cache)  # the only step that backpropagates
 
     def forward(self, idx, targets=None, cache=None, latent_steps=None, deep_steps=None, supervision_steps=None,
-                return_all_losses=False):
+                return_all_losses=False, last_only=False):
         """logits [B, T, vocab] of the last supervision round; loss = mean of the rounds' losses (None without targets).
 
         With `cache`, idx holds only the new tokens; positions continue from cache.pos.
         return_all_losses=True returns the per-round losses as a list instead of their mean.
+        last_only=True (sampling, no targets) returns logits [B, 1, vocab] of the last position only.
         """
+        if last_only and targets is not None:
+            raise ValueError("last_only=True is for sampling: the loss needs every position's logits")
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         rope = self.rope(start, T)
         x = self.embed(idx)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
+        head = (lambda y: self.lm_head(y[:, -1:])) if last_only else self.lm_head
         if self.config.arch == "gpt":
-            logits = self.lm_head(self.net(x, rope, cache))
+            logits = head(self.net(x, rope, cache))
             losses = [self._loss(logits, targets)] if targets is not None else []
         else:
             n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
             y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
             losses = []
-            for _ in range(N_sup):
+            for r in range(N_sup):
                 y, z = self.deep_recursion(x, y, z, n, T_deep, rope, cache)
-                logits = self.lm_head(y)
                 if targets is not None:
+                    logits = self.lm_head(y)
                     losses.append(self._loss(logits, targets))
+                elif r == N_sup - 1:  # without targets only the last round's logits are read: skip the other heads
+                    logits = head(y)
                 y, z = y.detach(), z.detach()  # each round backpropagates through its own last deep step only
         if cache is not None:
             cache.advance(T)

@@ -71,7 +71,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
     def refill():
         # the whole window in one forward pass; with the cache this is the prefill that fills a fresh cache
         cache = model.new_cache(1, L, **depth) if use_cache else None
-        logits, _ = model(ids[:, start:n], cache=cache, **depth)
+        logits, _ = model(ids[:, start:n], cache=cache, last_only=True, **depth)
         return logits, cache
 
     if n - start > L:
@@ -91,7 +91,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
             start = n - keep
             logits, cache = refill()
         elif use_cache:
-            logits, _ = model(ids[:, n - 1:n], cache=cache, **depth)
+            logits, _ = model(ids[:, n - 1:n], cache=cache, last_only=True, **depth)
         else:
             logits, _ = refill()
 
