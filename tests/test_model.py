@@ -257,6 +257,26 @@ def test_last_only_gives_the_last_positions_logits(arch):
         model(idx, tokens(2, 12, seed=2), last_only=True)
 
 
+def test_sampling_head_copy_follows_weight_updates():
+    # without autograd, last_only logits come from a cached transposed copy of lm_head.weight: it must never go stale
+    model = tiny()
+    idx = tokens(1, 6)
+    with torch.no_grad():
+        before, _ = model(idx, last_only=True)
+        torch.testing.assert_close(before, model(idx)[0][:, -1:], atol=1e-5, rtol=0)
+        model.lm_head.weight.mul_(2.0)  # in place, as an optimizer step or load_state_dict would
+        after, _ = model(idx, last_only=True)
+        torch.testing.assert_close(after, 2 * before, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx, last_only=True)[0], after)
+    model.load_state_dict(tiny(seed=5).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, last_only=True)[0], tiny(seed=5)(idx)[0][:, -1:], atol=1e-5, rtol=0)
+    logits, _ = model(idx, last_only=True)  # with autograd: the head itself, so gradients reach its weight
+    logits.sum().backward()
+    assert model.lm_head.weight.grad is not None
+
+
 def test_ignore_index_minus_one():
     model = tiny(supervision_steps=1)
     idx, targets = tokens(2, 12), tokens(2, 12, seed=2)

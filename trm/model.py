@@ -275,7 +275,7 @@ class TRM(nn.Module):
         x = self.embed(idx)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
-        head = (lambda y: self.lm_head(y[:, -1:])) if last_only else self.lm_head
+        head = self._sampling_head if last_only else self.lm_head
         if self.config.arch == "gpt":
             logits = head(self.net(x, rope, cache))
             losses = [self._loss(logits, targets)] if targets is not None else []
@@ -296,6 +296,21 @@ class TRM(nn.Module):
         if targets is None:
             return logits, None
         return logits, (losses if return_all_losses else torch.stack(losses).mean())
+
+    def _sampling_head(self, y):
+        """Logits at the last position. Without autograd they come from a cached [D, vocab] copy of the head: for one
+        row, MKL reads that layout about 3x faster than nn.Linear's [vocab, D] (measured on this project's AMD CPU,
+        where the head was a fifth of each decoding step)."""
+        y = y[:, -1:]
+        if torch.is_grad_enabled():
+            return self.lm_head(y)
+        w = self.lm_head.weight
+        # rebuilt whenever the weight changes: replaced, moved, cast (new storage) or updated in place (version)
+        key = (w.data_ptr(), w.dtype, w.device, None if w.is_inference() else w._version)
+        cached = getattr(self, "_head_t", None)
+        if cached is None or cached[0] is not w or cached[1] != key:
+            self._head_t = cached = (w, key, w.detach().t().contiguous())
+        return y @ cached[2]
 
     @staticmethod
     def _loss(logits, targets):
