@@ -71,6 +71,8 @@ class KVCache:
         shape = (n_slots, batch_size, n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # per-slot views, made once: indexing a Python list costs no tensor ops per call
+        self.k_slots, self.v_slots = list(self.k.unbind(0)), list(self.v.unbind(0))
         self.max_len = max_len
         self.pos = 0   # tokens already stored
         self.slot = 0  # next slot in the current forward pass
@@ -80,9 +82,10 @@ class KVCache:
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {T} > {self.max_len} tokens")
         self.slot += 1
-        self.k[s, :, :, self.pos:self.pos + T] = k
-        self.v[s, :, :, self.pos:self.pos + T] = v
-        return self.k[s, :, :, :self.pos + T], self.v[s, :, :, :self.pos + T]
+        ks, vs = self.k_slots[s], self.v_slots[s]
+        ks.narrow(2, self.pos, T).copy_(k)
+        vs.narrow(2, self.pos, T).copy_(v)
+        return ks.narrow(2, 0, self.pos + T), vs.narrow(2, 0, self.pos + T)
 
     def advance(self, T):
         self.pos += T
