@@ -81,6 +81,7 @@ p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graph
                help="torch.compile (auto: on CUDA); graphs: also CUDA graphs (mode reduce-overhead), for small batches")
 p.add_argument("--seed", type=int, default=1337)
 args = p.parse_args()
+sys.stdout.reconfigure(line_buffering=True)  # log lines reach `> train.log` as they happen, not in 8 KB blocks
 
 
 def fail(msg, code=2):

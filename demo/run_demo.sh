@@ -13,9 +13,11 @@ DATA_DIR="${DATA_DIR:-}"
 WORK="${WORK:-$ROOT/demo_run}"
 VOCAB="${VOCAB:-2000}"
 D_MODEL="${D_MODEL:-128}"
-SEQ="${SEQ:-128}"
+N_LAYERS="${N_LAYERS:-1}"
+SEQ="${SEQ:-64}"
 BATCH="${BATCH:-16}"
 STEPS="${STEPS:-600}"
+LR="${LR:-3e-3}"
 PROMPT="${PROMPT:-昨日、田中さんは}"
 
 run() { printf '\n$ %s\n' "$*"; "$@"; }
@@ -28,7 +30,7 @@ if [ -z "$DATA_DIR" ]; then
   run "$PY" "$ROOT/demo/make_corpus.py" --out_dir "$DATA_DIR"
 fi
 DATA_DIR="$(cd "$DATA_DIR" && pwd)"
-TRAIN=("$DATA_DIR"/train_*.jsonl.gz)
+mapfile -t TRAIN < <(ls "$DATA_DIR"/train_*.jsonl.gz | sort -V)  # train_0 ... train_10, in the users' order
 
 # Step 1: every document, one per line
 run "$PY" "$ROOT/extract_texts.py" --inputs "${TRAIN[@]}" --output train_texts.txt
@@ -37,14 +39,15 @@ run "$PY" "$ROOT/extract_texts.py" --inputs "${TRAIN[@]}" --output train_texts.t
 run "$PY" "$ROOT/train_spm.py" --input train_texts.txt --model_prefix ja_trm --vocab_size "$VOCAB" \
   --eval_file "$DATA_DIR/validation_0.jsonl.gz"
 
-# Step 3: a small TRM with the procedure's recursion (latent 2, deep 2, supervision 2)
+# Step 3: a small TRM with the procedure's recursion (latent 2, deep 2, supervision 2) around a 1-block net,
+# so that a 2-core CPU gets through a few epochs of the demo corpus in about two minutes
 rm -rf checkpoints_new
 run "$PY" "$ROOT/train_trm_lm.py" --tokenizer sentencepiece --sp_model ja_trm.model \
   --train_paths "${TRAIN[@]}" --valid_paths "$DATA_DIR/validation_0.jsonl.gz" \
   --save_dir checkpoints_new --batch_size "$BATCH" --max_seq_len "$SEQ" --max_steps "$STEPS" \
   --eval_every $((STEPS / 3)) --log_every 50 --eval_tokens 16384 \
-  --d_model "$D_MODEL" --n_heads 4 --latent_steps 2 --deep_steps 2 --supervision_steps 2 --dropout 0.0 \
-  --lr 2e-3 --warmup_steps 50 --weight_decay 0.01 --grad_clip 1.0 --ema_decay 0.99
+  --d_model "$D_MODEL" --n_heads 4 --n_layers "$N_LAYERS" --latent_steps 2 --deep_steps 2 --supervision_steps 2 --dropout 0.0 \
+  --lr "$LR" --warmup_steps 50 --weight_decay 0.01 --grad_clip 1.0 --ema_decay 0.99
 
 # Step 4: generation from the final checkpoint (EMA weights, KV cache, streamed)
 run "$PY" "$ROOT/generate.py" --model_path "checkpoints_new/final_step_$STEPS.pt" --sp_model ja_trm.model \
