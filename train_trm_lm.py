@@ -89,6 +89,13 @@ def fail(msg, code=2):
     sys.exit(code)
 
 
+for name in ("batch_size", "grad_accum", "max_seq_len", "max_steps", "eval_every", "log_every", "d_model", "n_heads",
+             "n_layers", "latent_steps", "deep_steps", "supervision_steps"):
+    if getattr(args, name) < 1:
+        fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+if not 0 <= args.dropout < 1 or not 0 <= args.ema_decay < 1 or args.lr <= 0:
+    fail("--dropout and --ema_decay must be in [0, 1) and --lr positive")
+
 # ----------------------------------------------------------------------------------------------------------------
 # setup: processes, device, tokenizer, data, model, optimizer
 ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -166,10 +173,13 @@ if args.resume:
 if ckpt is not None:
     config = TRMConfig(**ckpt["config"])  # the architecture is the checkpoint's, whatever the flags say
 else:
-    config = TRMConfig(vocab_size=tokenizer.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
-                       n_layers=args.n_layers, latent_steps=args.latent_steps, deep_steps=args.deep_steps,
-                       supervision_steps=args.supervision_steps, dropout=args.dropout,
-                       max_seq_len=args.max_seq_len, arch=args.arch)
+    try:
+        config = TRMConfig(vocab_size=tokenizer.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
+                           n_layers=args.n_layers, latent_steps=args.latent_steps, deep_steps=args.deep_steps,
+                           supervision_steps=args.supervision_steps, dropout=args.dropout,
+                           max_seq_len=args.max_seq_len, arch=args.arch)
+    except ValueError as e:
+        fail(str(e))
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 model = TRM(config).to(device)
 log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without "

@@ -134,6 +134,10 @@ def test_missing_inputs_are_clear_errors(corpus, tmp_path):
     r = train(corpus, tmp_path / "ck", "--tokenizer", "sentencepiece", "--sp_model", str(tmp_path / "nope.model"),
               check=False)
     assert r.returncode == 2 and "SentencePiece model not found" in r.stderr and "Traceback" not in r.stderr
+    r = train(corpus, tmp_path / "ck", "--eval_every", "0", check=False)
+    assert r.returncode == 2 and "--eval_every must be at least 1" in r.stderr
+    r = train(corpus, tmp_path / "ck", "--d_model", "30", "--n_heads", "4", check=False)
+    assert r.returncode == 2 and "n_heads" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
