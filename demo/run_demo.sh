@@ -11,7 +11,8 @@ PY="${PYTHON:-python}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 DATA_DIR="${DATA_DIR:-}"
 WORK="${WORK:-$ROOT/demo_run}"
-VOCAB="${VOCAB:-2000}"
+# the generated corpus is small and regular; a real corpus needs room for its thousands of kanji
+if [ -z "$DATA_DIR" ]; then VOCAB="${VOCAB:-2000}"; else VOCAB="${VOCAB:-8000}"; fi
 D_MODEL="${D_MODEL:-128}"
 N_LAYERS="${N_LAYERS:-1}"
 SEQ="${SEQ:-64}"
