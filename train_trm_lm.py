@@ -74,6 +74,9 @@ p.add_argument("--weight_decay", type=float, default=0.01)
 p.add_argument("--warmup_steps", type=int, default=500)
 p.add_argument("--grad_clip", type=float, default=1.0)
 p.add_argument("--ema_decay", type=float, default=0.995, help="0 disables the EMA")
+p.add_argument("--sup_update", default="mean", choices=["mean", "each"],
+               help="deep supervision: one optimizer step on the mean of the rounds' losses (mean), or one step "
+                    "after every round as in the paper (each; single process, no compile)")
 # system
 p.add_argument("--device", default="auto", help="auto, cuda, cpu, mps")
 p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
@@ -93,6 +96,8 @@ for name in ("batch_size", "grad_accum", "max_seq_len", "max_steps", "eval_every
              "n_layers", "latent_steps", "deep_steps", "supervision_steps"):
     if getattr(args, name) < 1:
         fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+if args.sup_update == "each" and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.grad_accum > 1):
+    fail("--sup_update each runs one process without --grad_accum (its optimizer steps inside the forward pass)")
 if not 0 <= args.dropout < 1 or not 0 <= args.ema_decay < 1 or args.lr <= 0:
     fail("--dropout and --ema_decay must be in [0, 1) and --lr positive")
 
@@ -211,7 +216,8 @@ else:
     random.seed(args.seed + rank)
 
 raw_model = model  # what gets saved, evaluated and sampled; never the compiled or DDP wrapper
-use_compile = args.compile in ("on", "graphs") or (args.compile == "auto" and device.type == "cuda")
+use_compile = (args.compile in ("on", "graphs") or (args.compile == "auto" and device.type == "cuda")) \
+    and args.sup_update == "mean"
 cuda_graphs = args.compile == "graphs" and device.type == "cuda"
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -353,7 +359,19 @@ try:
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(args.grad_accum):
+        if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
+            x, y = (t.to(device) for t in loader.next_batch())
+            round_losses = []
+            for round_loss in raw_model.supervision_rounds(x, y):
+                round_loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+                bad |= ~torch.isfinite(round_loss.detach()) | ~torch.isfinite(grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                round_losses.append(round_loss.detach())
+            loss_sum += torch.stack(round_losses).mean()
+            loss_count += 1
+        for micro in range(args.grad_accum if args.sup_update == "mean" else 0):
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             x, y = loader.next_batch()
@@ -367,10 +385,11 @@ try:
                 (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
             loss_count += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        bad |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if args.sup_update == "mean":
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+            bad |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(raw_model)
         step += 1

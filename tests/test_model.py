@@ -437,3 +437,23 @@ def test_bad_config_raises(bad):
     kw.update(bad)
     with pytest.raises(ValueError):
         TRMConfig(**kw)
+
+
+def test_supervision_rounds_without_steps_match_the_mean_rule():
+    """With no optimizer step between rounds, the paper's per-round losses are forward's rounds exactly, and their
+    summed gradients are N_sup times the gradient of the mean-of-rounds loss."""
+    torch.manual_seed(0)
+    model = TRM(TRMConfig(vocab_size=50, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0, supervision_steps=3))
+    idx = torch.randint(0, 50, (2, 16))
+    _, per_round = model(idx, idx, return_all_losses=True)
+    _, mean = model(idx, idx)
+    mean.backward()
+    expected = {n: 3 * p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    rounds = []
+    for loss in model.supervision_rounds(idx, idx):
+        loss.backward()
+        rounds.append(loss.item())
+    assert rounds == pytest.approx([r.item() for r in per_round], abs=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6)

@@ -73,6 +73,15 @@ def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_paper_update_rule_trains(corpus, tmp_path):
+    r = train(corpus, tmp_path / "ck", "--max_steps", "6", "--eval_every", "6", "--log_every", "3",
+              "--sup_update", "each")
+    assert "bits/byte" in r.stdout and (tmp_path / "ck" / "final_step_6.pt").exists()
+    state = load_checkpoint(tmp_path / "ck" / "final_step_6.pt")
+    assert all(v["step"].item() == 6 * 2 for v in state["optimizer"]["state"].values())  # a step per round
+
+
+@pytest.mark.slow
 def test_resume_is_bit_identical(corpus, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["--max_steps", "16", "--eval_every", "8", "--log_every", "4", "--dropout", "0.1"]

@@ -300,6 +300,26 @@ class TRM(nn.Module):
             return logits, None
         return logits, (losses if return_all_losses else torch.stack(losses).mean())
 
+    def supervision_rounds(self, idx, targets, latent_steps=None, deep_steps=None, supervision_steps=None):
+        """The paper's update rule: yields each round's loss; the caller backpropagates it and steps the optimizer
+        before asking for the next round, which then runs with the updated weights from the detached y, z.
+
+        x is re-embedded every round because the embedding may have changed (and the previous round's graph is gone).
+        """
+        if self.config.arch == "gpt":
+            yield self(idx, targets)[1]
+            return
+        n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
+        rope = self.rope(0, idx.size(1))
+        y = z = None
+        for _ in range(N_sup):
+            x = self.embed(idx) * self.embed_scale
+            if y is None:
+                y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
+            y, z = self.deep_recursion(x, y, z, n, T_deep, rope)
+            yield self._loss(self.lm_head(y), targets)
+            y, z = y.detach(), z.detach()
+
     def _sampling_head(self, y):
         """Logits at the last position. Without autograd they come from a cached [D, vocab] copy of the head: for one
         row, MKL reads that layout about 3x faster than nn.Linear's [vocab, D] (measured on this project's AMD CPU,
