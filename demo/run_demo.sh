@@ -41,14 +41,15 @@ run "$PY" "$ROOT/train_spm.py" --input train_texts.txt --model_prefix ja_trm --v
   --eval_file "$DATA_DIR/validation_0.jsonl.gz"
 
 # Step 3: a small TRM with the procedure's recursion (latent 2, deep 2, supervision 2) around a 1-block net,
-# so that a 2-core CPU gets through a few epochs of the demo corpus in about two minutes
+# so that a 2-core CPU gets through a few epochs of the demo corpus in about two minutes. --sup_update each: an
+# optimizer step after every supervision round, as in the paper (on CPU it learns faster per step; BENCHMARKS.md)
 rm -rf checkpoints_new
 run "$PY" "$ROOT/train_trm_lm.py" --tokenizer sentencepiece --sp_model ja_trm.model \
   --train_paths "${TRAIN[@]}" --valid_paths "$DATA_DIR/validation_0.jsonl.gz" \
   --save_dir checkpoints_new --batch_size "$BATCH" --max_seq_len "$SEQ" --max_steps "$STEPS" \
   --eval_every $((STEPS / 3)) --log_every 50 --eval_tokens 16384 \
   --d_model "$D_MODEL" --n_heads 4 --n_layers "$N_LAYERS" --latent_steps 2 --deep_steps 2 --supervision_steps 2 --dropout 0.0 \
-  --lr "$LR" --warmup_steps 50 --weight_decay 0.01 --grad_clip 1.0 --ema_decay 0.99
+  --lr "$LR" --warmup_steps 50 --weight_decay 0.01 --grad_clip 1.0 --ema_decay 0.99 --sup_update each
 
 # Step 4: generation from the final checkpoint (EMA weights, KV cache, streamed)
 run "$PY" "$ROOT/generate.py" --model_path "checkpoints_new/final_step_$STEPS.pt" --sp_model ja_trm.model \
