@@ -38,7 +38,8 @@ def test_cache_holds_every_document_as_bos_text_eos(tmp_path):
     for t in texts:
         expected += [BOS_ID, *tok.encode(t), EOS_ID]
     assert tokens.tolist() == expected
-    meta = json.loads((tmp_path / "cache").joinpath(next(p.name for p in (tmp_path / "cache").glob("*.json"))).read_text())
+    (meta_path,) = (tmp_path / "cache").glob("*.json")
+    meta = json.loads(meta_path.read_text())
     assert sum(meta["skipped"].values()) == 2 and meta["documents"] == 3
 
 
