@@ -89,15 +89,16 @@ def build_token_cache(paths, tokenizer, out_path, text_field="text", num_threads
     return meta
 
 
-def _write_batch(f, tokenizer, texts, dtype, num_threads):
-    if not texts:
-        return 0
-    n = 0
+def document_ids(tokenizer, texts, num_threads=None):
+    """Each text as BOS ... EOS: the form training sees, evaluation scores and a generation prompt starts from."""
     for ids in tokenizer.encode_batch(texts, num_threads=num_threads):
-        # BOS ... EOS around every document: generation starts a prompt with BOS, exactly like a document starts
-        doc = np.empty(len(ids) + 2, dtype=dtype)
-        doc[0], doc[1:-1], doc[-1] = tokenizer.bos_id, ids, tokenizer.eos_id
-        doc.tofile(f)
+        yield [tokenizer.bos_id, *ids, tokenizer.eos_id]
+
+
+def _write_batch(f, tokenizer, texts, dtype, num_threads):
+    n = 0
+    for doc in document_ids(tokenizer, texts, num_threads) if texts else ():
+        np.asarray(doc, dtype=dtype).tofile(f)
         n += len(doc)
     return n
 

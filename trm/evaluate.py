@@ -6,6 +6,7 @@ Bits per byte divides the summed loss (in bits) by the UTF-8 bytes the target to
 models with different tokenizers. EOS targets count their loss but no bytes (slightly pessimistic).
 """
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -40,7 +41,7 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
 
 def main(argv=None):
     from trm.checkpoint import CheckpointError, load_model
-    from trm.data import DataError, check_paths, eval_windows
+    from trm.data import DataError, check_paths, document_ids, eval_windows
     from trm.corpus import CorpusStats, iter_texts
     from trm.device import pick_device
 
@@ -68,11 +69,13 @@ def main(argv=None):
         return 2
     model.to(device)
     stats, ids = CorpusStats(), []
-    for path in args.data:
-        for text in iter_texts(path, args.text_field, stats):
-            ids.extend([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id])  # as in training
-            if len(ids) > args.eval_tokens + model.config.max_seq_len:
-                break
+    texts = (t for path in args.data for t in iter_texts(path, args.text_field, stats))
+    while len(ids) <= args.eval_tokens + model.config.max_seq_len:  # enough for the windows, no more
+        chunk = list(itertools.islice(texts, 256))
+        if not chunk:
+            break
+        for doc in document_ids(tokenizer, chunk):
+            ids.extend(doc)
     if len(ids) < 2:
         print(f"error: no readable documents in {args.data}", file=sys.stderr)
         return 2
