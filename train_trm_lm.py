@@ -74,6 +74,9 @@ p.add_argument("--weight_decay", type=float, default=0.01)
 p.add_argument("--warmup_steps", type=int, default=500)
 p.add_argument("--grad_clip", type=float, default=1.0)
 p.add_argument("--ema_decay", type=float, default=0.995, help="0 disables the EMA")
+p.add_argument("--random_depth", action="store_true",
+               help="sample latent_steps in 1..2n and deep_steps in 1..2T every step (seeded), so the model also "
+                    "works at depths it was not trained at; gradients still flow through the last deep step only")
 p.add_argument("--sup_update", default="mean", choices=["mean", "each"],
                help="deep supervision: one optimizer step on the mean of the rounds' losses (mean), or one step "
                     "after every round as in the paper (each; single process, no compile)")
@@ -216,8 +219,10 @@ else:
     random.seed(args.seed + rank)
 
 raw_model = model  # what gets saved, evaluated and sampled; never the compiled or DDP wrapper
+# Not compiled: the paper's update rule (an optimizer step inside the forward pass) and random depth (a new graph
+# for every depth drawn)
 use_compile = (args.compile in ("on", "graphs") or (args.compile == "auto" and device.type == "cuda")) \
-    and args.sup_update == "mean"
+    and args.sup_update == "mean" and not args.random_depth
 cuda_graphs = args.compile == "graphs" and device.type == "cuda"
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -359,10 +364,11 @@ try:
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        depth = raw_model.random_depth(args.seed, step) if args.random_depth and config.arch == "trm" else {}
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
             x, y = (t.to(device) for t in loader.next_batch())
             round_losses = []
-            for round_loss in raw_model.supervision_rounds(x, y):
+            for round_loss in raw_model.supervision_rounds(x, y, **depth):
                 round_loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
                 bad |= ~torch.isfinite(round_loss.detach()) | ~torch.isfinite(grad_norm)
@@ -381,7 +387,7 @@ try:
             sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
             with model.no_sync() if not sync else contextlib.nullcontext():
                 with autocast(device, amp_dtype):
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, **depth)
                 (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
             loss_count += 1

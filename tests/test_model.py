@@ -457,3 +457,12 @@ def test_supervision_rounds_without_steps_match_the_mean_rule():
     assert rounds == pytest.approx([r.item() for r in per_round], abs=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6)
+
+
+def test_random_depth_is_reproducible_from_the_seed_and_covers_its_range():
+    model = TRM(TRMConfig(vocab_size=50, d_model=32, n_heads=2, latent_steps=2, deep_steps=3))
+    draws = [model.random_depth(seed=5, step=s) for s in range(400)]
+    assert draws == [model.random_depth(seed=5, step=s) for s in range(400)]  # what a resumed run redraws
+    assert draws != [model.random_depth(seed=6, step=s) for s in range(400)]
+    assert {d["latent_steps"] for d in draws} == {1, 2, 3, 4}
+    assert {d["deep_steps"] for d in draws} == {1, 2, 3, 4, 5, 6}

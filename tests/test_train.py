@@ -81,9 +81,10 @@ def test_paper_update_rule_trains(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(corpus, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--random_depth"]], ids=["fixed_depth", "random_depth"])
+def test_resume_is_bit_identical(corpus, tmp_path, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["--max_steps", "16", "--eval_every", "8", "--log_every", "4", "--dropout", "0.1"]
+    common = ["--max_steps", "16", "--eval_every", "8", "--log_every", "4", "--dropout", "0.1", *extra]
     train(corpus, straight, *common)
     resumed.mkdir()
     (resumed / "step_8.pt").write_bytes((straight / "step_8.pt").read_bytes())

@@ -190,6 +190,18 @@ class TRM(nn.Module):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         return depth
 
+    def random_depth(self, seed, step):
+        """Depth for one training step of --random_depth: latent_steps uniform in 1..2n and deep_steps in 1..2T.
+
+        Looped LMs extrapolate to deeper inference only when trained at varied depths. The draw depends on
+        (seed, step) alone, so a resumed run draws the same depths as an uninterrupted one.
+        """
+        import numpy as np
+        rng = np.random.default_rng([seed, step, 0x7E7])
+        c = self.config
+        return {"latent_steps": int(rng.integers(1, 2 * c.latent_steps + 1)),
+                "deep_steps": int(rng.integers(1, 2 * c.deep_steps + 1))}
+
     def net_calls(self, latent_steps=None, deep_steps=None, supervision_steps=None):
         """Applications of `net` per token in one forward pass."""
         if self.config.arch == "gpt":
