@@ -16,6 +16,7 @@ arch="gpt" stacks the same blocks once (no recursion): the in-project baseline f
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -196,7 +197,6 @@ class TRM(nn.Module):
         Looped LMs extrapolate to deeper inference only when trained at varied depths. The draw depends on
         (seed, step) alone, so a resumed run draws the same depths as an uninterrupted one.
         """
-        import numpy as np
         rng = np.random.default_rng([seed, step, 0x7E7])
         c = self.config
         return {"latent_steps": int(rng.integers(1, 2 * c.latent_steps + 1)),
