@@ -311,7 +311,12 @@ last_eval = ckpt.get("metrics") if ckpt is not None else None
 save_every = args.save_every or args.eval_every
 gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
-flops_per_step = raw_model.flops_per_token(args.max_seq_len) * tokens_per_step
+if args.random_depth and config.arch == "trm":  # the mean over the uniform grid of depths drawn
+    grid = [dict(latent_steps=n, deep_steps=t) for n in range(1, 2 * config.latent_steps + 1)
+            for t in range(1, 2 * config.deep_steps + 1)]
+    flops_per_step = sum(raw_model.flops_per_token(args.max_seq_len, **d) for d in grid) / len(grid) * tokens_per_step
+else:
+    flops_per_step = raw_model.flops_per_token(args.max_seq_len) * tokens_per_step
 bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
 loss_sum = torch.zeros((), device=device)
 loss_count = 0
