@@ -410,7 +410,8 @@ try:
         if step % args.log_every == 0 or step == args.max_steps:
             check_finite()  # .item() forces a CPU-GPU sync; only on log steps
             if ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # log the global batch's loss, not rank 0's share
+                dist.all_reduce(loss_sum)  # log the global batch's loss, not rank 0's share (SUM: older gloo has no AVG)
+                loss_sum /= world_size
             train_loss = loss_sum.item() / loss_count
             loss_sum.zero_()
             loss_count = 0
