@@ -194,8 +194,8 @@ log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params
     f"embeddings), {model.net_calls()} net calls per token, {model.flops_per_token(args.max_seq_len) / 1e6:.1f} "
     f"MFLOP per training token")
 
-decay = [p_ for n, p_ in model.named_parameters() if p_.dim() >= 2]
-no_decay = [p_ for n, p_ in model.named_parameters() if p_.dim() < 2]
+decay = [p_ for p_ in model.parameters() if p_.dim() >= 2]  # matrices; gains and biases none here, but stay safe
+no_decay = [p_ for p_ in model.parameters() if p_.dim() < 2]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
@@ -311,9 +311,8 @@ last_eval = ckpt.get("metrics") if ckpt is not None else None
 save_every = args.save_every or args.eval_every
 gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
-if args.random_depth and config.arch == "trm":  # the mean over the uniform grid of depths drawn
-    grid = [dict(latent_steps=n, deep_steps=t) for n in range(1, 2 * config.latent_steps + 1)
-            for t in range(1, 2 * config.deep_steps + 1)]
+if args.random_depth and config.arch == "trm":  # the mean over the depths random_depth draws from
+    grid = raw_model.random_depth_grid()
     flops_per_step = sum(raw_model.flops_per_token(args.max_seq_len, **d) for d in grid) / len(grid) * tokens_per_step
 else:
     flops_per_step = raw_model.flops_per_token(args.max_seq_len) * tokens_per_step

@@ -28,22 +28,23 @@ p.add_argument("--plot", default="depth_curve.png")
 p.add_argument("--json", default=None)
 args = p.parse_args()
 
+texts = [t for f in args.data for t in iter_texts(f)]  # read once; each checkpoint tokenizes with its own vocabulary
 rows = {}
 for spec in args.checkpoints:
     name, path = spec.split("=", 1)
     model, tokenizer, state = load_model(path)
-    texts = [t for f in args.data for t in iter_texts(f)]
     ids = np.array([i for doc in document_ids(tokenizer, texts) for i in doc])
     windows = eval_windows(ids, model.config.max_seq_len, args.eval_tokens)
     trained = model.config.supervision_steps
+    token_bytes = tokenizer.token_bytes()
     rows[name] = {}
     for r in args.rounds:
-        result = evaluate(model, windows, tokenizer.token_bytes(), batch_size=32, supervision_steps=r)
+        result = evaluate(model, windows, token_bytes, batch_size=32, supervision_steps=r)
         rows[name][r] = result["bits_per_byte"]
         print(f"{name:<12} rounds {r:>2} ({r / trained:.1f}x training): {result['bits_per_byte']:.4f} bits/byte, "
               f"loss {result['loss']:.4f}", flush=True)
 
-print(f"\n| checkpoint | " + " | ".join(f"{r} rounds" for r in args.rounds) + " |")
+print("\n| checkpoint | " + " | ".join(f"{r} rounds" for r in args.rounds) + " |")
 print("|---|" + "---|" * len(args.rounds))
 for name, by_round in rows.items():
     print(f"| {name} | " + " | ".join(f"{by_round[r]:.4f}" for r in args.rounds) + " |")

@@ -198,9 +198,16 @@ class TRM(nn.Module):
         (seed, step) alone, so a resumed run draws the same depths as an uninterrupted one.
         """
         rng = np.random.default_rng([seed, step, 0x7E7])
-        c = self.config
-        return {"latent_steps": int(rng.integers(1, 2 * c.latent_steps + 1)),
-                "deep_steps": int(rng.integers(1, 2 * c.deep_steps + 1))}
+        max_n, max_T = self._random_depth_max()
+        return {"latent_steps": int(rng.integers(1, max_n + 1)), "deep_steps": int(rng.integers(1, max_T + 1))}
+
+    def random_depth_grid(self):
+        """Every depth random_depth can draw, equally likely (e.g. to count the mean FLOPs of a step)."""
+        max_n, max_T = self._random_depth_max()
+        return [{"latent_steps": n, "deep_steps": t} for n in range(1, max_n + 1) for t in range(1, max_T + 1)]
+
+    def _random_depth_max(self):
+        return 2 * self.config.latent_steps, 2 * self.config.deep_steps
 
     def net_calls(self, latent_steps=None, deep_steps=None, supervision_steps=None):
         """Applications of `net` per token in one forward pass."""
