@@ -26,6 +26,7 @@ CONFIGS = {  # name: extra train_trm_lm.py flags
     "seed b4 graphs": ["--batch_size", "4", "--compile", "graphs"],
     "d512 b64": ["--batch_size", "64", "--d_model", "512", "--n_heads", "8"],
     "gpt2L b64": ["--batch_size", "64", "--arch", "gpt"],
+    "gpt12L b64": ["--batch_size", "64", "--arch", "gpt", "--n_layers", "12"],
 }
 
 p = argparse.ArgumentParser()

@@ -41,6 +41,33 @@ def test_kv_cache_equals_full_forward_on_cuda():
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-3  # TF32 matmuls allowed
 
 
+def test_cuda_graph_decoding_step_equals_full_forward():
+    from trm.sampling import GraphedStep
+    torch.manual_seed(0)
+    model = TRM(tiny()).cuda().eval()
+    x = torch.randint(0, 512, (1, 40), device="cuda")
+    with torch.inference_mode():
+        full, _ = model(x)
+        cache = model.new_cache(1, 64)
+        model(x[:, :25], cache=cache)
+        cache.start_static()
+        step = GraphedStep(model, cache, {})
+        steps = [step(x[0, t]).clone() for t in range(25, 40)]  # logits of token t, read before the next replay
+    assert cache.pos_t.item() == 40
+    assert (torch.cat(steps, 1) - full[:, 25:40]).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("depth", [{}, dict(supervision_steps=3)])
+def test_cuda_graph_generation_equals_eager_past_the_window(depth):
+    from trm.sampling import generate
+    torch.manual_seed(0)
+    model = TRM(tiny(max_seq_len=32)).cuda().eval()
+    prompt = list(range(5, 25))
+    runs = [list(generate(model, prompt, 50, temperature=0, cuda_graph=graph, use_cache=cache, **depth))
+            for graph, cache in ((True, True), (False, True), (False, False))]
+    assert len(runs[0]) == 50 and runs[0] == runs[1] == runs[2]
+
+
 def test_bf16_training_step_learns():
     torch.manual_seed(0)
     model = TRM(tiny()).cuda()

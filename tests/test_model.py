@@ -92,6 +92,28 @@ def test_cached_decoding_equals_full_forward(arch, depth):
     assert (cached - full).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("arch,depth", CACHE_CASES[:3])
+def test_fixed_shape_decoding_equals_full_forward(arch, depth):
+    # the CUDA-graph decoding step: every key slot read under a mask, the position a tensor the step advances
+    model = tiny(arch)
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        full, _ = model(idx, **depth)
+        cache = model.new_cache(2, 32, **depth)
+        chunks = [model(idx[:, :7], cache=cache, **depth)[0]]  # prefill, normal mode
+        cache.start_static()
+        chunks += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(7, 20)]
+        assert cache.pos_t.item() == 20
+        with pytest.raises(ValueError, match="one token per pass"):
+            model(idx[:, :2], cache=cache, **depth)
+        cache.reset()  # a refill reuses the same buffers, then goes fixed-shape again
+        again = [model(idx[:, :3], cache=cache, **depth)[0]]
+        cache.start_static()
+        again += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(3, 20)]
+    assert (torch.cat(chunks, dim=1) - full).abs().max().item() <= 1e-4
+    assert (torch.cat(again, dim=1) - full).abs().max().item() <= 1e-4
+
+
 def test_cached_decoding_past_max_seq_len_matches_full_forward():
     model = tiny(max_seq_len=8)  # rotary tables must grow when generation runs past the trained length
     idx = tokens(1, 14)

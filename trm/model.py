@@ -77,6 +77,26 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0   # tokens already stored
         self.slot = 0  # next slot in the current forward pass
+        self.static = False  # fixed-shape mode, see start_static
+        self.pos_t = None
+
+    def start_static(self):
+        """From here on, one token per forward pass at position pos_t, a device tensor that the pass advances itself.
+
+        Every shape is then fixed (attention reads all max_len keys under a mask) and no host value changes between
+        tokens, so a CUDA graph can capture one decoding step and replay it for every token. self.pos is not
+        advanced by a replay: the caller counts tokens.
+        """
+        if self.pos_t is None:  # the same tensor across refills: a captured graph keeps reading it
+            self.pos_t = torch.zeros(1, dtype=torch.long, device=self.k.device)
+            self.positions = torch.arange(self.max_len, device=self.k.device)
+        self.pos_t.fill_(self.pos)
+        self.slot, self.static = 0, True
+
+    def reset(self):
+        """Empty, back to the normal mode; the buffers are kept (a captured graph holds their addresses)."""
+        self.pos, self.slot = 0, 0
+        self.static = False
 
     def update(self, k, v):
         s, T = self.slot, k.size(2)
@@ -88,9 +108,18 @@ class KVCache:
         vs.narrow(2, self.pos, T).copy_(v)
         return ks.narrow(2, 0, self.pos + T), vs.narrow(2, 0, self.pos + T)
 
+    def update_static(self, k, v):
+        s = self.slot
+        self.slot += 1
+        self.k_slots[s].index_copy_(2, self.pos_t, k)
+        self.v_slots[s].index_copy_(2, self.pos_t, v)
+        return self.k_slots[s], self.v_slots[s]
+
     def advance(self, T):
         self.pos += T
         self.slot = 0
+        if self.static:
+            self.pos_t += T  # on the device, so that a replayed graph advances it too
 
 
 class Attention(nn.Module):
@@ -107,6 +136,9 @@ class Attention(nn.Module):
         v = qkv[2]
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif cache.static:
+            k, v = cache.update_static(k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
         else:
             past = cache.pos
             k, v = cache.update(k, v)
@@ -292,8 +324,13 @@ class TRM(nn.Module):
         if last_only and targets is not None:
             raise ValueError("last_only=True is for sampling: the loss needs every position's logits")
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        rope = self.rope(start, T)
+        if cache is not None and cache.static:
+            if T != 1:
+                raise ValueError(f"a fixed-shape cache takes one token per pass, got {T}")
+            rope = (self.rope_cos.index_select(0, cache.pos_t), self.rope_sin.index_select(0, cache.pos_t))
+            cache.mask = (cache.positions <= cache.pos_t).view(1, -1)  # keys stored so far and this token's own
+        else:
+            rope = self.rope(cache.pos if cache is not None else 0, T)
         x = self.embed(idx)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale

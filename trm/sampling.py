@@ -1,7 +1,7 @@
 """Sampling text from a TRM: the next-token rule, the token-by-token loop, and terminal-safe streaming of the text.
 
 generate() feeds the prompt once (prefill) and then one token per forward pass, reusing the keys/values that every
-net call at every depth has cached. use_cache=False recomputes the whole window for every token: slower, and there
+net call at every depth has cached (on CUDA, each of those passes is a CUDA-graph replay). use_cache=False recomputes the whole window for every token: slower, and there
 only to check the cached path. Both follow the same sliding-window policy past max_seq_len, so greedy outputs agree.
 """
 import torch
@@ -44,14 +44,47 @@ def prompt_ids(tokenizer, text):
     return [tokenizer.bos_id, *tokenizer.encode(text)]
 
 
+class GraphedStep:
+    """One cached decoding step captured as a CUDA graph, replayed for every new token.
+
+    On a GPU, batch-1 decoding is bound by kernel launches, not arithmetic: the seed depth makes 24 block calls per
+    token, about a dozen small kernels each, and Python issues them one by one. A replay launches them all at once.
+    The cache must be in fixed-shape mode (KVCache.start_static): the graph reads the position from the device.
+    """
+
+    def __init__(self, model, cache, depth):
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=cache.pos_t.device)
+        pos, pos_t = cache.pos, cache.pos_t.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # one eager step first: lazy initialization must not happen during capture
+            model(self.token, cache=cache, last_only=True, **depth)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.pos_t.copy_(pos_t)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, _ = model(self.token, cache=cache, last_only=True, **depth)
+        # neither run counts: they wrote keys/values at the next position, which the first real token overwrites
+        cache.pos = pos
+        cache.pos_t.copy_(pos_t)
+
+    def __call__(self, token):
+        self.token.copy_(token.view(1, 1))
+        self.graph.replay()
+        return self.logits
+
+
 @torch.inference_mode()  # as a decorator it is entered and left around each step, never held across a yield
 def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.0,
-             eos_id=None, use_cache=True, latent_steps=None, deep_steps=None, supervision_steps=None, generator=None):
+             eos_id=None, use_cache=True, cuda_graph=True, latent_steps=None, deep_steps=None, supervision_steps=None,
+             generator=None):
     """Yield new token ids one at a time (batch 1): stops after max_new_tokens or at eos_id (which is not yielded).
 
     Context window: model.config.max_seq_len tokens. When the text outgrows it, the window jumps forward to the last
     max_seq_len // 2 tokens and the cache is rebuilt from them with one prefill. Halving (rather than sliding one
     token at a time) keeps the rebuilds rare: one prefill per max_seq_len // 2 new tokens.
+
+    On CUDA with the cache, each decoding step is a CUDA-graph replay (cuda_graph=False: plain eager steps).
     """
     if not len(prompt_ids):
         raise ValueError("empty prompt: start from [tokenizer.bos_id] (see prompt_ids)")
@@ -68,15 +101,24 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
     n = P       # ids[:, :n] is the text so far
     start = 0   # ids[:, start:n] is the window the model sees
 
+    graphed = use_cache and cuda_graph and device.type == "cuda"
+    cache = model.new_cache(1, L, **depth) if use_cache else None
+    step = None
+
     def refill():
-        # the whole window in one forward pass; with the cache this is the prefill that fills a fresh cache
-        cache = model.new_cache(1, L, **depth) if use_cache else None
+        # the whole window in one forward pass; with the cache this is the prefill that refills it from empty
+        nonlocal step
+        if cache is not None:
+            cache.reset()
         logits, _ = model(ids[:, start:n], cache=cache, last_only=True, **depth)
-        return logits, cache
+        if graphed:
+            cache.start_static()
+            step = step or GraphedStep(model, cache, depth)  # the cache keeps its buffers: one capture serves all
+        return logits
 
     if n - start > L:
         start = n - keep
-    logits, cache = refill()
+    logits = refill()
     while n < P + max_new_tokens:
         next_id = sample_next(logits[:, -1], temperature, top_k, top_p, repetition_penalty, ids[:, :n], generator)
         token = int(next_id)  # one device sync per token, needed anyway to stop at EOS and to print
@@ -89,11 +131,13 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
             return  # no forward pass for a token nobody will read
         if n - start > L:
             start = n - keep
-            logits, cache = refill()
+            logits = refill()
+        elif graphed:
+            logits = step(next_id)
         elif use_cache:
             logits, _ = model(ids[:, n - 1:n], cache=cache, last_only=True, **depth)
         else:
-            logits, _ = refill()
+            logits = refill()
 
 
 class StreamDecoder:
