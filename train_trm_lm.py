@@ -52,6 +52,9 @@ p.add_argument("--batch_size", type=int, default=4, help="sequences per GPU per 
 p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
 p.add_argument("--max_seq_len", type=int, default=512)
 p.add_argument("--max_steps", type=int, default=50000)
+p.add_argument("--max_minutes", type=float, default=0,
+               help="also stop after this many minutes of training (evaluation and saving not counted; 0 = off); "
+                    "the lr schedule then follows whichever of steps or minutes runs out first")
 p.add_argument("--eval_every", type=int, default=500)
 p.add_argument("--eval_tokens", type=int, default=262144, help="validation target tokens per evaluation")
 p.add_argument("--log_every", type=int, default=100)
@@ -101,8 +104,8 @@ for name in ("batch_size", "grad_accum", "max_seq_len", "max_steps", "eval_every
         fail(f"--{name} must be at least 1, got {getattr(args, name)}")
 if args.sup_update == "each" and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.grad_accum > 1):
     fail("--sup_update each runs one process without --grad_accum (its optimizer steps inside the forward pass)")
-if not 0 <= args.dropout < 1 or not 0 <= args.ema_decay < 1 or args.lr <= 0:
-    fail("--dropout and --ema_decay must be in [0, 1) and --lr positive")
+if not 0 <= args.dropout < 1 or not 0 <= args.ema_decay < 1 or args.lr <= 0 or args.max_minutes < 0:
+    fail("--dropout and --ema_decay must be in [0, 1), --lr positive and --max_minutes >= 0")
 
 # ----------------------------------------------------------------------------------------------------------------
 # setup: processes, device, tokenizer, data, model, optimizer
@@ -239,7 +242,7 @@ def lr_at(s):
         return args.lr * (s + 1) / args.warmup_steps
     if args.lr_schedule == "constant":
         return args.lr
-    frac = min(1.0, (s - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    frac = min(1.0, max((s - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps), time_frac))
     shape = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_schedule == "cosine" else 1 - frac
     return args.lr * (0.1 + 0.9 * shape)  # decays to 10% of --lr
 
@@ -250,7 +253,8 @@ def checkpoint_state():
             "step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            "args": vars(args), "tokenizer": tokenizer.to_state(), "metrics": last_eval}
+            "args": vars(args), "tokenizer": tokenizer.to_state(), "metrics": last_eval,
+            "train_seconds": train_seconds()}
 
 
 def save(name):
@@ -345,15 +349,24 @@ def check_finite():
              f"in {args.save_dir} is intact; try a lower --lr or more --warmup_steps, then --resume auto.", 3)
 
 
+def train_seconds():
+    return seconds_before + time.time() - t_start - paused
+
+
 def any_rank_stopping():
-    """All ranks must leave the loop at the same step, so under DDP the flag is agreed on every 10 steps."""
+    """All ranks must leave the loop at the same step and use the same lr, so under DDP the stop flag and the time
+    budget's progress are agreed on (rank 0's clock) every 10 steps."""
+    global time_frac
+    frac = train_seconds() / (60 * args.max_minutes) if args.max_minutes else 0.0
     if not ddp:
-        return bool(stop_signal)
+        time_frac = frac
+        return bool(stop_signal) or time_frac >= 1
     if step % 10:
         return False
-    flag = torch.tensor(float(bool(stop_signal)), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
+    shared = torch.tensor([float(bool(stop_signal)), frac if master else 0.0], device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    time_frac = shared[1].item()
+    return shared[0].item() > 0 or time_frac >= 1
 
 
 from tqdm import tqdm  # noqa: E402
@@ -361,6 +374,8 @@ from tqdm import tqdm  # noqa: E402
 bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", disable=not master or None,
            dynamic_ncols=True, leave=False)
 t_start = t_log = time.time()
+seconds_before = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0  # --max_minutes counts across resumes
+paused, time_frac = 0.0, 0.0
 tokens_at_log, steps_at_log = tokens_seen, step
 model.train()
 try:
@@ -418,6 +433,8 @@ try:
             tok_s = (tokens_seen - tokens_at_log) / max(dt, 1e-9)
             mfu = flops_per_step * (step - steps_at_log) / max(dt, 1e-9) / world_size / peak if peak else None
             eta = (args.max_steps - step) * dt / max(step - steps_at_log, 1)
+            if args.max_minutes:
+                eta = min(eta, 60 * args.max_minutes - train_seconds())
             t_log, tokens_at_log, steps_at_log = time.time(), tokens_seen, step
             if master:
                 record({"step": step, "kind": "train", "loss": train_loss, "lr": lr, "tok_s": tok_s,
@@ -431,13 +448,15 @@ try:
             last_eval = r
             bar.write(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
                       f"{r['bits_per_byte']:.4f} bits/byte")
-            t_log += time.time() - t_eval  # evaluation time is not training throughput
+            t_log += time.time() - t_eval  # evaluation time is not training throughput (nor --max_minutes)
+            paused += time.time() - t_eval
         if step % save_every == 0 and step < args.max_steps:
             check_finite()
             if master:
                 t_save = time.time()
                 bar.write(f"saved {save(f'step_{step}.pt')}")
                 t_log += time.time() - t_save
+                paused += time.time() - t_save
         if any_rank_stopping():
             break
 except torch.cuda.OutOfMemoryError:
@@ -461,7 +480,9 @@ else:
         if val_windows is None:
             plot_curves(history, curves_path)
         minutes = (time.time() - t_start) / 60
-        log(f"done: {step} steps, {tokens_seen:,} tokens in {minutes:.1f} min; final checkpoint {path}")
+        budget = " (the --max_minutes budget ran out)" if args.max_minutes and time_frac >= 1 else ""
+        log(f"done: {step} steps{budget}, {tokens_seen:,} tokens in {minutes:.1f} min ({train_seconds() / 60:.1f} of "
+            f"them training); final checkpoint {path}")
         if last_eval:
             log(f"validation (EMA): loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.1f}, "
                 f"{last_eval['bits_per_byte']:.4f} bits/byte; curves in {curves_path}")

@@ -80,6 +80,20 @@ def test_paper_update_rule_trains(corpus, tmp_path):
     assert all(v["step"].item() == 6 * 2 for v in state["optimizer"]["state"].values())  # a step per round
 
 
+def test_time_budget_stops_with_a_final_checkpoint_and_a_decayed_lr(corpus, tmp_path):
+    save = tmp_path / "ck"
+    r = train(corpus, save, "--max_steps", "1000000", "--max_minutes", "0.05", "--eval_every", "1000000",
+              "--log_every", "1")
+    assert "--max_minutes budget ran out" in r.stdout
+    final = [f for f in os.listdir(save) if f.startswith("final_step_")]
+    assert len(final) == 1 and int(final[0][11:-3]) < 1000000
+    state = load_checkpoint(save / final[0])
+    assert 3.0 <= state["train_seconds"] < 30
+    lrs = [h["lr"] for h in map(json.loads, (save / "metrics.jsonl").read_text().splitlines()) if h["kind"] == "train"]
+    # the cosine schedule ran on the clock: it ends near its floor (10% of --lr), not at the top as steps would say
+    assert max(lrs) > 0.9 * 3e-3 and lrs[-1] < 0.2 * 3e-3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--random_depth"]], ids=["fixed_depth", "random_depth"])
 def test_resume_is_bit_identical(corpus, tmp_path, extra):
