@@ -45,6 +45,9 @@ parser.add_argument("--no_cache", action="store_true", help="recompute every tok
 parser.add_argument("--supervision_steps", type=positive_int, default=None, help="test-time depth (default: trained)")
 parser.add_argument("--deep_steps", type=positive_int, default=None, help="test-time depth (default: trained)")
 parser.add_argument("--latent_steps", type=positive_int, default=None, help="test-time depth (default: trained)")
+parser.add_argument("--halt_threshold", type=float, default=None,
+                    help="adaptive depth (a model trained with --act_weight): a token stops its supervision rounds "
+                         "once the halting head's probability exceeds this (1.0 = never; default: off)")
 args = parser.parse_args()
 
 
@@ -58,6 +61,8 @@ if args.prompt is not None and args.prompt_file is not None:
 if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0 \
         or args.max_new_tokens < 0:
     fail("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, --repetition_penalty > 0, --max_new_tokens >= 0")
+if args.halt_threshold is not None and (not 0 <= args.halt_threshold <= 1 or args.no_cache):
+    fail("--halt_threshold must be in [0, 1] and works through the KV cache (not with --no_cache)")
 
 # ---- load ----------------------------------------------------------------------------------------------------
 try:
@@ -85,6 +90,10 @@ elif args.prompt_file is not None:
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read --prompt_file {args.prompt_file} ({type(e).__name__}: {e})")
 
+if args.halt_threshold is not None and (model.halt is None or model.config.arch != "trm"):
+    fail(f"--halt_threshold needs a TRM trained with a halting head (train_trm_lm.py --act_weight > 0); "
+         f"{args.model_path} has none")
+
 # Batch-1 decoding is bound by per-token latency, not arithmetic, so fp32 everywhere: bf16 would buy nothing here.
 device, _, why = pick_device(args.device, "fp32")
 model.to(device)
@@ -94,7 +103,9 @@ depth = dict(latent_steps=args.latent_steps, deep_steps=args.deep_steps, supervi
 n, T_deep, N_sup = model.depth(**depth)
 c = model.config
 print(f"{args.model_path}: step {state.get('step', '?')}, {model.num_params() / 1e6:.2f}M parameters, "
-      f"{args.weights} weights, arch {c.arch}, depth n={n} T={T_deep} N_sup={N_sup}, window {c.max_seq_len} tokens, "
+      f"{args.weights} weights, arch {c.arch}, depth n={n} T={T_deep} N_sup={N_sup}"
+      + (f" (adaptive: halting at p > {args.halt_threshold})" if args.halt_threshold is not None else "") +
+      f", window {c.max_seq_len} tokens, "
       f"{'no cache' if args.no_cache else 'KV cache'}, device {device.type} ({why.split(',')[0]}), seed {seed}",
       file=sys.stderr)
 
@@ -108,18 +119,23 @@ def run(prompt):
     for i in range(args.num_samples):
         stream = StreamDecoder(tokenizer, ids)
         print(prompt, end="", flush=True)
-        t0, count, stop = time.perf_counter(), 0, "max_new_tokens"
+        t0, count, stop, stats = time.perf_counter(), 0, "max_new_tokens", {}
         for token in generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id,
-                              use_cache=not args.no_cache, generator=generator, **depth):
+                              use_cache=not args.no_cache, halt_threshold=args.halt_threshold, stats=stats,
+                              generator=generator, **depth):
             count += 1
             print(stream.push(token), end="", flush=True)
         print(stream.flush(), flush=True)
         if count < args.max_new_tokens:
             stop = "EOS"
         dt = time.perf_counter() - t0
+        rounds = ""
+        if stats.get("tokens"):
+            mean = stats["rounds"] / stats["tokens"]
+            rounds = f", {mean:.2f} of {N_sup} supervision rounds per token ({100 * mean / N_sup:.0f}% of the recursion)"
         print(f"[sample {i + 1}/{args.num_samples}] prompt {len(ids)} tokens, generated {count} tokens in {dt:.2f} s, "
-              f"{count / dt:.1f} tokens/s (stopped at {stop})", file=sys.stderr, flush=True)
+              f"{count / dt:.1f} tokens/s{rounds} (stopped at {stop})", file=sys.stderr, flush=True)
 
 
 try:

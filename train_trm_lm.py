@@ -80,6 +80,9 @@ p.add_argument("--ema_decay", type=float, default=0.995, help="0 disables the EM
 p.add_argument("--random_depth", action="store_true",
                help="sample latent_steps in 1..2n and deep_steps in 1..2T every step (seeded), so the model also "
                     "works at depths it was not trained at; gradients still flow through the last deep step only")
+p.add_argument("--act_weight", type=float, default=0.0,
+               help="train a per-token halting head with this weight on its loss (0 = no head); it predicts whether a "
+                    "round's argmax is already right, for generate.py --halt_threshold")
 p.add_argument("--sup_update", default="mean", choices=["mean", "each"],
                help="deep supervision: one optimizer step on the mean of the rounds' losses (mean), or one step "
                     "after every round as in the paper (each; single process, no compile)")
@@ -104,8 +107,9 @@ for name in ("batch_size", "grad_accum", "max_seq_len", "max_steps", "eval_every
         fail(f"--{name} must be at least 1, got {getattr(args, name)}")
 if args.sup_update == "each" and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.grad_accum > 1):
     fail("--sup_update each runs one process without --grad_accum (its optimizer steps inside the forward pass)")
-if not 0 <= args.dropout < 1 or not 0 <= args.ema_decay < 1 or args.lr <= 0 or args.max_minutes < 0:
-    fail("--dropout and --ema_decay must be in [0, 1), --lr positive and --max_minutes >= 0")
+if not 0 <= args.dropout < 1 or not 0 <= args.ema_decay < 1 or args.lr <= 0 or args.max_minutes < 0 \
+        or args.act_weight < 0:
+    fail("--dropout and --ema_decay must be in [0, 1), --lr positive, --max_minutes and --act_weight >= 0")
 
 # ----------------------------------------------------------------------------------------------------------------
 # setup: processes, device, tokenizer, data, model, optimizer
@@ -188,9 +192,11 @@ else:
         config = TRMConfig(vocab_size=tokenizer.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
                            n_layers=args.n_layers, latent_steps=args.latent_steps, deep_steps=args.deep_steps,
                            supervision_steps=args.supervision_steps, dropout=args.dropout,
-                           max_seq_len=args.max_seq_len, arch=args.arch)
+                           max_seq_len=args.max_seq_len, arch=args.arch, halt_head=args.act_weight > 0)
     except ValueError as e:
         fail(str(e))
+if args.act_weight and not (config.halt_head and config.arch == "trm"):
+    fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 model = TRM(config).to(device)
 log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without "
@@ -387,7 +393,7 @@ try:
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
             x, y = (t.to(device) for t in loader.next_batch())
             round_losses = []
-            for round_loss in raw_model.supervision_rounds(x, y, **depth):
+            for round_loss in raw_model.supervision_rounds(x, y, act_weight=args.act_weight, **depth):
                 round_loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
                 bad |= ~torch.isfinite(round_loss.detach()) | ~torch.isfinite(grad_norm)
@@ -406,7 +412,7 @@ try:
             sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
             with model.no_sync() if not sync else contextlib.nullcontext():
                 with autocast(device, amp_dtype):
-                    _, loss = model(x, y, **depth)
+                    _, loss = model(x, y, act_weight=args.act_weight, **depth)
                 (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
             loss_count += 1
@@ -447,7 +453,8 @@ try:
             r = run_eval()
             last_eval = r
             bar.write(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
-                      f"{r['bits_per_byte']:.4f} bits/byte")
+                      f"{r['bits_per_byte']:.4f} bits/byte" +
+                      (f" | halting head accuracy {r['halt_accuracy']:.3f}" if "halt_accuracy" in r else ""))
             t_log += time.time() - t_eval  # evaluation time is not training throughput (nor --max_minutes)
             paused += time.time() - t_eval
         if step % save_every == 0 and step < args.max_steps:
@@ -485,6 +492,8 @@ else:
             f"them training); final checkpoint {path}")
         if last_eval:
             log(f"validation (EMA): loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.1f}, "
-                f"{last_eval['bits_per_byte']:.4f} bits/byte; curves in {curves_path}")
+                f"{last_eval['bits_per_byte']:.4f} bits/byte" +
+                (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "")
+                + f"; curves in {curves_path}")
 if ddp:
     dist.destroy_process_group()

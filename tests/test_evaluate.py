@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import japanese_lines
 from trm.data import document_ids, eval_windows
-from trm.evaluate import evaluate
+from trm.evaluate import evaluate, evaluate_adaptive
 from trm.model import TRM, TRMConfig
 from trm.tokenizer import Tokenizer
 
@@ -55,3 +55,23 @@ def test_evaluate_command_prints_one_json_object(tiny_checkpoint, tmp_path):
     missing = subprocess.run([*cmd[:-4], "--data", str(tmp_path / "nope.jsonl.gz")], capture_output=True, text=True,
                              cwd=ROOT, timeout=120)
     assert missing.returncode == 2 and "nope.jsonl.gz" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_adaptive_scoring_brackets_and_the_halting_accuracy(tiny_sp_model):
+    tok = Tokenizer.from_args("sentencepiece", tiny_sp_model)
+    ids = [i for doc in document_ids(tok, japanese_lines(20, seed=5)) for i in doc]
+    windows = eval_windows(np.array(ids), 24, 200)
+    torch.manual_seed(0)
+    model = TRM(TRMConfig(vocab_size=tok.vocab_size, d_model=32, n_heads=2, max_seq_len=24, dropout=0.0,
+                          supervision_steps=3, halt_head=True))
+    fixed, one_round = evaluate(model, windows, tok.token_bytes()), evaluate(model, windows, tok.token_bytes(),
+                                                                              supervision_steps=1)
+    never = evaluate_adaptive(model, windows, tok.token_bytes(), 1.0, batch_size=4)
+    always = evaluate_adaptive(model, windows, tok.token_bytes(), 0.0, batch_size=4)
+    assert math.isclose(never["loss"], fixed["loss"], rel_tol=1e-5) and never["recursion_share"] == 1.0
+    assert math.isclose(always["loss"], one_round["loss"], rel_tol=1e-5) and always["rounds_per_token"] == 1.0
+    # a fresh head says "keep thinking" everywhere: it is right exactly where a round's argmax is wrong
+    with torch.no_grad():
+        wrong = [(model.lm_head(s).argmax(-1) != windows[:, 1:]).float().mean().item()
+                 for s in model.round_states(windows[:, :-1])]
+    assert math.isclose(fixed["halt_accuracy"], sum(wrong) / 3, rel_tol=1e-6)

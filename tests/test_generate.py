@@ -77,6 +77,49 @@ def test_greedy_with_and_without_cache_identical_past_max_seq_len(tiny, depth):
     assert cached == uncached
 
 
+@pytest.fixture(scope="module")
+def halting_checkpoint(tmp_path_factory, tiny_sp_model):
+    """A tiny TRM with a halting head that says "stop" for about half the tokens after round 1."""
+    from conftest import make_checkpoint
+    path = tmp_path_factory.mktemp("halt") / "final_step_0.pt"
+    model = make_checkpoint(path, Tokenizer.from_args("sentencepiece", tiny_sp_model), halt_head=True,
+                            supervision_steps=3)
+    with torch.no_grad():
+        model.halt.weight.normal_(std=1.0, generator=torch.Generator().manual_seed(0))
+        q = model.halt(model.round_states(torch.arange(4, 68).view(1, -1))[0]).flatten()
+        model.halt.bias.fill_(-q.median())
+    state = torch.load(path, weights_only=True)
+    state["model"] = state["ema"]["model"] = model.state_dict()
+    from trm.checkpoint import save_checkpoint
+    save_checkpoint(state, str(path))
+    return str(path)
+
+
+def test_halting_at_threshold_one_never_changes_greedy_output(halting_checkpoint):
+    model, tok, _ = load_model(halting_checkpoint)
+    ids = tok.encode(PROMPT)
+    kw = dict(temperature=0, repetition_penalty=2.0)
+    fixed = list(generate(model, ids, 100, **kw))  # 100 tokens past the 64-token window: refills included
+    stats = {}
+    assert list(generate(model, ids, 100, halt_threshold=1.0, stats=stats, **kw)) == fixed
+    assert stats["rounds"] == 3 * stats["tokens"] and stats["tokens"] > 90
+    # and at 0.5 the head does stop some tokens early
+    stats = {}
+    list(generate(model, ids, 100, halt_threshold=0.5, stats=stats, **kw))
+    assert stats["tokens"] < stats["rounds"] < 3 * stats["tokens"]
+
+
+def test_halting_from_the_command_line(halting_checkpoint, tiny_checkpoint):
+    r = run_generate("--model_path", halting_checkpoint, "--prompt", "猫は", "--max_new_tokens", 20,
+                     "--temperature", 0, "--halt_threshold", 0.5)
+    assert r.returncode == 0, r.stderr
+    assert "adaptive: halting at p > 0.5" in r.stderr and "supervision rounds per token" in r.stderr
+    assert_refused(run_generate("--model_path", tiny_checkpoint, "--prompt", "猫", "--halt_threshold", 0.5),
+                   "halting head")
+    assert_refused(run_generate("--model_path", halting_checkpoint, "--prompt", "猫", "--halt_threshold", 1.5),
+                   "--halt_threshold")
+
+
 def test_seeded_sampling_with_and_without_cache_identical(tiny):
     model, tok = tiny
     ids = tok.encode(PROMPT)

@@ -488,3 +488,89 @@ def test_random_depth_is_reproducible_from_the_seed_and_covers_its_range():
     assert draws != [model.random_depth(seed=6, step=s) for s in range(400)]
     assert {d["latent_steps"] for d in draws} == {1, 2, 3, 4}
     assert {d["deep_steps"] for d in draws} == {1, 2, 3, 4, 5, 6}
+
+
+# ---- halting head and adaptive depth ------------------------------------------------------------------------------
+
+def halting(seed=0, **overrides):
+    """A tiny TRM whose halting head says "stop" for some tokens and not others (random weights, bias 0)."""
+    model = tiny(halt_head=True, seed=seed, **overrides)
+    with torch.no_grad():
+        model.halt.weight.normal_(std=1.0)
+        q = model.halt(model.round_states(tokens(3, 20))[0]).flatten()
+        model.halt.bias.fill_(-q.median())  # p > 0.5 after round 1 for about half the tokens
+    return model
+
+
+def adaptive_decode(model, idx, threshold, **depth):
+    cache = model.new_cache(idx.size(0), idx.size(1), **depth)
+    out = [model.decode_adaptive(idx[:, t:t + 1], cache, threshold, **depth) for t in range(idx.size(1))]
+    return torch.cat([o[0] for o in out], dim=1), torch.stack([o[1] for o in out], dim=1)
+
+
+def test_halting_head_starts_at_keep_thinking_and_adds_its_loss():
+    model = tiny(halt_head=True)
+    assert torch.sigmoid(model.halt.bias).item() < 0.01 and model.halt.weight.abs().sum() == 0
+    idx = tokens(2, 16)
+    _, lm = model(idx, idx)
+    _, both = model(idx, idx, act_weight=0.5)
+    assert both.item() > lm.item()  # BCE of a head that says "keep thinking" where some argmaxes may be right
+    with pytest.raises(ValueError, match="halt_head"):
+        tiny()(idx, idx, act_weight=0.5)
+
+
+def test_halting_head_learns_when_the_argmax_is_right():
+    torch.manual_seed(0)
+    model = tiny(halt_head=True).train()
+    idx = tokens(4, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(idx, idx.roll(-1, 1), act_weight=1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(idx)
+        right = logits.argmax(-1) == idx.roll(-1, 1)
+        said = torch.sigmoid(model.halt(model.round_states(idx)[-1]).squeeze(-1)) > 0.5
+    assert right.float().mean() > 0.5 and (said == right).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("depth", [{}, dict(supervision_steps=3, deep_steps=1)])
+def test_threshold_one_is_the_fixed_depth(depth):
+    model = halting()
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        full, _ = model(idx, **depth)
+    logits, rounds = adaptive_decode(model, idx, 1.0, **depth)
+    assert (logits - full).abs().max().item() <= 1e-4
+    assert (rounds == model.depth(**depth)[2]).all()
+
+
+def test_threshold_zero_equals_one_round_everywhere():
+    # every token stops after round 1, so every deeper slot holds round-1 keys/values: the N_sup=1 model, exactly
+    model = halting()
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        one_round, _ = model(idx, supervision_steps=1)
+    logits, rounds = adaptive_decode(model, idx, 0.0, supervision_steps=3)
+    assert (rounds == 1).all()
+    assert (logits - one_round).abs().max().item() <= 1e-4
+
+
+def test_mixed_halting_keeps_sequences_independent():
+    # some tokens stop early and others do not; a batch must give what each sequence gives alone
+    model = halting(supervision_steps=3)
+    idx = tokens(3, 20)
+    logits, rounds = adaptive_decode(model, idx, 0.5)
+    assert (rounds == 1).any() and (rounds > 1).any(), "the test needs both outcomes"
+    for b in range(3):
+        alone, alone_rounds = adaptive_decode(model, idx[b:b + 1], 0.5)
+        assert torch.equal(alone_rounds[0], rounds[b])
+        assert (alone[0] - logits[b]).abs().max().item() <= 1e-4
+
+
+def test_adaptive_depth_needs_a_halting_head():
+    with pytest.raises(ValueError, match="halting head"):
+        tiny().decode_adaptive(tokens(1, 1), tiny().new_cache(1, 4), 0.5)

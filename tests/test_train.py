@@ -94,6 +94,18 @@ def test_time_budget_stops_with_a_final_checkpoint_and_a_decayed_lr(corpus, tmp_
     assert max(lrs) > 0.9 * 3e-3 and lrs[-1] < 0.2 * 3e-3
 
 
+@pytest.mark.parametrize("rule", ["mean", "each"])
+def test_halting_head_trains_and_reports_its_accuracy(corpus, tmp_path, rule):
+    r = train(corpus, tmp_path / "ck", "--max_steps", "6", "--eval_every", "3", "--log_every", "3",
+              "--act_weight", "0.5", "--sup_update", rule)
+    assert r.stdout.count("halting head accuracy") == 2
+    state = load_checkpoint(tmp_path / "ck" / "final_step_6.pt")
+    assert state["config"]["halt_head"] and state["metrics"]["halt_accuracy"] > 0
+    assert not torch.equal(state["model"]["halt.weight"], torch.zeros_like(state["model"]["halt.weight"]))
+    gpt = train(corpus, tmp_path / "gpt", "--max_steps", "2", "--arch", "gpt", "--act_weight", "0.5", check=False)
+    assert gpt.returncode == 2 and "--act_weight needs --arch trm" in gpt.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--random_depth"]], ids=["fixed_depth", "random_depth"])
 def test_resume_is_bit_identical(corpus, tmp_path, extra):

@@ -19,24 +19,68 @@ from trm.device import autocast
 
 @torch.no_grad()
 def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype=None, **depth):
-    """Score fixed windows [n, L + 1] with the model's final-round logits. Returns a dict of plain floats/ints."""
+    """Score fixed windows [n, L + 1] with the model's final-round logits. Returns a dict of plain floats/ints.
+
+    A model with a halting head also gets halt_accuracy: how often, over every round and token, the head's
+    "stop" (p > 0.5) agrees with "this round's argmax is the target".
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     token_bytes = torch.as_tensor(token_bytes, device=device)
-    nats, n_tokens, n_bytes = 0.0, 0, 0
+    halting = model.halt is not None and model.config.arch == "trm"
+    nats, n_tokens, n_bytes, halt_right = 0.0, 0, 0, 0
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(device, non_blocking=True)
         x, y = w[:, :-1], w[:, 1:]
         with autocast(device, amp_dtype):
-            logits, _ = model(x, **depth)
+            if halting:
+                states = model.round_states(x, **depth)
+                for state in states:
+                    stop = model.halt(state).squeeze(-1) > 0
+                    halt_right += int((stop == (model.lm_head(state).argmax(-1) == y)).sum())
+                logits = model.lm_head(states[-1])
+            else:
+                logits, _ = model(x, **depth)
         nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
         n_tokens += y.numel()
         n_bytes += int(token_bytes[y].sum().item())
     model.train(was_training)
     loss = nats / n_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "tokens": n_tokens, "bytes": n_bytes}
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+              "bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "tokens": n_tokens, "bytes": n_bytes}
+    if halting:
+        result["halt_accuracy"] = halt_right / (n_tokens * len(states))
+    return result
+
+
+@torch.no_grad()
+def evaluate_adaptive(model, windows, token_bytes, halt_threshold, batch_size=16, device="cpu", **depth):
+    """Score windows the way adaptive generation runs: token by token through the KV cache, every token stopping
+    its supervision rounds once the halting head's probability exceeds halt_threshold (1.0 = the fixed depth).
+
+    Returns evaluate()'s numbers plus the mean supervision rounds per token and their share of the full depth.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    token_bytes = torch.as_tensor(token_bytes, device=device)
+    N_sup = model.depth(**depth)[2]
+    nats, n_tokens, n_bytes, rounds = 0.0, 0, 0, 0
+    for i in range(0, len(windows), batch_size):
+        w = windows[i:i + batch_size].to(device)
+        x, y = w[:, :-1], w[:, 1:]
+        cache = model.new_cache(x.size(0), x.size(1), **depth)
+        for t in range(x.size(1)):
+            logits, r = model.decode_adaptive(x[:, t:t + 1], cache, halt_threshold, **depth)
+            nats += F.cross_entropy(logits[:, -1].float(), y[:, t], reduction="sum").item()
+            rounds += int(r.sum())
+        n_tokens += y.numel()
+        n_bytes += int(token_bytes[y].sum().item())
+    model.train(was_training)
+    loss = nats / n_tokens
+    return {"loss": loss, "bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "tokens": n_tokens,
+            "rounds_per_token": rounds / n_tokens, "recursion_share": rounds / n_tokens / N_sup}
 
 
 def main(argv=None):
@@ -58,6 +102,8 @@ def main(argv=None):
     p.add_argument("--supervision_steps", type=int, default=None)
     p.add_argument("--deep_steps", type=int, default=None)
     p.add_argument("--latent_steps", type=int, default=None)
+    p.add_argument("--halt_threshold", type=float, default=None,
+                   help="score as adaptive generation runs (token by token; needs a halting head)")
     args = p.parse_args(argv)
 
     try:
@@ -81,7 +127,15 @@ def main(argv=None):
         return 2
     windows = eval_windows(ids, args.seq_len or model.config.max_seq_len, args.eval_tokens)
     depth = dict(latent_steps=args.latent_steps, deep_steps=args.deep_steps, supervision_steps=args.supervision_steps)
-    result = evaluate(model, windows, tokenizer.token_bytes(), args.batch_size, device, amp, **depth)
+    if args.halt_threshold is None:
+        result = evaluate(model, windows, tokenizer.token_bytes(), args.batch_size, device, amp, **depth)
+    elif model.halt is None or model.config.arch != "trm":
+        print(f"error: --halt_threshold needs a TRM trained with a halting head; {args.model_path} has none",
+              file=sys.stderr)
+        return 2
+    else:
+        result = evaluate_adaptive(model, windows, tokenizer.token_bytes(), args.halt_threshold, args.batch_size,
+                                   device, **depth)
     result.update(params=model.num_params(), step=state.get("step"), weights=args.weights,
                   checkpoint=args.model_path)
     print(json.dumps(result))

@@ -37,6 +37,7 @@ class TRMConfig:
     mlp_hidden: int = 0         # SwiGLU width; 0 = 8/3 d_model rounded up to a multiple of 64
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    halt_head: bool = False     # a per-token halting head on y (trained with --act_weight), for adaptive depth
 
     def __post_init__(self):
         if self.arch not in ("trm", "gpt"):
@@ -107,6 +108,12 @@ class KVCache:
         ks.narrow(2, self.pos, T).copy_(k)
         vs.narrow(2, self.pos, T).copy_(v)
         return ks.narrow(2, 0, self.pos + T), vs.narrow(2, 0, self.pos + T)
+
+    def copy_round(self, dst, src, n_slots, pos, rows):
+        """Slots dst.. take the keys/values of slots src.. at position pos, for the sequences where rows [B] is True."""
+        for t in (self.k, self.v):
+            old, new = t[dst:dst + n_slots, :, :, pos], t[src:src + n_slots, :, :, pos]
+            t[dst:dst + n_slots, :, :, pos] = torch.where(rows.view(1, -1, 1, 1), new, old)
 
     def update_static(self, k, v):
         s = self.slot
@@ -184,6 +191,9 @@ class TRM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Halting (ACT-style, as the paper's Q head): one logit per position and round for "this round's argmax is
+        # already the target". Zero weights and a negative bias start it at "keep thinking" (p = 0.007).
+        self.halt = nn.Linear(cfg.d_model, 1) if cfg.halt_head else None
         # A tied matrix keeps the head's small init (std 0.02: small step-0 logits), so the input side multiplies it
         # by sqrt(D), as Gemma does: token vectors enter at RMS 0.02 sqrt(D) (0.32 at D=256) instead of 0.02, which
         # the unit-scale y and z they are added to would drown. The product learns its scale from there.
@@ -200,7 +210,9 @@ class TRM(nn.Module):
 
     def _init_weights(self):
         for name, p in self.named_parameters():
-            if name == "embed.weight":
+            if name.startswith("halt."):
+                continue  # below
+            elif name == "embed.weight":
                 # unit-scale token vectors, like the states they are added to (tied: see embed_scale)
                 nn.init.normal_(p, std=0.02 if self.config.tie_embeddings else 1.0)
             elif name == "lm_head.weight":
@@ -210,6 +222,9 @@ class TRM(nn.Module):
             else:
                 nn.init.trunc_normal_(p, std=1.0 / math.sqrt(p.size(1)), a=-2.0 / math.sqrt(p.size(1)),
                                       b=2.0 / math.sqrt(p.size(1)))
+        if self.halt is not None:
+            nn.init.zeros_(self.halt.weight)
+            nn.init.constant_(self.halt.bias, -5.0)
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def depth(self, latent_steps=None, deep_steps=None, supervision_steps=None):
@@ -314,12 +329,13 @@ class TRM(nn.Module):
         return self.latent_recursion(x, y, z, n, rope, cache)  # the only step that backpropagates
 
     def forward(self, idx, targets=None, cache=None, latent_steps=None, deep_steps=None, supervision_steps=None,
-                return_all_losses=False, last_only=False):
+                return_all_losses=False, last_only=False, act_weight=0.0):
         """logits [B, T, vocab] of the last supervision round; loss = mean of the rounds' losses (None without targets).
 
         With `cache`, idx holds only the new tokens; positions continue from cache.pos.
         return_all_losses=True returns the per-round losses as a list instead of their mean.
         last_only=True (sampling, no targets) returns logits [B, 1, vocab] of the last position only.
+        act_weight > 0 adds act_weight x the halting head's loss to every round's loss (needs config.halt_head).
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True is for sampling: the loss needs every position's logits")
@@ -346,7 +362,8 @@ class TRM(nn.Module):
                 y, z = self.deep_recursion(x, y, z, n, T_deep, rope, cache)
                 if targets is not None:
                     logits = self.lm_head(y)
-                    losses.append(self._loss(logits, targets))
+                    losses.append(self._loss(logits, targets) + act_weight * self.halt_loss(y, logits, targets)
+                                  if act_weight else self._loss(logits, targets))
                 elif r == N_sup - 1:  # without targets only the last round's logits are read: skip the other heads
                     logits = head(y)
                 y, z = y.detach(), z.detach()  # each round backpropagates through its own last deep step only
@@ -356,7 +373,8 @@ class TRM(nn.Module):
             return logits, None
         return logits, (losses if return_all_losses else torch.stack(losses).mean())
 
-    def supervision_rounds(self, idx, targets, latent_steps=None, deep_steps=None, supervision_steps=None):
+    def supervision_rounds(self, idx, targets, latent_steps=None, deep_steps=None, supervision_steps=None,
+                           act_weight=0.0):
         """The paper's update rule: yields each round's loss; the caller backpropagates it and steps the optimizer
         before asking for the next round, which then runs with the updated weights from the detached y, z.
 
@@ -373,8 +391,64 @@ class TRM(nn.Module):
             if y is None:
                 y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
             y, z = self.deep_recursion(x, y, z, n, T_deep, rope)
-            yield self._loss(self.lm_head(y), targets)
+            logits = self.lm_head(y)
+            yield self._loss(logits, targets) + (act_weight * self.halt_loss(y, logits, targets) if act_weight else 0)
             y, z = y.detach(), z.detach()
+
+    @torch.no_grad()
+    def round_states(self, idx, latent_steps=None, deep_steps=None, supervision_steps=None):
+        """The answer state y after every supervision round, a list of [B, T, D] (for the halting statistics)."""
+        n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
+        rope = self.rope(0, idx.size(1))
+        x = self.embed(idx) * self.embed_scale
+        y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
+        states = []
+        for _ in range(N_sup):
+            y, z = self.deep_recursion(x, y, z, n, T_deep, rope)
+            states.append(y)
+        return states
+
+    @torch.no_grad()
+    def decode_adaptive(self, idx, cache, halt_threshold, latent_steps=None, deep_steps=None, supervision_steps=None):
+        """One new token per sequence (idx [B, 1]) through the cache, each sequence stopping its supervision rounds
+        once the halting head's probability exceeds halt_threshold (1.0: never, the fixed depth).
+
+        A stopped sequence keeps its y and z, and its keys/values at every deeper round are copies of those of the
+        round it stopped at, so later tokens read the stopped token's latest state wherever they look.
+        Returns (logits [B, 1, vocab] of each sequence's last round, rounds run per sequence [B]).
+        """
+        if self.halt is None or self.config.arch != "trm":
+            raise ValueError("adaptive depth needs a TRM trained with a halting head (train_trm_lm.py --act_weight)")
+        if idx.size(1) != 1 or cache.static:
+            raise ValueError("decode_adaptive takes one token per sequence through a normal (not fixed-shape) cache")
+        n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
+        B, pos = idx.size(0), cache.pos
+        slots = T_deep * (n + 1) * self.config.n_layers  # cache slots one round fills
+        # stop once sigmoid(q) > p, that is q > logit(p): p = 1 never stops, p = 0 always does
+        p = halt_threshold
+        limit = math.inf if p >= 1 else -math.inf if p <= 0 else math.log(p / (1 - p))
+        rope = self.rope(pos, 1)
+        x = self.embed(idx) * self.embed_scale
+        y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
+        stopped = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        rounds = torch.zeros(B, dtype=torch.long, device=idx.device)
+        for r in range(N_sup):
+            if r and bool(stopped.all()):  # nothing left to compute: fill the deeper rounds' slots and leave
+                for later in range(r, N_sup):
+                    cache.copy_round(later * slots, (later - 1) * slots, slots, pos, stopped)
+                break
+            y_new, z_new = self.deep_recursion(x, y, z, n, T_deep, rope, cache)
+            if r and bool(stopped.any()):
+                keep = stopped.view(B, 1, 1)
+                y, z = torch.where(keep, y, y_new), torch.where(keep, z, z_new)
+                cache.copy_round(r * slots, (r - 1) * slots, slots, pos, stopped)
+            else:
+                y, z = y_new, z_new
+            rounds += ~stopped
+            if r < N_sup - 1:
+                stopped |= self.halt(y)[:, -1, 0] > limit
+        cache.advance(1)
+        return self._sampling_head(y), rounds
 
     def _sampling_head(self, y):
         """Logits at the last position. Without autograd they come from a cached [D, vocab] copy of the head: for one
@@ -390,6 +464,17 @@ class TRM(nn.Module):
         if cached is None or cached[0] is not w or cached[1] != key:
             self._head_t = cached = (w, key, w.detach().t().contiguous())
         return y @ cached[2]
+
+    def halt_loss(self, y, logits, targets):
+        """Binary cross-entropy of the halting head against "this round's argmax already equals the target"."""
+        if self.halt is None:
+            raise ValueError("act_weight > 0 needs a model built with halt_head=True")
+        q = self.halt(y).squeeze(-1).float()
+        with torch.no_grad():
+            right = (logits.argmax(-1) == targets).float()
+            valid = (targets >= 0).float()  # masked positions (-1) count for neither loss
+        per_token = F.binary_cross_entropy_with_logits(q, right, reduction="none")
+        return (per_token * valid).sum() / valid.sum().clamp(min=1)
 
     @staticmethod
     def _loss(logits, targets):

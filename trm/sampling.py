@@ -77,7 +77,7 @@ class GraphedStep:
 @torch.inference_mode()  # as a decorator it is entered and left around each step, never held across a yield
 def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.0,
              eos_id=None, use_cache=True, cuda_graph=True, latent_steps=None, deep_steps=None, supervision_steps=None,
-             generator=None):
+             halt_threshold=None, stats=None, generator=None):
     """Yield new token ids one at a time (batch 1): stops after max_new_tokens or at eos_id (which is not yielded).
 
     Context window: model.config.max_seq_len tokens. When the text outgrows it, the window jumps forward to the last
@@ -85,6 +85,10 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
     token at a time) keeps the rebuilds rare: one prefill per max_seq_len // 2 new tokens.
 
     On CUDA with the cache, each decoding step is a CUDA-graph replay (cuda_graph=False: plain eager steps).
+
+    halt_threshold (a model trained with a halting head; needs the cache): each new token stops its supervision
+    rounds once the head's probability exceeds it (1.0 = never). stats, a dict, then counts "tokens" and "rounds"
+    (supervision rounds run for them) over the decoding steps; the prompt always gets the full depth.
     """
     if not len(prompt_ids):
         raise ValueError("empty prompt: start from [tokenizer.bos_id] (see prompt_ids)")
@@ -101,7 +105,10 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
     n = P       # ids[:, :n] is the text so far
     start = 0   # ids[:, start:n] is the window the model sees
 
-    graphed = use_cache and cuda_graph and device.type == "cuda"
+    adaptive = halt_threshold is not None
+    if adaptive and not use_cache:
+        raise ValueError("adaptive depth (halt_threshold) works through the KV cache: use_cache=True")
+    graphed = use_cache and cuda_graph and device.type == "cuda" and not adaptive
     cache = model.new_cache(1, L, **depth) if use_cache else None
     step = None
 
@@ -134,6 +141,11 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
             logits = refill()
         elif graphed:
             logits = step(next_id)
+        elif adaptive:
+            logits, rounds = model.decode_adaptive(ids[:, n - 1:n], cache, halt_threshold, **depth)
+            if stats is not None:
+                stats["tokens"] = stats.get("tokens", 0) + 1
+                stats["rounds"] = stats.get("rounds", 0) + int(rounds[0])
         elif use_cache:
             logits, _ = model(ids[:, n - 1:n], cache=cache, last_only=True, **depth)
         else:
