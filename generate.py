@@ -133,7 +133,7 @@ def run(prompt):
         rounds = ""
         if stats.get("tokens"):
             mean = stats["rounds"] / stats["tokens"]
-            rounds = f", {mean:.2f} of {N_sup} supervision rounds per token ({100 * mean / N_sup:.0f}% of the recursion)"
+            rounds = f", {mean:.2f} of {N_sup} supervision rounds per token ({100 * mean / N_sup:.0f}% of the depth)"
         print(f"[sample {i + 1}/{args.num_samples}] prompt {len(ids)} tokens, generated {count} tokens in {dt:.2f} s, "
               f"{count / dt:.1f} tokens/s{rounds} (stopped at {stop})", file=sys.stderr, flush=True)
 

@@ -430,7 +430,7 @@ try:
         if step % args.log_every == 0 or step == args.max_steps:
             check_finite()  # .item() forces a CPU-GPU sync; only on log steps
             if ddp:
-                dist.all_reduce(loss_sum)  # log the global batch's loss, not rank 0's share (SUM: older gloo has no AVG)
+                dist.all_reduce(loss_sum)  # the global batch's loss, not rank 0's share (SUM: older gloo has no AVG)
                 loss_sum /= world_size
             train_loss = loss_sum.item() / loss_count
             loss_sum.zero_()

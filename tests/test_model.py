@@ -482,12 +482,15 @@ def test_supervision_rounds_without_steps_match_the_mean_rule():
 
 
 def test_random_depth_is_reproducible_from_the_seed_and_covers_its_range():
-    model = TRM(TRMConfig(vocab_size=50, d_model=32, n_heads=2, latent_steps=2, deep_steps=3))
+    model = TRM(TRMConfig(vocab_size=50, d_model=32, n_heads=2, latent_steps=2, deep_steps=3, supervision_steps=2))
     draws = [model.random_depth(seed=5, step=s) for s in range(400)]
     assert draws == [model.random_depth(seed=5, step=s) for s in range(400)]  # what a resumed run redraws
     assert draws != [model.random_depth(seed=6, step=s) for s in range(400)]
     assert {d["latent_steps"] for d in draws} == {1, 2, 3, 4}
     assert {d["deep_steps"] for d in draws} == {1, 2, 3, 4, 5, 6}
+    assert {d["supervision_steps"] for d in draws} == {1, 2, 3, 4}
+    grid = model.random_depth_grid()
+    assert len(grid) == 4 * 6 * 4 and all(d in grid for d in draws)
 
 
 # ---- halting head and adaptive depth ------------------------------------------------------------------------------

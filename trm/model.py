@@ -13,6 +13,7 @@ lets generation cache keys/values per net call: each (round, deep step, call, la
 
 arch="gpt" stacks the same blocks once (no recursion): the in-project baseline for "does recursion pay?".
 """
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -239,22 +240,25 @@ class TRM(nn.Module):
         return depth
 
     def random_depth(self, seed, step):
-        """Depth for one training step of --random_depth: latent_steps uniform in 1..2n and deep_steps in 1..2T.
+        """Depth for one training step of --random_depth: latent_steps uniform in 1..2n, deep_steps in 1..2T and
+        supervision_steps in 1..2 N_sup.
 
-        Looped LMs extrapolate to deeper inference only when trained at varied depths. The draw depends on
-        (seed, step) alone, so a resumed run draws the same depths as an uninterrupted one.
+        Looped LMs extrapolate to deeper inference only when trained at varied depths; rounds are what inference
+        varies, so they are drawn too. The draw depends on (seed, step) alone, so a resumed run draws the same depths
+        as an uninterrupted one.
         """
         rng = np.random.default_rng([seed, step, 0x7E7])
-        max_n, max_T = self._random_depth_max()
-        return {"latent_steps": int(rng.integers(1, max_n + 1)), "deep_steps": int(rng.integers(1, max_T + 1))}
+        return {name: int(rng.integers(1, top + 1)) for name, top in self._random_depth_max().items()}
 
     def random_depth_grid(self):
         """Every depth random_depth can draw, equally likely (e.g. to count the mean FLOPs of a step)."""
-        max_n, max_T = self._random_depth_max()
-        return [{"latent_steps": n, "deep_steps": t} for n in range(1, max_n + 1) for t in range(1, max_T + 1)]
+        tops = self._random_depth_max()
+        return [dict(zip(tops, d)) for d in itertools.product(*(range(1, t + 1) for t in tops.values()))]
 
     def _random_depth_max(self):
-        return 2 * self.config.latent_steps, 2 * self.config.deep_steps
+        c = self.config
+        return {"latent_steps": 2 * c.latent_steps, "deep_steps": 2 * c.deep_steps,
+                "supervision_steps": 2 * c.supervision_steps}
 
     def net_calls(self, latent_steps=None, deep_steps=None, supervision_steps=None):
         """Applications of `net` per token in one forward pass."""

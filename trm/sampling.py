@@ -1,8 +1,9 @@
 """Sampling text from a TRM: the next-token rule, the token-by-token loop, and terminal-safe streaming of the text.
 
 generate() feeds the prompt once (prefill) and then one token per forward pass, reusing the keys/values that every
-net call at every depth has cached (on CUDA, each of those passes is a CUDA-graph replay). use_cache=False recomputes the whole window for every token: slower, and there
-only to check the cached path. Both follow the same sliding-window policy past max_seq_len, so greedy outputs agree.
+net call at every depth has cached (on CUDA, each of those passes is a CUDA-graph replay). use_cache=False
+recomputes the whole window for every token: slower, and there only to check the cached path. Both follow the same
+sliding-window policy past max_seq_len, so greedy outputs agree.
 """
 import torch
 
