@@ -78,8 +78,9 @@ p.add_argument("--warmup_steps", type=int, default=500)
 p.add_argument("--grad_clip", type=float, default=1.0)
 p.add_argument("--ema_decay", type=float, default=0.995, help="0 disables the EMA")
 p.add_argument("--random_depth", action="store_true",
-               help="sample latent_steps in 1..2n and deep_steps in 1..2T every step (seeded), so the model also "
-                    "works at depths it was not trained at; gradients still flow through the last deep step only")
+               help="sample latent_steps in 1..2n, deep_steps in 1..2T and supervision_steps in 1..2N every step "
+                    "(seeded), so the model also works at depths it was not trained at; gradients still flow "
+                    "through the last deep step only")
 p.add_argument("--act_weight", type=float, default=0.0,
                help="train a per-token halting head with this weight on its loss (0 = no head); it predicts whether a "
                     "round's argmax is already right, for generate.py --halt_threshold")

@@ -2,6 +2,8 @@
 
     python bench/generate_speed.py                       # this CPU
     python bench/generate_speed.py --device cuda         # a GPU machine
+    python bench/generate_speed.py --checkpoint halt_each/final_step_600.pt --prompt_len 32 --modes cache \
+        --halt_thresholds 1.0 0.5 0.0                    # adaptive depth: a checkpoint with a halting head
 
 Prints one row per mode: prefill time (the prompt's forward pass), then new tokens per second over the whole run
 (prefill included) and over the decoding steps alone. Random weights are fine: speed does not depend on them.
@@ -27,14 +29,23 @@ parser.add_argument("--d_model", type=int, default=256)
 parser.add_argument("--n_heads", type=int, default=4)
 parser.add_argument("--vocab_size", type=int, default=16000)
 parser.add_argument("--max_seq_len", type=int, default=512)
+parser.add_argument("--checkpoint", default=None, help="time this checkpoint (EMA weights) instead of random weights")
+parser.add_argument("--halt_thresholds", nargs="*", type=float, default=[],
+                    help="also time adaptive depth at these thresholds (needs a checkpoint with a halting head)")
 args = parser.parse_args()
 
 if args.threads:
     torch.set_num_threads(args.threads)
 device = torch.device(args.device)
 torch.manual_seed(0)
-cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, max_seq_len=args.max_seq_len)
-model = TRM(cfg).to(device).eval()
+if args.checkpoint:
+    from trm.checkpoint import load_model
+    model = load_model(args.checkpoint)[0].to(device).eval()
+    cfg = model.config
+else:
+    cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
+                    max_seq_len=args.max_seq_len)
+    model = TRM(cfg).to(device).eval()
 prompt = torch.randint(4, cfg.vocab_size, (args.prompt_len,)).tolist()
 
 
@@ -43,12 +54,13 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed_run(use_cache, new_tokens):
+def timed_run(use_cache, new_tokens, halt_threshold=None, stats=None):
     """(seconds to the first token, total seconds, CPU seconds of this process, tokens) for one greedy run."""
     sync()
     t0, c0 = time.perf_counter(), time.process_time()
     first, count = None, 0
-    for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache):
+    for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache, halt_threshold=halt_threshold,
+                      stats=stats):
         count += 1
         if first is None:
             first = time.perf_counter() - t0
@@ -73,10 +85,14 @@ print(f"# {name}, torch {torch.__version__}; d_model={cfg.d_model} n_heads={cfg.
 timed_run(True, 4)  # warm-up: allocator, kernels, lazy init
 # tokens per CPU-second: on a shared machine, what one free core would give with --threads 1
 print(f"| {'mode':8} | {'prefill s':>9} | {'total s':>8} | {'tokens/s':>8} | {'decode tokens/s':>15} | "
-      f"{'tokens/CPU-s':>12} |")
-print(f"|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 17}|{'-' * 14}|")
-for mode in args.modes.split(","):
-    first, total, cpu, count = timed_run(mode == "cache", args.new_tokens)
+      f"{'tokens/CPU-s':>12} | rounds per token |")
+print(f"|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 17}|{'-' * 14}|---|")
+runs = [(mode, mode == "cache", None) for mode in args.modes.split(",")]
+runs += [(f"halt {p}", True, p) for p in args.halt_thresholds]
+for mode, use_cache, p_halt in runs:
+    stats = {}
+    first, total, cpu, count = timed_run(use_cache, args.new_tokens, p_halt, stats)
     decode = (count - 1) / (total - first) if count > 1 else float("nan")
-    print(f"| {mode:8} | {first:9.3f} | {total:8.2f} | {count / total:8.1f} | {decode:15.1f} | {count / cpu:12.1f} |",
-          flush=True)
+    rounds = f"{stats['rounds'] / stats['tokens']:.2f}" if stats.get("tokens") else "-"
+    print(f"| {mode:8} | {first:9.3f} | {total:8.2f} | {count / total:8.1f} | {decode:15.1f} | {count / cpu:12.1f} | "
+          f"{rounds} |", flush=True)
