@@ -497,4 +497,7 @@ else:
                 (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "")
                 + f"; curves in {curves_path}")
 if ddp:
+    # the others wait for rank 0's evaluation and save: a process group torn down on one side only can abort the
+    # other (seen with gloo: "terminate called without an active exception", and torchrun then kills rank 0)
+    dist.barrier()
     dist.destroy_process_group()
