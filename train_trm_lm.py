@@ -84,6 +84,10 @@ p.add_argument("--random_depth", action="store_true",
 p.add_argument("--act_weight", type=float, default=0.0,
                help="train a per-token halting head with this weight on its loss (0 = no head); it predicts whether a "
                     "round's argmax is already right, for generate.py --halt_threshold")
+p.add_argument("--train_halt_threshold", type=float, default=None,
+               help="train with adaptive depth (needs --act_weight): tokens stop their rounds once the halting head's "
+                    "probability exceeds this, as in generate.py --halt_threshold, so the deeper rounds learn to read "
+                    "stopped tokens (no compile)")
 p.add_argument("--sup_update", default="mean", choices=["mean", "each"],
                help="deep supervision: one optimizer step on the mean of the rounds' losses (mean), or one step "
                     "after every round as in the paper (each; single process, no compile)")
@@ -198,6 +202,9 @@ else:
         fail(str(e))
 if args.act_weight and not (config.halt_head and config.arch == "trm"):
     fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
+if args.train_halt_threshold is not None and (not args.act_weight or not 0 <= args.train_halt_threshold <= 1):
+    fail("--train_halt_threshold needs --act_weight > 0 and a value in [0, 1]")
+halting = {"act_weight": args.act_weight, "halt_threshold": args.train_halt_threshold}
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 model = TRM(config).to(device)
 log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without "
@@ -229,10 +236,10 @@ else:
     random.seed(args.seed + rank)
 
 raw_model = model  # what gets saved, evaluated and sampled; never the compiled or DDP wrapper
-# Not compiled: the paper's update rule (an optimizer step inside the forward pass) and random depth (a new graph
-# for every depth drawn)
+# Not compiled: the paper's update rule (an optimizer step inside the forward pass), random depth (a new graph
+# for every depth drawn) and adaptive depth in training (data-dependent stopping)
 use_compile = (args.compile in ("on", "graphs") or (args.compile == "auto" and device.type == "cuda")) \
-    and args.sup_update == "mean" and not args.random_depth
+    and args.sup_update == "mean" and not args.random_depth and args.train_halt_threshold is None
 cuda_graphs = args.compile == "graphs" and device.type == "cuda"
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -394,7 +401,7 @@ try:
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
             x, y = (t.to(device) for t in loader.next_batch())
             round_losses = []
-            for round_loss in raw_model.supervision_rounds(x, y, act_weight=args.act_weight, **depth):
+            for round_loss in raw_model.supervision_rounds(x, y, **halting, **depth):
                 round_loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
                 bad |= ~torch.isfinite(round_loss.detach()) | ~torch.isfinite(grad_norm)
@@ -413,7 +420,7 @@ try:
             sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
             with model.no_sync() if not sync else contextlib.nullcontext():
                 with autocast(device, amp_dtype):
-                    _, loss = model(x, y, act_weight=args.act_weight, **depth)
+                    _, loss = model(x, y, **halting, **depth)
                 (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
             loss_count += 1

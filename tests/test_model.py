@@ -574,6 +574,34 @@ def test_mixed_halting_keeps_sequences_independent():
         assert (alone[0] - logits[b]).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
+def test_whole_sequence_halting_equals_token_by_token_decoding(threshold):
+    # halting_rounds (training, fast scoring) must compute exactly what adaptive generation computes
+    model = halting(supervision_steps=3)
+    idx = tokens(3, 20)
+    logits, rounds = adaptive_decode(model, idx, threshold)
+    with torch.no_grad():
+        states = list(model.halting_rounds(idx, threshold))
+        whole, _ = model(idx, halt_threshold=threshold)
+    assert torch.equal(sum(running.long() for _, running in states), rounds)
+    assert (rounds == 1).any() and (rounds == 3).any()
+    assert (whole - logits).abs().max().item() <= 1e-4
+
+
+def test_halting_loss_counts_each_token_in_the_rounds_that_computed_it():
+    model = halting(supervision_steps=3)
+    idx = tokens(2, 20)
+    _, fixed = model(idx, idx, return_all_losses=True)
+    _, never = model(idx, idx, halt_threshold=1.0, return_all_losses=True)
+    torch.testing.assert_close(torch.stack(never), torch.stack(fixed))
+    _, always = model(idx, idx, halt_threshold=0.0, return_all_losses=True)
+    assert always[0].item() > 0 and always[1].item() == 0 and always[2].item() == 0  # nothing left after round 1
+    model.train()
+    _, loss = model(idx, idx, halt_threshold=0.5, act_weight=0.1)
+    loss.backward()
+    assert model.halt.weight.grad.abs().sum() > 0 and model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_adaptive_depth_needs_a_halting_head():
     with pytest.raises(ValueError, match="halting head"):
         tiny().decode_adaptive(tokens(1, 1), tiny().new_cache(1, 4), 0.5)

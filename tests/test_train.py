@@ -102,6 +102,9 @@ def test_halting_head_trains_and_reports_its_accuracy(corpus, tmp_path, rule):
     state = load_checkpoint(tmp_path / "ck" / "final_step_6.pt")
     assert state["config"]["halt_head"] and state["metrics"]["halt_accuracy"] > 0
     assert not torch.equal(state["model"]["halt.weight"], torch.zeros_like(state["model"]["halt.weight"]))
+    stopping = train(corpus, tmp_path / "stop", "--max_steps", "4", "--eval_every", "4", "--act_weight", "0.5",
+                     "--sup_update", rule, "--train_halt_threshold", "0.5")
+    assert "halting head accuracy" in stopping.stdout and (tmp_path / "stop" / "final_step_4.pt").exists()
     gpt = train(corpus, tmp_path / "gpt", "--max_steps", "2", "--arch", "gpt", "--act_weight", "0.5", check=False)
     assert gpt.returncode == 2 and "--act_weight needs --arch trm" in gpt.stderr
 

@@ -55,9 +55,11 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
 
 
 @torch.no_grad()
-def evaluate_adaptive(model, windows, token_bytes, halt_threshold, batch_size=16, device="cpu", **depth):
-    """Score windows the way adaptive generation runs: token by token through the KV cache, every token stopping
-    its supervision rounds once the halting head's probability exceeds halt_threshold (1.0 = the fixed depth).
+def evaluate_adaptive(model, windows, token_bytes, halt_threshold, batch_size=16, device="cpu", amp_dtype=None,
+                      **depth):
+    """Score windows the way adaptive generation runs: every token stops its supervision rounds once the halting
+    head's probability exceeds halt_threshold (1.0 = the fixed depth). TRM.halting_rounds computes all positions at
+    once what decoding computes token by token (tested equal).
 
     Returns evaluate()'s numbers plus the mean supervision rounds per token and their share of the full depth.
     """
@@ -68,19 +70,20 @@ def evaluate_adaptive(model, windows, token_bytes, halt_threshold, batch_size=16
     N_sup = model.depth(**depth)[2]
     nats, n_tokens, n_bytes, rounds = 0.0, 0, 0, 0
     for i in range(0, len(windows), batch_size):
-        w = windows[i:i + batch_size].to(device)
+        w = windows[i:i + batch_size].to(device, non_blocking=True)
         x, y = w[:, :-1], w[:, 1:]
-        cache = model.new_cache(x.size(0), x.size(1), **depth)
-        for t in range(x.size(1)):
-            logits, r = model.decode_adaptive(x[:, t:t + 1], cache, halt_threshold, **depth)
-            nats += F.cross_entropy(logits[:, -1].float(), y[:, t], reduction="sum").item()
-            rounds += int(r.sum())
+        with autocast(device, amp_dtype):
+            for state, running in model.halting_rounds(x, halt_threshold, **depth):
+                rounds += int(running.sum())
+            logits = model.lm_head(state)
+        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
         n_tokens += y.numel()
         n_bytes += int(token_bytes[y].sum().item())
     model.train(was_training)
     loss = nats / n_tokens
-    return {"loss": loss, "bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "tokens": n_tokens,
-            "rounds_per_token": rounds / n_tokens, "recursion_share": rounds / n_tokens / N_sup}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": nats / math.log(2) / max(n_bytes, 1),
+            "tokens": n_tokens, "bytes": n_bytes, "rounds_per_token": rounds / n_tokens,
+            "recursion_share": rounds / n_tokens / N_sup}
 
 
 def main(argv=None):
@@ -135,7 +138,7 @@ def main(argv=None):
         return 2
     else:
         result = evaluate_adaptive(model, windows, tokenizer.token_bytes(), args.halt_threshold, args.batch_size,
-                                   device, **depth)
+                                   device, amp, **depth)
     result.update(params=model.num_params(), step=state.get("step"), weights=args.weights,
                   checkpoint=args.model_path)
     print(json.dumps(result))

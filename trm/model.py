@@ -130,6 +130,30 @@ class KVCache:
             self.pos_t += T  # on the device, so that a replayed graph advances it too
 
 
+class RoundKV:
+    """Adaptive depth over whole sequences at once (TRM.halting_rounds): what decode_adaptive does with its cache.
+
+    Records the keys/values of every attention call of a round, in call order; in the next round, tokens that have
+    stopped show attention their recorded keys/values instead of new ones. A stopped token's recorded entry is itself
+    the copy from the round it stopped at, so later tokens read that round's keys/values at every deeper round.
+    """
+    static = False
+
+    def __init__(self):
+        self.prev, self.cur, self.stopped = [], [], None
+
+    def next_round(self, stopped):
+        self.prev, self.cur, self.stopped = self.cur, [], stopped  # stopped [B, T] bool
+
+    def mix(self, k, v):
+        if self.prev:
+            old_k, old_v = self.prev[len(self.cur)]
+            keep = self.stopped[:, None, :, None]  # k, v are [B, H, T, hd]
+            k, v = torch.where(keep, old_k, k), torch.where(keep, old_v, v)
+        self.cur.append((k.detach(), v.detach()))  # rounds stay detached from each other
+        return k, v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -144,6 +168,8 @@ class Attention(nn.Module):
         v = qkv[2]
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif isinstance(cache, RoundKV):
+            out = F.scaled_dot_product_attention(q, *cache.mix(k, v), is_causal=True)
         elif cache.static:
             k, v = cache.update_static(k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
@@ -333,13 +359,14 @@ class TRM(nn.Module):
         return self.latent_recursion(x, y, z, n, rope, cache)  # the only step that backpropagates
 
     def forward(self, idx, targets=None, cache=None, latent_steps=None, deep_steps=None, supervision_steps=None,
-                return_all_losses=False, last_only=False, act_weight=0.0):
+                return_all_losses=False, last_only=False, act_weight=0.0, halt_threshold=None):
         """logits [B, T, vocab] of the last supervision round; loss = mean of the rounds' losses (None without targets).
 
         With `cache`, idx holds only the new tokens; positions continue from cache.pos.
         return_all_losses=True returns the per-round losses as a list instead of their mean.
         last_only=True (sampling, no targets) returns logits [B, 1, vocab] of the last position only.
         act_weight > 0 adds act_weight x the halting head's loss to every round's loss (needs config.halt_head).
+        halt_threshold: adaptive depth (halting_rounds); each round's loss then counts the tokens it computed.
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True is for sampling: the loss needs every position's logits")
@@ -355,7 +382,16 @@ class TRM(nn.Module):
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         head = self._sampling_head if last_only else self.lm_head
-        if self.config.arch == "gpt":
+        if halt_threshold is not None:
+            if cache is not None:
+                raise ValueError("adaptive depth through a cache is decode_adaptive's job")
+            losses = []
+            for y, running in self.halting_rounds(idx, halt_threshold, latent_steps, deep_steps, supervision_steps):
+                logits = self.lm_head(y)
+                if targets is not None:
+                    losses.append(self._round_loss(y, logits, targets.masked_fill(~running, -1), act_weight))
+            logits = logits[:, -1:] if last_only else logits
+        elif self.config.arch == "gpt":
             logits = head(self.net(x, rope, cache))
             losses = [self._loss(logits, targets)] if targets is not None else []
         else:
@@ -378,7 +414,7 @@ class TRM(nn.Module):
         return logits, (losses if return_all_losses else torch.stack(losses).mean())
 
     def supervision_rounds(self, idx, targets, latent_steps=None, deep_steps=None, supervision_steps=None,
-                           act_weight=0.0):
+                           act_weight=0.0, halt_threshold=None):
         """The paper's update rule: yields each round's loss; the caller backpropagates it and steps the optimizer
         before asking for the next round, which then runs with the updated weights from the detached y, z.
 
@@ -386,6 +422,10 @@ class TRM(nn.Module):
         """
         if self.config.arch == "gpt":
             yield self(idx, targets)[1]
+            return
+        if halt_threshold is not None:
+            for y, running in self.halting_rounds(idx, halt_threshold, latent_steps, deep_steps, supervision_steps):
+                yield self._round_loss(y, self.lm_head(y), targets.masked_fill(~running, -1), act_weight)
             return
         n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
         rope = self.rope(0, idx.size(1))
@@ -412,6 +452,50 @@ class TRM(nn.Module):
             states.append(y)
         return states
 
+    def halting_rounds(self, idx, halt_threshold, latent_steps=None, deep_steps=None, supervision_steps=None):
+        """Adaptive depth over whole sequences at once: the computation decode_adaptive makes token by token (tested
+        equal). After every round, tokens whose halting probability exceeds halt_threshold stop: they keep y and z,
+        and attention at the deeper rounds reads their keys/values of the round they stopped at (RoundKV).
+
+        Yields (y, running) per round: y [B, T, D] with stopped tokens' y frozen, running [B, T] True where this
+        round computed the token. x is embedded every round, as in supervision_rounds (the caller may step the
+        optimizer between rounds). Training this way teaches the deeper rounds to read stopped tokens.
+        """
+        self._check_halting()
+        n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
+        rope = self.rope(0, idx.size(1))
+        limit = self._halt_limit(halt_threshold)
+        kv, y, z = RoundKV(), None, None
+        stopped = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
+        for _ in range(N_sup):
+            x = self.embed(idx) * self.embed_scale
+            if y is None:
+                y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
+            kv.next_round(stopped)
+            y_new, z_new = self.deep_recursion(x, y, z, n, T_deep, rope, kv)
+            keep = stopped.unsqueeze(-1)
+            y, z = torch.where(keep, y, y_new), torch.where(keep, z, z_new)
+            yield y, ~stopped
+            y, z = y.detach(), z.detach()
+            with torch.no_grad():
+                stopped = stopped | (self.halt(y).squeeze(-1) > limit)
+
+    def _check_halting(self):
+        if self.halt is None or self.config.arch != "trm":
+            raise ValueError("adaptive depth needs a TRM trained with a halting head (train_trm_lm.py --act_weight)")
+
+    @staticmethod
+    def _halt_limit(p):
+        # stop once sigmoid(q) > p, that is q > logit(p): p = 1 never stops, p = 0 always does
+        return math.inf if p >= 1 else -math.inf if p <= 0 else math.log(p / (1 - p))
+
+    def _round_loss(self, y, logits, targets, act_weight):
+        """One round's loss over the targets that are not -1 (0 when there are none: every token stopped)."""
+        valid = (targets >= 0).sum().clamp(min=1)
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                             reduction="sum") / valid
+        return ce + act_weight * self.halt_loss(y, logits, targets) if act_weight else ce
+
     @torch.no_grad()
     def decode_adaptive(self, idx, cache, halt_threshold, latent_steps=None, deep_steps=None, supervision_steps=None):
         """One new token per sequence (idx [B, 1]) through the cache, each sequence stopping its supervision rounds
@@ -421,16 +505,13 @@ class TRM(nn.Module):
         round it stopped at, so later tokens read the stopped token's latest state wherever they look.
         Returns (logits [B, 1, vocab] of each sequence's last round, rounds run per sequence [B]).
         """
-        if self.halt is None or self.config.arch != "trm":
-            raise ValueError("adaptive depth needs a TRM trained with a halting head (train_trm_lm.py --act_weight)")
+        self._check_halting()
         if idx.size(1) != 1 or cache.static:
             raise ValueError("decode_adaptive takes one token per sequence through a normal (not fixed-shape) cache")
         n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
         B, pos = idx.size(0), cache.pos
         slots = T_deep * (n + 1) * self.config.n_layers  # cache slots one round fills
-        # stop once sigmoid(q) > p, that is q > logit(p): p = 1 never stops, p = 0 always does
-        p = halt_threshold
-        limit = math.inf if p >= 1 else -math.inf if p <= 0 else math.log(p / (1 - p))
+        limit = self._halt_limit(halt_threshold)
         rope = self.rope(pos, 1)
         x = self.embed(idx) * self.embed_scale
         y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
