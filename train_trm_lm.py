@@ -389,11 +389,12 @@ bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", disabl
            dynamic_ncols=True, leave=False)
 t_start = t_log = time.time()
 seconds_before = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0  # --max_minutes counts across resumes
-paused, time_frac = 0.0, 0.0
+paused = 0.0
+time_frac = seconds_before / (60 * args.max_minutes) if args.max_minutes else 0.0  # the same on every rank
 tokens_at_log, steps_at_log = tokens_seen, step
 model.train()
 try:
-    while step < args.max_steps:
+    while step < args.max_steps and time_frac < 1:
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -137,7 +137,6 @@ class RoundKV:
     stopped show attention their recorded keys/values instead of new ones. A stopped token's recorded entry is itself
     the copy from the round it stopped at, so later tokens read that round's keys/values at every deeper round.
     """
-    static = False
 
     def __init__(self):
         self.prev, self.cur, self.stopped = [], [], None
