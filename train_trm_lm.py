@@ -449,7 +449,7 @@ try:
             mfu = flops_per_step * (step - steps_at_log) / max(dt, 1e-9) / world_size / peak if peak else None
             eta = (args.max_steps - step) * dt / max(step - steps_at_log, 1)
             if args.max_minutes:
-                eta = min(eta, 60 * args.max_minutes - train_seconds())
+                eta = max(0.0, min(eta, 60 * args.max_minutes - train_seconds()))
             t_log, tokens_at_log, steps_at_log = time.time(), tokens_seen, step
             if master:
                 record({"step": step, "kind": "train", "loss": train_loss, "lr": lr, "tok_s": tok_s,

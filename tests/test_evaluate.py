@@ -55,6 +55,8 @@ def test_evaluate_command_prints_one_json_object(tiny_checkpoint, tmp_path):
     missing = subprocess.run([*cmd[:-4], "--data", str(tmp_path / "nope.jsonl.gz")], capture_output=True, text=True,
                              cwd=ROOT, timeout=120)
     assert missing.returncode == 2 and "nope.jsonl.gz" in missing.stderr and "Traceback" not in missing.stderr
+    no_head = subprocess.run([*cmd, "--halt_threshold", "0.5"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert no_head.returncode == 2 and "halting head" in no_head.stderr and "Traceback" not in no_head.stderr
 
 
 def test_adaptive_scoring_brackets_and_the_halting_accuracy(tiny_sp_model):

@@ -1,6 +1,7 @@
 """Validation loss, perplexity and bits per UTF-8 byte; also a command that scores any checkpoint on any text.
 
     python -m trm.evaluate --model_path checkpoints_new/step_500.pt --data validation_0.jsonl.gz [--eval_tokens N]
+        [--halt_threshold P]   # a model with a halting head, scored as adaptive generation runs
 
 Bits per byte divides the summed loss (in bits) by the UTF-8 bytes the target tokens stand for, so it compares
 models with different tokenizers. EOS targets count their loss but no bytes (slightly pessimistic).
@@ -81,9 +82,9 @@ def evaluate_adaptive(model, windows, token_bytes, halt_threshold, batch_size=16
         n_bytes += int(token_bytes[y].sum().item())
     model.train(was_training)
     loss = nats / n_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": nats / math.log(2) / max(n_bytes, 1),
-            "tokens": n_tokens, "bytes": n_bytes, "rounds_per_token": rounds / n_tokens,
-            "recursion_share": rounds / n_tokens / N_sup}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "tokens": n_tokens, "bytes": n_bytes,
+            "rounds_per_token": rounds / n_tokens, "recursion_share": rounds / n_tokens / N_sup}
 
 
 def main(argv=None):
@@ -106,7 +107,7 @@ def main(argv=None):
     p.add_argument("--deep_steps", type=int, default=None)
     p.add_argument("--latent_steps", type=int, default=None)
     p.add_argument("--halt_threshold", type=float, default=None,
-                   help="score as adaptive generation runs (token by token; needs a halting head)")
+                   help="score as adaptive generation runs at this threshold (needs a halting head)")
     args = p.parse_args(argv)
 
     try:
