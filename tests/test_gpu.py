@@ -68,6 +68,19 @@ def test_cuda_graph_generation_equals_eager_past_the_window(depth):
     assert len(runs[0]) == 50 and runs[0] == runs[1] == runs[2]
 
 
+def test_halting_on_cuda_whole_sequence_equals_token_by_token():
+    torch.manual_seed(0)
+    model = TRM(tiny(halt_head=True, supervision_steps=3)).cuda().eval()
+    x = torch.randint(0, 512, (2, 40), device="cuda")
+    with torch.no_grad():
+        model.halt.weight.normal_()
+        model.halt.bias.fill_(-model.halt(model.round_states(x)[0]).median())
+        whole, _ = model(x, halt_threshold=0.5)
+        cache = model.new_cache(2, 64)
+        steps = torch.cat([model.decode_adaptive(x[:, t:t + 1], cache, 0.5)[0] for t in range(40)], 1)
+    assert (whole - steps).abs().max().item() < 1e-3
+
+
 def test_bf16_training_step_learns():
     torch.manual_seed(0)
     model = TRM(tiny()).cuda()
@@ -94,9 +107,9 @@ def _trainer(tmp_path, *extra, launcher=()):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("mode", ["on", "graphs"])
-def test_trainer_runs_compiled_on_cuda(tmp_path, mode):
-    r = _trainer(tmp_path, "--save_dir", str(tmp_path / "ck"), "--max_steps", "20", "--compile", mode,
+@pytest.mark.parametrize("mode,extra", [("on", ()), ("graphs", ()), ("on", ("--act_weight", "0.1"))])
+def test_trainer_runs_compiled_on_cuda(tmp_path, mode, extra):
+    r = _trainer(tmp_path, "--save_dir", str(tmp_path / "ck"), "--max_steps", "20", "--compile", mode, *extra,
                  launcher=(sys.executable,))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "bf16 autocast" in r.stdout and "tok/s" in r.stdout
