@@ -74,7 +74,7 @@ def test_halting_on_cuda_whole_sequence_equals_token_by_token():
     x = torch.randint(0, 512, (2, 40), device="cuda")
     with torch.no_grad():
         model.halt.weight.normal_()
-        model.halt.bias.fill_(-model.halt(model.round_states(x)[0]).median())
+        model.halt.bias.fill_(-model.halt(next(model.rounds(x))[0]).median())
         whole, _ = model(x, halt_threshold=0.5)
         cache = model.new_cache(2, 64)
         steps = torch.cat([model.decode_adaptive(x[:, t:t + 1], cache, 0.5)[0] for t in range(40)], 1)

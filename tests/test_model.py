@@ -500,7 +500,7 @@ def halting(seed=0, **overrides):
     model = tiny(halt_head=True, seed=seed, **overrides)
     with torch.no_grad():
         model.halt.weight.normal_(std=1.0)
-        q = model.halt(model.round_states(tokens(3, 20))[0]).flatten()
+        q = model.halt(next(model.rounds(tokens(3, 20)))[0]).flatten()
         model.halt.bias.fill_(-q.median())  # p > 0.5 after round 1 for about half the tokens
     return model
 
@@ -536,7 +536,7 @@ def test_halting_head_learns_when_the_argmax_is_right():
     with torch.no_grad():
         logits, _ = model(idx)
         right = logits.argmax(-1) == idx.roll(-1, 1)
-        said = torch.sigmoid(model.halt(model.round_states(idx)[-1]).squeeze(-1)) > 0.5
+        said = torch.sigmoid(model.halt([y for y, _ in model.rounds(idx)][-1]).squeeze(-1)) > 0.5
     assert right.float().mean() > 0.5 and (said == right).float().mean() > 0.9
 
 
@@ -576,12 +576,12 @@ def test_mixed_halting_keeps_sequences_independent():
 
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
 def test_whole_sequence_halting_equals_token_by_token_decoding(threshold):
-    # halting_rounds (training, fast scoring) must compute exactly what adaptive generation computes
+    # rounds() (training, fast scoring) must compute exactly what adaptive generation computes
     model = halting(supervision_steps=3)
     idx = tokens(3, 20)
     logits, rounds = adaptive_decode(model, idx, threshold)
     with torch.no_grad():
-        states = list(model.halting_rounds(idx, threshold))
+        states = list(model.rounds(idx, threshold))
         whole, _ = model(idx, halt_threshold=threshold)
     assert torch.equal(sum(running.long() for _, running in states), rounds)
     assert (rounds == 1).any() and (rounds == 3).any()

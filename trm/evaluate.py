@@ -36,7 +36,7 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
         x, y = w[:, :-1], w[:, 1:]
         with autocast(device, amp_dtype):
             if halting:
-                states = model.round_states(x, **depth)
+                states = [state for state, _ in model.rounds(x, **depth)]
                 for state in states:
                     stop = model.halt(state).squeeze(-1) > 0
                     halt_right += int((stop == (model.lm_head(state).argmax(-1) == y)).sum())
@@ -59,7 +59,7 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
 def evaluate_adaptive(model, windows, token_bytes, halt_threshold, batch_size=16, device="cpu", amp_dtype=None,
                       **depth):
     """Score windows the way adaptive generation runs: every token stops its supervision rounds once the halting
-    head's probability exceeds halt_threshold (1.0 = the fixed depth). TRM.halting_rounds computes all positions at
+    head's probability exceeds halt_threshold (1.0 = the fixed depth). TRM.rounds computes all positions at
     once what decoding computes token by token (tested equal).
 
     Returns evaluate()'s numbers plus the mean supervision rounds per token and their share of the full depth.
@@ -74,7 +74,7 @@ def evaluate_adaptive(model, windows, token_bytes, halt_threshold, batch_size=16
         w = windows[i:i + batch_size].to(device, non_blocking=True)
         x, y = w[:, :-1], w[:, 1:]
         with autocast(device, amp_dtype):
-            for state, running in model.halting_rounds(x, halt_threshold, **depth):
+            for state, running in model.rounds(x, halt_threshold, **depth):
                 rounds += int(running.sum())
             logits = model.lm_head(state)
         nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()

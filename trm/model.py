@@ -131,7 +131,7 @@ class KVCache:
 
 
 class RoundKV:
-    """Adaptive depth over whole sequences at once (TRM.halting_rounds): what decode_adaptive does with its cache.
+    """Adaptive depth over whole sequences at once (TRM.rounds): what decode_adaptive does with its cache.
 
     Records the keys/values of every attention call of a round, in call order; in the next round, tokens that have
     stopped show attention their recorded keys/values instead of new ones. A stopped token's recorded entry is itself
@@ -365,7 +365,7 @@ class TRM(nn.Module):
         return_all_losses=True returns the per-round losses as a list instead of their mean.
         last_only=True (sampling, no targets) returns logits [B, 1, vocab] of the last position only.
         act_weight > 0 adds act_weight x the halting head's loss to every round's loss (needs config.halt_head).
-        halt_threshold: adaptive depth (halting_rounds); each round's loss then counts the tokens it computed.
+        halt_threshold: adaptive depth (see rounds); each round's loss then counts the tokens it computed.
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True is for sampling: the loss needs every position's logits")
@@ -385,7 +385,7 @@ class TRM(nn.Module):
             if cache is not None:
                 raise ValueError("adaptive depth through a cache is decode_adaptive's job")
             losses = []
-            for y, running in self.halting_rounds(idx, halt_threshold, latent_steps, deep_steps, supervision_steps):
+            for y, running in self.rounds(idx, halt_threshold, latent_steps, deep_steps, supervision_steps):
                 logits = self.lm_head(y)
                 if targets is not None:
                     losses.append(self._round_loss(y, logits, targets.masked_fill(~running, -1), act_weight))
@@ -416,68 +416,48 @@ class TRM(nn.Module):
                            act_weight=0.0, halt_threshold=None):
         """The paper's update rule: yields each round's loss; the caller backpropagates it and steps the optimizer
         before asking for the next round, which then runs with the updated weights from the detached y, z.
-
-        x is re-embedded every round because the embedding may have changed (and the previous round's graph is gone).
+        halt_threshold: adaptive depth (see rounds); each round's loss then counts the tokens it computed.
         """
         if self.config.arch == "gpt":
             yield self(idx, targets)[1]
             return
-        if halt_threshold is not None:
-            for y, running in self.halting_rounds(idx, halt_threshold, latent_steps, deep_steps, supervision_steps):
-                yield self._round_loss(y, self.lm_head(y), targets.masked_fill(~running, -1), act_weight)
-            return
-        n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
-        rope = self.rope(0, idx.size(1))
-        y = z = None
-        for _ in range(N_sup):
-            x = self.embed(idx) * self.embed_scale
-            if y is None:
-                y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
-            y, z = self.deep_recursion(x, y, z, n, T_deep, rope)
-            logits = self.lm_head(y)
-            yield self._loss(logits, targets) + (act_weight * self.halt_loss(y, logits, targets) if act_weight else 0)
-            y, z = y.detach(), z.detach()
+        for y, running in self.rounds(idx, 1.0 if halt_threshold is None else halt_threshold, latent_steps,
+                                      deep_steps, supervision_steps):
+            yield self._round_loss(y, self.lm_head(y), targets.masked_fill(~running, -1), act_weight)
 
-    @torch.no_grad()
-    def round_states(self, idx, latent_steps=None, deep_steps=None, supervision_steps=None):
-        """The answer state y after every supervision round, a list of [B, T, D] (for the halting statistics)."""
-        n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
-        rope = self.rope(0, idx.size(1))
-        x = self.embed(idx) * self.embed_scale
-        y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
-        states = []
-        for _ in range(N_sup):
-            y, z = self.deep_recursion(x, y, z, n, T_deep, rope)
-            states.append(y)
-        return states
+    def rounds(self, idx, halt_threshold=1.0, latent_steps=None, deep_steps=None, supervision_steps=None):
+        """The supervision rounds one at a time over whole sequences: yields (y, running) after each round, y [B, T, D]
+        and running [B, T], True where the round computed the token. y and z are detached between rounds, and x is
+        embedded every round, so the caller may step the optimizer in between (supervision_rounds).
 
-    def halting_rounds(self, idx, halt_threshold, latent_steps=None, deep_steps=None, supervision_steps=None):
-        """Adaptive depth over whole sequences at once: the computation decode_adaptive makes token by token (tested
-        equal). After every round, tokens whose halting probability exceeds halt_threshold stop: they keep y and z,
-        and attention at the deeper rounds reads their keys/values of the round they stopped at (RoundKV).
-
-        Yields (y, running) per round: y [B, T, D] with stopped tokens' y frozen, running [B, T] True where this
-        round computed the token. x is embedded every round, as in supervision_rounds (the caller may step the
-        optimizer between rounds). Training this way teaches the deeper rounds to read stopped tokens.
+        halt_threshold < 1 (a model with a halting head) is adaptive depth, the computation decode_adaptive makes
+        token by token (tested equal): after every round, tokens whose halting probability exceeds it stop. They keep
+        y and z, and attention at the deeper rounds reads their keys/values of the round they stopped at (RoundKV).
         """
-        self._check_halting()
+        if self.config.arch != "trm":
+            raise ValueError("supervision rounds are a TRM's (arch='trm')")
         n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
-        rope = self.rope(0, idx.size(1))
         limit = self._halt_limit(halt_threshold)
-        kv, y, z = RoundKV(), None, None
+        if limit < math.inf:
+            self._check_halting()
+        rope = self.rope(0, idx.size(1))
+        kv = RoundKV() if limit < math.inf else None  # nothing ever stops at 1.0: plain attention
+        y = z = None
         stopped = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
         for _ in range(N_sup):
             x = self.embed(idx) * self.embed_scale
             if y is None:
                 y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
-            kv.next_round(stopped)
+            if kv is not None:
+                kv.next_round(stopped)
             y_new, z_new = self.deep_recursion(x, y, z, n, T_deep, rope, kv)
             keep = stopped.unsqueeze(-1)
             y, z = torch.where(keep, y, y_new), torch.where(keep, z, z_new)
             yield y, ~stopped
             y, z = y.detach(), z.detach()
-            with torch.no_grad():
-                stopped = stopped | (self.halt(y).squeeze(-1) > limit)
+            if kv is not None:
+                with torch.no_grad():
+                    stopped = stopped | (self.halt(y).squeeze(-1) > limit)
 
     def _check_halting(self):
         if self.halt is None or self.config.arch != "trm":
