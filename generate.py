@@ -102,11 +102,13 @@ generator = torch.Generator(device=device).manual_seed(seed)
 depth = dict(latent_steps=args.latent_steps, deep_steps=args.deep_steps, supervision_steps=args.supervision_steps)
 n, T_deep, N_sup = model.depth(**depth)
 c = model.config
+adaptive = f" (adaptive: halting at p > {args.halt_threshold})" if args.halt_threshold is not None else ""
+decoding = "no cache" if args.no_cache else "KV cache"
+if device.type == "cuda" and not args.no_cache and not adaptive:
+    decoding += " (CUDA-graph steps)"
 print(f"{args.model_path}: step {state.get('step', '?')}, {model.num_params() / 1e6:.2f}M parameters, "
-      f"{args.weights} weights, arch {c.arch}, depth n={n} T={T_deep} N_sup={N_sup}"
-      + (f" (adaptive: halting at p > {args.halt_threshold})" if args.halt_threshold is not None else "") +
-      f", window {c.max_seq_len} tokens, "
-      f"{'no cache' if args.no_cache else 'KV cache'}, device {device.type} ({why.split(',')[0]}), seed {seed}",
+      f"{args.weights} weights, arch {c.arch}, depth n={n} T={T_deep} N_sup={N_sup}{adaptive}, "
+      f"window {c.max_seq_len} tokens, {decoding}, device {device.type} ({why.split(',')[0]}), seed {seed}",
       file=sys.stderr)
 
 
