@@ -369,6 +369,18 @@ class TRM(nn.Module):
         """
         if last_only and targets is not None:
             raise ValueError("last_only=True is for sampling: the loss needs every position's logits")
+        if halt_threshold is not None:  # adaptive depth: rounds() embeds and recurses itself
+            if cache is not None:
+                raise ValueError("adaptive depth through a cache is decode_adaptive's job")
+            losses = []
+            for y, running in self.rounds(idx, halt_threshold, latent_steps, deep_steps, supervision_steps):
+                logits = self.lm_head(y)
+                if targets is not None:
+                    losses.append(self._round_loss(y, logits, targets.masked_fill(~running, -1), act_weight))
+            logits = logits[:, -1:] if last_only else logits
+            if targets is None:
+                return logits, None
+            return logits, (losses if return_all_losses else torch.stack(losses).mean())
         B, T = idx.shape
         if cache is not None and cache.static:
             if T != 1:
@@ -381,16 +393,7 @@ class TRM(nn.Module):
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         head = self._sampling_head if last_only else self.lm_head
-        if halt_threshold is not None:
-            if cache is not None:
-                raise ValueError("adaptive depth through a cache is decode_adaptive's job")
-            losses = []
-            for y, running in self.rounds(idx, halt_threshold, latent_steps, deep_steps, supervision_steps):
-                logits = self.lm_head(y)
-                if targets is not None:
-                    losses.append(self._round_loss(y, logits, targets.masked_fill(~running, -1), act_weight))
-            logits = logits[:, -1:] if last_only else logits
-        elif self.config.arch == "gpt":
+        if self.config.arch == "gpt":
             logits = head(self.net(x, rope, cache))
             losses = [self._loss(logits, targets)] if targets is not None else []
         else:
@@ -401,8 +404,7 @@ class TRM(nn.Module):
                 y, z = self.deep_recursion(x, y, z, n, T_deep, rope, cache)
                 if targets is not None:
                     logits = self.lm_head(y)
-                    losses.append(self._loss(logits, targets) + act_weight * self.halt_loss(y, logits, targets)
-                                  if act_weight else self._loss(logits, targets))
+                    losses.append(self._round_loss(y, logits, targets, act_weight))
                 elif r == N_sup - 1:  # without targets only the last round's logits are read: skip the other heads
                     logits = head(y)
                 y, z = y.detach(), z.detach()  # each round backpropagates through its own last deep step only
@@ -469,10 +471,8 @@ class TRM(nn.Module):
         return math.inf if p >= 1 else -math.inf if p <= 0 else math.log(p / (1 - p))
 
     def _round_loss(self, y, logits, targets, act_weight):
-        """One round's loss over the targets that are not -1 (0 when there are none: every token stopped)."""
-        valid = (targets >= 0).sum().clamp(min=1)
-        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                             reduction="sum") / valid
+        """One round's loss: cross-entropy, plus act_weight x the halting head's loss."""
+        ce = self._loss(logits, targets)
         return ce + act_weight * self.halt_loss(y, logits, targets) if act_weight else ce
 
     @torch.no_grad()
@@ -542,4 +542,7 @@ class TRM(nn.Module):
 
     @staticmethod
     def _loss(logits, targets):
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        """Mean cross-entropy over the targets that are not -1 (0 when there are none: every token stopped)."""
+        valid = (targets >= 0).sum().clamp(min=1)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction="sum") / valid
