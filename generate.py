@@ -100,7 +100,7 @@ model.to(device)
 seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
 generator = torch.Generator(device=device).manual_seed(seed)
 depth = dict(latent_steps=args.latent_steps, deep_steps=args.deep_steps, supervision_steps=args.supervision_steps)
-n, T_deep, N_sup = model.depth(**depth)
+n, T_deep, N_sup = model.steps(**depth)
 c = model.config
 adaptive = f" (adaptive: halting at p > {args.halt_threshold})" if args.halt_threshold is not None else ""
 decoding = "no cache" if args.no_cache else "KV cache"

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from trm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from trm.depth import random_depth, random_depth_grid
 from trm.data import DataError, PackedLoader, check_paths, eval_windows, load_tokens
 from trm.device import autocast, pick_device
 from trm.ema import EMA
@@ -70,6 +71,10 @@ p.add_argument("--latent_steps", type=int, default=2)
 p.add_argument("--deep_steps", type=int, default=2)
 p.add_argument("--supervision_steps", type=int, default=2)
 p.add_argument("--dropout", type=float, default=0.1)
+p.add_argument("--grad_deep_steps", type=int, default=1,
+               help="deep steps per supervision round that backpropagate, the last ones (the paper: 1; 0 = all)")
+p.add_argument("--single_stream", action="store_true",
+               help="one latent state instead of the answer y and the latent z (same net calls; a variant)")
 # optimizer
 p.add_argument("--lr", type=float, default=3e-4)
 p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"])
@@ -197,7 +202,8 @@ else:
         config = TRMConfig(vocab_size=tokenizer.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
                            n_layers=args.n_layers, latent_steps=args.latent_steps, deep_steps=args.deep_steps,
                            supervision_steps=args.supervision_steps, dropout=args.dropout,
-                           max_seq_len=args.max_seq_len, arch=args.arch, halt_head=args.act_weight > 0)
+                           max_seq_len=args.max_seq_len, arch=args.arch, halt_head=args.act_weight > 0,
+                           grad_deep_steps=args.grad_deep_steps, single_stream=args.single_stream)
     except ValueError as e:
         fail(str(e))
 if args.act_weight and not (config.halt_head and config.arch == "trm"):
@@ -330,7 +336,7 @@ save_every = args.save_every or args.eval_every
 gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
 if args.random_depth and config.arch == "trm":  # the mean over the depths random_depth draws from
-    grid = raw_model.random_depth_grid()
+    grid = random_depth_grid(config)
     flops_per_step = sum(raw_model.flops_per_token(args.max_seq_len, **d) for d in grid) / len(grid) * tokens_per_step
 else:
     flops_per_step = raw_model.flops_per_token(args.max_seq_len) * tokens_per_step
@@ -398,7 +404,7 @@ try:
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        depth = raw_model.random_depth(args.seed, step) if args.random_depth and config.arch == "trm" else {}
+        depth = random_depth(config, args.seed, step) if args.random_depth and config.arch == "trm" else {}
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
             x, y = (t.to(device) for t in loader.next_batch())
             round_losses = []

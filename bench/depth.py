@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trm.checkpoint import load_model  # noqa: E402
 from trm.corpus import iter_texts  # noqa: E402
 from trm.data import document_ids, eval_windows  # noqa: E402
-from trm.evaluate import evaluate, evaluate_adaptive  # noqa: E402
+from trm.device import pick_device  # noqa: E402
+from trm.evaluate import evaluate  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", nargs="+", required=True)
@@ -29,6 +30,8 @@ p.add_argument("--checkpoints", nargs="+", required=True, help="NAME=PATH pairs"
 p.add_argument("--rounds", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
 p.add_argument("--eval_tokens", type=int, default=100_000)
 p.add_argument("--halt_thresholds", nargs="*", type=float, default=[1.0, 0.9, 0.8, 0.7, 0.5, 0.3, 0.0])
+p.add_argument("--device", default="auto", help="auto, cuda, cpu, mps (bf16 on a capable GPU, as the trainer)")
+p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
 p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 p.add_argument("--plot", default="depth_curve.png")
 p.add_argument("--json", default=None)
@@ -37,18 +40,21 @@ args = p.parse_args()
 if args.threads:
     import torch
     torch.set_num_threads(args.threads)
+device, amp_dtype, why = pick_device(args.device, args.dtype)
+print(f"device: {device} ({why})")
 texts = [t for f in args.data for t in iter_texts(f)]  # read once; each checkpoint tokenizes with its own vocabulary
 rows, halting = {}, {}
 for spec in args.checkpoints:
     name, path = spec.split("=", 1)
     model, tokenizer, state = load_model(path)
+    model.to(device)
     ids = np.array([i for doc in document_ids(tokenizer, texts) for i in doc])
     windows = eval_windows(ids, model.config.max_seq_len, args.eval_tokens)
     trained = model.config.supervision_steps
     token_bytes = tokenizer.token_bytes()
     rows[name] = {}
     for r in args.rounds:
-        result = evaluate(model, windows, token_bytes, batch_size=32, supervision_steps=r)
+        result = evaluate(model, windows, token_bytes, 32, device, amp_dtype, supervision_steps=r)
         rows[name][r] = result["bits_per_byte"]
         print(f"{name:<12} rounds {r:>2} ({r / trained:.1f}x training): {result['bits_per_byte']:.4f} bits/byte, "
               f"loss {result['loss']:.4f}", flush=True)
@@ -57,7 +63,7 @@ for spec in args.checkpoints:
     halting[name] = {}
     for p_halt in args.halt_thresholds:
         t0 = time.perf_counter()
-        result = evaluate_adaptive(model, windows, token_bytes, p_halt, batch_size=32)
+        result = evaluate(model, windows, token_bytes, 32, device, amp_dtype, halt_threshold=p_halt)
         result["seconds"] = time.perf_counter() - t0
         halting[name][p_halt] = result
         print(f"{name:<12} halting at p > {p_halt:<4}: {result['bits_per_byte']:.4f} bits/byte, "

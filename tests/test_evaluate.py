@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import japanese_lines
 from trm.data import document_ids, eval_windows
-from trm.evaluate import evaluate, evaluate_adaptive
+from trm.evaluate import evaluate
 from trm.model import TRM, TRMConfig
 from trm.tokenizer import Tokenizer
 
@@ -68,8 +68,8 @@ def test_adaptive_scoring_brackets_and_the_halting_accuracy(tiny_sp_model):
                           supervision_steps=3, halt_head=True))
     fixed, one_round = evaluate(model, windows, tok.token_bytes()), evaluate(model, windows, tok.token_bytes(),
                                                                               supervision_steps=1)
-    never = evaluate_adaptive(model, windows, tok.token_bytes(), 1.0, batch_size=4)
-    always = evaluate_adaptive(model, windows, tok.token_bytes(), 0.0, batch_size=4)
+    never = evaluate(model, windows, tok.token_bytes(), batch_size=4, halt_threshold=1.0)
+    always = evaluate(model, windows, tok.token_bytes(), batch_size=4, halt_threshold=0.0)
     assert math.isclose(never["loss"], fixed["loss"], rel_tol=1e-5) and never["recursion_share"] == 1.0
     assert math.isclose(always["loss"], one_round["loss"], rel_tol=1e-5) and always["rounds_per_token"] == 1.0
     # a fresh head says "keep thinking" everywhere: it is right exactly where a round's argmax is wrong

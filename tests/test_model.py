@@ -5,7 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trm.depth import random_depth, random_depth_grid
+from trm.kv_cache import KVCache
 from trm.model import TRM, TRMConfig
+from trm.sampling import decode_adaptive
 
 V, D = 64, 32  # tiny vocab and width for everything but the seed-size init check
 
@@ -33,6 +36,22 @@ def tokens(B, T, seed=1, vocab=V):
 
 DEPTHS = [(1, 1, 1), (2, 2, 2), (3, 1, 2)]  # (latent_steps n, deep_steps T, supervision_steps N_sup)
 ARCH_DEPTHS = [("trm", d) for d in DEPTHS] + [("gpt", (1, 1, 1))]
+VARIANTS = [dict(single_stream=True), dict(grad_deep_steps=0)]  # recursion variants: the same contracts hold
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["single_stream", "grad_every_deep_step"])
+def test_variants_leak_nothing_and_decode_from_the_cache(variant):
+    model = tiny(deep_steps=3, **variant)
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        ref, _ = model(idx)
+        changed = idx.clone()
+        changed[:, 9:] = (changed[:, 9:] + 1) % V
+        torch.testing.assert_close(model(changed)[0][:, :9], ref[:, :9], atol=1e-5, rtol=0)
+        cache = KVCache.for_model(model, 2, 16)
+        cached = torch.cat([model(idx[:, :5], cache=cache)[0]] +
+                           [model(idx[:, i:i + 1], cache=cache)[0] for i in range(5, 16)], dim=1)
+    assert (cached - ref).abs().max().item() <= 1e-4
 
 
 # ---- no future-token leakage ------------------------------------------------------------------------------------
@@ -66,7 +85,7 @@ def test_loss_at_position_t_has_no_gradient_from_later_tokens(arch, depth):
     model.embed.register_forward_hook(keep_grad)
     logits, _ = model(idx)
     F.cross_entropy(logits[:, t], idx[:, t + 1]).backward()
-    grad = embedded[0].grad
+    grad = embedded[-1].grad  # every round embeds the tokens; the last round's embedding feeds the logits
     assert torch.all(grad[:, t + 1:] == 0)
     assert torch.all(grad[:, :t + 1].abs().sum(-1) > 0)  # every past and present token does get a gradient
 
@@ -83,7 +102,7 @@ def test_cached_decoding_equals_full_forward(arch, depth):
     idx = tokens(2, 20)
     with torch.no_grad():
         full, _ = model(idx, **depth)
-        cache = model.new_cache(2, 20, **depth)
+        cache = KVCache.for_model(model, 2, 20, **depth)
         chunks = [model(idx[:, :5], cache=cache, **depth)[0],    # prefill
                   model(idx[:, 5:9], cache=cache, **depth)[0]]   # a second multi-token chunk
         chunks += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(9, 20)]  # token by token
@@ -99,7 +118,7 @@ def test_fixed_shape_decoding_equals_full_forward(arch, depth):
     idx = tokens(2, 20)
     with torch.no_grad():
         full, _ = model(idx, **depth)
-        cache = model.new_cache(2, 32, **depth)
+        cache = KVCache.for_model(model, 2, 32, **depth)
         chunks = [model(idx[:, :7], cache=cache, **depth)[0]]  # prefill, normal mode
         cache.start_static()
         chunks += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(7, 20)]
@@ -119,7 +138,7 @@ def test_cached_decoding_past_max_seq_len_matches_full_forward():
     idx = tokens(1, 14)
     with torch.no_grad():
         full, _ = model(idx)
-        cache = model.new_cache(1, 14)
+        cache = KVCache.for_model(model, 1, 14)
         cached = torch.cat([model(idx[:, :6], cache=cache)[0]]
                            + [model(idx[:, i:i + 1], cache=cache)[0] for i in range(6, 14)], dim=1)
     assert (cached - full).abs().max().item() <= 1e-4
@@ -133,7 +152,7 @@ def test_greedy_continuation_is_identical_with_and_without_cache(arch, depth):
         seq = prompt
         for _ in range(steps):  # no cache: re-run the whole sequence for every token
             seq = torch.cat([seq, model(seq, **depth)[0][:, -1:].argmax(-1)], dim=1)
-        cache = model.new_cache(2, prompt.size(1) + steps, **depth)
+        cache = KVCache.for_model(model, 2, prompt.size(1) + steps, **depth)
         out, nxt = [prompt], prompt
         for _ in range(steps):
             nxt = model(nxt, cache=cache, **depth)[0][:, -1:].argmax(-1)
@@ -143,13 +162,13 @@ def test_greedy_continuation_is_identical_with_and_without_cache(arch, depth):
 
 def test_kv_cache_overflow_raises_clear_error():
     model = tiny()
-    cache = model.new_cache(1, 8)
+    cache = KVCache.for_model(model, 1, 8)
     with torch.no_grad():
         model(tokens(1, 6), cache=cache)
         with pytest.raises(ValueError, match="KV cache full"):
             model(tokens(1, 3), cache=cache)
         with pytest.raises(ValueError, match="KV cache full"):
-            model(tokens(1, 9), cache=model.new_cache(1, 8))
+            model(tokens(1, 9), cache=KVCache.for_model(model, 1, 8))
 
 
 # ---- gradients flow through the last deep step of each round only -------------------------------------------------
@@ -208,12 +227,31 @@ def test_gradients_match_manual_last_deep_step_computation():
     assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(grads(full_bptt, model), grads(round1, model)))
 
 
+def test_grad_deep_steps_zero_backpropagates_through_every_deep_step():
+    n, T_deep = 2, 3
+    model = tiny(latent_steps=n, deep_steps=T_deep, supervision_steps=1, grad_deep_steps=0)
+    idx, targets = tokens(2, 10), tokens(2, 10, seed=2)
+    _, loss = model(idx, targets)
+    x, rope = model.embed(idx), model.rope(0, 10)
+    y, z = model.y_init.expand_as(x), model.z_init.expand_as(x)
+    for _ in range(T_deep):  # no torch.no_grad anywhere
+        for _ in range(n):
+            z = model.net(x + y + z, rope)
+        y = model.net(y + z, rope)
+    full_bptt = F.cross_entropy(model.lm_head(y).view(-1, V), targets.view(-1))
+    torch.testing.assert_close(loss, full_bptt, atol=1e-5, rtol=0)
+    assert_grads_close(grads(loss, model), grads(full_bptt, model))
+    # and the FLOP count charges the backward for all three deep steps
+    paper = tiny(latent_steps=n, deep_steps=T_deep, supervision_steps=1)
+    assert model.flops_per_token() > paper.flops_per_token()
+
+
 def test_each_round_loss_backpropagates_into_its_own_round_only():
     # deep_steps=1: no no-grad step inside a round, so only the detach between rounds can cut the graph
     n, T_deep, N_sup = 2, 1, 3
     model = tiny(latent_steps=n, deep_steps=T_deep, supervision_steps=N_sup)
     idx, targets = tokens(2, 10), tokens(2, 10, seed=2)
-    _, losses = model(idx, targets, return_all_losses=True)
+    losses = model.round_losses(idx, targets)
     manual = manual_round_losses(model, idx, targets, n, T_deep, N_sup)
     assert len(losses) == N_sup
     for k in range(N_sup):  # round k's loss alone gives the gradient of a fresh computation from detached states
@@ -253,7 +291,7 @@ def test_forward_contract(arch):
     assert logits.shape == (2, 12, V) and loss is None
     logits_t, loss = model(idx, targets)
     assert torch.equal(logits_t, logits)
-    _, losses = model(idx, targets, return_all_losses=True)
+    losses = model.round_losses(idx, targets)
     assert len(losses) == (3 if arch == "trm" else 1)
     torch.testing.assert_close(loss, torch.stack(losses).mean())
     # logits are those of the last round
@@ -271,7 +309,7 @@ def test_last_only_gives_the_last_positions_logits(arch):
         last, loss = model(idx, last_only=True)
         assert last.shape == (2, 1, V) and loss is None
         torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
-        cache = model.new_cache(2, 12)
+        cache = KVCache.for_model(model, 2, 12)
         model(idx[:, :8], cache=cache, last_only=True)  # prefill
         step, _ = model(idx[:, 8:9], cache=cache, last_only=True)
         torch.testing.assert_close(step, model(idx[:, :9])[0][:, -1:], atol=1e-5, rtol=0)
@@ -279,7 +317,7 @@ def test_last_only_gives_the_last_positions_logits(arch):
         model(idx, tokens(2, 12, seed=2), last_only=True)
 
 
-def test_sampling_head_copy_follows_weight_updates():
+def testsampling_head_copy_follows_weight_updates():
     # without autograd, last_only logits come from a cached transposed copy of lm_head.weight: it must never go stale
     model = tiny()
     idx = tokens(1, 6)
@@ -401,12 +439,12 @@ def test_test_time_depth_changes_output_not_weights():
 
 def test_depth_overrides_are_taken_as_given_and_must_be_at_least_one():
     model = tiny(latent_steps=2, deep_steps=3, supervision_steps=4)
-    assert model.depth() == (2, 3, 4)
-    assert model.depth(latent_steps=1, supervision_steps=1) == (1, 3, 1)
+    assert model.steps() == (2, 3, 4)
+    assert model.steps(latent_steps=1, supervision_steps=1) == (1, 3, 1)
     for bad in (dict(latent_steps=0), dict(deep_steps=0), dict(supervision_steps=-1)):
         name = next(iter(bad))
         with pytest.raises(ValueError, match=name):  # 0 used to fall back silently to the trained depth
-            model.depth(**bad)
+            model.steps(**bad)
         with pytest.raises(ValueError, match=name):
             model(tokens(1, 4), **bad)
 
@@ -467,7 +505,7 @@ def test_supervision_rounds_without_steps_match_the_mean_rule():
     torch.manual_seed(0)
     model = TRM(TRMConfig(vocab_size=50, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0, supervision_steps=3))
     idx = torch.randint(0, 50, (2, 16))
-    _, per_round = model(idx, idx, return_all_losses=True)
+    per_round = model.round_losses(idx, idx)
     _, mean = model(idx, idx)
     mean.backward()
     expected = {n: 3 * p.grad.clone() for n, p in model.named_parameters()}
@@ -483,13 +521,13 @@ def test_supervision_rounds_without_steps_match_the_mean_rule():
 
 def test_random_depth_is_reproducible_from_the_seed_and_covers_its_range():
     model = TRM(TRMConfig(vocab_size=50, d_model=32, n_heads=2, latent_steps=2, deep_steps=3, supervision_steps=2))
-    draws = [model.random_depth(seed=5, step=s) for s in range(400)]
-    assert draws == [model.random_depth(seed=5, step=s) for s in range(400)]  # what a resumed run redraws
-    assert draws != [model.random_depth(seed=6, step=s) for s in range(400)]
+    draws = [random_depth(model.config, seed=5, step=s) for s in range(400)]
+    assert draws == [random_depth(model.config, seed=5, step=s) for s in range(400)]  # what a resumed run redraws
+    assert draws != [random_depth(model.config, seed=6, step=s) for s in range(400)]
     assert {d["latent_steps"] for d in draws} == {1, 2, 3, 4}
     assert {d["deep_steps"] for d in draws} == {1, 2, 3, 4, 5, 6}
     assert {d["supervision_steps"] for d in draws} == {1, 2, 3, 4}
-    grid = model.random_depth_grid()
+    grid = random_depth_grid(model.config)
     assert len(grid) == 4 * 6 * 4 and all(d in grid for d in draws)
 
 
@@ -506,8 +544,8 @@ def halting(seed=0, **overrides):
 
 
 def adaptive_decode(model, idx, threshold, **depth):
-    cache = model.new_cache(idx.size(0), idx.size(1), **depth)
-    out = [model.decode_adaptive(idx[:, t:t + 1], cache, threshold, **depth) for t in range(idx.size(1))]
+    cache = KVCache.for_model(model, idx.size(0), idx.size(1), **depth)
+    out = [decode_adaptive(model, idx[:, t:t + 1], cache, threshold, **depth) for t in range(idx.size(1))]
     return torch.cat([o[0] for o in out], dim=1), torch.stack([o[1] for o in out], dim=1)
 
 
@@ -548,7 +586,7 @@ def test_threshold_one_is_the_fixed_depth(depth):
         full, _ = model(idx, **depth)
     logits, rounds = adaptive_decode(model, idx, 1.0, **depth)
     assert (logits - full).abs().max().item() <= 1e-4
-    assert (rounds == model.depth(**depth)[2]).all()
+    assert (rounds == model.steps(**depth)[2]).all()
 
 
 def test_threshold_zero_equals_one_round_everywhere():
@@ -581,7 +619,7 @@ def test_whole_sequence_halting_equals_token_by_token_decoding(threshold):
     idx = tokens(3, 20)
     logits, rounds = adaptive_decode(model, idx, threshold)
     with torch.no_grad():
-        states = list(model.rounds(idx, threshold))
+        states = list(model.rounds(idx, halt_threshold=threshold))
         whole, _ = model(idx, halt_threshold=threshold)
     assert torch.equal(sum(running.long() for _, running in states), rounds)
     assert (rounds == 1).any() and (rounds == 3).any()
@@ -591,10 +629,10 @@ def test_whole_sequence_halting_equals_token_by_token_decoding(threshold):
 def test_halting_loss_counts_each_token_in_the_rounds_that_computed_it():
     model = halting(supervision_steps=3)
     idx = tokens(2, 20)
-    _, fixed = model(idx, idx, return_all_losses=True)
-    _, never = model(idx, idx, halt_threshold=1.0, return_all_losses=True)
+    fixed = model.round_losses(idx, idx)
+    never = model.round_losses(idx, idx, halt_threshold=1.0)
     torch.testing.assert_close(torch.stack(never), torch.stack(fixed))
-    _, always = model(idx, idx, halt_threshold=0.0, return_all_losses=True)
+    always = model.round_losses(idx, idx, halt_threshold=0.0)
     assert always[0].item() > 0 and always[1].item() == 0 and always[2].item() == 0  # nothing left after round 1
     model.train()
     _, loss = model(idx, idx, halt_threshold=0.5, act_weight=0.1)
@@ -604,4 +642,4 @@ def test_halting_loss_counts_each_token_in_the_rounds_that_computed_it():
 
 def test_adaptive_depth_needs_a_halting_head():
     with pytest.raises(ValueError, match="halting head"):
-        tiny().decode_adaptive(tokens(1, 1), tiny().new_cache(1, 4), 0.5)
+        decode_adaptive(tiny(), tokens(1, 1), KVCache.for_model(tiny(), 1, 4), 0.5)

@@ -19,30 +19,33 @@ from trm.device import autocast
 
 
 @torch.no_grad()
-def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype=None, **depth):
+def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype=None, halt_threshold=None, **depth):
     """Score fixed windows [n, L + 1] with the model's final-round logits. Returns a dict of plain floats/ints.
 
-    A model with a halting head also gets halt_accuracy: how often, over every round and token, the head's
-    "stop" (p > 0.5) agrees with "this round's argmax is the target".
+    halt_threshold (a model with a halting head): score the way adaptive generation runs, every token stopping its
+    supervision rounds once the head's probability exceeds it (TRM.rounds computes over whole windows what decoding
+    computes token by token; tested equal). Adds the mean rounds per token and their share of the full depth.
+    Without a threshold, a model with a halting head also gets halt_accuracy: how often, over every round and token,
+    the head's "stop" (p > 0.5) agrees with "this round's argmax is the target".
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     token_bytes = torch.as_tensor(token_bytes, device=device)
-    halting = model.halt is not None and model.config.arch == "trm"
-    nats, n_tokens, n_bytes, halt_right = 0.0, 0, 0, 0
+    trm_rounds = model.config.arch == "trm"
+    head_accuracy = trm_rounds and model.halt is not None and halt_threshold is None
+    N_sup = model.steps(**depth)[2] if trm_rounds else 1
+    nats, n_tokens, n_bytes, halt_right, rounds = 0.0, 0, 0, 0, 0
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(device, non_blocking=True)
         x, y = w[:, :-1], w[:, 1:]
         with autocast(device, amp_dtype):
-            if halting:
-                states = [state for state, _ in model.rounds(x, **depth)]
-                for state in states:
+            for state, running in model.rounds(x, halt_threshold=halt_threshold, **depth):
+                rounds += int(running.sum()) if running is not None else y.numel()
+                if head_accuracy:
                     stop = model.halt(state).squeeze(-1) > 0
                     halt_right += int((stop == (model.lm_head(state).argmax(-1) == y)).sum())
-                logits = model.lm_head(states[-1])
-            else:
-                logits, _ = model(x, **depth)
+            logits = model.lm_head(state)
         nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
         n_tokens += y.numel()
         n_bytes += int(token_bytes[y].sum().item())
@@ -50,41 +53,11 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     loss = nats / n_tokens
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
               "bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "tokens": n_tokens, "bytes": n_bytes}
-    if halting:
-        result["halt_accuracy"] = halt_right / (n_tokens * len(states))
+    if head_accuracy:
+        result["halt_accuracy"] = halt_right / (n_tokens * N_sup)
+    if halt_threshold is not None:
+        result.update(rounds_per_token=rounds / n_tokens, recursion_share=rounds / n_tokens / N_sup)
     return result
-
-
-@torch.no_grad()
-def evaluate_adaptive(model, windows, token_bytes, halt_threshold, batch_size=16, device="cpu", amp_dtype=None,
-                      **depth):
-    """Score windows the way adaptive generation runs: every token stops its supervision rounds once the halting
-    head's probability exceeds halt_threshold (1.0 = the fixed depth). TRM.rounds computes all positions at
-    once what decoding computes token by token (tested equal).
-
-    Returns evaluate()'s numbers plus the mean supervision rounds per token and their share of the full depth.
-    """
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    token_bytes = torch.as_tensor(token_bytes, device=device)
-    N_sup = model.depth(**depth)[2]
-    nats, n_tokens, n_bytes, rounds = 0.0, 0, 0, 0
-    for i in range(0, len(windows), batch_size):
-        w = windows[i:i + batch_size].to(device, non_blocking=True)
-        x, y = w[:, :-1], w[:, 1:]
-        with autocast(device, amp_dtype):
-            for state, running in model.rounds(x, halt_threshold, **depth):
-                rounds += int(running.sum())
-            logits = model.lm_head(state)
-        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
-        n_tokens += y.numel()
-        n_bytes += int(token_bytes[y].sum().item())
-    model.train(was_training)
-    loss = nats / n_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "tokens": n_tokens, "bytes": n_bytes,
-            "rounds_per_token": rounds / n_tokens, "recursion_share": rounds / n_tokens / N_sup}
 
 
 def main(argv=None):
@@ -131,15 +104,12 @@ def main(argv=None):
         return 2
     windows = eval_windows(ids, args.seq_len or model.config.max_seq_len, args.eval_tokens)
     depth = dict(latent_steps=args.latent_steps, deep_steps=args.deep_steps, supervision_steps=args.supervision_steps)
-    if args.halt_threshold is None:
-        result = evaluate(model, windows, tokenizer.token_bytes(), args.batch_size, device, amp, **depth)
-    elif model.halt is None or model.config.arch != "trm":
+    if args.halt_threshold is not None and (model.halt is None or model.config.arch != "trm"):
         print(f"error: --halt_threshold needs a TRM trained with a halting head; {args.model_path} has none",
               file=sys.stderr)
         return 2
-    else:
-        result = evaluate_adaptive(model, windows, tokenizer.token_bytes(), args.halt_threshold, args.batch_size,
-                                   device, amp, **depth)
+    result = evaluate(model, windows, tokenizer.token_bytes(), args.batch_size, device, amp, args.halt_threshold,
+                      **depth)
     result.update(params=model.num_params(), step=state.get("step"), weights=args.weights,
                   checkpoint=args.model_path)
     print(json.dumps(result))

@@ -13,14 +13,14 @@ lets generation cache keys/values per net call: each (round, deep step, call, la
 
 arch="gpt" stacks the same blocks once (no recursion): the in-project baseline for "does recursion pay?".
 """
-import itertools
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from trm.kv_cache import RoundKV
 
 
 @dataclass
@@ -39,12 +39,16 @@ class TRMConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     halt_head: bool = False     # a per-token halting head on y (trained with --act_weight), for adaptive depth
+    grad_deep_steps: int = 1    # deep steps per round that backpropagate, the last ones (the paper: 1; 0 = all T)
+    single_stream: bool = False  # one latent state instead of y and z (the same net calls; a variant)
 
     def __post_init__(self):
         if self.arch not in ("trm", "gpt"):
             raise ValueError(f"arch must be 'trm' or 'gpt', got {self.arch!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
+        if self.grad_deep_steps < 0:
+            raise ValueError(f"grad_deep_steps must be >= 0 (0 = every deep step), got {self.grad_deep_steps}")
         if self.mlp_hidden <= 0:
             self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
 
@@ -63,96 +67,6 @@ def rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
-class KVCache:
-    """Keys/values of every net call at every depth, for incremental decoding.
-
-    Slots are handed out in call order during a forward pass; the order of calls is fixed by the depth settings,
-    so slot i always belongs to the same (round, deep step, call, layer).
-    """
-
-    def __init__(self, n_slots, batch_size, n_heads, max_len, head_dim, device, dtype=torch.float32):
-        shape = (n_slots, batch_size, n_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # per-slot views, made once: indexing a Python list costs no tensor ops per call
-        self.k_slots, self.v_slots = list(self.k.unbind(0)), list(self.v.unbind(0))
-        self.max_len = max_len
-        self.pos = 0   # tokens already stored
-        self.slot = 0  # next slot in the current forward pass
-        self.static = False  # fixed-shape mode, see start_static
-        self.pos_t = None
-
-    def start_static(self):
-        """From here on, one token per forward pass at position pos_t, a device tensor that the pass advances itself.
-
-        Every shape is then fixed (attention reads all max_len keys under a mask) and no host value changes between
-        tokens, so a CUDA graph can capture one decoding step and replay it for every token. self.pos is not
-        advanced by a replay: the caller counts tokens.
-        """
-        if self.pos_t is None:  # the same tensor across refills: a captured graph keeps reading it
-            self.pos_t = torch.zeros(1, dtype=torch.long, device=self.k.device)
-            self.positions = torch.arange(self.max_len, device=self.k.device)
-        self.pos_t.fill_(self.pos)
-        self.slot, self.static = 0, True
-
-    def reset(self):
-        """Empty, back to the normal mode; the buffers are kept (a captured graph holds their addresses)."""
-        self.pos, self.slot = 0, 0
-        self.static = False
-
-    def update(self, k, v):
-        s, T = self.slot, k.size(2)
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos} + {T} > {self.max_len} tokens")
-        self.slot += 1
-        ks, vs = self.k_slots[s], self.v_slots[s]
-        ks.narrow(2, self.pos, T).copy_(k)
-        vs.narrow(2, self.pos, T).copy_(v)
-        return ks.narrow(2, 0, self.pos + T), vs.narrow(2, 0, self.pos + T)
-
-    def copy_round(self, dst, src, n_slots, pos, rows):
-        """Slots dst.. take the keys/values of slots src.. at position pos, for the sequences where rows [B] is True."""
-        for t in (self.k, self.v):
-            old, new = t[dst:dst + n_slots, :, :, pos], t[src:src + n_slots, :, :, pos]
-            t[dst:dst + n_slots, :, :, pos] = torch.where(rows.view(1, -1, 1, 1), new, old)
-
-    def update_static(self, k, v):
-        s = self.slot
-        self.slot += 1
-        self.k_slots[s].index_copy_(2, self.pos_t, k)
-        self.v_slots[s].index_copy_(2, self.pos_t, v)
-        return self.k_slots[s], self.v_slots[s]
-
-    def advance(self, T):
-        self.pos += T
-        self.slot = 0
-        if self.static:
-            self.pos_t += T  # on the device, so that a replayed graph advances it too
-
-
-class RoundKV:
-    """Adaptive depth over whole sequences at once (TRM.rounds): what decode_adaptive does with its cache.
-
-    Records the keys/values of every attention call of a round, in call order; in the next round, tokens that have
-    stopped show attention their recorded keys/values instead of new ones. A stopped token's recorded entry is itself
-    the copy from the round it stopped at, so later tokens read that round's keys/values at every deeper round.
-    """
-
-    def __init__(self):
-        self.prev, self.cur, self.stopped = [], [], None
-
-    def next_round(self, stopped):
-        self.prev, self.cur, self.stopped = self.cur, [], stopped  # stopped [B, T] bool
-
-    def mix(self, k, v):
-        if self.prev:
-            old_k, old_v = self.prev[len(self.cur)]
-            keep = self.stopped[:, None, :, None]  # k, v are [B, H, T, hd]
-            k, v = torch.where(keep, old_k, k), torch.where(keep, old_v, v)
-        self.cur.append((k.detach(), v.detach()))  # rounds stay detached from each other
-        return k, v
-
-
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -167,20 +81,8 @@ class Attention(nn.Module):
         v = qkv[2]
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif isinstance(cache, RoundKV):
-            out = F.scaled_dot_product_attention(q, *cache.mix(k, v), is_causal=True)
-        elif cache.static:
-            k, v = cache.update_static(k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
-        else:
-            past = cache.pos
-            k, v = cache.update(k, v)
-            if T == 1:
-                mask = None  # one new query may see everything cached
-            else:
-                # query i sits at absolute position past + i and may see keys 0 .. past + i
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=h.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # decoding or adaptive depth: the cache stores k, v and attends over what it holds (trm/kv_cache.py)
+            out = cache.attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -252,51 +154,25 @@ class TRM(nn.Module):
             nn.init.zeros_(self.halt.weight)
             nn.init.constant_(self.halt.bias, -5.0)
 
-    # ---- helpers ------------------------------------------------------------------------------------------
-    def depth(self, latent_steps=None, deep_steps=None, supervision_steps=None):
-        """Depth settings, trained values unless overridden (test-time depth changes no weights)."""
+    # ---- depth and size -----------------------------------------------------------------------------------
+    def steps(self, latent_steps=None, deep_steps=None, supervision_steps=None):
+        """(n, T_deep, N_sup): the trained depth unless overridden (changing the depth at test time changes no
+        weights). Every method that takes **depth takes these three keywords."""
         c = self.config
-        depth = (latent_steps if latent_steps is not None else c.latent_steps,
+        steps = (latent_steps if latent_steps is not None else c.latent_steps,
                  deep_steps if deep_steps is not None else c.deep_steps,
                  supervision_steps if supervision_steps is not None else c.supervision_steps)
-        for name, value in zip(("latent_steps", "deep_steps", "supervision_steps"), depth):
+        for name, value in zip(("latent_steps", "deep_steps", "supervision_steps"), steps):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        return depth
+        return steps
 
-    def random_depth(self, seed, step):
-        """Depth for one training step of --random_depth: latent_steps uniform in 1..2n, deep_steps in 1..2T and
-        supervision_steps in 1..2 N_sup.
-
-        Looped LMs extrapolate to deeper inference only when trained at varied depths; rounds are what inference
-        varies, so they are drawn too. The draw depends on (seed, step) alone, so a resumed run draws the same depths
-        as an uninterrupted one.
-        """
-        rng = np.random.default_rng([seed, step, 0x7E7])
-        return {name: int(rng.integers(1, top + 1)) for name, top in self._random_depth_max().items()}
-
-    def random_depth_grid(self):
-        """Every depth random_depth can draw, equally likely (e.g. to count the mean FLOPs of a step)."""
-        tops = self._random_depth_max()
-        return [dict(zip(tops, d)) for d in itertools.product(*(range(1, t + 1) for t in tops.values()))]
-
-    def _random_depth_max(self):
-        c = self.config
-        return {"latent_steps": 2 * c.latent_steps, "deep_steps": 2 * c.deep_steps,
-                "supervision_steps": 2 * c.supervision_steps}
-
-    def net_calls(self, latent_steps=None, deep_steps=None, supervision_steps=None):
+    def net_calls(self, **depth):
         """Applications of `net` per token in one forward pass."""
         if self.config.arch == "gpt":
             return 1
-        n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
+        n, T_deep, N_sup = self.steps(**depth)
         return N_sup * T_deep * (n + 1)
-
-    def new_cache(self, batch_size, max_len, device=None, dtype=torch.float32, **depth):
-        c = self.config
-        slots = self.net_calls(**depth) * c.n_layers
-        return KVCache(slots, batch_size, c.n_heads, max_len, c.d_model // c.n_heads,
-                       device or self.embed.weight.device, dtype)
 
     def _rope_table(self, n, device):
         hd = self.config.d_model // self.config.n_heads
@@ -323,9 +199,7 @@ class TRM(nn.Module):
     def flops_per_token(self, seq_len=None, **depth):
         """Training FLOPs per token (forward + backward), counted as 2 per multiply-add of every matmul.
 
-        depth: latent_steps / deep_steps / supervision_steps overrides, as for forward().
-
-        No-grad deep steps cost one forward; the last deep step of each round and the head cost forward+backward (3x).
+        Deep steps without gradients cost one forward; those with gradients and the head cost forward+backward (3x).
         Attention scores count the full T x T square (the usual convention, e.g. PaLM's MFU).
         """
         c = self.config
@@ -335,9 +209,14 @@ class TRM(nn.Module):
         head = 2 * c.vocab_size * c.d_model
         if c.arch == "gpt":
             return 3 * (per_call + head)
-        n, T_deep, N_sup = self.depth(**depth)
+        n, T_deep, N_sup = self.steps(**depth)
+        with_grad = self._grad_deep_steps(T_deep)
         calls = n + 1
-        return N_sup * ((T_deep - 1) * calls * per_call + 3 * calls * per_call + 3 * head)
+        return N_sup * ((T_deep - with_grad) * calls * per_call + 3 * with_grad * calls * per_call + 3 * head)
+
+    def embed_tokens(self, idx):
+        x = self.embed(idx)
+        return x * self.embed_scale if self.embed_scale != 1.0 else x
 
     # ---- the recursion ------------------------------------------------------------------------------------
     def net(self, h, rope, cache=None):
@@ -346,122 +225,116 @@ class TRM(nn.Module):
         return h
 
     def latent_recursion(self, x, y, z, n, rope, cache=None):
+        if self.config.single_stream:  # one state, the same n + 1 net calls (a variant: arXiv 2603.08082)
+            for _ in range(n + 1):
+                z = self.net(x + z, rope, cache)
+            return z, z
         for _ in range(n):
             z = self.net(x + y + z, rope, cache)  # refine the latent reasoning state
         y = self.net(y + z, rope, cache)          # then the answer, from the latent state alone
         return y, z
 
     def deep_recursion(self, x, y, z, n, T_deep, rope, cache=None):
+        with_grad = self._grad_deep_steps(T_deep)
         with torch.no_grad():
-            for _ in range(T_deep - 1):
+            for _ in range(T_deep - with_grad):
                 y, z = self.latent_recursion(x, y, z, n, rope, cache)
-        return self.latent_recursion(x, y, z, n, rope, cache)  # the only step that backpropagates
+        for _ in range(with_grad):  # the paper backpropagates through the last deep step only
+            y, z = self.latent_recursion(x, y, z, n, rope, cache)
+        return y, z
 
-    def forward(self, idx, targets=None, cache=None, latent_steps=None, deep_steps=None, supervision_steps=None,
-                return_all_losses=False, last_only=False, act_weight=0.0, halt_threshold=None):
-        """logits [B, T, vocab] of the last supervision round; loss = mean of the rounds' losses (None without targets).
+    def _grad_deep_steps(self, T_deep):
+        k = self.config.grad_deep_steps
+        return T_deep if k == 0 else min(k, T_deep)
 
-        With `cache`, idx holds only the new tokens; positions continue from cache.pos.
-        return_all_losses=True returns the per-round losses as a list instead of their mean.
-        last_only=True (sampling, no targets) returns logits [B, 1, vocab] of the last position only.
-        act_weight > 0 adds act_weight x the halting head's loss to every round's loss (needs config.halt_head).
-        halt_threshold: adaptive depth (see rounds); each round's loss then counts the tokens it computed.
+    def rounds(self, idx, cache=None, halt_threshold=None, **depth):
+        """The deep-supervision rounds, one at a time: yields (y, running) after each round, y [B, T, D] the answer
+        state the head reads, running [B, T] True where the round computed the token (None without a threshold).
+
+        This one loop serves training (both update rules), evaluation and decoding. y and z are detached between
+        rounds, and x is embedded every round, so a caller may step the optimizer in between (supervision_rounds).
+
+        cache: a KVCache (idx holds the new tokens only; positions continue from cache.pos).
+        halt_threshold < 1 (a model with a halting head) is adaptive depth: after every round, tokens whose halting
+        probability exceeds it stop. They keep y and z, and at the deeper rounds attention reads their keys/values
+        of the round they stopped at (trm/kv_cache.py). Once every token has stopped, no further round runs.
         """
-        if last_only and targets is not None:
-            raise ValueError("last_only=True is for sampling: the loss needs every position's logits")
-        if halt_threshold is not None:  # adaptive depth: rounds() embeds and recurses itself
-            if cache is not None:
-                raise ValueError("adaptive depth through a cache is decode_adaptive's job")
-            losses = []
-            for y, running in self.rounds(idx, halt_threshold, latent_steps, deep_steps, supervision_steps):
-                logits = self.lm_head(y)
-                if targets is not None:
-                    losses.append(self._round_loss(y, logits, targets.masked_fill(~running, -1), act_weight))
-            logits = logits[:, -1:] if last_only else logits
-            if targets is None:
-                return logits, None
-            return logits, (losses if return_all_losses else torch.stack(losses).mean())
         B, T = idx.shape
-        if cache is not None and cache.static:
-            if T != 1:
-                raise ValueError(f"a fixed-shape cache takes one token per pass, got {T}")
-            rope = (self.rope_cos.index_select(0, cache.pos_t), self.rope_sin.index_select(0, cache.pos_t))
-            cache.mask = (cache.positions <= cache.pos_t).view(1, -1)  # keys stored so far and this token's own
-        else:
-            rope = self.rope(cache.pos if cache is not None else 0, T)
-        x = self.embed(idx)
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
-        head = self._sampling_head if last_only else self.lm_head
+        limit = math.inf if halt_threshold is None else self._halt_limit(halt_threshold)
+        halting = limit < math.inf
+        if halting:
+            self.check_halting()
+        kv = cache if cache is not None or not halting else RoundKV()
+        rope = kv.begin(self, T) if kv is not None else self.rope(0, T)
         if self.config.arch == "gpt":
-            logits = head(self.net(x, rope, cache))
-            losses = [self._loss(logits, targets)] if targets is not None else []
+            yield self.net(self.embed_tokens(idx), rope, kv), None
         else:
-            n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
-            y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
-            losses = []
+            n, T_deep, N_sup = self.steps(**depth)
+            y = z = None
+            stopped = torch.zeros(B, T, dtype=torch.bool, device=idx.device) if halting else None
             for r in range(N_sup):
-                y, z = self.deep_recursion(x, y, z, n, T_deep, rope, cache)
-                if targets is not None:
-                    logits = self.lm_head(y)
-                    losses.append(self._round_loss(y, logits, targets, act_weight))
-                elif r == N_sup - 1:  # without targets only the last round's logits are read: skip the other heads
-                    logits = head(y)
-                y, z = y.detach(), z.detach()  # each round backpropagates through its own last deep step only
+                if halting and r:
+                    if bool(stopped.all()):  # nothing left to compute; the cache still fills the deeper rounds
+                        kv.skip_rounds(N_sup - r)
+                        break
+                    kv.next_round(stopped)
+                x = self.embed_tokens(idx)
+                if y is None:
+                    y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
+                y_new, z_new = self.deep_recursion(x, y, z, n, T_deep, rope, kv)
+                if halting:
+                    keep = stopped.unsqueeze(-1)
+                    y, z = torch.where(keep, y, y_new), torch.where(keep, z, z_new)
+                else:
+                    y, z = y_new, z_new
+                yield y, (~stopped if halting else None)
+                y, z = y.detach(), z.detach()  # each round backpropagates into its own deep recursion only
+                if halting:
+                    with torch.no_grad():
+                        stopped = stopped | (self.halt(y).squeeze(-1) > limit)
         if cache is not None:
             cache.advance(T)
-        if targets is None:
-            return logits, None
-        return logits, (losses if return_all_losses else torch.stack(losses).mean())
 
-    def supervision_rounds(self, idx, targets, latent_steps=None, deep_steps=None, supervision_steps=None,
-                           act_weight=0.0, halt_threshold=None):
+    def forward(self, idx, targets=None, cache=None, last_only=False, act_weight=0.0, halt_threshold=None, **depth):
+        """logits [B, T, vocab] of the last supervision round, and the mean of the rounds' losses (None without
+        targets). The arguments are rounds()'s, and:
+
+        last_only=True (sampling, no targets) returns logits [B, 1, vocab] of the last position only.
+        act_weight > 0 adds act_weight x the halting head's loss to every round's loss (needs config.halt_head).
+        """
+        logits, losses = self._forward(idx, targets, cache, last_only, act_weight, halt_threshold, **depth)
+        return logits, (torch.stack(losses).mean() if losses else None)
+
+    def round_losses(self, idx, targets, act_weight=0.0, halt_threshold=None, **depth):
+        """Each supervision round's loss, as a list (forward returns their mean)."""
+        return self._forward(idx, targets, None, False, act_weight, halt_threshold, **depth)[1]
+
+    def _forward(self, idx, targets, cache, last_only, act_weight, halt_threshold, **depth):
+        if last_only and targets is not None:
+            raise ValueError("last_only=True is for sampling: the loss needs every position's logits")
+        losses = []
+        for y, running in self.rounds(idx, cache, halt_threshold, **depth):
+            if targets is not None:
+                logits = self.lm_head(y)
+                losses.append(self._round_loss(y, logits, self._running_targets(targets, running), act_weight))
+        if targets is None:  # only the last round's logits are read: no head for the others
+            return (self.sampling_head(y) if last_only else self.lm_head(y)), losses
+        rounds = 1 if self.config.arch == "gpt" else self.steps(**depth)[2]
+        losses += [losses[0].new_zeros(())] * (rounds - len(losses))  # rounds skipped once every token had stopped
+        return logits, losses
+
+    def supervision_rounds(self, idx, targets, act_weight=0.0, halt_threshold=None, **depth):
         """The paper's update rule: yields each round's loss; the caller backpropagates it and steps the optimizer
-        before asking for the next round, which then runs with the updated weights from the detached y, z.
-        halt_threshold: adaptive depth (see rounds); each round's loss then counts the tokens it computed.
-        """
-        if self.config.arch == "gpt":
-            yield self(idx, targets)[1]
-            return
-        for y, running in self.rounds(idx, 1.0 if halt_threshold is None else halt_threshold, latent_steps,
-                                      deep_steps, supervision_steps):
-            yield self._round_loss(y, self.lm_head(y), targets.masked_fill(~running, -1), act_weight)
+        before asking for the next round, which then runs with the updated weights from the detached y, z."""
+        for y, running in self.rounds(idx, None, halt_threshold, **depth):
+            yield self._round_loss(y, self.lm_head(y), self._running_targets(targets, running), act_weight)
 
-    def rounds(self, idx, halt_threshold=1.0, latent_steps=None, deep_steps=None, supervision_steps=None):
-        """The supervision rounds one at a time over whole sequences: yields (y, running) after each round, y [B, T, D]
-        and running [B, T], True where the round computed the token. y and z are detached between rounds, and x is
-        embedded every round, so the caller may step the optimizer in between (supervision_rounds).
+    @staticmethod
+    def _running_targets(targets, running):
+        # a stopped token's loss was counted in the round it stopped at: -1 masks it out of the deeper rounds
+        return targets if running is None else targets.masked_fill(~running, -1)
 
-        halt_threshold < 1 (a model with a halting head) is adaptive depth, the computation decode_adaptive makes
-        token by token (tested equal): after every round, tokens whose halting probability exceeds it stop. They keep
-        y and z, and attention at the deeper rounds reads their keys/values of the round they stopped at (RoundKV).
-        """
-        if self.config.arch != "trm":
-            raise ValueError("supervision rounds are a TRM's (arch='trm')")
-        n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
-        limit = self._halt_limit(halt_threshold)
-        if limit < math.inf:
-            self._check_halting()
-        rope = self.rope(0, idx.size(1))
-        kv = RoundKV() if limit < math.inf else None  # nothing ever stops at 1.0: plain attention
-        y = z = None
-        stopped = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
-        for _ in range(N_sup):
-            x = self.embed(idx) * self.embed_scale
-            if y is None:
-                y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
-            if kv is not None:
-                kv.next_round(stopped)
-            y_new, z_new = self.deep_recursion(x, y, z, n, T_deep, rope, kv)
-            keep = stopped.unsqueeze(-1)
-            y, z = torch.where(keep, y, y_new), torch.where(keep, z, z_new)
-            yield y, ~stopped
-            y, z = y.detach(), z.detach()
-            if kv is not None:
-                with torch.no_grad():
-                    stopped = stopped | (self.halt(y).squeeze(-1) > limit)
-
-    def _check_halting(self):
+    def check_halting(self):
         if self.halt is None or self.config.arch != "trm":
             raise ValueError("adaptive depth needs a TRM trained with a halting head (train_trm_lm.py --act_weight)")
 
@@ -475,46 +348,7 @@ class TRM(nn.Module):
         ce = self._loss(logits, targets)
         return ce + act_weight * self.halt_loss(y, logits, targets) if act_weight else ce
 
-    @torch.no_grad()
-    def decode_adaptive(self, idx, cache, halt_threshold, latent_steps=None, deep_steps=None, supervision_steps=None):
-        """One new token per sequence (idx [B, 1]) through the cache, each sequence stopping its supervision rounds
-        once the halting head's probability exceeds halt_threshold (1.0: never, the fixed depth).
-
-        A stopped sequence keeps its y and z, and its keys/values at every deeper round are copies of those of the
-        round it stopped at, so later tokens read the stopped token's latest state wherever they look.
-        Returns (logits [B, 1, vocab] of each sequence's last round, rounds run per sequence [B]).
-        """
-        self._check_halting()
-        if idx.size(1) != 1 or cache.static:
-            raise ValueError("decode_adaptive takes one token per sequence through a normal (not fixed-shape) cache")
-        n, T_deep, N_sup = self.depth(latent_steps, deep_steps, supervision_steps)
-        B, pos = idx.size(0), cache.pos
-        slots = T_deep * (n + 1) * self.config.n_layers  # cache slots one round fills
-        limit = self._halt_limit(halt_threshold)
-        rope = self.rope(pos, 1)
-        x = self.embed(idx) * self.embed_scale
-        y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
-        stopped = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        rounds = torch.zeros(B, dtype=torch.long, device=idx.device)
-        for r in range(N_sup):
-            if r and bool(stopped.all()):  # nothing left to compute: fill the deeper rounds' slots and leave
-                for later in range(r, N_sup):
-                    cache.copy_round(later * slots, (later - 1) * slots, slots, pos, stopped)
-                break
-            y_new, z_new = self.deep_recursion(x, y, z, n, T_deep, rope, cache)
-            if r and bool(stopped.any()):
-                keep = stopped.view(B, 1, 1)
-                y, z = torch.where(keep, y, y_new), torch.where(keep, z, z_new)
-                cache.copy_round(r * slots, (r - 1) * slots, slots, pos, stopped)
-            else:
-                y, z = y_new, z_new
-            rounds += ~stopped
-            if r < N_sup - 1:
-                stopped |= self.halt(y)[:, -1, 0] > limit
-        cache.advance(1)
-        return self._sampling_head(y), rounds
-
-    def _sampling_head(self, y):
+    def sampling_head(self, y):
         """Logits at the last position. Without autograd they come from a cached [D, vocab] copy of the head: for one
         row, MKL reads that layout about 3x faster than nn.Linear's [vocab, D] (measured on this project's AMD CPU,
         where the head was a fifth of each decoding step)."""

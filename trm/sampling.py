@@ -7,6 +7,8 @@ sliding-window policy past max_seq_len, so greedy outputs agree.
 """
 import torch
 
+from trm.kv_cache import KVCache
+
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, prev_ids=None, generator=None):
     """Next token ids [B] from last-position logits [B, V].
@@ -75,6 +77,22 @@ class GraphedStep:
         return self.logits
 
 
+@torch.no_grad()
+def decode_adaptive(model, idx, cache, halt_threshold, **depth):
+    """One new token per sequence (idx [B, 1]) through the cache, each sequence stopping its supervision rounds once
+    the halting head's probability exceeds halt_threshold (1.0: never, the fixed depth): TRM.rounds with a cache.
+
+    Returns (logits [B, 1, vocab] of each sequence's last round, supervision rounds run per sequence [B]).
+    """
+    model.check_halting()
+    if idx.size(1) != 1 or cache.static:
+        raise ValueError("decode_adaptive takes one token per sequence through a normal (not fixed-shape) cache")
+    rounds = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
+    for y, running in model.rounds(idx, cache, halt_threshold, **depth):
+        rounds += running[:, 0] if running is not None else 1
+    return model.sampling_head(y), rounds
+
+
 @torch.inference_mode()  # as a decorator it is entered and left around each step, never held across a yield
 def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.0,
              eos_id=None, use_cache=True, cuda_graph=True, latent_steps=None, deep_steps=None, supervision_steps=None,
@@ -110,7 +128,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
     if adaptive and not use_cache:
         raise ValueError("adaptive depth (halt_threshold) works through the KV cache: use_cache=True")
     graphed = use_cache and cuda_graph and device.type == "cuda" and not adaptive
-    cache = model.new_cache(1, L, **depth) if use_cache else None
+    cache = KVCache.for_model(model, 1, L, **depth) if use_cache else None
     step = None
 
     def refill():
@@ -143,7 +161,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
         elif graphed:
             logits = step(next_id)
         elif adaptive:
-            logits, rounds = model.decode_adaptive(ids[:, n - 1:n], cache, halt_threshold, **depth)
+            logits, rounds = decode_adaptive(model, ids[:, n - 1:n], cache, halt_threshold, **depth)
             if stats is not None:
                 stats["tokens"] = stats.get("tokens", 0) + 1
                 stats["rounds"] = stats.get("rounds", 0) + int(rounds[0])

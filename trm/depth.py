@@ -1,0 +1,30 @@
+"""Depth schedules for training: which (latent_steps, deep_steps, supervision_steps) each step runs.
+
+The trained depth lives in TRMConfig; a schedule returns per-step overrides, the **depth keywords that TRM.forward,
+TRM.rounds and TRM.flops_per_token take ({} = the trained depth). Every draw depends on (seed, step) alone, so a
+resumed run draws the same depths as an uninterrupted one.
+"""
+import itertools
+
+import numpy as np
+
+
+def random_depth(config, seed, step):
+    """--random_depth: latent_steps uniform in 1..2n, deep_steps in 1..2T and supervision_steps in 1..2 N_sup.
+
+    Looped LMs extrapolate to deeper inference only when trained at varied depths; rounds are what inference varies,
+    so they are drawn too.
+    """
+    rng = np.random.default_rng([seed, step, 0x7E7])
+    return {name: int(rng.integers(1, top + 1)) for name, top in _random_depth_max(config).items()}
+
+
+def random_depth_grid(config):
+    """Every depth random_depth can draw, equally likely (e.g. to count the mean FLOPs of a step)."""
+    tops = _random_depth_max(config)
+    return [dict(zip(tops, d)) for d in itertools.product(*(range(1, t + 1) for t in tops.values()))]
+
+
+def _random_depth_max(config):
+    return {"latent_steps": 2 * config.latent_steps, "deep_steps": 2 * config.deep_steps,
+            "supervision_steps": 2 * config.supervision_steps}
