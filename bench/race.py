@@ -1,0 +1,162 @@
+"""Equal wall-clock races between model configurations: one run per visible GPU at a time, all with the same budget.
+
+    python bench/race.py --data_dir corpus/ --sp_model ja_trm.model --minutes 2 --out race_out \
+        --run "trm=--supervision_steps 1 --grad_deep_steps 0 --lr 3e-3" --run "gpt12=--arch gpt --n_layers 12"
+
+Every run is train_trm_lm.py with the shared flags (--batch_size 64 --weight_decay 0.1 --max_minutes M, evaluation
+every --eval_every steps on 262k validation tokens) plus its own. The budget counts the trainer's training time,
+compilation included; evaluation and saving do not count. When a run ends, its final checkpoint (EMA weights) is scored
+by trm.evaluate on --eval_tokens of validation_0 at its trained depth and at 0.5x and 2x its supervision rounds (deep
+steps for 1-round models). The table also shows the best validation along the run (the trainer's own evaluations),
+since at 30+ epochs a model can be past its best when the clock stops.
+
+Prints a markdown table, and writes race.json and every run's log under --out.
+"""
+import argparse
+import json
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from trm.model import TRM, TRMConfig  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--run", action="append", required=True, help="NAME=FLAGS, one per configuration (repeatable)")
+p.add_argument("--data_dir", required=True, help="folder with train_*.jsonl.gz and validation_0.jsonl.gz")
+p.add_argument("--sp_model", required=True)
+p.add_argument("--minutes", type=float, default=2.0, help="training budget of every run")
+p.add_argument("--out", default="race_out")
+p.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: every visible GPU)")
+p.add_argument("--common", default="--batch_size 64 --weight_decay 0.1 --eval_every 500 --log_every 250",
+               help="flags every run shares")
+p.add_argument("--eval_tokens", type=int, default=1_000_000)
+p.add_argument("--no_depth", action="store_true", help="score at the trained depth only")
+args = p.parse_args()
+args.out, args.data_dir, args.sp_model = map(os.path.abspath, (args.out, args.data_dir, args.sp_model))
+
+
+def gpu_ids():
+    if args.gpus:
+        return args.gpus.split(",")
+    return [str(i) for i in range(torch.cuda.device_count())] or ["cpu"]
+
+
+train_paths = sorted((os.path.join(args.data_dir, f) for f in os.listdir(args.data_dir)
+                      if f.startswith("train_") and f.endswith(".jsonl.gz")))
+valid_path = os.path.join(args.data_dir, "validation_0.jsonl.gz")
+cache_dir = os.path.join(args.out, "token_cache")
+os.makedirs(args.out, exist_ok=True)
+runs = [spec.split("=", 1) for spec in args.run]
+if len({name for name, _ in runs}) != len(runs):
+    sys.exit("error: run names must be unique")
+
+
+def trainer_cmd(name, flags, extra=()):
+    return [sys.executable, os.path.join(ROOT, "train_trm_lm.py"), "--sp_model", args.sp_model,
+            "--train_paths", *train_paths, "--valid_paths", valid_path, "--cache_dir", cache_dir,
+            "--save_dir", os.path.join(args.out, name), *shlex.split(args.common), *shlex.split(flags), *extra]
+
+
+def score(name, ckpt, env, **depth):
+    cmd = [sys.executable, "-m", "trm.evaluate", "--model_path", ckpt, "--data", valid_path,
+           "--eval_tokens", str(args.eval_tokens)]
+    for k, v in depth.items():
+        cmd += [f"--{k}", str(v)]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        return {"error": out.stderr.strip()[-300:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def race(name, flags, gpu):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    log_path = os.path.join(args.out, f"{name}.log")
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        rc = subprocess.call(trainer_cmd(name, flags, ["--max_steps", "10000000", "--max_minutes", str(args.minutes)]),
+                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    row = {"name": name, "flags": flags, "gpu": gpu, "rc": rc, "wall_s": time.time() - t0}
+    save_dir = os.path.join(args.out, name)
+    finals = [f for f in os.listdir(save_dir) if f.startswith("final_step_")] if os.path.isdir(save_dir) else []
+    if rc or not finals:
+        row["error"] = open(log_path).read()[-600:]
+        return row
+    history = [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl")) if line.strip()]
+    evals = [h for h in history if h["kind"] == "eval"]
+    trains = [h for h in history if h["kind"] == "train"]
+    best = min(evals, key=lambda h: h["bits_per_byte"])
+    row.update(steps=max(h["step"] for h in history), best_val=best["bits_per_byte"], best_step=best["step"],
+               last_val=evals[-1]["bits_per_byte"],
+               tok_s=sorted(h["tok_s"] for h in trains)[len(trains) // 2] if trains else 0)
+    ckpt = os.path.join(save_dir, finals[0])
+    trained = score(name, ckpt, env)
+    row.update(params=trained.get("params"), bpb=trained.get("bits_per_byte"), error=trained.get("error"))
+    cfg = torch.load(ckpt, map_location="cpu", weights_only=True)["config"]
+    row["mflop_per_token"] = TRM(TRMConfig(**cfg)).flops_per_token() / 1e6
+    if not args.no_depth and cfg["arch"] == "trm":
+        key = "supervision_steps" if cfg["supervision_steps"] > 1 else "deep_steps"
+        half, double = max(1, cfg[key] // 2), 2 * cfg[key]
+        row["depth_key"] = key
+        if half != cfg[key]:
+            row["bpb_half"] = score(name, ckpt, env, **{key: half}).get("bits_per_byte")
+        row["bpb_double"] = score(name, ckpt, env, **{key: double}).get("bits_per_byte")
+    return row
+
+
+# The token cache is built once, before the runs start, so no run pays for tokenizing (or races another to build it).
+print(f"building the token cache in {cache_dir}", flush=True)
+prep = subprocess.run(trainer_cmd("_prep", "--device cpu --compile off --batch_size 1 --max_seq_len 16 --d_model 32 "
+                                           "--n_heads 2 --eval_tokens 64", ["--max_steps", "1"]),
+                      cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+if prep.returncode:
+    sys.exit(f"error: preparing the token cache failed:\n{prep.stdout[-2000:]}\n{prep.stderr[-2000:]}")
+
+todo, rows, lock = queue.Queue(), [], threading.Lock()
+for r in runs:
+    todo.put(r)
+
+
+def worker(gpu):
+    while True:
+        try:
+            name, flags = todo.get_nowait()
+        except queue.Empty:
+            return
+        print(f"[gpu {gpu}] {name}: {flags}", flush=True)
+        row = race(name, flags, gpu)
+        with lock:
+            rows.append(row)
+            json.dump(rows, open(os.path.join(args.out, "race.json"), "w"), indent=1)
+        print(f"[gpu {gpu}] {name} done: " + json.dumps({k: v for k, v in row.items() if k != "flags"}), flush=True)
+
+
+threads = [threading.Thread(target=worker, args=(g,)) for g in gpu_ids()]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+
+
+def fmt(v, spec=".4f"):
+    return "" if v is None else format(v, spec)
+
+
+print(f"\n{args.minutes:g} minutes each; bits/byte on validation_0 ({args.eval_tokens:,} tokens, EMA) at the end; "
+      "best = best of the trainer's evaluations (262k tokens) along the run")
+print("| run | params | MFLOP/token | tok/s | steps | bits/byte | best along run (step) | 0.5x depth | 2x depth | flags |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
+    if r.get("error") and r.get("bpb") is None:
+        print(f"| {r['name']} | failed: {r['error'][-120:]!r} |||||||| `{r['flags']}` |")
+        continue
+    print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['mflop_per_token']:.0f} | {r['tok_s'] / 1e6:.2f}M | "
+          f"{r['steps']:,} | {fmt(r['bpb'])} | {fmt(r['best_val'])} ({r['best_step']:,}) | {fmt(r.get('bpb_half'))} | "
+          f"{fmt(r.get('bpb_double'))} | `{r['flags']}` |")
