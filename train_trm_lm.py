@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from trm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
-from trm.depth import random_depth, random_depth_grid
+from trm.depth import depth_warmup, random_deep_steps, random_deep_steps_grid, random_depth, random_depth_grid
 from trm.data import DataError, PackedLoader, check_paths, eval_windows, load_tokens
 from trm.device import autocast, pick_device
 from trm.ema import EMA
@@ -82,10 +82,12 @@ p.add_argument("--weight_decay", type=float, default=0.01)
 p.add_argument("--warmup_steps", type=int, default=500)
 p.add_argument("--grad_clip", type=float, default=1.0)
 p.add_argument("--ema_decay", type=float, default=0.995, help="0 disables the EMA")
-p.add_argument("--random_depth", action="store_true",
-               help="sample latent_steps in 1..2n, deep_steps in 1..2T and supervision_steps in 1..2N every step "
-                    "(seeded), so the model also works at depths it was not trained at; gradients still flow "
-                    "through the last deep step only")
+p.add_argument("--random_depth", nargs="?", const="all", default=None, choices=["all", "deep"],
+               help="draw the depth every step (seeded), so the model also works at depths it was not trained at. "
+                    "all (the flag alone): latent_steps in 1..2n, deep_steps in 1..2T and supervision_steps in 1..2N "
+                    "(no compile); deep: deep_steps in 1..2T only, compiled (one graph per depth)")
+p.add_argument("--depth_warmup", type=float, default=0.0,
+               help="train with one deep step per round for this fraction of the run, then the full depth")
 p.add_argument("--act_weight", type=float, default=0.0,
                help="train a per-token halting head with this weight on its loss (0 = no head); it predicts whether a "
                     "round's argmax is already right, for generate.py --halt_threshold")
@@ -245,13 +247,16 @@ raw_model = model  # what gets saved, evaluated and sampled; never the compiled 
 # Not compiled: the paper's update rule (an optimizer step inside the forward pass), random depth (a new graph
 # for every depth drawn) and adaptive depth in training (data-dependent stopping)
 use_compile = (args.compile in ("on", "graphs") or (args.compile == "auto" and device.type == "cuda")) \
-    and args.sup_update == "mean" and not args.random_depth and args.train_halt_threshold is None
+    and args.sup_update == "mean" and args.random_depth != "all" and args.train_halt_threshold is None
 cuda_graphs = args.compile == "graphs" and device.type == "cuda"
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     # the buffers (initial states, rotary tables) are constants: no need to broadcast them every forward
     model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
 if use_compile:
+    import torch._dynamo
+    # one graph per depth a depth schedule can ask for (random deep steps: 2T of them), each compiled once
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * config.deep_steps + 4)
     # compiled after DDP so that the compiler splits the graph at gradient buckets and overlaps the all-reduce;
     # CUDA graphs replay a whole step's kernels with one launch: small batches are launch-bound, not math-bound
     model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
@@ -336,7 +341,7 @@ save_every = args.save_every or args.eval_every
 gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
 if args.random_depth and config.arch == "trm":  # the mean over the depths random_depth draws from
-    grid = random_depth_grid(config)
+    grid = random_depth_grid(config) if args.random_depth == "all" else random_deep_steps_grid(config)
     flops_per_step = sum(raw_model.flops_per_token(args.max_seq_len, **d) for d in grid) / len(grid) * tokens_per_step
 else:
     flops_per_step = raw_model.flops_per_token(args.max_seq_len) * tokens_per_step
@@ -404,7 +409,13 @@ try:
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        depth = random_depth(config, args.seed, step) if args.random_depth and config.arch == "trm" else {}
+        depth = {}
+        if config.arch == "trm" and args.random_depth == "all":
+            depth = random_depth(config, args.seed, step)
+        elif config.arch == "trm" and args.random_depth == "deep":
+            depth = random_deep_steps(config, args.seed, step)
+        elif config.arch == "trm" and args.depth_warmup:
+            depth = depth_warmup(config, max(step / args.max_steps, time_frac), args.depth_warmup)
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
             x, y = (t.to(device) for t in loader.next_batch())
             round_losses = []

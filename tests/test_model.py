@@ -643,3 +643,12 @@ def test_halting_loss_counts_each_token_in_the_rounds_that_computed_it():
 def test_adaptive_depth_needs_a_halting_head():
     with pytest.raises(ValueError, match="halting head"):
         decode_adaptive(tiny(), tokens(1, 1), KVCache.for_model(tiny(), 1, 4), 0.5)
+
+
+def test_depth_schedules_draw_what_they_promise():
+    from trm.depth import depth_warmup, random_deep_steps
+    cfg = TRMConfig(vocab_size=50, d_model=32, n_heads=2, deep_steps=3)
+    draws = [random_deep_steps(cfg, seed=1, step=s) for s in range(300)]
+    assert draws == [random_deep_steps(cfg, seed=1, step=s) for s in range(300)]
+    assert {d["deep_steps"] for d in draws} == set(range(1, 7)) and all(len(d) == 1 for d in draws)
+    assert depth_warmup(cfg, 0.2, 1 / 3) == {"deep_steps": 1} and depth_warmup(cfg, 0.4, 1 / 3) == {}

@@ -113,7 +113,8 @@ def test_halting_head_trains_and_reports_its_accuracy(corpus, tmp_path, rule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--random_depth"]], ids=["fixed_depth", "random_depth"])
+@pytest.mark.parametrize("extra", [[], ["--random_depth"], ["--random_depth", "deep"], ["--depth_warmup", "0.5"]],
+                         ids=["fixed_depth", "random_depth", "random_deep_steps", "depth_warmup"])
 def test_resume_is_bit_identical(corpus, tmp_path, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["--max_steps", "16", "--eval_every", "8", "--log_every", "4", "--dropout", "0.1", *extra]

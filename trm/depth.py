@@ -28,3 +28,24 @@ def random_depth_grid(config):
 def _random_depth_max(config):
     return {"latent_steps": 2 * config.latent_steps, "deep_steps": 2 * config.deep_steps,
             "supervision_steps": 2 * config.supervision_steps}
+
+
+def random_deep_steps(config, seed, step):
+    """--random_depth deep: deep_steps uniform in 1..2T, everything else as trained.
+
+    Only 2T depths exist, so a compiled model keeps one graph per depth (compiled once each, then reused): random
+    depth at the compiled speed, where drawing all three counts leaves the compiler too many graphs to keep.
+    """
+    rng = np.random.default_rng([seed, step, 0xD33])
+    return {"deep_steps": int(rng.integers(1, 2 * config.deep_steps + 1))}
+
+
+def random_deep_steps_grid(config):
+    return [{"deep_steps": t} for t in range(1, 2 * config.deep_steps + 1)]
+
+
+def depth_warmup(config, progress, until):
+    """--depth_warmup F: one deep step per round for the first F of training (progress in [0, 1]), then the full
+    depth, so the early steps, where the model learns most per token, are cheap (the looped runs of Parameter Golf
+    gained when looping started about a third of the way in)."""
+    return {"deep_steps": 1} if progress < until else {}
