@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -79,12 +80,13 @@ def score(name, ckpt, env, **depth):
 def race(name, flags, gpu):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
     log_path = os.path.join(args.out, f"{name}.log")
+    save_dir = os.path.join(args.out, name)
+    shutil.rmtree(save_dir, ignore_errors=True)  # a run of the same name in an earlier race must not be scored
     t0 = time.time()
     with open(log_path, "w") as log:
         rc = subprocess.call(trainer_cmd(name, flags, ["--max_steps", "10000000", "--max_minutes", str(args.minutes)]),
                              env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     row = {"name": name, "flags": flags, "gpu": gpu, "rc": rc, "wall_s": time.time() - t0}
-    save_dir = os.path.join(args.out, name)
     finals = [f for f in os.listdir(save_dir) if f.startswith("final_step_")] if os.path.isdir(save_dir) else []
     if rc or not finals:
         row["error"] = open(log_path).read()[-600:]
