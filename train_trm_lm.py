@@ -14,8 +14,6 @@ learning rate, with no measured gain for language modeling here; see README).
 """
 import argparse
 import contextlib
-import json
-import math
 import os
 import random
 import signal
@@ -24,19 +22,25 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from trm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
-from trm.depth import depth_warmup, random_deep_steps, random_deep_steps_grid, random_depth, random_depth_grid
+from trm.checkpoint import CheckpointError, prune_checkpoints, save_checkpoint
+from trm.clock import RunClock
+from trm import depth as depth_schedule
 from trm.data import DataError, PackedLoader, check_paths, eval_windows, load_tokens
 from trm.device import autocast, pick_device
 from trm.ema import EMA
 from trm.evaluate import evaluate
+from trm.flags import check_flags
+from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
+from trm.run_dir import find_checkpoint
+from trm.schedule import lr_at
 from trm.tokenizer import Tokenizer, TokenizerError
 
-# bf16 dense matmul rates used for MFU. Hopper: the rate measured on this project's H100/H200 machines, not the
-# 989 TFLOP/s datasheet figure (the issue tracker's baselines use the same number).
-PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+# the flags that make the architecture: a resumed run keeps the checkpoint's values
+ARCH_FLAGS = ("arch", "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps", "dropout",
+              "max_seq_len", "grad_deep_steps", "single_stream")
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # data and tokenizer (the procedure's flags)
@@ -113,23 +117,14 @@ def fail(msg, code=2):
     sys.exit(code)
 
 
-for name in ("batch_size", "grad_accum", "max_seq_len", "max_steps", "eval_every", "log_every", "d_model", "n_heads",
-             "n_layers", "latent_steps", "deep_steps", "supervision_steps"):
-    if getattr(args, name) < 1:
-        fail(f"--{name} must be at least 1, got {getattr(args, name)}")
-if args.sup_update == "each" and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.grad_accum > 1):
-    fail("--sup_update each runs one process without --grad_accum (its optimizer steps inside the forward pass)")
-if not 0 <= args.dropout < 1 or not 0 <= args.ema_decay < 1 or args.lr <= 0 or args.max_minutes < 0 \
-        or args.act_weight < 0:
-    fail("--dropout and --ema_decay must be in [0, 1), --lr positive, --max_minutes and --act_weight >= 0")
+if problem := check_flags(args, int(os.environ.get("WORLD_SIZE", "1"))):
+    fail(problem)
 
 # ----------------------------------------------------------------------------------------------------------------
-# setup: processes, device, tokenizer, data, model, optimizer
-ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-rank = int(os.environ.get("RANK", "0"))
-world_size = int(os.environ.get("WORLD_SIZE", "1"))
+# setup: processes, device, tokenizer, the checkpoint to resume, the configuration, data, model, optimizer
+world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-master = rank == 0
+ddp, master = world_size > 1, rank == 0
 
 device, amp_dtype, device_why = pick_device(args.device, args.dtype)
 if ddp:
@@ -158,6 +153,34 @@ except (TokenizerError, DataError) as e:
 log(f"tokenizer: {args.tokenizer}" + (f" {args.sp_model}" if args.tokenizer == "sentencepiece" else "") +
     f", vocab {tokenizer.vocab_size:,}")
 
+# Resume: the newest readable checkpoint (a truncated one is reported and skipped) or the one named. Settled before
+# the data is built, so that the checkpoint's configuration (its window length too) is the only one.
+ckpt = None
+if args.resume:
+    try:
+        ckpt, ckpt_path = find_checkpoint(args.save_dir, args.resume, log)
+    except CheckpointError as e:
+        fail(str(e))
+    if ckpt is None:
+        log(f"--resume auto: no checkpoint in {args.save_dir}, starting from scratch")
+    else:
+        log(f"resuming from {ckpt_path} (step {ckpt['step']})")
+        if ckpt["tokenizer"] and Tokenizer.from_state(ckpt["tokenizer"]).fingerprint() != tokenizer.fingerprint():
+            fail(f"the checkpoint was trained with a different tokenizer than {args.tokenizer} {args.sp_model}")
+try:
+    if ckpt is not None:
+        config = TRMConfig(**ckpt["config"])  # the architecture is the checkpoint's, whatever the flags say
+    else:
+        config = TRMConfig(vocab_size=tokenizer.vocab_size, halt_head=args.act_weight > 0,
+                           **{name: getattr(args, name) for name in ARCH_FLAGS})
+except ValueError as e:
+    fail(str(e))
+if args.act_weight and not (config.halt_head and config.arch == "trm"):
+    fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
+L = config.max_seq_len
+tokens_per_step = args.batch_size * L * args.grad_accum * world_size
+halting = {"act_weight": args.act_weight, "halt_threshold": args.train_halt_threshold}
+
 # Rank 0 tokenizes into the cache; the others wait and then map the same files.
 cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.save_dir)), "token_cache")
 threads = args.num_workers or os.cpu_count()
@@ -171,68 +194,32 @@ try:
             dist.barrier()
 except DataError as e:
     fail(str(e))
-loader = PackedLoader(train_tokens, args.max_seq_len, args.batch_size, args.seed, rank, world_size)
-val_windows = eval_windows(valid_tokens, args.max_seq_len, args.eval_tokens) if valid_tokens is not None else None
+loader = PackedLoader(train_tokens, L, args.batch_size, args.seed, rank, world_size)
+val_windows = eval_windows(valid_tokens, L, args.eval_tokens) if valid_tokens is not None else None
 token_bytes = tokenizer.token_bytes()
-tokens_per_step = args.batch_size * args.max_seq_len * args.grad_accum * world_size
-log(f"data: {len(train_tokens):,} train tokens = {loader.n_windows:,} windows of {args.max_seq_len} "
-    f"({loader.n_windows * args.max_seq_len / tokens_per_step:,.0f} steps per epoch at {tokens_per_step:,} tokens/step)"
+log(f"data: {len(train_tokens):,} train tokens = {loader.n_windows:,} windows of {L} "
+    f"({loader.n_windows * L / tokens_per_step:,.0f} steps per epoch at {tokens_per_step:,} tokens/step)"
     + (f"; {val_windows.shape[0]} validation windows" if val_windows is not None else ""))
 
-# Resume: the newest readable checkpoint (a truncated one is reported and skipped) or the one named.
-ckpt = None
-if args.resume:
-    candidates = list_checkpoints(args.save_dir) if args.resume == "auto" else [args.resume]
-    for path in candidates:
-        try:
-            ckpt = load_checkpoint(path, map_location="cpu")
-            log(f"resuming from {path} (step {ckpt['step']})")
-            break
-        except CheckpointError as e:
-            if args.resume != "auto":
-                fail(str(e))
-            log(f"warning: skipping {e}")
-    if ckpt is None:
-        log(f"--resume auto: no checkpoint in {args.save_dir}, starting from scratch")
-    elif ckpt["tokenizer"] and Tokenizer.from_state(ckpt["tokenizer"]).fingerprint() != tokenizer.fingerprint():
-        fail(f"the checkpoint was trained with a different tokenizer than {args.tokenizer} {args.sp_model}")
-
-if ckpt is not None:
-    config = TRMConfig(**ckpt["config"])  # the architecture is the checkpoint's, whatever the flags say
-else:
-    try:
-        config = TRMConfig(vocab_size=tokenizer.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
-                           n_layers=args.n_layers, latent_steps=args.latent_steps, deep_steps=args.deep_steps,
-                           supervision_steps=args.supervision_steps, dropout=args.dropout,
-                           max_seq_len=args.max_seq_len, arch=args.arch, halt_head=args.act_weight > 0,
-                           grad_deep_steps=args.grad_deep_steps, single_stream=args.single_stream)
-    except ValueError as e:
-        fail(str(e))
-if args.act_weight and not (config.halt_head and config.arch == "trm"):
-    fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
-if args.train_halt_threshold is not None and (not args.act_weight or not 0 <= args.train_halt_threshold <= 1):
-    fail("--train_halt_threshold needs --act_weight > 0 and a value in [0, 1]")
-halting = {"act_weight": args.act_weight, "halt_threshold": args.train_halt_threshold}
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 model = TRM(config).to(device)
 log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without "
-    f"embeddings), {model.net_calls()} net calls per token, {model.flops_per_token(args.max_seq_len) / 1e6:.1f} "
-    f"MFLOP per training token")
-
+    f"embeddings), {model.net_calls()} net calls per token, {model.flops_per_token(L) / 1e6:.1f} MFLOP per "
+    f"training token")
 decay = [p_ for p_ in model.parameters() if p_.dim() >= 2]  # matrices; gains and biases none here, but stay safe
 no_decay = [p_ for p_ in model.parameters() if p_.dim() < 2]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
-step, tokens_seen = 0, 0
+step, tokens_seen, last_eval = 0, 0, None
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ema is not None and ckpt.get("ema") is not None:
         ema.load_state_dict(ckpt["ema"])
     loader.load_state_dict(ckpt["loader"])
-    step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
+    step, tokens_seen, last_eval = ckpt["step"], ckpt["tokens_seen"], ckpt.get("metrics")
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device.type == "cuda" and ckpt["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -254,22 +241,28 @@ if ddp:
     # the buffers (initial states, rotary tables) are constants: no need to broadcast them every forward
     model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
 if use_compile:
-    import torch._dynamo
-    # one graph per depth a depth schedule can ask for (random deep steps: 2T of them), each compiled once
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * config.deep_steps + 4)
     # compiled after DDP so that the compiler splits the graph at gradient buckets and overlaps the all-reduce;
     # CUDA graphs replay a whole step's kernels with one launch: small batches are launch-bound, not math-bound
+    import torch._dynamo
+    # one graph per depth a depth schedule asks for (--random_depth deep: 2T of them), each compiled once
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * config.deep_steps + 4)
     model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
+depths = depth_schedule.grid(config, args.random_depth)  # the mean over the depths a step may run
+flops_per_step = sum(raw_model.flops_per_token(L, **d) for d in depths) / len(depths) * tokens_per_step
+peak = peak_flops(device)
 
-
-def lr_at(s):
-    if s < args.warmup_steps:
-        return args.lr * (s + 1) / args.warmup_steps
-    if args.lr_schedule == "constant":
-        return args.lr
-    frac = min(1.0, max((s - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps), time_frac))
-    shape = 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_schedule == "cosine" else 1 - frac
-    return args.lr * (0.1 + 0.9 * shape)  # decays to 10% of --lr
+# ----------------------------------------------------------------------------------------------------------------
+# the run's state and the few things the loop does besides stepping: evaluate, save, check, time
+metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}")
+if master:
+    os.makedirs(args.save_dir, exist_ok=True)
+    metrics.start(step if ckpt is not None else None)
+clock = RunClock(ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0,  # --max_minutes counts across resumes
+                 args.max_minutes, ddp, master, device)
+save_every = args.save_every or args.eval_every
+bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
+loss_sum = torch.zeros((), device=device)
+loss_count = 0
 
 
 def checkpoint_state():
@@ -279,7 +272,7 @@ def checkpoint_state():
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
             "args": vars(args), "tokenizer": tokenizer.to_state(), "metrics": last_eval,
-            "train_seconds": train_seconds()}
+            "train_seconds": clock.seconds()}
 
 
 def save(name):
@@ -289,79 +282,11 @@ def save(name):
     return path
 
 
-def plot_curves(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    train = [h for h in history if h["kind"] == "train"]
-    valid = [h for h in history if h["kind"] == "eval"]
-    ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss", lw=1)
-    if valid:
-        ax.plot([h["step"] for h in valid], [h["loss"] for h in valid], "o-", label="validation loss (EMA)", lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-
-
-# Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once.
-stop_signal = []
-
-
-def on_signal(signum, frame):
-    if stop_signal:
-        raise KeyboardInterrupt
-    stop_signal.append(signum)
-    log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to abort)")
-
-
-signal.signal(signal.SIGINT, on_signal)
-signal.signal(signal.SIGTERM, on_signal)
-
-# ----------------------------------------------------------------------------------------------------------------
-# training loop
-metrics_path = os.path.join(args.save_dir, "metrics.jsonl")
-curves_path = os.path.join(args.save_dir, "training_curves.png")
-history = []
-if master:
-    os.makedirs(args.save_dir, exist_ok=True)
-    if ckpt is not None and os.path.exists(metrics_path):
-        with open(metrics_path) as f:  # keep the history up to the resumed step, drop what came after
-            history = [h for h in map(json.loads, f) if h["step"] <= step]
-    with open(metrics_path, "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
-last_eval = ckpt.get("metrics") if ckpt is not None else None
-save_every = args.save_every or args.eval_every
-gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
-if args.random_depth and config.arch == "trm":  # the mean over the depths random_depth draws from
-    grid = random_depth_grid(config) if args.random_depth == "all" else random_deep_steps_grid(config)
-    flops_per_step = sum(raw_model.flops_per_token(args.max_seq_len, **d) for d in grid) / len(grid) * tokens_per_step
-else:
-    flops_per_step = raw_model.flops_per_token(args.max_seq_len) * tokens_per_step
-bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
-loss_sum = torch.zeros((), device=device)
-loss_count = 0
-
-
-def record(entry):
-    history.append(entry)
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
 def run_eval():
-    eval_model = ema.model if ema is not None else raw_model
-    result = evaluate(eval_model, val_windows, token_bytes, 16, device, amp_dtype)
+    result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes, 16, device, amp_dtype)
     result.update(step=step, kind="eval", tokens_seen=tokens_seen)
-    record(result)
-    plot_curves(history, curves_path)
+    metrics.append(result)
+    metrics.plot()
     return result
 
 
@@ -374,79 +299,70 @@ def check_finite():
              f"in {args.save_dir} is intact; try a lower --lr or more --warmup_steps, then --resume auto.", 3)
 
 
-def train_seconds():
-    return seconds_before + time.time() - t_start - paused
+def optimizer_step(loss):
+    """Clip, note a non-finite loss or gradient (checked on log steps, no sync here), step: both update rules."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+    bad.logical_or_(~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
-def any_rank_stopping():
-    """All ranks must leave the loop at the same step and use the same lr, so under DDP the stop flag and the time
-    budget's progress are agreed on (rank 0's clock) every 10 steps."""
-    global time_frac
-    frac = train_seconds() / (60 * args.max_minutes) if args.max_minutes else 0.0
-    if not ddp:
-        time_frac = frac
-        return bool(stop_signal) or time_frac >= 1
-    if step % 10:
-        return False
-    shared = torch.tensor([float(bool(stop_signal)), frac if master else 0.0], device=device)
-    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-    time_frac = shared[1].item()
-    return shared[0].item() > 0 or time_frac >= 1
+def next_batch():
+    x, y = loader.next_batch()
+    if device.type == "cuda":  # pinned, so the copy is asynchronous and the CPU runs ahead of the GPU
+        x, y = x.pin_memory(), y.pin_memory()
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-from tqdm import tqdm  # noqa: E402
+stop_signal = []  # Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once.
 
+
+def on_signal(signum, frame):
+    if stop_signal:
+        raise KeyboardInterrupt
+    stop_signal.append(signum)
+    log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to abort)")
+
+
+for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, on_signal)
+
+# ----------------------------------------------------------------------------------------------------------------
+# training loop
 bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", disable=not master or None,
            dynamic_ncols=True, leave=False)
-t_start = t_log = time.time()
-seconds_before = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0  # --max_minutes counts across resumes
-paused = 0.0
-time_frac = seconds_before / (60 * args.max_minutes) if args.max_minutes else 0.0  # the same on every rank
-tokens_at_log, steps_at_log = tokens_seen, step
+clock.start()
+seconds_at_log, tokens_at_log, steps_at_log = 0.0, tokens_seen, step
 model.train()
 try:
-    while step < args.max_steps and time_frac < 1:
-        lr = lr_at(step)
+    while step < args.max_steps and not clock.out_of_time():
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule, clock.budget_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        depth = {}
-        if config.arch == "trm" and args.random_depth == "all":
-            depth = random_depth(config, args.seed, step)
-        elif config.arch == "trm" and args.random_depth == "deep":
-            depth = random_deep_steps(config, args.seed, step)
-        elif config.arch == "trm" and args.depth_warmup:
-            depth = depth_warmup(config, max(step / args.max_steps, time_frac), args.depth_warmup)
+        depth = depth_schedule.for_step(config, args.random_depth, args.depth_warmup, args.seed, step,
+                                        max(step / args.max_steps, clock.budget_frac))
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
-            x, y = (t.to(device) for t in loader.next_batch())
+            x, y = next_batch()
             round_losses = []
             for round_loss in raw_model.supervision_rounds(x, y, **halting, **depth):
                 round_loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-                bad |= ~torch.isfinite(round_loss.detach()) | ~torch.isfinite(grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(round_loss)
                 round_losses.append(round_loss.detach())
             loss_sum += torch.stack(round_losses).mean()
             loss_count += 1
-        for micro in range(args.grad_accum if args.sup_update == "mean" else 0):
-            if cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            x, y = loader.next_batch()
-            if device.type == "cuda":  # pinned, so the copy is asynchronous and the CPU runs ahead of the GPU
-                x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
-            with model.no_sync() if not sync else contextlib.nullcontext():
-                with autocast(device, amp_dtype):
-                    _, loss = model(x, y, **halting, **depth)
-                (loss / args.grad_accum).backward()
-            loss_sum += loss.detach()
-            loss_count += 1
-        if args.sup_update == "mean":
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-            bad |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        else:  # one optimizer step on the mean of the rounds' losses, over grad_accum micro-batches
+            for micro in range(args.grad_accum):
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                x, y = next_batch()
+                sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
+                with model.no_sync() if not sync else contextlib.nullcontext():
+                    with autocast(device, amp_dtype):
+                        _, loss = model(x, y, **halting, **depth)
+                    (loss / args.grad_accum).backward()
+                loss_sum += loss.detach()
+                loss_count += 1
+            optimizer_step(loss)
         if ema is not None:
             ema.update(raw_model)
         step += 1
@@ -461,41 +377,34 @@ try:
             train_loss = loss_sum.item() / loss_count
             loss_sum.zero_()
             loss_count = 0
-            dt = time.time() - t_log
-            tok_s = (tokens_seen - tokens_at_log) / max(dt, 1e-9)
-            mfu = flops_per_step * (step - steps_at_log) / max(dt, 1e-9) / world_size / peak if peak else None
-            eta = (args.max_steps - step) * dt / max(step - steps_at_log, 1)
-            if args.max_minutes:
-                eta = max(0.0, min(eta, 60 * args.max_minutes - train_seconds()))
-            t_log, tokens_at_log, steps_at_log = time.time(), tokens_seen, step
+            dt = max(clock.session_seconds() - seconds_at_log, 1e-9)  # training time only: evaluations excluded
+            tok_s = (tokens_seen - tokens_at_log) / dt
+            mfu = flops_per_step * (step - steps_at_log) / dt / world_size / peak if peak else None
+            eta = min((args.max_steps - step) * dt / max(step - steps_at_log, 1), clock.budget_left())
+            seconds_at_log, tokens_at_log, steps_at_log = clock.session_seconds(), tokens_seen, step
             if master:
-                record({"step": step, "kind": "train", "loss": train_loss, "lr": lr, "tok_s": tok_s,
-                        "tokens_seen": tokens_seen, "epoch": loader.epoch})
+                metrics.append({"step": step, "kind": "train", "loss": train_loss, "lr": lr, "tok_s": tok_s,
+                                "tokens_seen": tokens_seen, "epoch": loader.epoch})
                 bar.write(f"step {step:>6}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                           f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "") +
                           f" | epoch {loader.epoch:.2f} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
         if master and val_windows is not None and step % args.eval_every == 0 and step < args.max_steps:
-            t_eval = time.time()
-            r = run_eval()
-            last_eval = r
+            with clock.pause():  # evaluation time is neither training throughput nor --max_minutes
+                last_eval = r = run_eval()
             bar.write(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
                       f"{r['bits_per_byte']:.4f} bits/byte" +
                       (f" | halting head accuracy {r['halt_accuracy']:.3f}" if "halt_accuracy" in r else ""))
-            t_log += time.time() - t_eval  # evaluation time is not training throughput (nor --max_minutes)
-            paused += time.time() - t_eval
         if step % save_every == 0 and step < args.max_steps:
             check_finite()
             if master:
-                t_save = time.time()
-                bar.write(f"saved {save(f'step_{step}.pt')}")
-                t_log += time.time() - t_save
-                paused += time.time() - t_save
-        if any_rank_stopping():
+                with clock.pause():
+                    bar.write(f"saved {save(f'step_{step}.pt')}")
+        if clock.should_stop(step, bool(stop_signal)):
             break
 except torch.cuda.OutOfMemoryError:
-    fail(f"CUDA out of memory at --batch_size {args.batch_size} --max_seq_len {args.max_seq_len} --d_model "
-         f"{config.d_model}. Reduce --batch_size (e.g. 2 or 1; keep the global batch with --grad_accum), "
-         f"--max_seq_len (e.g. 256) or --d_model (e.g. 128).", 1)
+    fail(f"CUDA out of memory at --batch_size {args.batch_size} --max_seq_len {L} --d_model {config.d_model}. "
+         f"Reduce --batch_size (e.g. 2 or 1; keep the global batch with --grad_accum), --max_seq_len (e.g. 256) or "
+         f"--d_model (e.g. 128).", 1)
 bar.close()
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -511,16 +420,16 @@ else:
     if master:
         path = save(f"final_step_{step}.pt")
         if val_windows is None:
-            plot_curves(history, curves_path)
-        minutes = (time.time() - t_start) / 60
-        budget = " (the --max_minutes budget ran out)" if args.max_minutes and time_frac >= 1 else ""
-        log(f"done: {step} steps{budget}, {tokens_seen:,} tokens in {minutes:.1f} min ({train_seconds() / 60:.1f} of "
+            metrics.plot()
+        minutes = (time.time() - clock.t_start) / 60
+        budget = " (the --max_minutes budget ran out)" if clock.out_of_time() else ""
+        log(f"done: {step} steps{budget}, {tokens_seen:,} tokens in {minutes:.1f} min ({clock.seconds() / 60:.1f} of "
             f"them training); final checkpoint {path}")
         if last_eval:
             log(f"validation (EMA): loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.1f}, "
                 f"{last_eval['bits_per_byte']:.4f} bits/byte" +
                 (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "")
-                + f"; curves in {curves_path}")
+                + f"; curves in {metrics.curves_path}")
 if ddp:
     # the others wait for rank 0's evaluation and save: a process group torn down on one side only can abort the
     # other (seen with gloo: "terminate called without an active exception", and torchrun then kills rank 0)

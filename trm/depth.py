@@ -49,3 +49,24 @@ def depth_warmup(config, progress, until):
     depth, so the early steps, where the model learns most per token, are cheap (the looped runs of Parameter Golf
     gained when looping started about a third of the way in)."""
     return {"deep_steps": 1} if progress < until else {}
+
+
+def for_step(config, mode, warmup, seed, step, progress):
+    """The depth overrides for one training step ({} = the trained depth): the trainer's one call.
+
+    mode: --random_depth (None, "all" or "deep"); warmup: --depth_warmup; progress: the run's fraction done.
+    """
+    if config.arch != "trm":
+        return {}
+    if mode == "all":
+        return random_depth(config, seed, step)
+    if mode == "deep":
+        return random_deep_steps(config, seed, step)
+    return depth_warmup(config, progress, warmup) if warmup else {}
+
+
+def grid(config, mode):
+    """The depths for_step draws among, equally likely, for the mean FLOPs of a step ([{}]: the trained depth)."""
+    if config.arch != "trm" or mode is None:
+        return [{}]
+    return random_depth_grid(config) if mode == "all" else random_deep_steps_grid(config)

@@ -1,0 +1,58 @@
+"""The run clock: seconds spent training (evaluation and saving excluded), across resumes, and the --max_minutes
+budget those seconds are counted against.
+
+Under DDP every rank must use the same lr and leave the loop at the same step, so the budget's progress and a stop
+request are agreed on (rank 0's clock, any rank's signal) every `agree_every` steps rather than read locally.
+"""
+import contextlib
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class RunClock:
+    def __init__(self, seconds_before=0.0, max_minutes=0.0, ddp=False, master=True, device="cpu", agree_every=10):
+        self.seconds_before = seconds_before  # training seconds of earlier sessions (from the checkpoint)
+        self.budget = 60 * max_minutes        # seconds; 0 = no budget
+        self.ddp, self.master, self.device, self.agree_every = ddp, master, device, agree_every
+        self.t_start = time.time()
+        self.paused = 0.0
+        self.budget_frac = seconds_before / self.budget if self.budget else 0.0  # the same on every rank
+
+    def start(self):
+        self.t_start, self.paused = time.time(), 0.0
+
+    def session_seconds(self):
+        return time.time() - self.t_start - self.paused
+
+    def seconds(self):
+        return self.seconds_before + self.session_seconds()
+
+    def budget_left(self):
+        return max(0.0, self.budget - self.seconds()) if self.budget else float("inf")
+
+    def out_of_time(self):
+        return self.budget_frac >= 1
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Time spent inside does not count as training (nor against --max_minutes, nor in tok/s)."""
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.paused += time.time() - t
+
+    def should_stop(self, step, stop_requested):
+        """True when every rank should leave the loop now: a signal was received or the budget is spent."""
+        frac = self.seconds() / self.budget if self.budget else 0.0
+        if not self.ddp:
+            self.budget_frac = frac
+            return stop_requested or self.out_of_time()
+        if step % self.agree_every:
+            return False
+        shared = torch.tensor([float(stop_requested), frac if self.master else 0.0], device=self.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        self.budget_frac = shared[1].item()
+        return shared[0].item() > 0 or self.out_of_time()

@@ -1,0 +1,58 @@
+"""metrics.jsonl (one JSON object per log or evaluation step) and the training_curves.png drawn from it."""
+import json
+import os
+
+import torch
+
+# bf16 dense matmul rates used for MFU. Hopper: the rate measured on this project's H100/H200 machines, not the
+# 989 TFLOP/s datasheet figure (the issue tracker's baselines use the same number).
+PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    """The GPU's peak FLOP/s for MFU, or None (CPU, or a GPU not in the table: the log line then shows no MFU)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class MetricsLog:
+    def __init__(self, save_dir, title):
+        self.path = os.path.join(save_dir, "metrics.jsonl")
+        self.curves_path = os.path.join(save_dir, "training_curves.png")
+        self.title = title  # of the curves' plot
+        self.history = []
+
+    def start(self, resume_step=None):
+        """A fresh run starts an empty log; a resumed one keeps its history up to the resumed step and drops what came
+        after (a later, abandoned stretch would otherwise be logged twice)."""
+        self.history = []
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                self.history = [h for h in map(json.loads, f) if h["step"] <= resume_step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in self.history)
+
+    def append(self, entry):
+        self.history.append(entry)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def plot(self):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        train = [h for h in self.history if h["kind"] == "train"]
+        valid = [h for h in self.history if h["kind"] == "eval"]
+        ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss", lw=1)
+        if valid:
+            ax.plot([h["step"] for h in valid], [h["loss"] for h in valid], "o-", label="validation loss (EMA)", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(self.title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.curves_path + ".tmp.png", dpi=110)
+        plt.close(fig)
+        os.replace(self.curves_path + ".tmp.png", self.curves_path)
