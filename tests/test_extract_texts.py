@@ -120,3 +120,15 @@ def test_shared_corpus_every_document_extracted(tmp_path):
             expected += [json.loads(line)["text"].replace("\n", " ") for line in src]
     got = (tmp_path / "t.txt").read_text(encoding="utf-8").split("\n")
     assert got.pop() == "" and got == expected
+
+
+def test_damaged_gzip_keeps_what_zcat_keeps(tmp_path):
+    docs = [f"文書{i}です。" for i in range(40)]
+    data = bytearray(gzip.compress("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                           for t in docs).encode()))
+    data[-8] ^= 0xFF  # the CRC trailer only: zcat prints all 40 lines, then complains
+    (tmp_path / "crc.jsonl.gz").write_bytes(bytes(data))
+    r = run(tmp_path, "--inputs", "crc.jsonl.gz")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "train_texts.txt").read_text(encoding="utf-8").splitlines() == docs
+    assert "crc.jsonl.gz" in r.stderr and "damaged: crc.jsonl.gz: corrupt gzip data" in r.stdout
