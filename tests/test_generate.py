@@ -381,3 +381,48 @@ def test_stream_decoder_cost_stays_bounded_on_invalid_bytes():
     stream = StreamDecoder(tok)
     out = "".join(stream.push(i) for i in ids) + stream.flush()
     assert out == real(ids) and max(decoded) <= StreamDecoder.MAX_TAIL + 1
+
+
+# ---- generate.py: flags and prompts checked before any work --------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "1e-45"), ("--temperature", "-1"),
+                                        ("--repetition_penalty", "nan"), ("--repetition_penalty", "0"),
+                                        ("--top_p", "nan"), ("--top_p", "1.5"), ("--max_new_tokens", "-1"),
+                                        ("--num_samples", "0"), ("--halt_threshold", "nan"), ("--seed", "-1")])
+def test_numbers_out_of_range_are_refused_with_the_range(tiny_checkpoint, flag, value):
+    r = run_generate("--model_path", tiny_checkpoint, "--prompt", "猫", flag, value)
+    assert_refused(r, flag, "between", value)
+
+
+def test_prompt_with_bytes_that_are_not_utf8_is_one_sentence(tiny_checkpoint):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the terminal sent Latin-1 or a cut UTF-8 sequence: Python hands the byte over as the lone surrogate \udce3
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model_path", tiny_checkpoint,
+                        "--prompt", "猫\udce3", "--max_new_tokens", "3"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert_refused(r, "--prompt", "UTF-8", "0xe3", "character 2")
+    # typed interactively: that line is refused, the session goes on
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model_path", tiny_checkpoint,
+                        "--max_new_tokens", "3", "--temperature", "0"], input=b"\xe3\x81\n" + "猫は\nexit\n".encode(),
+                       capture_output=True, env=env, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert "error: that line is not valid UTF-8" in err and err.count("[sample ") == 1
+
+
+def test_help_shows_each_default_once_and_ends_with_an_example():
+    r = run_generate("--help")
+    assert r.returncode == 0
+    blocks, name = {}, None
+    for line in r.stdout.split("options:")[1].split("\n\n")[0].splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = line
+        elif name:
+            blocks[name] += " " + line.strip()
+    assert all(text.count("default") <= 1 for text in blocks.values())
+    for flag in ["--max_new_tokens", "--temperature", "--top_k", "--top_p", "--repetition_penalty", "--num_samples",
+                 "--weights", "--device", "--seed"]:
+        assert blocks[flag].count("default") == 1, blocks[flag]
+    tail = r.stdout.rstrip("\n").splitlines()
+    assert tail[-2] == "example:" and tail[-1].startswith("  python generate.py --model_path ")
