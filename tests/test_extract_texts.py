@@ -217,6 +217,7 @@ def test_disk_full_while_writing_is_one_sentence_and_keeps_the_old_output(tmp_pa
 
     r = subprocess.run([sys.executable, SCRIPT, "--workers", workers], cwd=tmp_path, capture_output=True, text=True,
                        timeout=60, preexec_fn=small_disk)
-    assert_one_line_error(r, "writing train_texts.txt failed", "File too large", "previous train_texts.txt is unchanged")
+    assert_one_line_error(r, "writing train_texts.txt failed", "File too large",
+                          "previous train_texts.txt is unchanged")
     assert (tmp_path / "train_texts.txt").read_text() == "the previous output\n"
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
