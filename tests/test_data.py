@@ -237,7 +237,8 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
     cache = tmp_path / "c"
     cache.mkdir()
     host = socket.gethostname()
-    stale = [cache / f"0123.bin.tmp.{host}.{dead}", cache / f"0123.bin.json.tmp.{host}.{dead}"]
+    stale = [cache / f"0123.bin.tmp.{host}.{dead}", cache / f"0123.bin.json.tmp.{host}.{dead}",
+             cache / f"89ab.bin.tmp.{dead}"]
     alive = [cache / f"4567.bin.tmp.{host}.{os.getpid()}", cache / f"4567.bin.tmp.otherhost.{dead}"]
     for p in stale + alive:
         p.write_bytes(b"partial")

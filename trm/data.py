@@ -109,8 +109,8 @@ def remove_stale_tmp(cache_dir):
     """Delete temporary files of builds whose process on this host is gone (kill -9, OOM killer, power loss)."""
     host = socket.gethostname()
     for name in os.listdir(cache_dir):
-        m = re.search(r"\.tmp\.(.+)\.(\d+)$", name)
-        if m and m.group(1) == host and not pid_alive(int(m.group(2))):
+        m = re.search(r"\.tmp\.(?:(.+)\.)?(\d+)$", name)  # no host: a name from before hosts were added
+        if m and m.group(1) in (host, None) and not pid_alive(int(m.group(2))):
             try:
                 os.remove(os.path.join(cache_dir, name))
             except FileNotFoundError:  # another process cleaning up at the same time
