@@ -1,13 +1,18 @@
 # Two commands for a fresh machine (Python 3.11, no GPU needed):
 #   make demo    set up .venv, then run steps 1-4 on a generated Japanese corpus (DATA_DIR=... for a real one)
 #   make test    set up .venv, then run the test suite
+# `make` alone prints the targets (make help); it used to set up .venv, which is now `make setup`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-gpu setup clean
+.PHONY: help demo test test-gpu setup clean
+.DEFAULT_GOAL := help
 
-setup: $(VENV)/.installed
+help:  ## this list
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(VENV)/.installed  ## create .venv and install requirements.txt (again only when it changes)
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,15 +20,15 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-demo: setup
+demo: setup  ## steps 1-4 on a generated Japanese corpus, on CPU, in minutes (DATA_DIR=... for a real corpus)
 	PYTHON=$(abspath $(PY)) PYTHONPATH=$(CURDIR) DATA_DIR=$(DATA_DIR) bash demo/run_demo.sh
 
-test: setup
+test: setup  ## the test suite, CPU only (about 2 minutes)
 	$(PY) -m pytest -q
 
 # On a GPU machine whose Python already has torch: CUDA, bf16, torch.compile and NCCL tests.
-test-gpu:
+test-gpu:  ## the GPU tests, with the Python that has CUDA torch (PYTHON=...)
 	$(PYTHON) -m pytest -q -m gpu
 
-clean:
+clean:  ## remove demo_run and .pytest_cache
 	rm -rf demo_run .pytest_cache

@@ -86,17 +86,30 @@ def extract_part(job):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n  python extract_texts.py --inputs data/train "
+                                            "--output train_texts.txt --workers 8")
     parser.add_argument("--inputs", nargs="+", default=DEFAULT_INPUTS,
                         help="files, directories (searched recursively for *.jsonl.gz, *.jsonl) or globs "
                              "(default: train_0.jsonl.gz ... train_10.jsonl.gz)")
-    parser.add_argument("--output", default="train_texts.txt")
-    parser.add_argument("--text_field", default="text", help="JSON field that holds the document")
+    parser.add_argument("--output", default="train_texts.txt",
+                        help="the text file to write, one document per line (default: %(default)s)")
+    parser.add_argument("--text_field", default="text",
+                        help="JSON field that holds the document (default: %(default)s)")
     # each worker keeps about two cores busy (inflate thread + parse thread), hence half the cores
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // 2),
-                        help="processes, parallel over files (default: half the cores); output order is input order")
-    parser.add_argument("--min_chars", type=int, default=0, help="skip documents shorter than this")
+                        help="processes, parallel over files; output order is input order "
+                             "(default: %(default)s, half the cores)")
+    parser.add_argument("--min_chars", type=int, default=0,
+                        help="skip documents shorter than this (default: %(default)s)")
     args = parser.parse_args()
+
+    for name, lo, hi in [("workers", 1, 1024), ("min_chars", 0, 10**9)]:
+        if not lo <= getattr(args, name) <= hi:
+            sys.exit(f"error: --{name} must be between {lo:,} and {hi:,}, got {getattr(args, name):,}")
+    if os.path.isdir(args.output):
+        sys.exit(f"error: --output {args.output} is a directory; name the file to write, e.g. "
+                 f"{os.path.join(args.output, 'train_texts.txt')}")
 
     files, missing = expand_inputs(args.inputs)
     for pattern in missing:
@@ -104,6 +117,11 @@ if __name__ == "__main__":
     if not files:
         sys.exit(f"error: no input files found (looked for {' '.join(args.inputs)}; directories are searched for "
                  f"{', '.join('*' + s for s in SUFFIXES)}). Check the paths and the working directory ({os.getcwd()}).")
+    if os.path.exists(args.output):
+        for f in files:
+            if os.path.samefile(f, args.output):  # the rename at the end would replace the corpus by its own text
+                sys.exit(f"error: --output {args.output} is one of the inputs ({f}); writing it would destroy that "
+                         f"input. Choose another --output, e.g. train_texts.txt.")
 
     total_bytes = sum(os.path.getsize(f) for f in files)
     out_dir = os.path.dirname(os.path.abspath(args.output))
@@ -112,10 +130,15 @@ if __name__ == "__main__":
     workers = max(1, min(args.workers, len(files)))
     parts = [f"{tmp}.part{i}" for i in range(len(files))]
     stats, t0 = CorpusStats(), time.time()
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="extract", file=sys.stderr)
-    pool = None
+    pool = bar = None
     try:
-        with open(tmp, "wb") as out:
+        try:  # before any reading: a directory that refuses the file should say so in a second, not after the work
+            out = open(tmp, "wb")
+        except OSError as e:
+            sys.exit(f"error: cannot write {args.output}: {e.strerror} (in {out_dir}); nothing was read. "
+                     f"Choose an --output in a directory you can write to.")
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="extract", file=sys.stderr)
+        with out:
             if workers == 1:
                 write = background_writer(out)
                 for path in files:
@@ -145,6 +168,12 @@ if __name__ == "__main__":
             # for a 1.8 GB output. The new file still appears only when complete.
             os.unlink(args.output)
         os.replace(tmp, args.output)
+    except OSError as e:  # disk full, quota, a file-size limit: one sentence, and the old output stays
+        if bar is not None:
+            bar.close()
+        kept = f"the previous {args.output} is unchanged" if os.path.exists(args.output) else "nothing was written"
+        sys.exit(f"error: writing {args.output} failed: {e.strerror or e}; {kept}. "
+                 f"Free some space or choose another --output.")
     finally:
         if pool is not None:
             pool.terminate()

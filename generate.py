@@ -8,6 +8,7 @@ With neither --prompt nor --prompt_file, prompts are read interactively. Generat
 everything else (device, per-sample speed, errors) to stderr, so `> out.txt` captures just the text.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -20,31 +21,29 @@ from trm.sampling import StreamDecoder, generate, prompt_ids
 from trm.tokenizer import Tokenizer, TokenizerError
 
 
-def positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-parser = argparse.ArgumentParser(description="Generate text with a trained Generative TRM checkpoint.")
+parser = argparse.ArgumentParser(
+    description="Generate text with a trained Generative TRM checkpoint.",
+    epilog='example:\n  python generate.py --model_path checkpoints_new/final_step_50000.pt --prompt "日本語のプロンプト" '
+           '--max_new_tokens 100', formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model_path", required=True, help="a step_N.pt / final_step_N.pt written by train_trm_lm.py")
 parser.add_argument("--sp_model", default=None, help="optional; must match the tokenizer stored in the checkpoint")
 parser.add_argument("--prompt", default=None, help="one prompt ('' starts from BOS)")
 parser.add_argument("--prompt_file", default=None, help="a text file with one prompt per line (blank lines skipped)")
-parser.add_argument("--max_new_tokens", type=int, default=100)
-parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-parser.add_argument("--top_k", type=int, default=50, help="0 = off")
-parser.add_argument("--top_p", type=float, default=0.95, help="1.0 = off")
-parser.add_argument("--repetition_penalty", type=float, default=1.1, help="1.0 = off")
+parser.add_argument("--max_new_tokens", type=int, default=100, help="tokens per sample (default: %(default)s)")
+parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+parser.add_argument("--top_k", type=int, default=50, help="0 = off (default: %(default)s)")
+parser.add_argument("--top_p", type=float, default=0.95, help="1.0 = off (default: %(default)s)")
+parser.add_argument("--repetition_penalty", type=float, default=1.1, help="1.0 = off (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=None, help="default: a fresh one, printed so a sample can be redone")
-parser.add_argument("--num_samples", type=positive_int, default=1, help="samples per prompt")
-parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
-parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt (default: %(default)s)")
+parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                    help="the EMA of the weights or the raw ones (default: %(default)s)")
+parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                    help="auto: cuda, then mps, then cpu (default: %(default)s)")
 parser.add_argument("--no_cache", action="store_true", help="recompute every token from scratch (slow; for checking)")
-parser.add_argument("--supervision_steps", type=positive_int, default=None, help="test-time depth (default: trained)")
-parser.add_argument("--deep_steps", type=positive_int, default=None, help="test-time depth (default: trained)")
-parser.add_argument("--latent_steps", type=positive_int, default=None, help="test-time depth (default: trained)")
+parser.add_argument("--supervision_steps", type=int, default=None, help="test-time depth (default: trained)")
+parser.add_argument("--deep_steps", type=int, default=None, help="test-time depth (default: trained)")
+parser.add_argument("--latent_steps", type=int, default=None, help="test-time depth (default: trained)")
 parser.add_argument("--halt_threshold", type=float, default=None,
                     help="adaptive depth (a model trained with --act_weight): a token stops its supervision rounds "
                          "once the halting head's probability exceeds this (1.0 = never; default: off)")
@@ -56,13 +55,33 @@ def fail(message):
     sys.exit(2)
 
 
+def undecodable(text):
+    """Where `text` holds bytes that were not UTF-8 (a terminal in another encoding: Python hands them over as lone
+    surrogates, which no tokenizer or terminal takes), or None."""
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            byte = f"byte 0x{ord(ch) - 0xDC00:02x}" if ord(ch) >= 0xDC80 else "a lone surrogate"
+            return f"{byte} at character {i + 1}"
+    return None
+
+
 if args.prompt is not None and args.prompt_file is not None:
     fail("give --prompt or --prompt_file, not both")
-if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0 \
-        or args.max_new_tokens < 0:
-    fail("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, --repetition_penalty > 0, --max_new_tokens >= 0")
-if args.halt_threshold is not None and (not 0 <= args.halt_threshold <= 1 or args.no_cache):
-    fail("--halt_threshold must be in [0, 1] and works through the KV cache (not with --no_cache)")
+# every number before any work, each with its range (NaN fails every comparison, so isfinite comes first)
+for name, lo, hi in [("max_new_tokens", 0, 1_000_000), ("temperature", 0, 100), ("top_k", 0, 1_000_000),
+                     ("top_p", 0, 1), ("repetition_penalty", 0.01, 100), ("seed", 0, 2**63 - 1),
+                     ("num_samples", 1, 10_000), ("supervision_steps", 1, 1000), ("deep_steps", 1, 1000),
+                     ("latent_steps", 1, 1000), ("halt_threshold", 0, 1)]:
+    value = getattr(args, name)
+    if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+        fail(f"--{name} must be between {lo:,} and {hi:,}, got {value}")
+if 0 < args.temperature < 0.001:  # logits / 1e-45 overflow to inf, and softmax of inf is NaN
+    fail(f"--temperature must be 0 (greedy) or between 0.001 and 100, got {args.temperature}")
+if args.halt_threshold is not None and args.no_cache:
+    fail("--halt_threshold works through the KV cache (not with --no_cache)")
+if args.prompt is not None and (where := undecodable(args.prompt)):
+    fail(f"--prompt is not valid UTF-8 ({where}); set the terminal to UTF-8, or put the prompt in a UTF-8 file "
+         f"and pass --prompt_file")
 
 # ---- load ----------------------------------------------------------------------------------------------------
 try:
@@ -153,8 +172,14 @@ try:
             except EOFError:
                 print(file=sys.stderr)
                 break
+            except UnicodeDecodeError as e:  # stdin in another encoding than the terminal's
+                print(f"error: that line is not valid UTF-8 ({e.reason}); type it again", file=sys.stderr)
+                continue
             if prompt.strip() in ("exit", "quit"):
                 break
+            if where := undecodable(prompt):
+                print(f"error: that line is not valid UTF-8 ({where}); type it again", file=sys.stderr)
+                continue
             run(prompt)
 except KeyboardInterrupt:
     print(file=sys.stderr)

@@ -3,16 +3,18 @@
     python train_spm.py                                   # the procedure's settings: 16k BPE, coverage 0.9995
     python train_spm.py --vocab_size 32000 --model_prefix ja_trm32k --eval_file validation_0.jsonl.gz
 
-Every document reaches the trainer: SentencePiece silently drops any line longer than max_sentence_length bytes
-(4,192 by default, ~1,400 Japanese characters, which most documents exceed), so each line is cut into sentences at
+Every document reaches the trainer: SentencePiece silently drops any line longer than --max_sentence_length bytes
+(its own default, ~1,400 Japanese characters, which most documents exceed), so each line is cut into sentences at
 。！？ (then at a space or 、, then at a character boundary) before it is fed. Time and memory stay bounded on a
 1.8 GB corpus: the trainer sees a uniform sample of about --input_sentence_size sentences, streamed to it from the
 file, never the whole corpus in memory. byte_fallback gives 0 unknown tokens; ids unk=0 pad=1 bos=2 eos=3 are the
 ones the users' existing models use. The .model and .vocab files appear only when training has finished.
-"\n" is one piece of its own, so ja_trm.vocab (a listing for people; the .model is what code reads) has one entry
+"\\n" is one piece of its own, so ja_trm.vocab (a listing for people; the .model is what code reads) has one entry
 broken across two lines.
 """
 import argparse
+import io
+import math
 import os
 import random
 import re
@@ -23,7 +25,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from trm.corpus import CorpusStats, iter_texts
+from trm.corpus import SUFFIXES, CorpusStats, iter_texts
 
 HOLDOUT_EVERY = 200  # without --eval_file, every 200th line is held out of training and measures the tokenizer
 EVAL_MAX_BYTES = 20 << 20  # enough held-out text for stable figures; encoding it takes seconds
@@ -50,8 +52,12 @@ def hard_split(sentence, max_bytes):
     b, pieces = sentence.encode("utf-8"), []
     while len(b) >= max_bytes:
         cut = max_bytes - 1
-        while b[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: step back to the start of its character
+        while cut > 0 and b[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: step back to the start of its character
             cut -= 1
+        if cut == 0:  # a limit under one character (not reachable from the command line): one character per piece
+            cut = 1
+            while cut < len(b) and b[cut] & 0xC0 == 0x80:
+                cut += 1
         soft = max(b.rfind(b" ", cut // 2, cut) + 1, b.rfind("、".encode(), cut // 2, cut) + 3)
         cut = soft if soft > 3 else cut  # rfind's -1 gives 0 or 2: no soft break in the second half
         pieces.append(b[:cut].decode("utf-8"))
@@ -114,7 +120,7 @@ def sentences_for_training(path, keep, max_bytes, holdout, heldout, fed, bar, se
 def read_eval_file(path):
     """Held-out text from --eval_file: a .jsonl(.gz) corpus (raw documents) or a text file, one document per line."""
     texts, size = [], 0
-    if path.endswith((".jsonl.gz", ".jsonl", ".json.gz")):
+    if path.endswith(SUFFIXES):
         stream = iter_texts(path, stats=CorpusStats())
     else:
         stream = (line.rstrip("\n") for line in open(path, encoding="utf-8", errors="replace"))
@@ -125,6 +131,19 @@ def read_eval_file(path):
             if size * 3 >= EVAL_MAX_BYTES:
                 break
     return texts
+
+
+def not_text(path):
+    """Why `path` is not step 1's text (one document per line), or None. Training on gzip bytes or on JSON syntax
+    "works" and gives a useless tokenizer, so these are refused up front."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head[:2] == b"\x1f\x8b" or path.endswith(".gz"):
+        return "is gzip-compressed"
+    first = head.split(b"\n", 1)[0].strip()
+    if first.startswith(b"{") and (first.endswith(b"}") or b'"text"' in first):
+        return "is JSON lines (a corpus file)"
+    return None
 
 
 def fail(message):
@@ -145,28 +164,68 @@ def vocab_error(message, args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default="train_texts.txt", help="one document per line (step 1's output)")
-    parser.add_argument("--model_prefix", default="ja_trm", help="writes PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--vocab_size", type=int, default=16000)
-    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram", "char", "word"])
-    parser.add_argument("--character_coverage", type=float, default=0.9995)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n  python train_spm.py --input train_texts.txt "
+                                            "--model_prefix ja_trm --vocab_size 16000")
+    parser.add_argument("--input", default="train_texts.txt",
+                        help="one document per line, step 1's output (default: %(default)s)")
+    parser.add_argument("--model_prefix", default="ja_trm",
+                        help="writes PREFIX.model and PREFIX.vocab (default: %(default)s)")
+    parser.add_argument("--vocab_size", type=int, default=16000, help="pieces in the vocabulary (default: %(default)s)")
+    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram", "char", "word"],
+                        help="SentencePiece's algorithm (default: %(default)s)")
+    parser.add_argument("--character_coverage", type=float, default=0.9995,
+                        help="share of characters that get pieces; the rest fall back to bytes (default: %(default)s)")
     parser.add_argument("--input_sentence_size", type=int, default=2_000_000,
-                        help="sentences sampled for training (bounds time and memory; 0 = all)")
-    parser.add_argument("--num_threads", type=int, default=os.cpu_count() or 1)
+                        help="sentences sampled for training; bounds time and memory; 0 = all (default: %(default)s)")
+    parser.add_argument("--num_threads", type=int, default=os.cpu_count() or 1,
+                        help="SentencePiece's threads (default: %(default)s, the cores)")
     parser.add_argument("--max_sentence_length", type=int, default=4192,
-                        help="bytes; longer sentences are cut, never dropped")
+                        help="bytes; longer sentences are cut, never dropped (default: %(default)s)")
     parser.add_argument("--eval_file", default=None,
-                        help="held-out text (.txt one document per line, or .jsonl.gz); "
-                             f"default: every {HOLDOUT_EVERY}th line of --input, kept out of training")
-    parser.add_argument("--seed", type=int, default=1234)
+                        help="held-out text (.txt one document per line, or .jsonl.gz) "
+                             f"(default: every {HOLDOUT_EVERY}th line of --input, kept out of training)")
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="for the line sample and SentencePiece's shuffling (default: %(default)s)")
     args = parser.parse_args()
 
+    # every number against the range SentencePiece accepts (or a sane one), before minutes of work
+    for name, lo, hi in [("vocab_size", 300, 1_000_000), ("character_coverage", 0.98, 1.0),
+                         ("input_sentence_size", 0, 10**12), ("num_threads", 1, 1024),
+                         ("max_sentence_length", 64, 1 << 30), ("seed", 0, 2**32 - 1)]:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and lo <= value <= hi):
+            fail(f"--{name} must be between {lo:,} and {hi:,}, got {value}")
     if not os.path.isfile(args.input):
         fail(f"{args.input} not found (working directory {os.getcwd()}). Run step 1 first: python extract_texts.py "
              f"(it writes train_texts.txt from train_0.jsonl.gz ... train_10.jsonl.gz), or pass --input PATH.")
-    if args.eval_file and not os.path.isfile(args.eval_file):
-        fail(f"--eval_file {args.eval_file} not found.")
+    if why := not_text(args.input):
+        fail(f"--input {args.input} {why}, not one document per line. Run step 1 first: python extract_texts.py "
+             f"--inputs {args.input} --output train_texts.txt, then train on train_texts.txt.")
+    eval_texts = None
+    if args.eval_file:
+        if not os.path.isfile(args.eval_file):
+            fail(f"--eval_file {args.eval_file} not found.")
+        if not args.eval_file.endswith(SUFFIXES) and (why := not_text(args.eval_file)):
+            fail(f"--eval_file {args.eval_file} {why}: name a corpus file *.jsonl.gz or *.jsonl, or give a text file.")
+        try:
+            eval_texts = read_eval_file(args.eval_file)
+        except OSError as e:
+            fail(f"cannot read --eval_file {args.eval_file} ({e.strerror}).")
+        if not eval_texts:
+            fail(f"--eval_file {args.eval_file} has no readable text to evaluate on (for .jsonl(.gz), documents in "
+                 f"the 'text' field). Fix the file or leave --eval_file out to hold lines of --input back.")
+
+    # the files are written under a temporary prefix next to the real one and renamed: an interrupted run or a full
+    # disk leaves the old model untouched
+    out_dir = os.path.dirname(os.path.abspath(args.model_prefix))
+    tmp_prefix = os.path.join(out_dir, f".{os.path.basename(args.model_prefix)}.tmp{os.getpid()}")
+    try:  # now, not after minutes of training: a directory that refuses the files
+        open(tmp_prefix + ".model", "wb").close()
+        os.remove(tmp_prefix + ".model")
+    except OSError as e:
+        fail(f"cannot write {args.model_prefix}.model: {e.strerror} (in {out_dir}); nothing was trained. "
+             f"Choose a --model_prefix in a directory you can write to.")
     t0 = time.time()
     n_lines, n_bytes, n_ends, has_text = count_input(args.input)
     if not has_text:
@@ -177,9 +236,6 @@ if __name__ == "__main__":
     print(f"{args.input}: {n_bytes / 1e6:,.1f} MB, {n_lines:,} lines, ~{est_sentences:,} sentences; "
           f"sampling {keep:.1%} of the lines")
 
-    # train into a temporary prefix next to the real one: an interrupted run leaves the old model untouched
-    out_dir = os.path.dirname(os.path.abspath(args.model_prefix))
-    tmp_prefix = os.path.join(out_dir, f".{os.path.basename(args.model_prefix)}.tmp{os.getpid()}")
     heldout, fed = [], {"sentences": 0, "chars": 0}
     bar = tqdm(total=n_bytes, unit="B", unit_scale=True, desc="sample", file=sys.stderr)
     sentences = sentences_for_training(args.input, keep, args.max_sentence_length, args.eval_file is None,
@@ -188,9 +244,10 @@ if __name__ == "__main__":
     from trm.tokenizer import SPM_SPECIAL_IDS, UNK_ID
 
     spm.set_random_generator_seed(args.seed)
+    proto = io.BytesIO()  # SentencePiece's own file writer ignores a failed write: a full disk gave a truncated .model
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences, model_prefix=tmp_prefix,
+            sentence_iterator=sentences, model_writer=proto,
             vocab_size=args.vocab_size, model_type=args.model_type, character_coverage=args.character_coverage,
             # our sample is already the size asked for; the trainer's own reservoir only trims the estimate's excess
             input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True,
@@ -202,24 +259,34 @@ if __name__ == "__main__":
             normalization_rule_name="nmt_nfkc", minloglevel=2, **SPM_SPECIAL_IDS)
     except (RuntimeError, KeyboardInterrupt) as e:
         bar.close()
-        for ext in (".model", ".vocab"):
-            if os.path.exists(tmp_prefix + ext):
-                os.unlink(tmp_prefix + ext)
         if isinstance(e, KeyboardInterrupt):
             fail("interrupted; existing model files (if any) are unchanged.")
         vocab_error(str(e), args)
         fail(f"SentencePiece training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}")
     bar.close()
-    for ext in (".model", ".vocab"):
-        os.replace(tmp_prefix + ext, args.model_prefix + ext)
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    try:
+        with open(tmp_prefix + ".model", "wb") as f:
+            f.write(proto.getvalue())
+        with open(tmp_prefix + ".vocab", "w", encoding="utf-8") as f:  # SentencePiece's layout: piece, tab, score
+            f.writelines(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+        for ext in (".model", ".vocab"):
+            os.replace(tmp_prefix + ext, args.model_prefix + ext)
+    except OSError as e:  # disk full, quota: one sentence, and the previous model (if any) stays
+        kept = "the previous model is unchanged" if os.path.exists(args.model_prefix + ".model") else "nothing written"
+        fail(f"writing {args.model_prefix}.model failed: {e.strerror or e}; {kept}. Free some space or choose "
+             f"another --model_prefix.")
+    finally:
+        for ext in (".model", ".vocab"):
+            if os.path.exists(tmp_prefix + ext):
+                os.unlink(tmp_prefix + ext)
     train_seconds = time.time() - t0
     print(f"trained on {fed['sentences']:,} sentences ({fed['chars']:,} characters) in {train_seconds:.0f} s "
           f"-> {args.model_prefix}.model, {args.model_prefix}.vocab")
 
     # what a user needs to judge the tokenizer, on text it has not seen
-    sp = spm.SentencePieceProcessor(model_file=args.model_prefix + ".model")
     where = args.eval_file or f"every {HOLDOUT_EVERY}th line of {args.input}"
-    texts = read_eval_file(args.eval_file) if args.eval_file else heldout
+    texts = eval_texts if args.eval_file else heldout
     if not texts:  # a corpus under HOLDOUT_EVERY lines holds nothing back: measure on (seen) training lines
         where = f"the first lines of {args.input} (too short to hold lines back: these were trained on)"
         texts = read_eval_file(args.input)[:1000]

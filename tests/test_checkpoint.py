@@ -1,4 +1,6 @@
 """Behaviour of trm/checkpoint.py: atomic writes, every bad file a one-line CheckpointError, listing and pruning."""
+import errno
+import io
 import os
 import pickle
 import random
@@ -6,6 +8,7 @@ import random
 import pytest
 import torch
 
+from trm import checkpoint
 from trm.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_model, prune_checkpoints,
                             save_checkpoint)
 
@@ -47,7 +50,70 @@ def test_failing_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
     assert load_checkpoint(str(path))["step"] == 1
 
 
+@pytest.mark.parametrize("err,when", [(errno.ENOSPC, "write"), (errno.EROFS, "open"), (errno.EACCES, "open")])
+def test_write_failure_is_a_checkpoint_error_and_the_previous_one_is_intact(tmp_path, monkeypatch, err, when):
+    path = tmp_path / "step_1.pt"
+    save_checkpoint(state(1), str(path))
+    before = path.read_bytes()
+    real_open = open
+
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            if self.tell() + len(b) > 100:  # the disk fills up after 100 bytes of the new file
+                raise OSError(err, os.strerror(err))
+            return super().write(b)
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if ".tmp." not in str(file):
+            return real_open(file, mode, *args, **kwargs)
+        if when == "open":
+            raise OSError(err, os.strerror(err), str(file))
+        return FullDisk(file, "wb")
+
+    monkeypatch.setattr(checkpoint, "open", failing_open, raising=False)
+    with pytest.raises(CheckpointError) as e:
+        save_checkpoint({**state(2), "model": {"w": torch.zeros(10_000)}}, str(path))
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and os.strerror(err) in message
+    assert "previous checkpoint is intact" in message
+    assert os.listdir(tmp_path) == ["step_1.pt"]  # the partial temporary file is gone
+    assert path.read_bytes() == before
+
+
 # ---- every bad file is a CheckpointError with a reason ------------------------------------------------------------
+
+def test_flipped_byte_in_a_tensor_is_refused(tmp_path):
+    path = tmp_path / "step_4.pt"
+    weights = torch.linspace(-1, 1, 1000)
+    save_checkpoint({"step": 4, "model": {"w": weights}}, str(path))
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(weights.numpy().tobytes())  # torch.save stores tensor bytes as they are
+    assert at > 0
+    data[at + 1603] ^= 0x40  # one byte of one float: -0.2 or so becomes a very different number
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["w"], weights)  # torch.load says nothing
+    refused(path, "damaged", "checksum")
+
+
+def test_checkpoint_without_checksum_still_loads(tmp_path):
+    path = tmp_path / "old.pt"  # as written before checkpoints carried a checksum
+    torch.save({"format": "generative-trm", "version": 1, "step": 7, "model": {"w": torch.ones(3)}}, path)
+    loaded = load_checkpoint(str(path))
+    assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], torch.ones(3))
+
+
+def test_checksum_covers_values_and_resaving_a_loaded_checkpoint_works(tmp_path):
+    path = tmp_path / "step_1.pt"
+    full = {"step": 1, "model": {"w": torch.arange(6, dtype=torch.bfloat16).view(2, 3)}, "rng": (3, (1, 2), None),
+            "optimizer": {"state": {0: {"exp_avg": torch.zeros(2)}}}, "args": {"lr": 0.1, "name": "猫"}}
+    save_checkpoint(full, str(path))
+    loaded = load_checkpoint(str(path))
+    assert "checksum" not in loaded and loaded["rng"] == (3, (1, 2), None)
+    loaded["step"] = 2  # what a fixture or a tool does: load, change, save again
+    save_checkpoint(loaded, str(path))
+    assert load_checkpoint(str(path))["step"] == 2
+    assert checkpoint.checksum({"a": 1}) != checkpoint.checksum({"a": 1.0}) != checkpoint.checksum({"a": "1"})
+
 
 def test_missing_path_and_directory(tmp_path):
     refused(tmp_path / "missing.pt", "not found")
@@ -125,6 +191,7 @@ def test_malicious_pickle_is_refused_without_running_its_payload(tmp_path, legac
 
 def test_load_model_wraps_config_and_tokenizer_mismatches(tmp_path, tiny_checkpoint):
     good = torch.load(tiny_checkpoint, weights_only=True)
+    good.pop("checksum")  # edited by hand below: saved without one, as older checkpoints were
     cases = {"arch.pt": {**good, "config": {**good["config"], "arch": "rnn"}},          # ValueError from TRMConfig
              "tok.pt": {**good, "tokenizer": {"kind": "bytes", "proto": [1, 2, 3]}},   # AttributeError: .numpy()
              "keys.pt": {**good, "model": {"w": torch.zeros(1)}, "ema": None}}          # RuntimeError: state dict

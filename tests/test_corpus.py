@@ -3,6 +3,7 @@ import gzip
 import json
 import os
 import random
+import zlib
 
 import pytest
 
@@ -166,3 +167,37 @@ def test_unreadable_file_is_reported_not_fatal(tmp_path, capsys):
     stats = CorpusStats()
     assert list(iter_texts(str(tmp_path / "vanished.jsonl.gz"), stats=stats)) == []
     assert "vanished.jsonl.gz: cannot open" in stats.errors[0] and "vanished" in capsys.readouterr().err
+
+
+def damaged_gzip(n_lines=40, damage="crc"):
+    """A gzip of n_lines records whose damage zcat survives: 'crc' spoils the CRC trailer (zcat prints every line),
+    'block' spoils the block header right after a full flush at the middle (zcat prints the first half)."""
+    docs = [f"{i}行目の文書です。" * 3 for i in range(n_lines)]
+    lines = [(json.dumps({"text": t}, ensure_ascii=False) + "\n").encode() for t in docs]
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
+    head = deflate.compress(b"".join(lines[: n_lines // 2])) + deflate.flush(zlib.Z_FULL_FLUSH)
+    data = bytearray(head + deflate.compress(b"".join(lines[n_lines // 2:])) + deflate.flush())
+    if damage == "crc":
+        data[-8] ^= 0xFF
+    else:
+        data[len(head)] |= 0b110  # BTYPE 11: "invalid block type", at a byte boundary thanks to the full flush
+    return docs, bytes(data)
+
+
+@pytest.mark.parametrize("damage,kept", [("crc", 40), ("block", 20)])
+def test_damaged_gzip_keeps_every_readable_line(tmp_path, capsys, damage, kept):
+    docs, data = damaged_gzip(40, damage)
+    path = tmp_path / "damaged.jsonl.gz"
+    path.write_bytes(data)
+    stats = CorpusStats()
+    assert list(iter_texts(str(path), stats=stats)) == docs[:kept]  # all in one read: output of that read kept too
+    assert len(stats.errors) == 1 and str(path) in stats.errors[0] and "corrupt" in stats.errors[0]
+    assert str(path) in capsys.readouterr().err
+
+
+def test_damage_found_in_a_later_read_keeps_the_lines_of_that_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "READ_SIZE", 1000)
+    docs, data = damaged_gzip(400, "block")
+    path = tmp_path / "damaged.jsonl.gz"
+    path.write_bytes(data)
+    assert list(iter_texts(str(path))) == docs[:200]

@@ -1,6 +1,7 @@
 """Token cache and packed loader: every token once per epoch, disjoint ranks, exact resume, clear errors."""
 import gzip
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -131,3 +132,117 @@ def test_eval_windows_are_fixed_and_bounded():
     assert torch.equal(w[1, :1], w[0, -1:])  # stride L
     short = eval_windows(np.arange(10), 32, 200)
     assert short.shape == (1, 10)
+
+
+# ---- the token cache under concurrency and damage -----------------------------------------------------------------
+
+class SlowTokenizer(Tokenizer):
+    """The byte tokenizer, slow enough that two builders surely overlap."""
+
+    def __init__(self):
+        super().__init__("byte")
+
+    def encode_batch(self, texts, num_threads=None):
+        import time
+        time.sleep(0.3)
+        return super().encode_batch(texts, num_threads)
+
+
+def _build_in_child(path, cache_dir, start, results):
+    import os
+    msgs = []
+    start.wait()
+    try:
+        tokens = load_tokens([path], SlowTokenizer(), cache_dir, log=msgs.append)
+        results.put((os.getpid(), tokens.tolist(), msgs, None))
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        results.put((os.getpid(), None, msgs, repr(e)))
+
+
+def test_concurrent_builds_one_builds_the_other_waits_and_reuses(tmp_path):
+    import multiprocessing
+
+    texts = [f"文書{i}" for i in range(5000)]
+    path = write_jsonl_gz(tmp_path / "a.jsonl.gz", texts)
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(path, str(tmp_path / "c"), start, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    start.set()
+    got = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=10)
+    assert [g[3] for g in got] == [None] * 3, got
+    expected = load_tokens([path], Tokenizer("byte"), str(tmp_path / "c"), log=lambda m: None).tolist()
+    assert all(g[1] == expected for g in got)
+    assert sum("building" in " ".join(g[2]) for g in got) == 1  # the others waited, then used its result
+    assert not [p.name for p in (tmp_path / "c").iterdir() if ".tmp" in p.name]
+
+
+def corrupt_truncate(p):
+    p.write_bytes(p.read_bytes()[:-7])
+
+
+def corrupt_same_size(p):
+    p.write_bytes(b"\xff" * p.stat().st_size)  # out-of-range ids, size intact
+
+
+def corrupt_one_byte(p):
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 1
+    p.write_bytes(bytes(b))
+
+
+def corrupt_sidecar_torn(p):
+    side = p.with_name(p.name + ".json")
+    side.write_text(side.read_text()[:20])
+
+
+def corrupt_sidecar_old(p):  # written before caches had a checksum
+    side = p.with_name(p.name + ".json")
+    meta = json.loads(side.read_text())
+    del meta["checksum"]
+    side.write_text(json.dumps(meta))
+
+
+def corrupt_bin_missing(p):
+    p.unlink()
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_truncate, corrupt_same_size, corrupt_one_byte, corrupt_sidecar_torn,
+                                     corrupt_sidecar_old, corrupt_bin_missing])
+def test_damaged_cache_is_reported_and_rebuilt(tmp_path, corrupt):
+    tok = Tokenizer("byte")
+    path = write_jsonl_gz(tmp_path / "a.jsonl.gz", [f"文書{i}です。" for i in range(300)])
+    expected = load_tokens([path], tok, str(tmp_path / "c"), log=lambda m: None).tolist()
+    (bin_path,) = (tmp_path / "c").glob("*.bin")
+    corrupt(bin_path)
+    msgs = []
+    tokens = load_tokens([path], tok, str(tmp_path / "c"), log=msgs.append)
+    assert tokens.tolist() == expected
+    assert f"token cache {bin_path} is damaged" in msgs[0] and "rebuilding" in msgs[0]
+    msgs.clear()
+    load_tokens([path], tok, str(tmp_path / "c"), log=msgs.append)  # and the rebuilt one is used as it is
+    assert len(msgs) == 1 and "building" not in msgs[0] and "is damaged" not in msgs[0]
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    cache = tmp_path / "c"
+    cache.mkdir()
+    host = socket.gethostname()
+    stale = [cache / f"0123.bin.tmp.{host}.{dead}", cache / f"0123.bin.json.tmp.{host}.{dead}",
+             cache / f"89ab.bin.tmp.{dead}"]
+    alive = [cache / f"4567.bin.tmp.{host}.{os.getpid()}", cache / f"4567.bin.tmp.otherhost.{dead}"]
+    for p in stale + alive:
+        p.write_bytes(b"partial")
+    path = write_jsonl_gz(tmp_path / "a.jsonl.gz", ["abc"])
+    load_tokens([path], Tokenizer("byte"), str(cache), log=lambda m: None)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in alive)  # a live builder's, and one of another host (its pid means nothing here)

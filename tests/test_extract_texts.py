@@ -1,6 +1,7 @@
 """extract_texts.py (step 1): the procedure's no-argument run, bad input, an interrupted run, the shared corpus."""
 import gzip
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -120,3 +121,103 @@ def test_shared_corpus_every_document_extracted(tmp_path):
             expected += [json.loads(line)["text"].replace("\n", " ") for line in src]
     got = (tmp_path / "t.txt").read_text(encoding="utf-8").split("\n")
     assert got.pop() == "" and got == expected
+
+
+def test_damaged_gzip_keeps_what_zcat_keeps(tmp_path):
+    docs = [f"文書{i}です。" for i in range(40)]
+    data = bytearray(gzip.compress("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                           for t in docs).encode()))
+    data[-8] ^= 0xFF  # the CRC trailer only: zcat prints all 40 lines, then complains
+    (tmp_path / "crc.jsonl.gz").write_bytes(bytes(data))
+    r = run(tmp_path, "--inputs", "crc.jsonl.gz")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "train_texts.txt").read_text(encoding="utf-8").splitlines() == docs
+    assert "crc.jsonl.gz" in r.stderr and "damaged: crc.jsonl.gz: corrupt gzip data" in r.stdout
+
+
+# ---- flags and outputs checked before any work ---------------------------------------------------------------------
+
+def assert_one_line_error(r, *words):
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+
+
+def help_blocks(text):
+    """--help's options section as {'--flag': its help text}."""
+    blocks, name = {}, None
+    for line in text.split("options:")[1].split("\n\n")[0].splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = line
+        elif name:
+            blocks[name] += " " + line.strip()
+    return blocks
+
+
+def test_help_shows_each_default_once_and_ends_with_an_example(tmp_path):
+    r = run(tmp_path, "--help")
+    assert r.returncode == 0
+    blocks = help_blocks(r.stdout)
+    assert {k: v.count("default") for k, v in blocks.items() if k != "-h"} == dict.fromkeys(
+        ["--inputs", "--output", "--text_field", "--workers", "--min_chars"], 1)
+    tail = r.stdout.rstrip("\n").splitlines()
+    assert tail[-2] == "example:" and tail[-1].startswith("  python extract_texts.py ")
+
+
+@pytest.mark.parametrize("flag,value", [("--workers", "0"), ("--workers", "-3"), ("--min_chars", "-1")])
+def test_numbers_out_of_range_are_refused_with_the_range(tmp_path, flag, value):
+    write_jsonl(tmp_path / "a.jsonl.gz", [{"text": "文書"}])
+    r = run(tmp_path, "--inputs", "a.jsonl.gz", flag, value)
+    assert_one_line_error(r, flag, "between", value)
+    assert not (tmp_path / "train_texts.txt").exists()
+
+
+def test_output_that_is_an_input_is_refused(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "文書"}\n', encoding="utf-8")
+    before = corpus.read_bytes()
+    (tmp_path / "sub").mkdir()
+    for output in ["c.jsonl", "./sub/../c.jsonl", str(corpus)]:
+        r = run(tmp_path, "--inputs", "c.jsonl", "--output", output)
+        assert_one_line_error(r, "one of the inputs", "c.jsonl")
+        assert corpus.read_bytes() == before
+    assert_one_line_error(run(tmp_path, "--inputs", "c.jsonl", "--output", "sub"), "is a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "sub"]
+
+
+def test_output_directory_that_cannot_be_written_fails_before_reading(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl.gz", [{"text": "文書"}])
+    (tmp_path / "a_file").write_text("")
+    cases = ["a_file/out.txt", "missing_dir/out.txt"]  # ENOTDIR, ENOENT: what even root is refused
+    if os.geteuid() != 0:  # root writes into a read-only directory anyway
+        (tmp_path / "ro").mkdir(mode=0o555)
+        cases.append("ro/out.txt")
+    for output in cases:
+        r = run(tmp_path, "--inputs", "a.jsonl.gz", "--output", output)
+        assert_one_line_error(r, "cannot write", output, "nothing was read")
+        assert "extract:" not in r.stderr  # no progress bar: the work never started
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_disk_full_while_writing_is_one_sentence_and_keeps_the_old_output(tmp_path, workers):
+    import resource
+    import signal
+
+    for i in range(2):
+        write_jsonl(tmp_path / f"train_{i}.jsonl.gz", [{"text": f"{i}-{j}" + "文書" * 200} for j in range(300)])
+    (tmp_path / "train_texts.txt").write_text("the previous output\n")
+
+    def small_disk():  # files may not grow past 64 kB: writes then fail with EFBIG, as a full disk fails with ENOSPC
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    r = subprocess.run([sys.executable, SCRIPT, "--workers", workers], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60, preexec_fn=small_disk)
+    assert_one_line_error(r, "writing train_texts.txt failed", "File too large",
+                          "previous train_texts.txt is unchanged")
+    assert (tmp_path / "train_texts.txt").read_text() == "the previous output\n"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []

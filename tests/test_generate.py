@@ -331,3 +331,98 @@ def test_sp_model_mismatch_is_refused(tiny_checkpoint, tmp_path):
                    "other.model", "vocabulary")
     assert_refused(run_generate("--model_path", tiny_checkpoint, "--sp_model", tmp_path / "nope.model",
                                 "--prompt", "猫"), "nope.model")
+
+
+# ---- streaming: exact, and a constant cost per token ---------------------------------------------------------------
+
+def streamed(tok, prefix, ids):
+    stream = StreamDecoder(tok, prefix)
+    return "".join(stream.push(i) for i in ids) + stream.flush()
+
+
+STREAM_TEXTS = ["猫は" + RARE + "を見る。" * 3, "  東京  の 天気 、" + RARE + " 晴れ\n\n雨" + RARE[-1],
+                RARE * 5 + "😀 x  y", " 先頭の空白と末尾の空白 "]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte"])
+def test_stream_decoder_output_equals_decoding_all_at_once(tiny_sp_model, kind):
+    tok = Tokenizer.from_args(kind, tiny_sp_model)
+    for prompt in ["", "猫は", "薔", " 空白 "]:
+        for text in STREAM_TEXTS:
+            prefix, ids = prompt_ids(tok, prompt), tok.encode(text)
+            if kind == "sentencepiece":
+                assert any(tok.sp.is_byte(i) for i in ids)
+            assert streamed(tok, prefix, ids) == tok.decode(prefix + ids)[len(tok.decode(prefix)):]
+            # with EOS-like control ids and a cut in the middle of a character
+            cut = ids[: len(ids) // 2] + [tok.eos_id] + ids[len(ids) // 2:]
+            assert streamed(tok, prefix, cut) == tok.decode(prefix + cut)[len(tok.decode(prefix)):]
+
+
+def test_stream_decoder_cost_per_token_does_not_grow(tiny_sp_model):
+    tok = Tokenizer.from_args("sentencepiece", tiny_sp_model)
+    ids = tok.encode("".join(f"{RARE}の {i} 番目、 東京 は 晴れ。\n" for i in range(800)))
+    assert len(ids) > 20_000
+    decoded = []
+    real = tok.decode
+    tok.decode = lambda x: (decoded.append(len(x)), real(x))[1]  # what each decode call is given
+    stream = StreamDecoder(tok, [tok.bos_id])
+    out = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert out == real([tok.bos_id] + ids)
+    assert max(decoded) <= 16  # at token 20,000 as at token 10: a short tail, never the whole list
+    assert len(decoded) <= 3 * len(ids)
+
+
+def test_stream_decoder_cost_stays_bounded_on_invalid_bytes():
+    tok = Tokenizer("byte")
+    ids = [4 + 0x80] * 5000  # continuation bytes with no lead byte: every one a U+FFFD
+    decoded = []
+    real = tok.decode
+    tok.decode = lambda x: (decoded.append(len(x)), real(x))[1]
+    stream = StreamDecoder(tok)
+    out = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert out == real(ids) and max(decoded) <= StreamDecoder.MAX_TAIL + 1
+
+
+# ---- generate.py: flags and prompts checked before any work --------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "1e-45"), ("--temperature", "-1"),
+                                        ("--repetition_penalty", "nan"), ("--repetition_penalty", "0"),
+                                        ("--top_p", "nan"), ("--top_p", "1.5"), ("--max_new_tokens", "-1"),
+                                        ("--num_samples", "0"), ("--halt_threshold", "nan"), ("--seed", "-1")])
+def test_numbers_out_of_range_are_refused_with_the_range(tiny_checkpoint, flag, value):
+    r = run_generate("--model_path", tiny_checkpoint, "--prompt", "猫", flag, value)
+    assert_refused(r, flag, "between", value)
+
+
+def test_prompt_with_bytes_that_are_not_utf8_is_one_sentence(tiny_checkpoint):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the terminal sent Latin-1 or a cut UTF-8 sequence: Python hands the byte over as the lone surrogate \udce3
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model_path", tiny_checkpoint,
+                        "--prompt", "猫\udce3", "--max_new_tokens", "3"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert_refused(r, "--prompt", "UTF-8", "0xe3", "character 2")
+    # typed interactively: that line is refused, the session goes on
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model_path", tiny_checkpoint,
+                        "--max_new_tokens", "3", "--temperature", "0"], input=b"\xe3\x81\n" + "猫は\nexit\n".encode(),
+                       capture_output=True, env=env, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert "error: that line is not valid UTF-8" in err and err.count("[sample ") == 1
+
+
+def test_help_shows_each_default_once_and_ends_with_an_example():
+    r = run_generate("--help")
+    assert r.returncode == 0
+    blocks, name = {}, None
+    for line in r.stdout.split("options:")[1].split("\n\n")[0].splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = line
+        elif name:
+            blocks[name] += " " + line.strip()
+    assert all(text.count("default") <= 1 for text in blocks.values())
+    for flag in ["--max_new_tokens", "--temperature", "--top_k", "--top_p", "--repetition_penalty", "--num_samples",
+                 "--weights", "--device", "--seed"]:
+        assert blocks[flag].count("default") == 1, blocks[flag]
+    tail = r.stdout.rstrip("\n").splitlines()
+    assert tail[-2] == "example:" and tail[-1].startswith("  python generate.py --model_path ")

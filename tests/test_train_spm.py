@@ -1,6 +1,7 @@
 """train_spm.py (step 2): every document reaches the trainer, no <unk>, clear errors, outputs only when finished."""
 import gzip
 import json
+import os
 import random
 import subprocess
 import sys
@@ -33,8 +34,9 @@ def corpus_lines(n_docs=400, seed=0):
     return docs
 
 
-def run(cwd, *args):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+def run(cwd, *args, timeout=120, preexec_fn=None):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec_fn)
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +137,113 @@ def test_shared_corpus_small_model(tmp_path):
     assert "unknown rate      0.0000%" in r.stdout
     bytes_per_token = float(r.stdout.split("bytes/token")[1].split()[0])
     assert bytes_per_token > 2.5
+
+
+# ---- flags, inputs and outputs checked before the work --------------------------------------------------------------
+
+def assert_one_line_error(r, *words):
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    assert "sample:" not in r.stderr  # no progress bar: refused before the work
+
+
+def help_blocks(text):
+    """--help's options section as {'--flag': its help text}."""
+    blocks, name = {}, None
+    for line in text.split("options:")[1].split("\n\n")[0].splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = line
+        elif name:
+            blocks[name] += " " + line.strip()
+    return blocks
+
+
+def test_help_is_whole_shows_each_default_once_and_ends_with_an_example(tmp_path):
+    r = run(tmp_path, "--help")
+    assert r.returncode == 0
+    assert '"\\n" is one piece of its own' in r.stdout  # was a line broken by a real newline
+    counts = {k: v.count("default") for k, v in help_blocks(r.stdout).items() if k != "-h"}
+    assert counts == dict.fromkeys(["--input", "--model_prefix", "--vocab_size", "--model_type", "--character_coverage",
+                                    "--input_sentence_size", "--num_threads", "--max_sentence_length", "--eval_file",
+                                    "--seed"], 1)
+    tail = r.stdout.rstrip("\n").splitlines()
+    assert tail[-2] == "example:" and tail[-1].startswith("  python train_spm.py ")
+
+
+@pytest.mark.parametrize("flag,value", [("--max_sentence_length", "3"), ("--max_sentence_length", "0"),
+                                        ("--character_coverage", "nan"), ("--character_coverage", "0.5"),
+                                        ("--character_coverage", "inf"), ("--vocab_size", "10"),
+                                        ("--num_threads", "0"), ("--seed", "-1"), ("--input_sentence_size", "-5")])
+def test_numbers_out_of_range_are_refused_with_the_range(tmp_path, flag, value):
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(30)) + "\n", encoding="utf-8")
+    # --max_sentence_length 3 used to loop forever, memory growing: the timeout says so instead of hanging the suite
+    r = run(tmp_path, flag, value, "--vocab_size" if flag != "--vocab_size" else "--seed", "400", timeout=30)
+    assert_one_line_error(r, flag, "between")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_texts.txt"]
+
+
+def test_split_line_ends_for_any_limit():
+    import signal
+
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("split_line did not return"))
+    signal.alarm(5)
+    try:
+        for limit in (1, 2, 3, 4, 5):
+            pieces = split_line("鸞は猫。" * 3 + "a b", limit)
+            assert "".join(pieces).replace(" ", "") == ("鸞は猫。" * 3 + "ab")
+    finally:
+        signal.alarm(0)
+
+
+@pytest.mark.parametrize("name,content", [("x.jsonl.gz", None), ("x.txt", None), ("x.jsonl", b'{"text": "a"}\n')],
+                         ids=["jsonl.gz", "gzip named .txt", "jsonl"])
+def test_corpus_files_as_input_are_refused_pointing_at_step_1(tmp_path, name, content):
+    data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in corpus_lines(30)).encode()
+    (tmp_path / name).write_bytes(content or gzip.compress(data))  # x.txt: gzip bytes under another name
+    r = run(tmp_path, "--input", name, "--vocab_size", "400")
+    assert_one_line_error(r, name, "python extract_texts.py")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("name,content", [("valid.jsonl.gz", gzip.compress(b'{"body": "no text field"}\n')),
+                                          ("valid.txt", b"\n  \n"), ("valid.gz.txt", gzip.compress(b"text\n"))],
+                         ids=["jsonl.gz without text", "blank text", "gzip named .txt"])
+def test_eval_file_without_readable_text_is_an_error_before_training(tmp_path, name, content):
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(30)) + "\n", encoding="utf-8")
+    (tmp_path / name).write_bytes(content)
+    r = run(tmp_path, "--vocab_size", "400", "--character_coverage", "1.0", "--eval_file", name)
+    assert_one_line_error(r, "--eval_file", name)
+    assert not (tmp_path / "ja_trm.model").exists()
+
+
+def test_output_directory_that_cannot_be_written_fails_before_training(tmp_path):
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(30)) + "\n", encoding="utf-8")
+    (tmp_path / "a_file").write_text("")
+    prefixes = ["a_file/m", "missing_dir/m"]  # ENOTDIR, ENOENT: what even root is refused
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        prefixes.append("ro/m")
+    for prefix in prefixes:
+        assert_one_line_error(run(tmp_path, "--model_prefix", prefix), "cannot write", prefix, "nothing was trained")
+
+
+def test_disk_full_while_writing_the_model_keeps_the_old_one(tmp_path):
+    import resource
+    import signal
+
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(60)) + "\n", encoding="utf-8")
+    (tmp_path / "ja_trm.model").write_bytes(b"old model")
+
+    def small_disk():  # files may not grow past 64 kB: writes fail with EFBIG, as a full disk fails with ENOSPC
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    r = run(tmp_path, "--vocab_size", "400", "--character_coverage", "1.0", preexec_fn=small_disk)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "error: writing ja_trm.model failed: File too large; the previous model is unchanged" in r.stderr
+    assert (tmp_path / "ja_trm.model").read_bytes() == b"old model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ja_trm.model", "train_texts.txt"]

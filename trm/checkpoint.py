@@ -2,9 +2,12 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)` reads
 it and refuses anything that would run code on load. It holds everything needed to resume exactly (model, EMA,
-optimizer, step, data position, RNG states, config, args) and to generate (the tokenizer itself).
+optimizer, step, data position, RNG states, config, args) and to generate (the tokenizer itself). It also carries a
+checksum of its contents, verified on load: torch.load does not check the zip's own CRCs, so a flipped byte in a
+weight would otherwise load silently.
 """
 import glob
+import hashlib
 import os
 import pickle
 import re
@@ -21,19 +24,60 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state, path):
-    """Write to a temporary file in the same directory, then rename: a crash never leaves a half-written step_N.pt."""
-    state = {"format": FORMAT, "version": VERSION, **state}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write to a temporary file in the same directory, then rename: a crash never leaves a half-written step_N.pt.
+
+    A write that fails (disk full, read-only or forbidden directory) is a CheckpointError saying so; the partial
+    temporary file is removed and every earlier checkpoint is left as it was."""
+    state = {"format": FORMAT, "version": VERSION, **{k: v for k, v in state.items() if k != "checksum"}}
+    state["checksum"] = checksum(state)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write of its zip writer as RuntimeError("unexpected pos ..."), the OSError behind
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(f"could not write checkpoint {path}: {cause.strerror or cause}; the previous checkpoint "
+                              f"is intact (nothing was replaced)") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except OSError:  # the directory refused the file in the first place
+            pass
+
+
+def checksum(state):
+    """blake2b over the checkpoint's contents in order: each tensor's dtype, shape and bytes, every other value's type
+    and repr (steps, RNG states, args). About 0.9 GB/s on one CPU core: 0.26 s for a 15M-parameter fp32 model saved
+    with its EMA and Adam moments (240 MB), at save and again at load."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)}\0".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(f"dict {len(x)}\0".encode())
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__} {len(x)}\0".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"{type(x).__name__} {x!r}\0".encode())
+
+    walk(state)
+    return h.hexdigest()
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -65,6 +109,10 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has format version {state['version']}; this code reads up to {VERSION}")
+    stored = state.pop("checksum", None)  # None: written before checkpoints had one, loaded unverified
+    if stored is not None and checksum(state) != stored:
+        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with it (a changed "
+                              f"byte on disk or in a copy); use another checkpoint or copy it again")
     return state
 
 

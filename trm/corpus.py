@@ -2,7 +2,8 @@
 
 extract_texts.py (step 1) and the training data loader (step 3) both read through here, so they agree on which
 documents exist. Bad input never stops a run and never goes unnoticed: a malformed line is skipped and counted
-(the first few named as file:line), and a truncated or corrupt gzip keeps every document read before the damage.
+(the first few named as file:line), and a truncated or corrupt gzip keeps every whole line before the damage, as
+zcat would print it (a spoilt CRC trailer loses nothing).
 """
 import collections
 import dataclasses
@@ -16,7 +17,8 @@ import threading
 
 try:  # ISA-L inflates the same gzip data about twice as fast as zlib (`pip install isal`); zlib is the fallback
     from isal import isal_zlib as zlib
-except ImportError:
+    zlib.decompressobj().copy  # the damage path replays a read from a saved state
+except (ImportError, AttributeError):
     import zlib
 
 SUFFIXES = (".jsonl.gz", ".jsonl", ".json.gz")
@@ -108,9 +110,11 @@ def _read_blocks(path, stats):
         while raw := f.read(READ_SIZE):
             stats.bytes_in += len(raw)
             while raw:
+                saved = inflate.copy()  # ~40 kB per 1 MB read; at damage the read is replayed from here
                 try:
                     block = inflate.decompress(raw)
                 except zlib.error as e:
+                    yield _inflate_until_damage(saved, raw)
                     yield _damaged(path, stats, f"corrupt gzip data ({e})")
                     return
                 in_member = True
@@ -120,6 +124,22 @@ def _read_blocks(path, stats):
                     raw, inflate, in_member = inflate.unused_data, zlib.decompressobj(wbits=31), False
         if in_member:
             yield _damaged(path, stats, "truncated gzip (unexpected end of file)")
+
+
+def _inflate_until_damage(inflate, raw, piece=4096):
+    """What `inflate` makes of `raw` before the damage in it. zlib drops the whole output of a call that raises (a bad
+    CRC trailer raises after the member's last byte was inflated), so feed `raw` again in small pieces, then the
+    piece that fails byte by byte: every byte zcat would have printed comes out."""
+    out = []
+    for i in range(0, len(raw), piece):
+        saved = inflate.copy() if piece > 1 else None
+        try:
+            out.append(inflate.decompress(raw[i:i + piece]))
+        except zlib.error:
+            if saved is not None:
+                out.append(_inflate_until_damage(saved, raw[i:i + piece], 1))
+            break
+    return b"".join(out)
 
 
 def _read_ahead(blocks, depth=4):

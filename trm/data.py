@@ -3,7 +3,11 @@
 Why a cache: tokenizing 1.8 GB of Japanese takes minutes even on many threads, and doing it inside the training loop
 would stall the GPU. The cache is a flat array of token ids (each document as BOS ... EOS) in
 `<save_dir>/token_cache/<key>.bin`, keyed by the files (path, size, mtime), the text field and the exact tokenizer,
-so a changed corpus or tokenizer builds a new one and a resumed run reuses the old one.
+so a changed corpus or tokenizer builds a new one and a resumed run reuses the old one. The sidecar `<key>.bin.json`
+holds the counts and a checksum of the .bin, verified on every load: a cache damaged on disk (truncated, torn, bytes
+changed) is reported and rebuilt, never trained on. One process builds an entry at a time (a lock file); another
+one that wants it waits and then uses what the first built. Temporary files of builds killed midway are removed the
+next time the cache directory is used.
 
 Packing: the documents are laid end to end and the stream is read as a circle of N tokens. Window i is the L + 1
 tokens starting at i * L (inputs = first L, targets = last L), so consecutive windows share one token and every
@@ -12,9 +16,14 @@ than L tokens. No truncation, no padding. The order of windows is a permutation 
 the epoch; global batch g takes the next world_size * batch_size windows of that order and rank r takes its own
 disjoint batch_size of them, so the whole data position is one integer (`cursor`) and resuming is exact.
 """
+import concurrent.futures
+import fcntl
 import hashlib
 import json
+import mmap
 import os
+import re
+import socket
 import sys
 import time
 
@@ -57,7 +66,7 @@ def build_token_cache(paths, tokenizer, out_path, text_field="text", num_threads
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     stats = CorpusStats()
     n_tokens, t0 = 0, time.time()
-    tmp = f"{out_path}.tmp.{os.getpid()}"
+    tmp, meta_tmp = tmp_name(out_path), tmp_name(out_path + ".json")
     total_bytes = sum(os.path.getsize(p) for p in paths)
     bar = tqdm(total=len(paths), desc=desc, unit="file", disable=None, leave=False,
                postfix=f"{total_bytes / 1e6:.0f} MB")
@@ -78,15 +87,89 @@ def build_token_cache(paths, tokenizer, out_path, text_field="text", num_threads
             raise DataError(f"no readable documents in {', '.join(paths)} (text field {text_field!r})")
         meta = {"tokens": n_tokens, "dtype": np.dtype(dtype).name, "documents": stats.documents,
                 "skipped": dict(stats.skipped), "errors": stats.errors, "files": [os.path.abspath(p) for p in paths],
-                "seconds": round(time.time() - t0, 2)}
-        with open(out_path + ".json.tmp", "w") as f:
+                "seconds": round(time.time() - t0, 2), "checksum": file_checksum(tmp)}
+        with open(meta_tmp, "w") as f:
             json.dump(meta, f, ensure_ascii=False, indent=1)
+        # .bin first: a crash between the two renames leaves a new .bin beside an old checksum, i.e. a rebuild
         os.replace(tmp, out_path)
-        os.replace(out_path + ".json.tmp", out_path + ".json")
+        os.replace(meta_tmp, out_path + ".json")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, meta_tmp):
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return meta
+
+
+def tmp_name(path):
+    # host and pid: two builders never share a name, and a leftover's owner can be checked (remove_stale_tmp)
+    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
+def remove_stale_tmp(cache_dir):
+    """Delete temporary files of builds whose process on this host is gone (kill -9, OOM killer, power loss)."""
+    host = socket.gethostname()
+    for name in os.listdir(cache_dir):
+        m = re.search(r"\.tmp\.(?:(.+)\.)?(\d+)$", name)  # no host: a name from before hosts were added
+        if m and m.group(1) in (host, None) and not pid_alive(int(m.group(2))):
+            try:
+                os.remove(os.path.join(cache_dir, name))
+            except FileNotFoundError:  # another process cleaning up at the same time
+                pass
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only the existence check
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+CHECKSUM_BLOCK = 64 << 20
+
+
+def file_checksum(path):
+    """blake2b over every byte of the file: the digests of its 64 MiB blocks, hashed on up to 8 threads (hashlib
+    releases the GIL), then hashed together with the size. Sampling blocks would miss one flipped byte; the full hash
+    costs little: a 1.2 GB cache (a 1.8 GB corpus) in 1.3 s on this 2-core CPU (0.9 GB/s, one core free), 0.55 s on
+    the 16-core H200 host (2.2 GB/s with 8 threads, 0.47 GB/s with one)."""
+    size = os.path.getsize(path)
+    top = hashlib.blake2b(str(size).encode(), digest_size=16)
+    if size == 0:
+        return top.hexdigest()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        view = memoryview(m)
+        blocks = [view[i:i + CHECKSUM_BLOCK] for i in range(0, size, CHECKSUM_BLOCK)]
+        with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            for digest in pool.map(lambda b: hashlib.blake2b(b, digest_size=16).digest(), blocks):
+                top.update(digest)
+        del blocks, view  # the mmap cannot close while slices of it are alive
+    return top.hexdigest()
+
+
+def verify_cache(path):
+    """(meta, None) for an intact cache entry; (None, what is wrong) for a damaged one; (None, None) for none."""
+    if not os.path.exists(path) and not os.path.exists(path + ".json"):
+        return None, None
+    try:
+        with open(path + ".json", encoding="utf-8") as f:
+            meta = json.load(f)
+        expected = meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+        checksum = meta["checksum"]
+        size = os.path.getsize(path)
+    except FileNotFoundError as e:
+        return None, f"{os.path.basename(e.filename)} is missing"
+    except KeyError as e:
+        return None, f"its sidecar has no {e.args[0]!r} (written by older code, or torn)"
+    except (ValueError, TypeError) as e:  # torn or garbled JSON, a nonsense dtype
+        return None, f"its sidecar is unreadable ({type(e).__name__}: {str(e)[:80]})"
+    if size != expected:
+        return None, f"{size:,} bytes where {expected:,} were written (truncated or overwritten)"
+    if file_checksum(path) != checksum:
+        return None, "its bytes changed since it was written (checksum mismatch)"
+    return meta, None
 
 
 def document_ids(tokenizer, texts, num_threads=None):
@@ -104,20 +187,26 @@ def _write_batch(f, tokenizer, texts, dtype, num_threads):
 
 
 def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None, desc="tokenizing", log=print):
-    """Token ids of the corpus as a read-only memmap, building the cache on first use."""
+    """Token ids of the corpus as a read-only memmap, building the cache on first use or when it is damaged."""
     os.makedirs(cache_dir, exist_ok=True)
+    remove_stale_tmp(cache_dir)
     path = os.path.join(cache_dir, cache_key(paths, tokenizer, text_field) + ".bin")
-    if os.path.exists(path) and os.path.exists(path + ".json"):
-        with open(path + ".json") as f:
-            meta = json.load(f)
-        log(f"{desc}: token cache {path} ({meta['tokens']:,} tokens, {meta['documents']:,} documents)")
-    else:
-        log(f"{desc}: building token cache {path} from {len(paths)} file(s)")
-        meta = build_token_cache(paths, tokenizer, path, text_field, num_threads, desc)
-        skipped = sum(meta["skipped"].values())
-        log(f"{desc}: {meta['tokens']:,} tokens from {meta['documents']:,} documents in {meta['seconds']:.1f}s"
-            + (f", {skipped:,} malformed lines skipped {meta['skipped']}" if skipped else "")
-            + (f", damaged files: {meta['errors']}" if meta["errors"] else ""))
+    # one builder per entry: a second process (another run on the same corpus) waits here, then finds it built
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta, damage = verify_cache(path)
+        if meta is not None:
+            log(f"{desc}: token cache {path} ({meta['tokens']:,} tokens, {meta['documents']:,} documents)")
+        else:
+            if damage:
+                log(f"{desc}: warning: token cache {path} is damaged: {damage}; rebuilding it")
+            log(f"{desc}: building token cache {path} from {len(paths)} file(s)")
+            meta = build_token_cache(paths, tokenizer, path, text_field, num_threads, desc)
+            skipped = sum(meta["skipped"].values())
+            log(f"{desc}: {meta['tokens']:,} tokens from {meta['documents']:,} documents in {meta['seconds']:.1f}s"
+                + (f", {skipped:,} malformed lines skipped {meta['skipped']}" if skipped else "")
+                + (f", damaged files: {meta['errors']}" if meta["errors"] else ""))
+    # the mapping outlives the lock: a later rebuild replaces the file by rename, so this inode stays as it is
     return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["tokens"],))
 
 

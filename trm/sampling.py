@@ -174,27 +174,50 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
 class StreamDecoder:
     """The text to print as ids arrive, safe for byte-fallback tokens (a third of a Japanese character each).
 
-    Each push decodes the whole id list and returns what was added since the last push; a trailing U+FFFD (an
-    unfinished multi-byte character) is held back until the character completes. Never decode([token]).
-    prefix_ids (the prompt) are decoded along so that spacing at the seam comes out as decode(all ids) has it.
+    Each push decodes a short tail, the ids since an anchor, and returns what its text adds to the part already
+    printed; a trailing U+FFFD (an unfinished multi-byte character) is held back until the character completes. Once
+    everything is out, the anchor moves up to the last id or few, so a token costs the same at position 100,000 as at
+    100. An anchor is only placed where decoding from it gives exactly the text already printed for those ids: not on
+    a space that SentencePiece strips at the start of what it decodes, not inside a character. Never decode([token]).
+    prefix_ids (the prompt) count as printed, so the text at the seam comes out as decode(all ids) has it.
     """
+    MAX_TAIL = 64  # ids; only a long run of invalid bytes (each a U+FFFD) gets here: printed as they decode
+    LOOK_BACK = 8  # ids tried as an anchor behind the newest
 
     def __init__(self, tokenizer, prefix_ids=()):
         self.tokenizer = tokenizer
-        self.ids = [int(i) for i in prefix_ids]
-        self.printed = len(tokenizer.decode(self.ids)) if self.ids else 0  # characters of the decode already out
+        self.tail = [int(i) for i in prefix_ids]  # the ids since the anchor
+        text = tokenizer.decode(self.tail) if self.tail else ""
+        self.printed = len(text)  # characters of decode(tail) that are out
+        self.recent = text[-256:]  # the last characters out, to check an anchor against
+        self._anchor()
 
     def push(self, token_id):
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        end = len(text.rstrip("\ufffd"))
+        self.tail.append(int(token_id))
+        text = self.tokenizer.decode(self.tail)
+        long = len(self.tail) > self.MAX_TAIL
+        end = len(text) if long else len(text.rstrip("\ufffd"))
         new = text[self.printed:end]
         self.printed = max(self.printed, end)
+        self.recent = (self.recent + new)[-256:]
+        if end == len(text):
+            self._anchor(force=long)
         return new
+
+    def _anchor(self, force=False):
+        n = len(self.tail)
+        for k in range(n - 1, max(0, n - self.LOOK_BACK) - 1, -1):
+            text = self.tokenizer.decode(self.tail[k:])
+            if text and not text[0].isspace() and text[0] != "\ufffd" and self.recent.endswith(text):
+                self.tail, self.printed = self.tail[k:], len(text)
+                return
+        if force:
+            self.tail = self.tail[-1:]
+            self.printed = len(self.tokenizer.decode(self.tail))
 
     def flush(self):
         """Whatever is still held back (an unfinished character at the very end prints as U+FFFD)."""
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.tail)
         new = text[self.printed:]
         self.printed = len(text)
         return new
