@@ -32,16 +32,16 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     was_training = model.training
     model.eval()
     token_bytes = torch.as_tensor(token_bytes, device=device)
-    trm_rounds = model.config.arch == "trm"
-    head_accuracy = trm_rounds and model.halt is not None and halt_threshold is None
-    N_sup = model.steps(**depth)[2] if trm_rounds else 1
-    nats, n_tokens, n_bytes, halt_right, rounds = 0.0, 0, 0, 0, 0
+    is_trm = model.config.arch == "trm"
+    head_accuracy = is_trm and model.halt is not None and halt_threshold is None
+    N_sup = model.steps(**depth)[2] if is_trm else 1
+    nats, n_tokens, n_bytes, halt_right, rounds_run = 0.0, 0, 0, 0, 0
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(device, non_blocking=True)
         x, y = w[:, :-1], w[:, 1:]
         with autocast(device, amp_dtype):
             for state, running in model.rounds(x, halt_threshold=halt_threshold, **depth):
-                rounds += int(running.sum()) if running is not None else y.numel()
+                rounds_run += int(running.sum()) if running is not None else y.numel()
                 if head_accuracy:
                     stop = model.halt(state).squeeze(-1) > 0
                     halt_right += int((stop == (model.lm_head(state).argmax(-1) == y)).sum())
@@ -56,7 +56,7 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     if head_accuracy:
         result["halt_accuracy"] = halt_right / (n_tokens * N_sup)
     if halt_threshold is not None:
-        result.update(rounds_per_token=rounds / n_tokens, recursion_share=rounds / n_tokens / N_sup)
+        result.update(rounds_per_token=rounds_run / n_tokens, recursion_share=rounds_run / n_tokens / N_sup)
     return result
 
 
