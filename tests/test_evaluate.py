@@ -77,3 +77,22 @@ def test_adaptive_scoring_brackets_and_the_halting_accuracy(tiny_sp_model):
         wrong = [(model.lm_head(s).argmax(-1) != windows[:, 1:]).float().mean().item()
                  for s, _ in model.rounds(windows[:, :-1])]
     assert math.isclose(fixed["halt_accuracy"], sum(wrong) / 3, rel_tol=1e-6)
+
+
+def test_evaluate_script_runs_from_the_data_folder(tiny_checkpoint, tmp_path):
+    # the README's relative paths point into the users' data folder: the entry point must work from there
+    data = tmp_path / "validation_0.jsonl.gz"
+    with gzip.open(data, "wt", encoding="utf-8") as f:
+        for t in japanese_lines(30, seed=2):
+            f.write(json.dumps({"text": t, "meta": {}}, ensure_ascii=False) + "\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--model_path", tiny_checkpoint, "--data", data.name,
+           "--eval_tokens", "300"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] > 0
+    bad = subprocess.run([*cmd[:-1], "0"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert bad.returncode == 2 and "--eval_tokens must be at least 1" in bad.stderr
+    help_text = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--help"], capture_output=True, text=True,
+                               cwd=tmp_path, env=env, timeout=120).stdout
+    assert "example" in help_text and help_text.count("(default: 1000000)") == 1

@@ -66,22 +66,33 @@ def main(argv=None):
     from trm.corpus import CorpusStats, iter_texts
     from trm.device import pick_device
 
-    p = argparse.ArgumentParser(description="Score a checkpoint on held-out JSONL.GZ text; prints one JSON object.")
-    p.add_argument("--model_path", required=True)
+    p = argparse.ArgumentParser(
+        description="Score a checkpoint on held-out JSONL.GZ text; prints one JSON object.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="example (from any folder): python /path/to/project/evaluate.py "
+               "--model_path checkpoints_new/final_step_50000.pt --data validation_0.jsonl.gz")
+    p.add_argument("--model_path", required=True, help="a checkpoint written by train_trm_lm.py")
     p.add_argument("--data", nargs="+", required=True, help="JSONL(.GZ) files of held-out documents")
     p.add_argument("--eval_tokens", type=int, default=1_000_000, help="at most this many target tokens")
-    p.add_argument("--seq_len", type=int, default=0, help="window length (default: the model's max_seq_len)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
-    p.add_argument("--text_field", default="text")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--supervision_steps", type=int, default=None)
-    p.add_argument("--deep_steps", type=int, default=None)
-    p.add_argument("--latent_steps", type=int, default=None)
+    p.add_argument("--seq_len", type=int, default=0, help="window length (0 = the model's max_seq_len)")
+    p.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the EMA or the raw weights")
+    p.add_argument("--text_field", default="text", help="JSON field that holds the document")
+    p.add_argument("--device", default="auto", help="auto, cuda, cpu, mps (bf16 autocast where the trainer uses it)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype")
+    p.add_argument("--supervision_steps", type=int, default=None, help="test-time depth (None: as trained)")
+    p.add_argument("--deep_steps", type=int, default=None, help="test-time depth (None: as trained)")
+    p.add_argument("--latent_steps", type=int, default=None, help="test-time depth (None: as trained)")
     p.add_argument("--halt_threshold", type=float, default=None,
                    help="score as adaptive generation runs at this threshold (needs a halting head)")
     args = p.parse_args(argv)
+    bad = [f"--{name} must be at least 1" for name in ("eval_tokens", "batch_size", "supervision_steps", "deep_steps",
+                                                       "latent_steps") if getattr(args, name) is not None and getattr(args, name) < 1]
+    if args.seq_len < 0 or (args.halt_threshold is not None and not 0 <= args.halt_threshold <= 1):
+        bad.append("--seq_len must be >= 0 and --halt_threshold in [0, 1]")
+    if bad:
+        print(f"error: {bad[0]}", file=sys.stderr)
+        return 2
 
     try:
         check_paths(args.data, "data")
