@@ -6,6 +6,7 @@
 
 More GPUs: torchrun --nproc_per_node=N train_trm_lm.py ... (--batch_size is per GPU; the global batch is
 batch_size x grad_accum x N sequences). Resume: add --resume auto (the newest readable checkpoint in --save_dir).
+A --save_dir belongs to one run: a new run there is refused unless --overwrite (which moves the old files aside).
 
 Deep supervision update rule: each step runs all supervision rounds on the batch and takes ONE optimizer step on the
 mean of the rounds' losses. y and z are detached between rounds, so this equals accumulating the rounds' gradients
@@ -14,6 +15,7 @@ learning rate, with no measured gain for language modeling here; see README).
 """
 import argparse
 import contextlib
+import math
 import os
 import random
 import signal
@@ -34,7 +36,7 @@ from trm.evaluate import evaluate
 from trm.flags import check_flags
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
-from trm.run_dir import find_checkpoint
+from trm.run_dir import SaveDirError, load_resumable, open_save_dir, take_ownership
 from trm.schedule import lr_at
 from trm.tokenizer import Tokenizer, TokenizerError
 
@@ -66,6 +68,9 @@ p.add_argument("--log_every", type=int, default=100)
 p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0 = at every evaluation)")
 p.add_argument("--keep_last", type=int, default=0, help="keep only the newest N step_*.pt (0 = keep all)")
 p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --save_dir) or a checkpoint path")
+p.add_argument("--overwrite", action="store_true",
+               help="start a new run in a --save_dir that holds another run's checkpoints: its files are moved to "
+                    "<save_dir>.replaced-<time>/ (nothing is deleted)")
 # model
 p.add_argument("--arch", default="trm", choices=["trm", "gpt"], help="gpt: the same blocks stacked, no recursion")
 p.add_argument("--d_model", type=int, default=256)
@@ -153,30 +158,44 @@ except (TokenizerError, DataError) as e:
 log(f"tokenizer: {args.tokenizer}" + (f" {args.sp_model}" if args.tokenizer == "sentencepiece" else "") +
     f", vocab {tokenizer.vocab_size:,}")
 
-# Resume: the newest readable checkpoint (a truncated one is reported and skipped) or the one named. Settled before
-# the data is built, so that the checkpoint's configuration (its window length too) is the only one.
-ckpt = None
-if args.resume:
+# The save dir is this run's alone (trm/run_dir.py): rank 0 locks it, removes partial files of killed trainers and
+# picks the checkpoint to resume; all of it, and the configuration, is settled before the corpus is tokenized.
+ckpt = ckpt_path = run_id = None
+if master:
     try:
-        ckpt, ckpt_path = find_checkpoint(args.save_dir, args.resume, log)
-    except CheckpointError as e:
+        lock, ckpt, ckpt_path = open_save_dir(args.save_dir, args.resume, log)
+    except (SaveDirError, CheckpointError) as e:
         fail(str(e))
-    if ckpt is None:
-        log(f"--resume auto: no checkpoint in {args.save_dir}, starting from scratch")
-    else:
-        log(f"resuming from {ckpt_path} (step {ckpt['step']})")
-        if ckpt["tokenizer"] and Tokenizer.from_state(ckpt["tokenizer"]).fingerprint() != tokenizer.fingerprint():
-            fail(f"the checkpoint was trained with a different tokenizer than {args.tokenizer} {args.sp_model}")
+if ddp:  # the other ranks load the checkpoint rank 0 chose
+    shared = [ckpt_path]
+    dist.broadcast_object_list(shared)
+    if not master and shared[0] is not None:
+        ckpt_path, ckpt = shared[0], load_resumable(shared[0])
+if args.resume == "auto" and ckpt is None:
+    log(f"--resume auto: no checkpoint in {args.save_dir}, starting from scratch")
+elif ckpt is not None:
+    log(f"resuming from {ckpt_path} (step {ckpt['step']})")
+    if ckpt.get("tokenizer") and Tokenizer.from_state(ckpt["tokenizer"]).fingerprint() != tokenizer.fingerprint():
+        fail(f"the checkpoint was trained with a different tokenizer than {args.tokenizer} {args.sp_model}")
 try:
-    if ckpt is not None:
-        config = TRMConfig(**ckpt["config"])  # the architecture is the checkpoint's, whatever the flags say
-    else:
-        config = TRMConfig(vocab_size=tokenizer.vocab_size, halt_head=args.act_weight > 0,
-                           **{name: getattr(args, name) for name in ARCH_FLAGS})
-except ValueError as e:
+    config = TRMConfig(**ckpt["config"]) if ckpt is not None else \
+        TRMConfig(vocab_size=tokenizer.vocab_size, halt_head=args.act_weight > 0,
+                  **{name: getattr(args, name) for name in ARCH_FLAGS})
+except (ValueError, TypeError) as e:
     fail(str(e))
+for name in ARCH_FLAGS:  # a resumed run keeps its architecture and window length; say so when a flag disagrees
+    given, kept = getattr(args, name), getattr(config, name)
+    if given != kept and given != p.get_default(name):
+        log(f"warning: --{name} {given} ignored: the resumed run keeps its checkpoint's {name} {kept} (a new run, "
+            f"e.g. with --overwrite, can change it)")
+    setattr(args, name, kept)
 if args.act_weight and not (config.halt_head and config.arch == "trm"):
     fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
+if master:
+    try:
+        run_id = take_ownership(args.save_dir, ckpt, ckpt_path, args.resume, args.overwrite, log)
+    except (SaveDirError, OSError) as e:
+        fail(str(e))
 L = config.max_seq_len
 tokens_per_step = args.batch_size * L * args.grad_accum * world_size
 halting = {"act_weight": args.act_weight, "halt_threshold": args.train_halt_threshold}
@@ -255,11 +274,11 @@ peak = peak_flops(device)
 # the run's state and the few things the loop does besides stepping: evaluate, save, check, time
 metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}")
 if master:
-    os.makedirs(args.save_dir, exist_ok=True)
     metrics.start(step if ckpt is not None else None)
 clock = RunClock(ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0,  # --max_minutes counts across resumes
                  args.max_minutes, ddp, master, device)
 save_every = args.save_every or args.eval_every
+saved = [ckpt_path] if ckpt_path else []  # checkpoints written (or resumed from): the newest is what survives a crash
 bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
 loss_sum = torch.zeros((), device=device)
 loss_count = 0
@@ -272,14 +291,32 @@ def checkpoint_state():
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
             "args": vars(args), "tokenizer": tokenizer.to_state(), "metrics": last_eval,
-            "train_seconds": clock.seconds()}
+            "train_seconds": clock.seconds(), "run_id": run_id}
 
 
 def save(name):
+    """Write a checkpoint and prune older ones (never the one just written); a failed write ends the run."""
     path = os.path.join(args.save_dir, name)
-    save_checkpoint(checkpoint_state(), path)
-    prune_checkpoints(args.save_dir, args.keep_last)
+    try:
+        save_checkpoint(checkpoint_state(), path)
+        saved.append(path)
+        for old in prune_checkpoints(args.save_dir, args.keep_last, keep=[path]):
+            log(f"removed {old} (--keep_last {args.keep_last})")
+    except (OSError, CheckpointError) as e:
+        storage_failed(e, path)
     return path
+
+
+def survivor():
+    return f"the last good checkpoint {saved[-1]} is intact" if saved else "no checkpoint of this run was saved yet"
+
+
+def storage_failed(e, path):
+    """Disk full, a read-only or vanished folder: one sentence on what happened and what survived, no traceback."""
+    why = (f"could not write {getattr(e, 'filename', None) or path}: {e.strerror}" if isinstance(e, OSError)
+           and e.strerror else str(e).split(";")[0])
+    fail(f"{why}. Stopped at step {step}; {survivor()}. Free some space (or fix the folder), then continue with "
+         f"--resume auto.", 1)
 
 
 def run_eval():
@@ -295,13 +332,13 @@ def check_finite():
     if ddp:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
-        fail(f"non-finite loss or gradient before step {step}: stopping without saving. The last good checkpoint "
-             f"in {args.save_dir} is intact; try a lower --lr or more --warmup_steps, then --resume auto.", 3)
+        fail(f"non-finite loss or gradient before step {step}: stopping without saving; {survivor()}. Try a lower "
+             f"--lr or more --warmup_steps" + (", then --resume auto." if saved else "."), 3)
 
 
 def optimizer_step(loss):
     """Clip, note a non-finite loss or gradient (checked on log steps, no sync here), step: both update rules."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or math.inf)  # 0: no clip
     bad.logical_or_(~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -401,6 +438,8 @@ try:
                     bar.write(f"saved {save(f'step_{step}.pt')}")
         if clock.should_stop(step, bool(stop_signal)):
             break
+except OSError as e:  # metrics.jsonl or the curves: the same disk as the checkpoints
+    storage_failed(e, args.save_dir)
 except torch.cuda.OutOfMemoryError:
     fail(f"CUDA out of memory at --batch_size {args.batch_size} --max_seq_len {L} --d_model {config.d_model}. "
          f"Reduce --batch_size (e.g. 2 or 1; keep the global batch with --grad_accum), --max_seq_len (e.g. 256) or "
@@ -410,26 +449,27 @@ bar.close()
 # ----------------------------------------------------------------------------------------------------------------
 # the end: a final checkpoint (or an interrupted one), evaluation, summary
 check_finite()
-if stop_signal:
-    if master:
-        path = save(f"step_{step}.pt")
-        log(f"interrupted at step {step}: saved {path}; continue with the same command plus --resume auto")
-else:
-    if master and val_windows is not None:
-        last_eval = run_eval()
-    if master:
-        path = save(f"final_step_{step}.pt")
-        if val_windows is None:
+if master:
+    try:
+        if not stop_signal and val_windows is not None:
+            last_eval = run_eval()
+        path = save(f"step_{step}.pt" if stop_signal else f"final_step_{step}.pt")
+        if not stop_signal and val_windows is None:
             metrics.plot()
+    except OSError as e:
+        storage_failed(e, args.save_dir)
+    if stop_signal:
+        log(f"interrupted at step {step}: saved {path}; continue with the same command plus --resume auto")
+    else:
         minutes = (time.time() - clock.t_start) / 60
         budget = " (the --max_minutes budget ran out)" if clock.out_of_time() else ""
         log(f"done: {step} steps{budget}, {tokens_seen:,} tokens in {minutes:.1f} min ({clock.seconds() / 60:.1f} of "
             f"them training); final checkpoint {path}")
-        if last_eval:
-            log(f"validation (EMA): loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.1f}, "
-                f"{last_eval['bits_per_byte']:.4f} bits/byte" +
-                (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "")
-                + f"; curves in {metrics.curves_path}")
+    if last_eval and not stop_signal:
+        log(f"validation (EMA): loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.1f}, "
+            f"{last_eval['bits_per_byte']:.4f} bits/byte" +
+            (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "")
+            + f"; curves in {metrics.curves_path}")
 if ddp:
     # the others wait for rank 0's evaluation and save: a process group torn down on one side only can abort the
     # other (seen with gloo: "terminate called without an active exception", and torchrun then kills rank 0)

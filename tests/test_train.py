@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trm.checkpoint import load_checkpoint
+from trm.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--tokenizer", "byte", "--d_model", "32", "--n_heads", "2", "--max_seq_len", "32", "--batch_size", "4",
@@ -191,6 +192,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
               "--lr", "1e30", "--grad_clip", "1e30", "--warmup_steps", "0", "--lr_schedule", "constant", check=False)
     assert r.returncode == 3 and "non-finite" in r.stderr, r.stdout + r.stderr
     assert not list(save.glob("step_*.pt")) and (save / "final_step_4.pt").read_bytes() == good
+    assert f"the last good checkpoint {save / 'final_step_4.pt'} is intact" in r.stderr
 
 
 @pytest.mark.slow
@@ -211,3 +213,207 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus,
     assert [s for s, *_ in la] == [s for s, *_ in lb]
     for (_, _, x), (_, _, y) in zip(la, lb):
         assert abs(x - y) < 1e-4
+
+
+# ---- nothing lost, nobody confused (issue 13) -----------------------------------------------------------------------
+
+def run_in_process(capsys, *argv):
+    """The trainer in this process, for checks that end before any work (no torch import per case): (code, out, err)."""
+    saved_argv, sys.argv = sys.argv, ["train_trm_lm.py", *TINY, *argv]
+    try:
+        runpy.run_path(str(ROOT / "train_trm_lm.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = saved_argv
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(r):
+    return len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_run_owns_its_save_dir(corpus, tmp_path):
+    save = tmp_path / "ck"
+    train(corpus, save, "--max_steps", "8", "--eval_every", "4", "--log_every", "4")
+    before = {n: (save / n).read_bytes() for n in ("step_4.pt", "final_step_8.pt", "metrics.jsonl")}
+    # a fresh run in the folder of another run is refused, before any work, and touches nothing
+    r = train(corpus, save, "--max_steps", "6", "--eval_every", "4", check=False)
+    assert r.returncode == 2 and one_line_error(r), r.stderr
+    assert "--resume auto" in r.stderr and "--overwrite" in r.stderr and "token cache" not in r.stdout
+    assert {n: (save / n).read_bytes() for n in before} == before
+    # --overwrite starts over: the old run's files move to a sibling folder, nothing is deleted
+    r = train(corpus, save, "--max_steps", "6", "--eval_every", "4", "--log_every", "2", "--overwrite")
+    aside = [d for d in tmp_path.iterdir() if d.name.startswith("ck.replaced-")]
+    assert len(aside) == 1 and {n: (aside[0] / n).read_bytes() for n in before} == before and str(aside[0]) in r.stdout
+    assert (save / "final_step_6.pt").exists() and not (save / "step_4.pt").read_bytes() == before["step_4.pt"]
+    # --resume auto continues the folder's run: another run's checkpoint is skipped although its step is higher
+    (save / "final_step_8.pt").write_bytes(before["final_step_8.pt"])
+    r = train(corpus, save, "--max_steps", "7", "--eval_every", "4", "--log_every", "1", "--resume", "auto")
+    assert f"resuming from {save / 'final_step_6.pt'}" in r.stdout and "belongs to run" in r.stdout
+    ids = [load_checkpoint(p)["run_id"] for p in (save / "final_step_7.pt", save / "final_step_6.pt",
+                                                  aside[0] / "final_step_8.pt")]
+    assert ids[0] == ids[1] != ids[2] and json.loads((save / "run.json").read_text())["run_id"] == ids[0]
+
+
+@pytest.mark.slow
+def test_resuming_an_earlier_checkpoint_keeps_what_it_writes(corpus, tmp_path):
+    save = tmp_path / "ck"
+    train(corpus, save, "--max_steps", "12", "--eval_every", "4", "--log_every", "4")
+    r = train(corpus, save, "--max_steps", "6", "--eval_every", "5", "--log_every", "5", "--keep_last", "1",
+              "--resume", str(save / "step_4.pt"))
+    # the checkpoint just written survives pruning; the abandoned stretch is kept aside, out of --resume auto's way
+    assert (save / "step_5.pt").exists() and (save / "final_step_6.pt").exists() and not (save / "step_4.pt").exists()
+    assert {p.name for p in (save / "abandoned_after_step_4").iterdir()} == {"step_8.pt", "final_step_12.pt"}
+    r = train(corpus, save, "--max_steps", "7", "--eval_every", "5", "--log_every", "1", "--resume", "auto")
+    assert f"resuming from {save / 'final_step_6.pt'}" in r.stdout
+
+
+def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
+    for n in (2, 8, 9):
+        (tmp_path / f"step_{n}.pt").write_bytes(b"")
+    removed = prune_checkpoints(str(tmp_path), 1, keep=[str(tmp_path / "step_2.pt")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2.pt", "step_9.pt"]
+    assert [os.path.basename(p) for p in removed] == ["step_8.pt"]
+
+
+@pytest.mark.slow
+def test_a_second_live_trainer_is_refused_and_kill_9_leaves_nothing_in_the_way(corpus, tmp_path):
+    save = tmp_path / "ck"
+    cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"],
+           "--valid_paths", corpus["validation_0"], "--save_dir", str(save), "--max_steps", "100000",
+           "--eval_every", "100000", "--log_every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # wait until training is under way
+            if line.startswith("step"):
+                break
+        r = train(corpus, save, "--max_steps", "4", "--resume", "auto", check=False)
+        assert r.returncode == 2 and one_line_error(r) and f"another trainer (pid {proc.pid})" in r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    # kill -9 leaves the lock file (harmless: the kernel dropped the lock) and, had it died mid-save, a partial file
+    dead, live = save / f"step_3.pt.tmp.{proc.pid}", save / f"step_3.pt.tmp.{os.getpid()}"
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"being written")
+    r = train(corpus, save, "--max_steps", "2", "--eval_every", "2", "--log_every", "1", "--resume", "auto")
+    assert (save / ".lock").exists() and (save / "final_step_2.pt").exists()
+    assert not dead.exists() and f"removed {dead}" in r.stdout and live.exists()
+
+
+BAD_FLAGS = [("--grad_clip", "-1", ">= 0 (0 = no clipping)"), ("--lr", "nan", "> 0"), ("--lr", "0", "> 0"),
+             ("--lr", "inf", "> 0"), ("--warmup_steps", "-5", "at least 0"), ("--weight_decay", "-0.1", ">= 0"),
+             ("--weight_decay", "nan", ">= 0"), ("--eval_tokens", "0", "at least 1"),
+             ("--keep_last", "-1", "at least 0"), ("--save_every", "-2", "at least 0"), ("--dropout", "1", "[0, 1)"),
+             ("--ema_decay", "nan", "[0, 1)"), ("--max_minutes", "-1", ">= 0"), ("--max_minutes", "nan", ">= 0"),
+             ("--act_weight", "-0.5", ">= 0"), ("--batch_size", "0", "at least 1"), ("--seed", "-1", "at least 0")]
+
+
+@pytest.mark.parametrize("flag,value,expected", BAD_FLAGS, ids=[f"{f}={v}" for f, v, _ in BAD_FLAGS])
+def test_numeric_flags_are_checked_before_any_work(capsys, tmp_path, flag, value, expected):
+    code, out, err = run_in_process(capsys, "--train_paths", "nowhere.jsonl.gz", "--max_steps", "2",
+                                    "--save_dir", str(tmp_path / "ck"), flag, value)
+    assert code == 2 and f"{flag} must be" in err and expected in err and value in err, err
+    assert "device:" not in out and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.slow
+def test_grad_clip_0_means_no_clipping(corpus, tmp_path):
+    common = ["--max_steps", "6", "--eval_every", "100", "--log_every", "3", "--dropout", "0", "--ema_decay", "0",
+              "--warmup_steps", "1"]
+    train(corpus, tmp_path / "off", *common, "--grad_clip", "0")
+    train(corpus, tmp_path / "huge", *common, "--grad_clip", "1e9")
+    a, b = params(tmp_path / "off" / "final_step_6.pt"), params(tmp_path / "huge" / "final_step_6.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same as a bound never reached: it learns
+    losses = [loss for _, kind, loss in logged_losses(tmp_path / "off") if kind == "train"]
+    assert losses[-1] < losses[0] - 0.3
+
+
+@pytest.mark.slow
+def test_a_torn_last_line_in_metrics_does_not_stop_a_resume(corpus, tmp_path):
+    save = tmp_path / "ck"
+    train(corpus, save, "--max_steps", "4", "--eval_every", "4", "--log_every", "2")
+    with open(save / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "kind": "tra')  # the crash came in the middle of an append
+    r = train(corpus, save, "--max_steps", "6", "--eval_every", "4", "--log_every", "2", "--resume", "auto")
+    assert "dropped 1 unreadable line" in r.stderr
+    assert [(s, k) for s, k, _ in logged_losses(save)] == [(2, "train"), (4, "train"), (4, "eval"), (6, "train"),
+                                                           (6, "eval")]
+
+
+DISK_FULL = """
+import errno, runpy, sys, torch
+real, calls = torch.save, []
+def save(*a, **k):  # the first checkpoint fits, the second finds the disk full
+    calls.append(1)
+    if len(calls) > 1:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(*a, **k)
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_is_one_sentence_and_the_previous_checkpoint_survives(corpus, tmp_path):
+    save = tmp_path / "ck"
+    cmd = [sys.executable, "-c", DISK_FULL, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"],
+           "--valid_paths", corpus["validation_0"], "--save_dir", str(save), "--max_steps", "12", "--eval_every", "4",
+           "--log_every", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and one_line_error(r), r.stderr
+    assert "No space left on device" in r.stderr and f"{save / 'step_4.pt'} is intact" in r.stderr
+    assert load_checkpoint(save / "step_4.pt")["step"] == 4 and not list(save.glob("*.tmp.*"))
+
+
+def test_an_unusable_save_dir_or_checkpoint_is_a_clear_error_before_any_work(corpus, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    r = train(corpus, blocker / "ck", "--max_steps", "2", check=False)
+    assert r.returncode == 2 and one_line_error(r) and "cannot write in --save_dir" in r.stderr
+    assert "token cache" not in r.stdout
+    marker = tmp_path / "marker.pt"  # a file with the format marker and nothing else
+    save_checkpoint({}, str(marker))
+    r = train(corpus, tmp_path / "ck", "--max_steps", "2", "--resume", str(marker), check=False)
+    assert r.returncode == 2 and one_line_error(r) and "cannot be resumed" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_save_dir_is_reported_before_any_work(corpus, tmp_path):
+    save = tmp_path / "ro"
+    save.mkdir()
+    save.chmod(0o555)
+    try:
+        r = train(corpus, save, "--max_steps", "2", "--cache_dir", str(tmp_path / "cache"), check=False)
+    finally:
+        save.chmod(0o755)
+    assert r.returncode == 2 and one_line_error(r) and "cannot write in --save_dir" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_resume_settles_tokenizer_and_architecture_before_the_corpus_is_tokenized(corpus, tmp_path, tiny_sp_model):
+    save = tmp_path / "ck"
+    train(corpus, save, "--max_steps", "2", "--eval_every", "2", "--log_every", "1")
+    r = train(corpus, save, "--resume", "auto", "--tokenizer", "sentencepiece", "--sp_model", tiny_sp_model,
+              check=False)
+    assert r.returncode == 2 and "different tokenizer" in r.stderr and "token cache" not in r.stdout
+    r = train(corpus, tmp_path / "heads", "--n_heads", "3", check=False)
+    assert r.returncode == 2 and "n_heads=3" in r.stderr and "token cache" not in r.stdout
+    # the checkpoint's window length wins over a disagreeing flag, which is told so (the corpus did not change)
+    r = train(corpus, save, "--max_steps", "3", "--eval_every", "3", "--log_every", "1", "--resume", "auto",
+              "--max_seq_len", "16")
+    assert "--max_seq_len 16 ignored" in r.stdout and "corpus changed" not in r.stderr
+    state = load_checkpoint(save / "final_step_3.pt")
+    assert state["config"]["max_seq_len"] == state["args"]["max_seq_len"] == 32 and state["tokens_seen"] == 3 * 4 * 32
+
+
+@pytest.mark.slow
+def test_the_non_finite_stop_says_whether_a_checkpoint_exists(corpus, tmp_path):
+    r = train(corpus, tmp_path / "ck", "--max_steps", "40", "--eval_every", "100", "--log_every", "4", "--lr", "1e30",
+              "--grad_clip", "1e30", "--warmup_steps", "0", "--lr_schedule", "constant", check=False)
+    assert r.returncode == 3 and "no checkpoint of this run was saved yet" in r.stderr and "intact" not in r.stderr

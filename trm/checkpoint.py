@@ -145,13 +145,18 @@ def list_checkpoints(save_dir):
     return sorted(paths, key=lambda p: (checkpoint_step(p), os.path.basename(p).startswith("final")), reverse=True)
 
 
-def prune_checkpoints(save_dir, keep_last):
-    """Delete all but the newest `keep_last` step_N.pt files (final checkpoints are never deleted)."""
+def prune_checkpoints(save_dir, keep_last, keep=()):
+    """Delete all but the newest `keep_last` step_N.pt files (0 = keep all), never those in `keep` (e.g. the one just
+    written, which is not the highest step after resuming from an earlier one) nor a final checkpoint. Returns the
+    deleted paths."""
     if keep_last <= 0:
-        return
+        return []
+    keep = {os.path.abspath(p) for p in keep}
     steps = [p for p in list_checkpoints(save_dir) if os.path.basename(p).startswith("step_")]
-    for p in steps[keep_last:]:
+    removed = [p for p in steps[keep_last:] if os.path.abspath(p) not in keep]
+    for p in removed:
         os.remove(p)
+    return removed
 
 
 def load_model(path, weights="ema", map_location="cpu"):

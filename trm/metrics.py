@@ -1,6 +1,7 @@
 """metrics.jsonl (one JSON object per log or evaluation step) and the training_curves.png drawn from it."""
 import json
 import os
+import sys
 
 import torch
 
@@ -27,10 +28,28 @@ class MetricsLog:
         after (a later, abandoned stretch would otherwise be logged twice)."""
         self.history = []
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                self.history = [h for h in map(json.loads, f) if h["step"] <= resume_step]
-        with open(self.path, "w") as f:
+            self.history = [h for h in self.read() if h["step"] <= resume_step]
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in self.history)
+        os.replace(tmp, self.path)  # a crash here leaves the old log, never an empty one
+
+    def read(self):
+        """The entries on file. A line that does not parse (the trainer died in the middle of appending it) is dropped
+        with a warning rather than making every resume fail."""
+        entries, torn = [], []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    torn.append(n)
+        if torn:
+            print(f"warning: {self.path}: dropped {len(torn)} unreadable line(s) (line {torn[0]}"
+                  f"{', ...' if len(torn) > 1 else ''}), e.g. one cut short by a crash", file=sys.stderr)
+        return [e for e in entries if isinstance(e, dict) and "step" in e]
 
     def append(self, entry):
         self.history.append(entry)

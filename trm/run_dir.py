@@ -1,15 +1,196 @@
-"""The save directory of one training run: which checkpoint a resume continues from."""
-from trm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+"""A save directory belongs to one training run.
+
+Two runs writing into one folder lose work: the second overwrites the first's step_N.pt and metrics.jsonl, and
+`--resume auto` then continues whichever has the higher step number. So:
+- a trainer holds a lock on the folder (`.lock`, fcntl.flock) for its whole life: a second live trainer is refused.
+  The kernel drops the lock when the process ends, even by kill -9, so a stale `.lock` file never blocks anyone;
+- every run has an id, written to `run.json` and into each checkpoint; `--resume auto` continues the folder's run,
+  from its newest readable checkpoint;
+- a fresh run refuses a folder that holds another run's checkpoints unless told `--overwrite`, which moves the old
+  run's files to a sibling folder (`<save_dir>.replaced-<time>/`) rather than deleting them.
+"""
+import fcntl
+import glob
+import json
+import os
+import secrets
+import shutil
+import time
+
+from trm.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, load_checkpoint
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+RUN_FILES = ("run.json", "metrics.jsonl", "training_curves.png", "best.pt")  # a run's files besides its checkpoints
+RESUME_KEYS = ("config", "model", "optimizer", "step", "tokens_seen", "loader", "rng")
+
+
+class SaveDirError(RuntimeError):
+    pass
+
+
+def open_save_dir(save_dir, resume, log):
+    """Rank 0's first look at save_dir: claim it, clear what killed trainers left, find the checkpoint to resume.
+    Returns (lock, checkpoint or None, its path or None)."""
+    lock = claim(save_dir)
+    for path in remove_stale_temp_files(save_dir):
+        log(f"removed {path} (a partial checkpoint of a trainer that was killed while saving)")
+    return (lock, *find_checkpoint(save_dir, resume, log))
+
+
+def claim(save_dir):
+    """Create save_dir, prove it writable and lock it. Returns the open lock file: the lock lasts as long as it stays
+    open (at the latest until the process ends). Raises SaveDirError with a one-line reason."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        probe = os.path.join(save_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+        lock = open(os.path.join(save_dir, LOCK_FILE), "a+")
+    except OSError as e:
+        raise SaveDirError(f"cannot write in --save_dir {save_dir} ({e.strerror or e})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise SaveDirError(f"another trainer{f' (pid {holder})' if holder else ''} is using --save_dir {save_dir}; "
+                           f"wait for it to finish or stop it, or choose another --save_dir") from None
+    except OSError:
+        pass  # a filesystem without locks (some network mounts): train unguarded rather than not at all
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def remove_stale_temp_files(save_dir):
+    """Partial checkpoints (step_N.pt.tmp.PID) left by trainers killed while saving. Called with the lock held, so no
+    other trainer writes here; a file whose process is still alive is left alone all the same."""
+    removed = []
+    for path in glob.glob(os.path.join(save_dir, "*.pt.tmp.*")):
+        pid = path.rsplit(".", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def read_run_id(save_dir):
+    try:
+        with open(os.path.join(save_dir, RUN_FILE)) as f:
+            return json.load(f)["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_resumable(path):
+    """A checkpoint that has what resuming needs (generation-only files lack the optimizer, the data position...)."""
+    state = load_checkpoint(path, map_location="cpu")
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} cannot be resumed: it has no {', '.join(missing)} (not written by "
+                              f"train_trm_lm.py, or written for generation only)")
+    return state
 
 
 def find_checkpoint(save_dir, resume, log):
-    """(checkpoint dict, path) for --resume: 'auto' takes the newest readable checkpoint in save_dir (a damaged one is
-    reported and skipped) and gives (None, None) when there is none; a path must load (CheckpointError otherwise)."""
+    """(checkpoint, path) for --resume, or (None, None) for a fresh run. 'auto' takes the newest readable checkpoint
+    of the run that owns save_dir (a damaged one, or one of another run, is reported and skipped); a path must load
+    (CheckpointError otherwise)."""
+    if not resume:
+        return None, None
     if resume != "auto":
-        return load_checkpoint(resume, map_location="cpu"), resume
+        return load_resumable(resume), resume
+    owner = read_run_id(save_dir)
     for path in list_checkpoints(save_dir):
         try:
-            return load_checkpoint(path, map_location="cpu"), path
+            state = load_resumable(path)
         except CheckpointError as e:
             log(f"warning: skipping {e}")
+            continue
+        if owner and state.get("run_id") not in (None, owner):  # None: written before checkpoints had run ids
+            log(f"warning: skipping {path}: it belongs to run {state['run_id']}, not to {owner} that owns {save_dir}")
+            continue
+        return state, path
     return None, None
+
+
+def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log):
+    """Make save_dir this run's and return the run id: refuse a folder that holds another run's checkpoints (unless
+    `overwrite`: its files are moved to a sibling folder), and after an explicit resume from an earlier checkpoint of
+    this folder, move the later ones aside (into abandoned_after_step_N/), so that --resume auto continues this
+    stretch and not the abandoned one. Raises SaveDirError."""
+    here = list_checkpoints(save_dir)
+    inside = ckpt_path is not None and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), save_dir)
+    run_id = (ckpt.get("run_id") if ckpt is not None else None) or new_run_id()
+    if overwrite and inside:
+        raise SaveDirError(f"--overwrite would move away {ckpt_path}, the checkpoint to resume from; resume without "
+                           f"--overwrite, or copy it elsewhere first")
+    theirs = here and not inside and not (ckpt is not None and read_run_id(save_dir) == run_id)
+    if theirs and not overwrite:
+        found = (f"no readable checkpoint of its run (see the warnings above), only {os.path.basename(here[0])}"
+                 if resume == "auto" else f"another run's checkpoints (newest {os.path.basename(here[0])})")
+        raise SaveDirError(f"--save_dir {save_dir} holds {found}; " +
+                           ("continue it with --resume auto, or " if resume != "auto" else "") +
+                           f"start over with --overwrite (moves its files to {aside_name(save_dir)}/)")
+    if overwrite:
+        moved, dest = move_aside(save_dir)
+        if moved:
+            log(f"--overwrite: moved the previous run's {len(moved)} files ({_size(dest) / 1e9:.2f} GB) to {dest}/ "
+                f"(delete it when you no longer need it)")
+    elif inside and resume != "auto":  # (later files that auto skipped are damaged or another run's: left alone)
+        later = [p for p in here if checkpoint_step(p) > ckpt["step"]]
+        if later:
+            dest = os.path.join(save_dir, f"abandoned_after_step_{ckpt['step']}")
+            os.makedirs(dest, exist_ok=True)
+            for p in later:
+                os.replace(p, os.path.join(dest, os.path.basename(p)))
+            log(f"resuming at step {ckpt['step']}: moved the {len(later)} later checkpoints "
+                f"({', '.join(os.path.basename(p) for p in later[:3])}{', ...' if len(later) > 3 else ''}) to {dest}/")
+    tmp = os.path.join(save_dir, f"{RUN_FILE}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"run_id": run_id, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+    os.replace(tmp, os.path.join(save_dir, RUN_FILE))
+    return run_id
+
+
+def new_run_id():
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def aside_name(save_dir):
+    return os.path.normpath(save_dir) + time.strftime(".replaced-%Y%m%d-%H%M%S")
+
+
+def move_aside(save_dir):
+    """Move a run's files (checkpoints, its logs, abandoned stretches) to a new sibling folder; others stay."""
+    names = [os.path.basename(p) for p in list_checkpoints(save_dir)]
+    names += [n for n in RUN_FILES if os.path.exists(os.path.join(save_dir, n))]
+    names += [os.path.basename(p) for p in glob.glob(os.path.join(save_dir, "abandoned_after_step_*"))]
+    if not names:
+        return [], None
+    dest = aside_name(save_dir)
+    while os.path.exists(dest):
+        dest += "+"
+    os.makedirs(dest)
+    for n in names:
+        shutil.move(os.path.join(save_dir, n), os.path.join(dest, n))
+    return names, dest
+
+
+def _size(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
