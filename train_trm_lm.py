@@ -1,7 +1,7 @@
-"""Step 3: train a Generative TRM on JSONL.GZ files.
+r"""Step 3: train a Generative TRM on JSONL.GZ files.
 
     python train_trm_lm.py --tokenizer sentencepiece --sp_model ja_trm.model \
-        --train_paths train_0.jsonl.gz ... train_10.jsonl.gz --valid_paths validation_0.jsonl.gz \
+        --train_paths train_{0..10}.jsonl.gz --valid_paths validation_0.jsonl.gz \
         --save_dir checkpoints_new --batch_size 4 --max_seq_len 512 --max_steps 50000 --eval_every 500 --log_every 100
 
 More GPUs: torchrun --nproc_per_node=N train_trm_lm.py ... (--batch_size is per GPU; the global batch is
@@ -18,7 +18,7 @@ import contextlib
 import math
 import os
 import random
-import signal
+import shutil
 import sys
 import time
 
@@ -26,94 +26,112 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from trm.checkpoint import CheckpointError, prune_checkpoints, save_checkpoint
+from trm.checkpoint import CheckpointError
 from trm.clock import RunClock
 from trm import depth as depth_schedule
 from trm.data import DataError, PackedLoader, check_paths, eval_windows, load_tokens
 from trm.device import autocast, pick_device
 from trm.ema import EMA
 from trm.evaluate import evaluate
-from trm.flags import check_flags
+from trm.flags import GRAPH_TOKENS, check_flags, choose_compile
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
-from trm.run_dir import SaveDirError, load_resumable, open_save_dir, take_ownership
-from trm.schedule import lr_at
+from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, take_ownership
+from trm.schedule import budget_warning, lr_at, warmup_warning
 from trm.tokenizer import Tokenizer, TokenizerError
 
 # the flags that make the architecture: a resumed run keeps the checkpoint's values
 ARCH_FLAGS = ("arch", "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps", "dropout",
               "max_seq_len", "grad_deep_steps", "single_stream")
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The epilog's layout as written; each flag's default shown once (appended unless its help already says it)."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
+                            epilog="example (the procedure's step 3):\n" + __doc__.split("\n\n")[1])
 # data and tokenizer (the procedure's flags)
-p.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "byte"])
-p.add_argument("--sp_model", default="ja_trm.model")
-p.add_argument("--train_paths", nargs="+", default=[f"train_{i}.jsonl.gz" for i in range(11)])
-p.add_argument("--valid_paths", nargs="*", default=["validation_0.jsonl.gz"])
-p.add_argument("--text_field", default="text")
-p.add_argument("--save_dir", default="checkpoints_new")
-p.add_argument("--cache_dir", default=None, help="token cache (default: token_cache/ beside --save_dir)")
+p.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "byte"],
+               help="byte: raw UTF-8 bytes, no model file")
+p.add_argument("--sp_model", default="ja_trm.model", help="the SentencePiece model of step 2")
+p.add_argument("--train_paths", nargs="+", default=[f"train_{i}.jsonl.gz" for i in range(11)],
+               help="training JSONL.GZ files (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
+p.add_argument("--valid_paths", nargs="*", default=["validation_0.jsonl.gz"],
+               help="validation files; none: no evaluation (default: validation_0.jsonl.gz)")
+p.add_argument("--text_field", default="text", help="the JSON field holding each document's text")
+p.add_argument("--save_dir", default="checkpoints_new",
+               help="checkpoints, metrics.jsonl, training_curves.png; one run's alone (see --overwrite)")
+p.add_argument("--cache_dir", default=None, help="token cache folder (default: token_cache/ beside --save_dir)")
 p.add_argument("--num_workers", type=int, default=0, help="tokenizer threads for the token cache (0 = all cores)")
 # schedule and logging
 p.add_argument("--batch_size", type=int, default=4, help="sequences per GPU per micro-step")
 p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-p.add_argument("--max_seq_len", type=int, default=512)
-p.add_argument("--max_steps", type=int, default=50000)
+p.add_argument("--max_seq_len", type=int, default=512, help="tokens per window (a resumed run keeps its own)")
+p.add_argument("--max_steps", type=int, default=50000, help="optimizer steps of the whole run")
 p.add_argument("--max_minutes", type=float, default=0,
                help="also stop after this many minutes of training (evaluation and saving not counted; 0 = off); "
                     "the lr schedule then follows whichever of steps or minutes runs out first")
-p.add_argument("--eval_every", type=int, default=500)
+p.add_argument("--eval_every", type=int, default=500, help="evaluate the EMA weights every N steps")
 p.add_argument("--eval_tokens", type=int, default=262144, help="validation target tokens per evaluation")
-p.add_argument("--log_every", type=int, default=100)
+p.add_argument("--log_every", type=int, default=100, help="a log line every N steps")
 p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0 = at every evaluation)")
-p.add_argument("--keep_last", type=int, default=0, help="keep only the newest N step_*.pt (0 = keep all)")
-p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --save_dir) or a checkpoint path")
+p.add_argument("--keep_last", type=int, default=3,
+               help="keep the newest N step_N.pt (0 = keep all); final_step_N.pt and best.pt (lowest validation loss) "
+                    "are always kept, and the checkpoint just written")
+p.add_argument("--resume", default=None,
+               help="'auto': the newest checkpoint of the run in --save_dir; or a checkpoint path (default: a new run)")
 p.add_argument("--overwrite", action="store_true",
                help="start a new run in a --save_dir that holds another run's checkpoints: its files are moved to "
                     "<save_dir>.replaced-<time>/ (nothing is deleted)")
 # model
 p.add_argument("--arch", default="trm", choices=["trm", "gpt"], help="gpt: the same blocks stacked, no recursion")
-p.add_argument("--d_model", type=int, default=256)
-p.add_argument("--n_heads", type=int, default=4)
-p.add_argument("--n_layers", type=int, default=2)
-p.add_argument("--latent_steps", type=int, default=2)
-p.add_argument("--deep_steps", type=int, default=2)
-p.add_argument("--supervision_steps", type=int, default=2)
-p.add_argument("--dropout", type=float, default=0.1)
+p.add_argument("--d_model", type=int, default=256, help="width of the hidden states")
+p.add_argument("--n_heads", type=int, default=4, help="attention heads (d_model / n_heads must be even)")
+p.add_argument("--n_layers", type=int, default=2, help="transformer blocks in the recursive net")
+p.add_argument("--latent_steps", type=int, default=2, help="n: z updates per latent recursion")
+p.add_argument("--deep_steps", type=int, default=2, help="T: latent recursions per deep recursion")
+p.add_argument("--supervision_steps", type=int, default=2, help="N_sup: deep supervision rounds, each with a loss")
+p.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
 p.add_argument("--grad_deep_steps", type=int, default=1,
                help="deep steps per supervision round that backpropagate, the last ones (the paper: 1; 0 = all)")
 p.add_argument("--single_stream", action="store_true",
                help="one latent state instead of the answer y and the latent z (same net calls; a variant)")
 # optimizer
-p.add_argument("--lr", type=float, default=3e-4)
-p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"])
-p.add_argument("--weight_decay", type=float, default=0.01)
-p.add_argument("--warmup_steps", type=int, default=500)
-p.add_argument("--grad_clip", type=float, default=1.0)
-p.add_argument("--ema_decay", type=float, default=0.995, help="0 disables the EMA")
+p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"],
+               help="after warm-up: decay to 10%% of --lr, or constant")
+p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay of the weight matrices")
+p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up to --lr over N steps")
+p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
+p.add_argument("--ema_decay", type=float, default=0.995, help="EMA of the weights, evaluated and saved (0 = none)")
 p.add_argument("--random_depth", nargs="?", const="all", default=None, choices=["all", "deep"],
                help="draw the depth every step (seeded), so the model also works at depths it was not trained at. "
                     "all (the flag alone): latent_steps in 1..2n, deep_steps in 1..2T and supervision_steps in 1..2N "
                     "(no compile); deep: deep_steps in 1..2T only, compiled (one graph per depth)")
 p.add_argument("--depth_warmup", type=float, default=0.0,
-               help="train with one deep step per round for this fraction of the run, then the full depth")
+               help="train with one deep step per round for this fraction of the run, then the full depth (0 = off)")
 p.add_argument("--act_weight", type=float, default=0.0,
-               help="train a per-token halting head with this weight on its loss (0 = no head); it predicts whether a "
-                    "round's argmax is already right, for generate.py --halt_threshold")
+               help="weight of a per-token halting head's loss (0 = no head), for generate.py --halt_threshold")
 p.add_argument("--train_halt_threshold", type=float, default=None,
-               help="train with adaptive depth (needs --act_weight): tokens stop their rounds once the halting head's "
-                    "probability exceeds this, as in generate.py --halt_threshold, so the deeper rounds learn to read "
-                    "stopped tokens (no compile)")
+               help="train with adaptive depth (needs --act_weight): a token stops its rounds once the halting head's "
+                    "probability exceeds this, as in generate.py --halt_threshold (default: off)")
 p.add_argument("--sup_update", default="mean", choices=["mean", "each"],
-               help="deep supervision: one optimizer step on the mean of the rounds' losses (mean), or one step "
-                    "after every round as in the paper (each; single process, no compile)")
+               help="one optimizer step on the mean of the rounds' losses, or one after each round as in the paper "
+                    "(one process, not compiled)")
 # system
-p.add_argument("--device", default="auto", help="auto, cuda, cpu, mps")
-p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu or mps")
+p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+               help="auto: bf16 autocast on GPUs that have it, else fp32")
 p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs"],
-               help="torch.compile (auto: on CUDA); graphs: also CUDA graphs (mode reduce-overhead), for small batches")
-p.add_argument("--seed", type=int, default=1337)
+               help="torch.compile; graphs: with CUDA graphs (mode reduce-overhead); auto: on CUDA, with graphs when "
+                    f"a micro-step has <= {GRAPH_TOKENS} tokens (launch-bound), and the choice is logged")
+p.add_argument("--seed", type=int, default=1337, help="weights, data order, dropout")
 args = p.parse_args()
+t_process = time.time()  # the wall clock of the summary line
 sys.stdout.reconfigure(line_buffering=True)  # log lines reach `> train.log` as they happen, not in 8 KB blocks
 
 
@@ -141,10 +159,12 @@ if ddp:
 
 def log(msg):
     if master:
-        print(msg, flush=True)
+        tqdm.write(msg)  # above the progress bar, when there is one
 
 
 log(f"device: {device} ({device_why})" + (f", {world_size} processes" if ddp else ""))
+if warning := warmup_warning(args.lr, args.warmup_steps, args.max_steps):
+    log(f"warning: {warning}")
 if device.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -160,17 +180,11 @@ log(f"tokenizer: {args.tokenizer}" + (f" {args.sp_model}" if args.tokenizer == "
 
 # The save dir is this run's alone (trm/run_dir.py): rank 0 locks it, removes partial files of killed trainers and
 # picks the checkpoint to resume; all of it, and the configuration, is settled before the corpus is tokenized.
-ckpt = ckpt_path = run_id = None
-if master:
-    try:
-        lock, ckpt, ckpt_path = open_save_dir(args.save_dir, args.resume, log)
-    except (SaveDirError, CheckpointError) as e:
-        fail(str(e))
-if ddp:  # the other ranks load the checkpoint rank 0 chose
-    shared = [ckpt_path]
-    dist.broadcast_object_list(shared)
-    if not master and shared[0] is not None:
-        ckpt_path, ckpt = shared[0], load_resumable(shared[0])
+run_id = None
+try:
+    lock, ckpt, ckpt_path = open_save_dir(args.save_dir, args.resume, log, ddp, master)
+except (SaveDirError, CheckpointError) as e:
+    fail(str(e))
 if args.resume == "auto" and ckpt is None:
     log(f"--resume auto: no checkpoint in {args.save_dir}, starting from scratch")
 elif ckpt is not None:
@@ -231,6 +245,10 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_dec
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
+checkpoint_bytes = 4 * model.num_params() * (4 if ema is not None else 3)  # fp32 weights, Adam's 2 moments, EMA
+n_kept = args.keep_last + 2 if args.keep_last else args.max_steps // (args.save_every or args.eval_every) + 1
+if master and (warning := disk_warning(args.save_dir, shutil.disk_usage(args.save_dir).free, checkpoint_bytes, n_kept)):
+    log(f"warning: {warning}")
 step, tokens_seen, last_eval = 0, 0, None
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
@@ -250,11 +268,12 @@ else:
     random.seed(args.seed + rank)
 
 raw_model = model  # what gets saved, evaluated and sampled; never the compiled or DDP wrapper
-# Not compiled: the paper's update rule (an optimizer step inside the forward pass), random depth (a new graph
-# for every depth drawn) and adaptive depth in training (data-dependent stopping)
-use_compile = (args.compile in ("on", "graphs") or (args.compile == "auto" and device.type == "cuda")) \
-    and args.sup_update == "mean" and args.random_depth != "all" and args.train_halt_threshold is None
-cuda_graphs = args.compile == "graphs" and device.type == "cuda"
+not_compilable = ("--sup_update each steps the optimizer inside the forward pass" if args.sup_update == "each" else
+                  "--random_depth makes a new graph for every depth drawn" if args.random_depth == "all" else
+                  "--train_halt_threshold stops tokens depending on the data" if args.train_halt_threshold is not None
+                  else None)
+use_compile, cuda_graphs, why = choose_compile(args.compile, device.type, args.batch_size * L, not_compilable)
+log(f"compile: {why}")
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     # the buffers (initial states, rotary tables) are constants: no need to broadcast them every forward
@@ -278,7 +297,7 @@ if master:
 clock = RunClock(ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0,  # --max_minutes counts across resumes
                  args.max_minutes, ddp, master, device)
 save_every = args.save_every or args.eval_every
-saved = [ckpt_path] if ckpt_path else []  # checkpoints written (or resumed from): the newest is what survives a crash
+run_dir = RunDir(args.save_dir, args.keep_last, log, ckpt_path, ckpt.get("best") if ckpt is not None else None)
 bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
 loss_sum = torch.zeros((), device=device)
 loss_count = 0
@@ -294,29 +313,12 @@ def checkpoint_state():
             "train_seconds": clock.seconds(), "run_id": run_id}
 
 
-def save(name):
-    """Write a checkpoint and prune older ones (never the one just written); a failed write ends the run."""
-    path = os.path.join(args.save_dir, name)
+def save(name, quiet=False):
+    evaluated = last_eval is not None and last_eval["step"] == step  # these very weights were just evaluated
     try:
-        save_checkpoint(checkpoint_state(), path)
-        saved.append(path)
-        for old in prune_checkpoints(args.save_dir, args.keep_last, keep=[path]):
-            log(f"removed {old} (--keep_last {args.keep_last})")
-    except (OSError, CheckpointError) as e:
-        storage_failed(e, path)
-    return path
-
-
-def survivor():
-    return f"the last good checkpoint {saved[-1]} is intact" if saved else "no checkpoint of this run was saved yet"
-
-
-def storage_failed(e, path):
-    """Disk full, a read-only or vanished folder: one sentence on what happened and what survived, no traceback."""
-    why = (f"could not write {getattr(e, 'filename', None) or path}: {e.strerror}" if isinstance(e, OSError)
-           and e.strerror else str(e).split(";")[0])
-    fail(f"{why}. Stopped at step {step}; {survivor()}. Free some space (or fix the folder), then continue with "
-         f"--resume auto.", 1)
+        return run_dir.save(checkpoint_state(), name, last_eval["loss"] if evaluated else None, quiet)
+    except SaveDirError as e:
+        fail(str(e), 1)
 
 
 def run_eval():
@@ -327,13 +329,23 @@ def run_eval():
     return result
 
 
+said = set()  # the keys of the one-time warnings already given
+
+
+def say_once(key, text):
+    """A warning or hint worth one line, not one per evaluation or log step."""
+    if text and key not in said:
+        said.add(key)
+        log(text if text.startswith("note") else f"warning: {text}")
+
+
 def check_finite():
     """Stop before a non-finite loss or gradient reaches a checkpoint (the last good one stays intact)."""
     if ddp:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
-        fail(f"non-finite loss or gradient before step {step}: stopping without saving; {survivor()}. Try a lower "
-             f"--lr or more --warmup_steps" + (", then --resume auto." if saved else "."), 3)
+        fail(f"non-finite loss or gradient before step {step}: stopping without saving; {run_dir.survivor()}. Try a "
+             f"lower --lr or more --warmup_steps" + (", then --resume auto." if run_dir.saved else "."), 3)
 
 
 def optimizer_step(loss):
@@ -351,25 +363,15 @@ def next_batch():
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-stop_signal = []  # Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once.
-
-
-def on_signal(signum, frame):
-    if stop_signal:
-        raise KeyboardInterrupt
-    stop_signal.append(signum)
-    log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to abort)")
-
-
-for signum in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(signum, on_signal)
+clock.catch_signals(log)
 
 # ----------------------------------------------------------------------------------------------------------------
 # training loop
 bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", disable=not master or None,
            dynamic_ncols=True, leave=False)
 clock.start()
-seconds_at_log, tokens_at_log, steps_at_log = 0.0, tokens_seen, step
+start_step = step
+seconds_at_log, tokens_at_log, steps_at_log, seconds_at_eval = 0.0, tokens_seen, step, 0.0
 model.train()
 try:
     while step < args.max_steps and not clock.out_of_time():
@@ -418,28 +420,38 @@ try:
             tok_s = (tokens_seen - tokens_at_log) / dt
             mfu = flops_per_step * (step - steps_at_log) / dt / world_size / peak if peak else None
             eta = min((args.max_steps - step) * dt / max(step - steps_at_log, 1), clock.budget_left())
+            if args.max_minutes and steps_at_log > start_step:  # (not from the first window: it holds compilation)
+                say_once("budget", budget_warning(step, args.warmup_steps, (step - steps_at_log) / dt,
+                                                  clock.budget_left()))
             seconds_at_log, tokens_at_log, steps_at_log = clock.session_seconds(), tokens_seen, step
             if master:
                 metrics.append({"step": step, "kind": "train", "loss": train_loss, "lr": lr, "tok_s": tok_s,
                                 "tokens_seen": tokens_seen, "epoch": loader.epoch})
-                bar.write(f"step {step:>6}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                log(f"step {step:>6}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                           f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "") +
                           f" | epoch {loader.epoch:.2f} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
         if master and val_windows is not None and step % args.eval_every == 0 and step < args.max_steps:
+            trained = clock.session_seconds() - seconds_at_eval
             with clock.pause():  # evaluation time is neither training throughput nor --max_minutes
                 last_eval = r = run_eval()
-            bar.write(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
+            seconds_at_eval = clock.session_seconds()
+            log(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
                       f"{r['bits_per_byte']:.4f} bits/byte" +
                       (f" | halting head accuracy {r['halt_accuracy']:.3f}" if "halt_accuracy" in r else ""))
+            if device.type == "cpu" and clock.last_pause > trained:
+                say_once("eval", f"note: an evaluation takes {clock.last_pause:.1f} s here, more than the "
+                                 f"{trained:.1f} s of training between two; fewer --eval_tokens (now "
+                                 f"{args.eval_tokens:,}) or a larger --eval_every (now {args.eval_every:,}) leaves "
+                                 f"more of the time to training")
         if step % save_every == 0 and step < args.max_steps:
             check_finite()
             if master:
                 with clock.pause():
-                    bar.write(f"saved {save(f'step_{step}.pt')}")
-        if clock.should_stop(step, bool(stop_signal)):
+                    save(f"step_{step}.pt")
+        if clock.should_stop(step):
             break
 except OSError as e:  # metrics.jsonl or the curves: the same disk as the checkpoints
-    storage_failed(e, args.save_dir)
+    fail(run_dir.failure(e, args.save_dir, step), 1)
 except torch.cuda.OutOfMemoryError:
     fail(f"CUDA out of memory at --batch_size {args.batch_size} --max_seq_len {L} --d_model {config.d_model}. "
          f"Reduce --batch_size (e.g. 2 or 1; keep the global batch with --grad_accum), --max_seq_len (e.g. 256) or "
@@ -449,23 +461,27 @@ bar.close()
 # ----------------------------------------------------------------------------------------------------------------
 # the end: a final checkpoint (or an interrupted one), evaluation, summary
 check_finite()
+interrupted = clock.stop_requested
 if master:
     try:
-        if not stop_signal and val_windows is not None:
-            last_eval = run_eval()
-        path = save(f"step_{step}.pt" if stop_signal else f"final_step_{step}.pt")
-        if not stop_signal and val_windows is None:
-            metrics.plot()
+        with clock.pause():
+            if not interrupted and val_windows is not None:
+                last_eval = run_eval()
+            path = save(f"step_{step}.pt" if interrupted else f"final_step_{step}.pt", quiet=True)
+            if not interrupted and val_windows is None:
+                metrics.plot()
     except OSError as e:
-        storage_failed(e, args.save_dir)
-    if stop_signal:
+        fail(run_dir.failure(e, args.save_dir, step), 1)
+    if interrupted:
         log(f"interrupted at step {step}: saved {path}; continue with the same command plus --resume auto")
-    else:
-        minutes = (time.time() - clock.t_start) / 60
+    else:  # this process's minutes; a resumed run adds its earlier sessions' training minutes
+        wall, trained = (time.time() - t_process) / 60, clock.session_seconds() / 60
         budget = " (the --max_minutes budget ran out)" if clock.out_of_time() else ""
-        log(f"done: {step} steps{budget}, {tokens_seen:,} tokens in {minutes:.1f} min ({clock.seconds() / 60:.1f} of "
-            f"them training); final checkpoint {path}")
-    if last_eval and not stop_signal:
+        session = (f"in {wall:.1f} min ({trained:.1f} of them training)" if ckpt is None else
+                   f"({step - start_step} in this session: {wall:.1f} min, {trained:.1f} of them training; "
+                   f"{clock.seconds() / 60:.1f} min of training in all)")
+        log(f"done: {step} steps{budget} {session}, {tokens_seen:,} tokens; final checkpoint {path}")
+    if last_eval and not interrupted:
         log(f"validation (EMA): loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.1f}, "
             f"{last_eval['bits_per_byte']:.4f} bits/byte" +
             (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "")

@@ -47,8 +47,9 @@ rows = []
 
 def run_trainer(name, flags):
     log_every = max(10, args.steps // 5)
+    save_dir = os.path.join(work, "ck_" + re.sub(r"\W+", "_", name))  # a save dir per run: each one owns its own
     cmd = [sys.executable, os.path.join(ROOT, "train_trm_lm.py"), "--sp_model", args.sp_model,
-           "--train_paths", *train_paths, "--valid_paths", valid, "--save_dir", os.path.join(work, "ck"),
+           "--train_paths", *train_paths, "--valid_paths", valid, "--save_dir", save_dir,
            "--max_steps", str(args.steps), "--eval_every", str(10 ** 9), "--log_every", str(log_every),
            "--cache_dir", os.path.join(work, "token_cache"), *flags, *args.extra]
     t0 = time.time()

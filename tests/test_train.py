@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -417,3 +418,77 @@ def test_the_non_finite_stop_says_whether_a_checkpoint_exists(corpus, tmp_path):
     r = train(corpus, tmp_path / "ck", "--max_steps", "40", "--eval_every", "100", "--log_every", "4", "--lr", "1e30",
               "--grad_clip", "1e30", "--warmup_steps", "0", "--lr_schedule", "constant", check=False)
     assert r.returncode == 3 and "no checkpoint of this run was saved yet" in r.stderr and "intact" not in r.stderr
+
+
+# ---- the user's own run (issue 14) ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_checkpoints_are_pruned_by_default_keeping_best_final_and_the_newest_three(corpus, tmp_path):
+    save = tmp_path / "ck"
+    r = train(corpus, save, "--max_steps", "10", "--eval_every", "2", "--log_every", "2")
+    assert sorted(p.name for p in save.glob("*.pt")) == ["best.pt", "final_step_10.pt", "step_4.pt", "step_6.pt",
+                                                         "step_8.pt"]
+    assert f"removed {save / 'step_2.pt'}" in r.stdout and "compile: --compile auto: not compiled on cpu" in r.stdout
+    # best.pt: the checkpoint with the lowest validation loss, a second name for its file (no second copy on disk)
+    evals = {s: loss for s, kind, loss in logged_losses(save) if kind == "eval"}
+    best = min(evals, key=evals.get)
+    assert load_checkpoint(save / "best.pt")["step"] == best
+    same = save / (f"final_step_{best}.pt" if best == 10 else f"step_{best}.pt")
+    assert (save / "best.pt").stat().st_ino == same.stat().st_ino
+    same.unlink()  # as pruning would: best.pt stays
+    assert load_checkpoint(save / "best.pt")["step"] == best
+    r = train(corpus, tmp_path / "all", "--max_steps", "6", "--eval_every", "2", "--log_every", "2", "--keep_last", "0")
+    assert {"step_2.pt", "step_4.pt", "final_step_6.pt"} <= {p.name for p in (tmp_path / "all").iterdir()}
+    assert "removed" not in r.stdout
+
+
+def test_compile_auto_takes_cuda_graphs_for_launch_bound_steps():
+    from trm.flags import choose_compile
+    assert choose_compile("auto", "cuda", 4 * 512)[:2] == (True, True)  # the procedure's batch: launch-bound
+    assert "launch-bound" in choose_compile("auto", "cuda", 4 * 512)[2]
+    assert choose_compile("auto", "cuda", 16 * 512)[:2] == (True, True)
+    assert choose_compile("auto", "cuda", 64 * 512)[:2] == (True, False)  # compute-bound: plain compile
+    assert choose_compile("auto", "cpu", 4 * 512)[:2] == (False, False)
+    assert choose_compile("auto", "cuda", 4 * 512, "--sup_update each steps inside")[:2] == (False, False)
+    assert choose_compile("graphs", "cuda", 64 * 512)[:2] == (True, True)
+    assert choose_compile("on", "cuda", 4 * 512)[:2] == (True, False)
+    assert choose_compile("off", "cuda", 4 * 512)[:2] == (False, False)
+
+
+def test_warnings_that_save_a_run(capsys, tmp_path):
+    from trm.run_dir import disk_warning
+    from trm.schedule import budget_warning, warmup_warning
+    code, out, _ = run_in_process(capsys, "--train_paths", "nowhere.jsonl.gz", "--save_dir", str(tmp_path / "ck"),
+                                  "--warmup_steps", "10", "--max_steps", "4")
+    assert "warning: --warmup_steps 10 >= --max_steps 4" in out and "never reached" in out
+    assert "only at the last step" in warmup_warning(3e-4, 500, 500) and warmup_warning(3e-4, 500, 501) is None
+    # the time budget ends before the warm-up: 2 steps/s for 60 s more reach step 130 of 500
+    assert "near step 130" in budget_warning(10, 500, 2.0, 60) and budget_warning(10, 100, 2.0, 60) is None
+    # the procedure's run kept every checkpoint: 101 of 157 MB need 15.9 GB
+    assert "15.9 GB" in disk_warning("ck", 10e9, 157e6, 101) and disk_warning("ck", 10e9, 157e6, 5) is None
+
+
+@pytest.mark.slow
+def test_the_summary_line_adds_up_and_a_costly_evaluation_is_pointed_out(corpus, tmp_path):
+    save = tmp_path / "ck"
+    r = train(corpus, save, "--max_steps", "4", "--eval_every", "1", "--eval_tokens", "4096", "--log_every", "2")
+    wall, trained = map(float, re.search(r"done: 4 steps in ([\d.]+) min \(([\d.]+) of them training\)",
+                                         r.stdout).groups())
+    assert trained <= wall
+    assert r.stdout.count("note: an evaluation takes") == 1 and "--eval_tokens (now 4,096)" in r.stdout
+    state = load_checkpoint(save / "final_step_4.pt")
+    state["train_seconds"] = 600.0  # ten minutes of training in earlier sessions
+    save_checkpoint(state, str(save / "final_step_4.pt"))
+    r = train(corpus, save, "--max_steps", "6", "--eval_every", "6", "--log_every", "2", "--resume", "auto")
+    m = re.search(r"done: 6 steps \(2 in this session: ([\d.]+) min, ([\d.]+) of them training; ([\d.]+) min of "
+                  r"training in all\)", r.stdout)
+    assert m and float(m[2]) <= float(m[1]) < 10 <= float(m[3]), r.stdout
+
+
+def test_help_shows_each_default_once_and_ends_with_an_example(capsys):
+    code, out, _ = run_in_process(capsys, "--help")
+    assert code == 0
+    options = out.split("options:\n", 1)[1].split("\n\n")[0]
+    for block in re.split(r"\n  (?=--)", options)[1:]:  # (the first is -h)
+        assert block.count("(default") == 1, block
+    assert out.rstrip().splitlines()[-3].strip().startswith("python train_trm_lm.py --tokenizer sentencepiece")

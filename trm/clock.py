@@ -1,10 +1,11 @@
-"""The run clock: seconds spent training (evaluation and saving excluded), across resumes, and the --max_minutes
-budget those seconds are counted against.
+"""The run clock: seconds spent training (evaluation and saving excluded), across resumes, the --max_minutes budget
+those seconds are counted against, and the other reason to stop early, Ctrl-C or SIGTERM.
 
 Under DDP every rank must use the same lr and leave the loop at the same step, so the budget's progress and a stop
 request are agreed on (rank 0's clock, any rank's signal) every `agree_every` steps rather than read locally.
 """
 import contextlib
+import signal
 import time
 
 import torch
@@ -17,7 +18,8 @@ class RunClock:
         self.budget = 60 * max_minutes        # seconds; 0 = no budget
         self.ddp, self.master, self.device, self.agree_every = ddp, master, device, agree_every
         self.t_start = time.time()
-        self.paused = 0.0
+        self.paused = self.last_pause = 0.0
+        self.stop_requested = None  # the name of the signal received
         self.budget_frac = seconds_before / self.budget if self.budget else 0.0  # the same on every rank
 
     def start(self):
@@ -42,17 +44,29 @@ class RunClock:
         try:
             yield
         finally:
-            self.paused += time.time() - t
+            self.last_pause = time.time() - t
+            self.paused += self.last_pause
 
-    def should_stop(self, step, stop_requested):
+    def catch_signals(self, log):
+        """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
+        def on_signal(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = signal.Signals(signum).name
+            log(f"\n{self.stop_requested} received: saving a checkpoint after this step (again to abort)")
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
+
+    def should_stop(self, step):
         """True when every rank should leave the loop now: a signal was received or the budget is spent."""
         frac = self.seconds() / self.budget if self.budget else 0.0
         if not self.ddp:
             self.budget_frac = frac
-            return stop_requested or self.out_of_time()
+            return bool(self.stop_requested) or self.out_of_time()
         if step % self.agree_every:
             return False
-        shared = torch.tensor([float(stop_requested), frac if self.master else 0.0], device=self.device)
+        shared = torch.tensor([float(bool(self.stop_requested)), frac if self.master else 0.0], device=self.device)
         dist.all_reduce(shared, op=dist.ReduceOp.MAX)
         self.budget_frac = shared[1].item()
         return shared[0].item() > 0 or self.out_of_time()

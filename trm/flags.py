@@ -1,4 +1,5 @@
-"""The trainer's flags, checked before any work starts: a bad value is one line naming the flag and its range.
+"""The trainer's flags: checked before any work starts (a bad value is one line naming the flag and its range), and
+what --compile auto resolves to.
 
 Every number is checked, because each wrong one fails late or silently: --grad_clip -1 trains uphill, --lr nan
 trains nothing, a negative --keep_last deletes checkpoints.
@@ -40,3 +41,30 @@ def check_flags(args, world_size=1):
     if args.overwrite and args.resume == "auto":
         return "--overwrite starts a new run and --resume auto continues the old one: choose one"
     return None
+
+
+# Tokens per micro-step up to which a CUDA step is launch-bound: at the procedure's batch 4 x 512 = 2,048 the GPU waits
+# on kernel launches, and CUDA graphs (one launch per step) ran 6x faster on an H100; at 64 x 512 plain torch.compile
+# is compute-bound and graphs only cost memory (BENCHMARKS.md, step 3 speed).
+GRAPH_TOKENS = 8192
+
+
+def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable=None):
+    """(torch.compile?, CUDA graphs?, why) for --compile auto|on|off|graphs. not_compilable: why this run's step cannot
+    be compiled (e.g. an optimizer step inside the forward pass), or None."""
+    if requested == "off":
+        return False, False, "--compile off"
+    if not_compilable:
+        return False, False, f"not compiled: {not_compilable}"
+    if requested == "on":
+        return True, False, "--compile on"
+    if requested == "graphs":
+        graphs = device_type == "cuda"
+        return True, graphs, "--compile graphs" + ("" if graphs else f" (no CUDA graphs on {device_type})")
+    if device_type != "cuda":
+        return False, False, f"--compile auto: not compiled on {device_type}"
+    if tokens_per_micro_step <= GRAPH_TOKENS:
+        return True, True, (f"--compile auto: CUDA graphs, as {tokens_per_micro_step:,} tokens per micro-step <= "
+                            f"{GRAPH_TOKENS:,} make the step launch-bound")
+    return True, False, (f"--compile auto: torch.compile without CUDA graphs, as {tokens_per_micro_step:,} tokens per "
+                         f"micro-step > {GRAPH_TOKENS:,} make the step compute-bound")

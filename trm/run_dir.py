@@ -12,12 +12,16 @@ Two runs writing into one folder lose work: the second overwrites the first's st
 import fcntl
 import glob
 import json
+import math
 import os
 import secrets
 import shutil
 import time
 
-from trm.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, load_checkpoint
+import torch.distributed as dist
+
+from trm.checkpoint import (CheckpointError, checkpoint_step, list_checkpoints, load_checkpoint, prune_checkpoints,
+                            save_checkpoint)
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -29,13 +33,21 @@ class SaveDirError(RuntimeError):
     pass
 
 
-def open_save_dir(save_dir, resume, log):
-    """Rank 0's first look at save_dir: claim it, clear what killed trainers left, find the checkpoint to resume.
-    Returns (lock, checkpoint or None, its path or None)."""
-    lock = claim(save_dir)
-    for path in remove_stale_temp_files(save_dir):
-        log(f"removed {path} (a partial checkpoint of a trainer that was killed while saving)")
-    return (lock, *find_checkpoint(save_dir, resume, log))
+def open_save_dir(save_dir, resume, log, ddp=False, master=True):
+    """Rank 0 claims save_dir, clears what killed trainers left there and finds the checkpoint to resume; the other
+    ranks load the one it found. Returns (lock or None, checkpoint or None, its path or None)."""
+    lock = ckpt = path = None
+    if master:
+        lock = claim(save_dir)
+        for stale in remove_stale_temp_files(save_dir):
+            log(f"removed {stale} (a partial checkpoint of a trainer that was killed while saving)")
+        ckpt, path = find_checkpoint(save_dir, resume, log)
+    if ddp:
+        shared = [path]
+        dist.broadcast_object_list(shared)
+        if not master and shared[0] is not None:
+            path, ckpt = shared[0], load_resumable(shared[0])
+    return lock, ckpt, path
 
 
 def claim(save_dir):
@@ -146,7 +158,8 @@ def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log):
                  if resume == "auto" else f"another run's checkpoints (newest {os.path.basename(here[0])})")
         raise SaveDirError(f"--save_dir {save_dir} holds {found}; " +
                            ("continue it with --resume auto, or " if resume != "auto" else "") +
-                           f"start over with --overwrite (moves its files to {aside_name(save_dir)}/)")
+                           f"start over with --overwrite (moves its files to {os.path.normpath(save_dir)}"
+                           f".replaced-<time>/)")
     if overwrite:
         moved, dest = move_aside(save_dir)
         if moved:
@@ -194,3 +207,63 @@ def move_aside(save_dir):
 
 def _size(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+class RunDir:
+    """The checkpoints this run writes: each one whole or not at all, best.pt on the lowest validation loss, older
+    step files pruned (never the one just written), and a failure told with what survived it."""
+
+    def __init__(self, save_dir, keep_last, log, resumed_from=None, best=None):
+        self.save_dir, self.keep_last, self.log = save_dir, keep_last, log
+        self.saved = [resumed_from] if resumed_from else []  # the newest is what a crash leaves
+        self.best = dict(best or {})  # {"loss", "step"} of best.pt
+
+    def save(self, state, name, val_loss=None, quiet=False):
+        """Write state as `name`; val_loss: the validation loss of exactly these weights, if they were evaluated."""
+        path = os.path.join(self.save_dir, name)
+        improved = val_loss is not None and val_loss < self.best.get("loss", math.inf)
+        if improved:
+            self.best = {"loss": val_loss, "step": state["step"]}
+        try:
+            save_checkpoint({**state, "best": self.best}, path)
+            self.saved.append(path)
+            if not quiet:
+                self.log(f"saved {path}" + (" (best.pt: the lowest validation loss so far)" if improved else ""))
+            if improved:
+                link_best(self.save_dir, path)
+            for old in prune_checkpoints(self.save_dir, self.keep_last, keep=[path]):
+                self.log(f"removed {old} (--keep_last {self.keep_last}; best.pt and final checkpoints stay)")
+        except (OSError, CheckpointError) as e:
+            raise SaveDirError(self.failure(e, path, state["step"])) from None
+        return path
+
+    def survivor(self):
+        return f"the last good checkpoint {self.saved[-1]} is intact" if self.saved else \
+            "no checkpoint of this run was saved yet"
+
+    def failure(self, e, path, step):
+        """Disk full, a read-only or vanished folder: what happened and what survived, in one sentence."""
+        why = (f"could not write {getattr(e, 'filename', None) or path}: {e.strerror}"
+               if isinstance(e, OSError) and e.strerror else str(e).split(";")[0])
+        return (f"{why}. Stopped at step {step}; {self.survivor()}. Free some space (or fix the folder), then continue "
+                f"with --resume auto.")
+
+
+def link_best(save_dir, path):
+    """best.pt: the checkpoint with the lowest validation loss so far, as a hard link to its file (no extra disk while
+    that file exists, and it outlives the file's pruning); a copy where the filesystem has no hard links."""
+    tmp = os.path.join(save_dir, f"best.pt.tmp.{os.getpid()}")
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, os.path.join(save_dir, "best.pt"))
+
+
+def disk_warning(save_dir, free_bytes, checkpoint_bytes, n_kept):
+    """A warning when save_dir's disk cannot hold the checkpoints this run keeps, or None."""
+    need = checkpoint_bytes * n_kept
+    if free_bytes >= need:
+        return None
+    return (f"{save_dir} has {free_bytes / 1e9:.1f} GB free, but this run keeps about {n_kept} checkpoints of "
+            f"{checkpoint_bytes / 1e6:,.0f} MB ({need / 1e9:.1f} GB): free some space or lower --keep_last")

@@ -14,3 +14,22 @@ def lr_at(step, lr, warmup_steps, max_steps, schedule="cosine", time_frac=0.0):
     frac = min(1.0, max((step - warmup_steps) / max(1, max_steps - warmup_steps), time_frac))
     shape = 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1 - frac
     return lr * (0.1 + 0.9 * shape)
+
+
+def warmup_warning(lr, warmup_steps, max_steps):
+    """A warm-up as long as the run or longer: the lr never reaches --lr (or only at the last step) and never decays."""
+    if warmup_steps < max_steps:
+        return None
+    top = lr_at(max_steps - 1, lr, warmup_steps, max_steps)
+    return (f"--warmup_steps {warmup_steps} >= --max_steps {max_steps}: the whole run is warm-up, the lr climbs to "
+            f"{top:.2e} (--lr {lr:g}" + (" only at the last step" if top >= lr else " is never reached") +
+            f") and never decays; lower --warmup_steps (e.g. {max(1, max_steps // 20)})")
+
+
+def budget_warning(step, warmup_steps, steps_per_second, seconds_left):
+    """With --max_minutes: at the speed seen so far, the time budget ends before the warm-up does."""
+    end = step + steps_per_second * seconds_left
+    if end >= warmup_steps:
+        return None
+    return (f"at {steps_per_second:.2f} steps/s the --max_minutes budget ends near step {end:,.0f}, before the "
+            f"{warmup_steps:,} warm-up steps: the lr never reaches --lr; lower --warmup_steps")
