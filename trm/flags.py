@@ -4,7 +4,20 @@ what --compile auto resolves to.
 Every number is checked, because each wrong one fails late or silently: --grad_clip -1 trains uphill, --lr nan
 trains nothing, a negative --keep_last deletes checkpoints.
 """
+import argparse
 import math
+
+# the flags that make the architecture: a resumed run keeps the checkpoint's values
+ARCH_FLAGS = ("arch", "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps", "dropout",
+              "max_seq_len", "grad_deep_steps", "single_stream")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The epilog's layout as written; each flag's default shown once (appended unless its help already says it)."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
 
 AT_LEAST_1 = ("batch_size", "grad_accum", "max_seq_len", "max_steps", "eval_every", "log_every", "eval_tokens",
               "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps")
@@ -68,3 +81,88 @@ def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable
                             f"{GRAPH_TOKENS:,} make the step launch-bound")
     return True, False, (f"--compile auto: torch.compile without CUDA graphs, as {tokens_per_micro_step:,} tokens per "
                          f"micro-step > {GRAPH_TOKENS:,} make the step compute-bound")
+
+
+def trainer_parser(doc):
+    """train_trm_lm.py's flags: the procedure's, with their names, meanings and defaults, then this project's.
+
+    doc: the script's docstring (first line: the description; second paragraph: the example)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=HelpFormatter,
+                                epilog="example (the procedure's step 3):\n" + doc.split("\n\n")[1])
+    # data and tokenizer (the procedure's flags)
+    p.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "byte"],
+                   help="byte: raw UTF-8 bytes, no model file")
+    p.add_argument("--sp_model", default="ja_trm.model", help="the SentencePiece model of step 2")
+    p.add_argument("--train_paths", nargs="+", default=[f"train_{i}.jsonl.gz" for i in range(11)],
+                   help="training JSONL.GZ files (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
+    p.add_argument("--valid_paths", nargs="*", default=["validation_0.jsonl.gz"],
+                   help="validation files; none: no evaluation (default: validation_0.jsonl.gz)")
+    p.add_argument("--text_field", default="text", help="the JSON field holding each document's text")
+    p.add_argument("--save_dir", default="checkpoints_new",
+                   help="checkpoints, metrics.jsonl, training_curves.png; one run's alone (see --overwrite)")
+    p.add_argument("--cache_dir", default=None, help="token cache folder (default: token_cache/ beside --save_dir)")
+    p.add_argument("--num_workers", type=int, default=0, help="tokenizer threads for the token cache (0 = all cores)")
+    # schedule and logging
+    p.add_argument("--batch_size", type=int, default=4, help="sequences per GPU per micro-step")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--max_seq_len", type=int, default=512, help="tokens per window (a resumed run keeps its own)")
+    p.add_argument("--max_steps", type=int, default=50000, help="optimizer steps of the whole run")
+    p.add_argument("--max_minutes", type=float, default=0,
+                   help="also stop after this many minutes of training (evaluation and saving not counted; 0 = off); "
+                        "the lr schedule then follows whichever of steps or minutes runs out first")
+    p.add_argument("--eval_every", type=int, default=500, help="evaluate the EMA weights every N steps")
+    p.add_argument("--eval_tokens", type=int, default=262144, help="validation target tokens per evaluation")
+    p.add_argument("--log_every", type=int, default=100, help="a log line every N steps")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0 = at every evaluation)")
+    p.add_argument("--keep_last", type=int, default=3,
+                   help="keep the newest N step_N.pt (0 = keep all); final_step_N.pt and best.pt (lowest validation loss) "
+                        "are always kept, and the checkpoint just written")
+    p.add_argument("--resume", default=None,
+                   help="'auto': the newest checkpoint of the run in --save_dir; or a checkpoint path (default: a new run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a --save_dir that holds another run's checkpoints: its files are moved to "
+                        "<save_dir>.replaced-<time>/ (nothing is deleted)")
+    # model
+    p.add_argument("--arch", default="trm", choices=["trm", "gpt"], help="gpt: the same blocks stacked, no recursion")
+    p.add_argument("--d_model", type=int, default=256, help="width of the hidden states")
+    p.add_argument("--n_heads", type=int, default=4, help="attention heads (d_model / n_heads must be even)")
+    p.add_argument("--n_layers", type=int, default=2, help="transformer blocks in the recursive net")
+    p.add_argument("--latent_steps", type=int, default=2, help="n: z updates per latent recursion")
+    p.add_argument("--deep_steps", type=int, default=2, help="T: latent recursions per deep recursion")
+    p.add_argument("--supervision_steps", type=int, default=2, help="N_sup: deep supervision rounds, each with a loss")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
+    p.add_argument("--grad_deep_steps", type=int, default=1,
+                   help="deep steps per supervision round that backpropagate, the last ones (the paper: 1; 0 = all)")
+    p.add_argument("--single_stream", action="store_true",
+                   help="one latent state instead of the answer y and the latent z (same net calls; a variant)")
+    # optimizer
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"],
+                   help="after warm-up: decay to 10%% of --lr, or constant")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay of the weight matrices")
+    p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up to --lr over N steps")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
+    p.add_argument("--ema_decay", type=float, default=0.995, help="EMA of the weights, evaluated and saved (0 = none)")
+    p.add_argument("--random_depth", nargs="?", const="all", default=None, choices=["all", "deep"],
+                   help="draw the depth every step (seeded), so the model also works at depths it was not trained at. "
+                        "all (the flag alone): latent_steps in 1..2n, deep_steps in 1..2T and supervision_steps in 1..2N "
+                        "(no compile); deep: deep_steps in 1..2T only, compiled (one graph per depth)")
+    p.add_argument("--depth_warmup", type=float, default=0.0,
+                   help="train with one deep step per round for this fraction of the run, then the full depth (0 = off)")
+    p.add_argument("--act_weight", type=float, default=0.0,
+                   help="weight of a per-token halting head's loss (0 = no head), for generate.py --halt_threshold")
+    p.add_argument("--train_halt_threshold", type=float, default=None,
+                   help="train with adaptive depth (needs --act_weight): a token stops its rounds once the halting head's "
+                        "probability exceeds this, as in generate.py --halt_threshold (default: off)")
+    p.add_argument("--sup_update", default="mean", choices=["mean", "each"],
+                   help="one optimizer step on the mean of the rounds' losses, or one after each round as in the paper "
+                        "(one process, not compiled)")
+    # system
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu or mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on GPUs that have it, else fp32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs"],
+                   help="torch.compile; graphs: with CUDA graphs (mode reduce-overhead); auto: on CUDA, with graphs when "
+                        f"a micro-step has <= {GRAPH_TOKENS} tokens (launch-bound), and the choice is logged")
+    p.add_argument("--seed", type=int, default=1337, help="weights, data order, dropout")
+    return p
