@@ -59,3 +59,15 @@ def tiny_checkpoint(tmp_path_factory, tiny_sp_model):
     path = tmp_path_factory.mktemp("ckpt") / "final_step_0.pt"
     make_checkpoint(path, Tokenizer.from_args("sentencepiece", tiny_sp_model))
     return str(path)
+
+
+def help_blocks(text):
+    """--help's options section as {'--flag': its help text}."""
+    blocks, name = {}, None
+    for line in text.split("options:")[1].split("\n\n")[0].splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = line
+        elif name:
+            blocks[name] += " " + line.strip()
+    return blocks

@@ -11,6 +11,8 @@ import pytest
 
 import trm.corpus
 
+from conftest import help_blocks
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "extract_texts.py")
 AOZORA = ROOT.parent / "shared/corpus/aozora"
@@ -144,18 +146,6 @@ def assert_one_line_error(r, *words):
     for w in words:
         assert w in errors[0], errors[0]
     return errors[0]
-
-
-def help_blocks(text):
-    """--help's options section as {'--flag': its help text}."""
-    blocks, name = {}, None
-    for line in text.split("options:")[1].split("\n\n")[0].splitlines():
-        if line.startswith("  -"):
-            name = line.split()[0].rstrip(",")
-            blocks[name] = line
-        elif name:
-            blocks[name] += " " + line.strip()
-    return blocks
 
 
 def test_help_shows_each_default_once_and_ends_with_an_example(tmp_path):

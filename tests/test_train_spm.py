@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import help_blocks
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_spm.py")
 AOZORA = ROOT.parent / "shared/corpus/aozora"
@@ -148,18 +150,6 @@ def assert_one_line_error(r, *words):
     for w in words:
         assert w in errors[0], errors[0]
     assert "sample:" not in r.stderr  # no progress bar: refused before the work
-
-
-def help_blocks(text):
-    """--help's options section as {'--flag': its help text}."""
-    blocks, name = {}, None
-    for line in text.split("options:")[1].split("\n\n")[0].splitlines():
-        if line.startswith("  -"):
-            name = line.split()[0].rstrip(",")
-            blocks[name] = line
-        elif name:
-            blocks[name] += " " + line.strip()
-    return blocks
 
 
 def test_help_is_whole_shows_each_default_once_and_ends_with_an_example(tmp_path):
