@@ -125,7 +125,7 @@ if master:
         fail(str(e))
 L = config.max_seq_len
 tokens_per_step = args.batch_size * L * args.grad_accum * world_size
-halting = {"act_weight": args.act_weight, "halt_threshold": args.train_halt_threshold}
+halt_args = {"act_weight": args.act_weight, "halt_threshold": args.train_halt_threshold}  # the head and its use
 
 # Rank 0 tokenizes into the cache; the others wait and then map the same files.
 cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.save_dir)), "token_cache")
@@ -296,7 +296,7 @@ try:
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
             x, y = next_batch()
             round_losses = []
-            for round_loss in raw_model.supervision_rounds(x, y, **halting, **depth):
+            for round_loss in raw_model.supervision_rounds(x, y, **halt_args, **depth):
                 round_loss.backward()
                 optimizer_step(round_loss)
                 round_losses.append(round_loss.detach())
@@ -310,7 +310,7 @@ try:
                 sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
                 with model.no_sync() if not sync else contextlib.nullcontext():
                     with autocast(device, amp_dtype):
-                        _, loss = model(x, y, **halting, **depth)
+                        _, loss = model(x, y, **halt_args, **depth)
                     (loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
                 loss_count += 1

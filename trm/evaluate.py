@@ -86,8 +86,9 @@ def main(argv=None):
     p.add_argument("--halt_threshold", type=float, default=None,
                    help="score as adaptive generation runs at this threshold (needs a halting head)")
     args = p.parse_args(argv)
-    bad = [f"--{name} must be at least 1" for name in ("eval_tokens", "batch_size", "supervision_steps", "deep_steps",
-                                                       "latent_steps") if getattr(args, name) is not None and getattr(args, name) < 1]
+    counts = {name: getattr(args, name) for name in ("eval_tokens", "batch_size", "supervision_steps", "deep_steps",
+                                                     "latent_steps")}
+    bad = [f"--{name} must be at least 1" for name, value in counts.items() if value is not None and value < 1]
     if args.seq_len < 0 or (args.halt_threshold is not None and not 0 <= args.halt_threshold <= 1):
         bad.append("--seq_len must be >= 0 and --halt_threshold in [0, 1]")
     if bad:

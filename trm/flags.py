@@ -115,10 +115,11 @@ def trainer_parser(doc):
     p.add_argument("--log_every", type=int, default=100, help="a log line every N steps")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0 = at every evaluation)")
     p.add_argument("--keep_last", type=int, default=3,
-                   help="keep the newest N step_N.pt (0 = keep all); final_step_N.pt and best.pt (lowest validation loss) "
-                        "are always kept, and the checkpoint just written")
+                   help="keep the newest N step_N.pt (0 = keep all); final_step_N.pt, best.pt (lowest validation "
+                        "loss) and the checkpoint just written are always kept")
     p.add_argument("--resume", default=None,
-                   help="'auto': the newest checkpoint of the run in --save_dir; or a checkpoint path (default: a new run)")
+                   help="'auto': the newest checkpoint of the run in --save_dir, or a checkpoint path "
+                        "(default: a new run)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a --save_dir that holds another run's checkpoints: its files are moved to "
                         "<save_dir>.replaced-<time>/ (nothing is deleted)")
@@ -145,15 +146,15 @@ def trainer_parser(doc):
     p.add_argument("--ema_decay", type=float, default=0.995, help="EMA of the weights, evaluated and saved (0 = none)")
     p.add_argument("--random_depth", nargs="?", const="all", default=None, choices=["all", "deep"],
                    help="draw the depth every step (seeded), so the model also works at depths it was not trained at. "
-                        "all (the flag alone): latent_steps in 1..2n, deep_steps in 1..2T and supervision_steps in 1..2N "
-                        "(no compile); deep: deep_steps in 1..2T only, compiled (one graph per depth)")
+                        "all (the flag alone): latent_steps in 1..2n, deep_steps in 1..2T and supervision_steps in "
+                        "1..2N (no compile); deep: deep_steps in 1..2T only, compiled (one graph per depth)")
     p.add_argument("--depth_warmup", type=float, default=0.0,
-                   help="train with one deep step per round for this fraction of the run, then the full depth (0 = off)")
+                   help="one deep step per round for this fraction of the run, then the full depth (0 = off)")
     p.add_argument("--act_weight", type=float, default=0.0,
                    help="weight of a per-token halting head's loss (0 = no head), for generate.py --halt_threshold")
     p.add_argument("--train_halt_threshold", type=float, default=None,
-                   help="train with adaptive depth (needs --act_weight): a token stops its rounds once the halting head's "
-                        "probability exceeds this, as in generate.py --halt_threshold (default: off)")
+                   help="train with adaptive depth (needs --act_weight): a token stops its rounds once the halting "
+                        "head's probability exceeds this, as in generate.py --halt_threshold (default: off)")
     p.add_argument("--sup_update", default="mean", choices=["mean", "each"],
                    help="one optimizer step on the mean of the rounds' losses, or one after each round as in the paper "
                         "(one process, not compiled)")
@@ -162,7 +163,7 @@ def trainer_parser(doc):
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on GPUs that have it, else fp32")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs"],
-                   help="torch.compile; graphs: with CUDA graphs (mode reduce-overhead); auto: on CUDA, with graphs when "
-                        f"a micro-step has <= {GRAPH_TOKENS} tokens (launch-bound), and the choice is logged")
+                   help="torch.compile; graphs: with CUDA graphs (mode reduce-overhead); auto: on CUDA, with graphs "
+                        f"when a micro-step has <= {GRAPH_TOKENS} tokens (launch-bound), and the choice is logged")
     p.add_argument("--seed", type=int, default=1337, help="weights, data order, dropout")
     return p
