@@ -6,6 +6,10 @@
 --sp_model is optional: the checkpoint carries its tokenizer (when given, it must be the same vocabulary).
 With neither --prompt nor --prompt_file, prompts are read interactively. Generated text goes to stdout;
 everything else (device, per-sample speed, errors) to stderr, so `> out.txt` captures just the text.
+
+Samples are decoded in batches: the --num_samples of a prompt, and the prompts of a --prompt_file that have the same
+token length, go through the model together (at most --batch_size rows). A batch of one streams its text as it comes;
+a larger batch prints each sample whole once it is finished, always in input order.
 """
 import argparse
 import math
@@ -17,7 +21,7 @@ import torch
 
 from trm.checkpoint import CheckpointError, load_model
 from trm.device import pick_device
-from trm.sampling import StreamDecoder, generate, prompt_ids
+from trm.sampling import StreamDecoder, generate, generate_batch, prompt_ids
 from trm.tokenizer import Tokenizer, TokenizerError
 
 
@@ -28,14 +32,20 @@ parser = argparse.ArgumentParser(
 parser.add_argument("--model_path", required=True, help="a step_N.pt / final_step_N.pt written by train_trm_lm.py")
 parser.add_argument("--sp_model", default=None, help="optional; must match the tokenizer stored in the checkpoint")
 parser.add_argument("--prompt", default=None, help="one prompt ('' starts from BOS)")
-parser.add_argument("--prompt_file", default=None, help="a text file with one prompt per line (blank lines skipped)")
+parser.add_argument("--prompt_file", default=None,
+                    help="a text file with one prompt per line (blank lines skipped); prompts of one token length are "
+                         "decoded in one batch, the output keeps the file's order")
 parser.add_argument("--max_new_tokens", type=int, default=100, help="tokens per sample (default: %(default)s)")
 parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
 parser.add_argument("--top_k", type=int, default=50, help="0 = off (default: %(default)s)")
 parser.add_argument("--top_p", type=float, default=0.95, help="1.0 = off (default: %(default)s)")
 parser.add_argument("--repetition_penalty", type=float, default=1.1, help="1.0 = off (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=None, help="default: a fresh one, printed so a sample can be redone")
-parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt (default: %(default)s)")
+parser.add_argument("--num_samples", type=int, default=1,
+                    help="samples per prompt, decoded together in one batch; with more than one, each sample is "
+                         "printed whole when it is finished (in order) instead of streamed (default: %(default)s)")
+parser.add_argument("--batch_size", type=int, default=64,
+                    help="most samples decoded together; a batch's cache grows with it (default: %(default)s)")
 parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
                     help="the EMA of the weights or the raw ones (default: %(default)s)")
 parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
@@ -70,7 +80,8 @@ if args.prompt is not None and args.prompt_file is not None:
 # every number before any work, each with its range (NaN fails every comparison, so isfinite comes first)
 for name, lo, hi in [("max_new_tokens", 0, 1_000_000), ("temperature", 0, 100), ("top_k", 0, 1_000_000),
                      ("top_p", 0, 1), ("repetition_penalty", 0.01, 100), ("seed", 0, 2**63 - 1),
-                     ("num_samples", 1, 10_000), ("supervision_steps", 1, 1000), ("deep_steps", 1, 1000),
+                     ("num_samples", 1, 10_000), ("batch_size", 1, 10_000),
+                     ("supervision_steps", 1, 1000), ("deep_steps", 1, 1000),
                      ("latent_steps", 1, 1000), ("halt_threshold", 0, 1)]:
     value = getattr(args, name)
     if value is not None and not (math.isfinite(value) and lo <= value <= hi):
@@ -113,7 +124,7 @@ if args.halt_threshold is not None and (model.halt is None or model.config.arch 
     fail(f"--halt_threshold needs a TRM trained with a halting head (train_trm_lm.py --act_weight > 0); "
          f"{args.model_path} has none")
 
-# Batch-1 decoding is bound by per-token latency, not arithmetic, so fp32 everywhere: bf16 would buy nothing here.
+# Decoding is bound by per-token latency more than arithmetic (at batch 1 entirely), so fp32 everywhere.
 device, _, why = pick_device(args.device, "fp32")
 model.to(device)
 seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
@@ -132,37 +143,107 @@ print(f"{args.model_path}: step {state.get('step', '?')}, {model.num_params() / 
 
 
 # ---- generate --------------------------------------------------------------------------------------------------
-def run(prompt):
-    ids = prompt_ids(tokenizer, prompt)
-    if len(ids) > c.max_seq_len:
-        print(f"note: the prompt is {len(ids)} tokens, longer than the model's {c.max_seq_len}-token window; "
-              f"generation starts from its last {c.max_seq_len // 2} tokens", file=sys.stderr)
-    for i in range(args.num_samples):
-        stream = StreamDecoder(tokenizer, ids)
-        print(prompt, end="", flush=True)
-        t0, count, stop, stats = time.perf_counter(), 0, "max_new_tokens", {}
-        for token in generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id,
-                              use_cache=not args.no_cache, halt_threshold=args.halt_threshold, stats=stats,
-                              generator=generator, **depth):
-            count += 1
-            print(stream.push(token), end="", flush=True)
-        print(stream.flush(), flush=True)
-        if count < args.max_new_tokens:
-            stop = "EOS"
-        dt = time.perf_counter() - t0
-        rounds = ""
-        if stats.get("tokens"):
-            mean = stats["rounds"] / stats["tokens"]
-            rounds = f", {mean:.2f} of {N_sup} supervision rounds per token ({100 * mean / N_sup:.0f}% of the depth)"
-        print(f"[sample {i + 1}/{args.num_samples}] prompt {len(ids)} tokens, generated {count} tokens in {dt:.2f} s, "
-              f"{count / dt:.1f} tokens/s{rounds} (stopped at {stop})", file=sys.stderr, flush=True)
+sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id, use_cache=not args.no_cache,
+                halt_threshold=args.halt_threshold, generator=generator, **depth)
+
+
+def batches(prompts):
+    """Rows (output position, sample number, prompt, token ids), --num_samples per prompt, in batches of one length.
+
+    Rows of one length share every position, so a batch needs no padding (left padding would need masks and change
+    the numbers). Batches come in order of their first row: when one starts, every row before its first is finished.
+    """
+    by_length = {}
+    for p, prompt in enumerate(prompts):
+        ids = prompt_ids(tokenizer, prompt)
+        if len(ids) > c.max_seq_len:
+            which = "the prompt" if len(prompts) == 1 else f"prompt {p + 1}"
+            print(f"note: {which} is {len(ids)} tokens, longer than the model's {c.max_seq_len}-token window; "
+                  f"generation starts from its last {c.max_seq_len // 2} tokens", file=sys.stderr)
+        rows = by_length.setdefault(len(ids), [])
+        rows += [(p * args.num_samples + i, i, prompt, ids) for i in range(args.num_samples)]
+    chunks = [rows[i:i + args.batch_size] for rows in by_length.values() for i in range(0, len(rows), args.batch_size)]
+    return sorted(chunks, key=lambda rows: rows[0][0])
+
+
+def rounds_note(stats):
+    if not stats.get("tokens"):
+        return ""
+    mean = stats["rounds"] / stats["tokens"]
+    return f", {mean:.2f} of {N_sup} supervision rounds per token ({100 * mean / N_sup:.0f}% of the depth)"
+
+
+def stream(row):
+    """A batch of one: its text goes out as it comes."""
+    _, i, prompt, ids = row
+    decoder = StreamDecoder(tokenizer, ids)
+    print(prompt, end="", flush=True)
+    t0, count, stats = time.perf_counter(), 0, {}
+    for token in generate(model, ids, args.max_new_tokens, stats=stats, **sampling):
+        count += 1
+        print(decoder.push(token), end="", flush=True)
+    print(decoder.flush(), flush=True)
+    stop = "EOS" if count < args.max_new_tokens else "max_new_tokens"
+    dt = time.perf_counter() - t0
+    print(f"[sample {i + 1}/{args.num_samples}] prompt {len(ids)} tokens, generated {count} tokens in {dt:.2f} s, "
+          f"{count / dt:.1f} tokens/s{rounds_note(stats)} (stopped at {stop})", file=sys.stderr, flush=True)
+
+
+def decode(rows):
+    """A batch of several: yields (output position, text, stderr line) for each row once it is finished."""
+    out = [[] for _ in rows]
+    going = set(range(len(rows)))
+    t0, stats = time.perf_counter(), {}
+
+    def finished(r):
+        position, i, prompt, ids = rows[r]
+        # decoding all ids at once gives what streaming them would have printed (StreamDecoder's promise)
+        text = prompt + tokenizer.decode(ids + out[r])[len(tokenizer.decode(ids)):]
+        stop = "EOS" if len(out[r]) < args.max_new_tokens else "max_new_tokens"
+        return position, text, (f"[sample {i + 1}/{args.num_samples}] prompt {len(ids)} tokens, generated "
+                                f"{len(out[r])} tokens (stopped at {stop}; batch of {len(rows)})")
+
+    for tokens in generate_batch(model, [ids for *_, ids in rows], args.max_new_tokens, stats=stats, **sampling):
+        for r, token in enumerate(tokens):
+            if token is not None:
+                out[r].append(token)
+            elif r in going:  # it has just emitted EOS
+                going.remove(r)
+                yield finished(r)
+    for r in sorted(going):
+        yield finished(r)
+    count, dt = sum(map(len, out)), time.perf_counter() - t0
+    print(f"[batch of {len(rows)}] generated {count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s in total"
+          f"{rounds_note(stats)}", file=sys.stderr, flush=True)
+
+
+def run(prompts):
+    ready, printed = {}, 0  # finished samples waiting for the ones before them (None: streamed); how many are out
+
+    def print_ready():
+        nonlocal printed
+        while printed in ready:
+            done = ready.pop(printed)
+            if done is not None:
+                print(done[0], flush=True)
+                print(done[1], file=sys.stderr, flush=True)
+            printed += 1
+
+    for rows in batches(prompts):
+        if len(rows) == 1:
+            stream(rows[0])  # every row before it is out (see batches)
+            ready[rows[0][0]] = None
+            print_ready()
+            continue
+        for position, text, line in decode(rows):
+            ready[position] = text, line
+            print_ready()
 
 
 try:
     if prompts is not None:
-        for prompt in prompts:
-            run(prompt)
+        run(prompts)
     else:
         print("Type a prompt and press Enter (an empty line samples from BOS); 'exit' or Ctrl-D quits.",
               file=sys.stderr)
@@ -180,7 +261,7 @@ try:
             if where := undecodable(prompt):
                 print(f"error: that line is not valid UTF-8 ({where}); type it again", file=sys.stderr)
                 continue
-            run(prompt)
+            run([prompt])
 except KeyboardInterrupt:
     print(file=sys.stderr)
     sys.exit(130)

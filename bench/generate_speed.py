@@ -1,12 +1,14 @@
-"""Generation speed, with and without the KV cache: batch 1, greedy, seed model size, random weights.
+"""Generation speed, with and without the KV cache: greedy, seed model size, random weights, batch 1 or more.
 
     python bench/generate_speed.py                       # this CPU
     python bench/generate_speed.py --device cuda         # a GPU machine
+    python bench/generate_speed.py --device cuda --modes cache --batch 1 8 64   # batched (generate.py --num_samples)
     python bench/generate_speed.py --checkpoint halt_each/final_step_600.pt --prompt_len 32 --modes cache \
         --halt_thresholds 1.0 0.5 0.0                    # adaptive depth: a checkpoint with a halting head
 
-Prints one row per mode: prefill time (the prompt's forward pass), then new tokens per second over the whole run
-(prefill included) and over the decoding steps alone. Random weights are fine: speed does not depend on them.
+Prints one row per mode and batch size: prefill time (the prompts' forward pass), then new tokens per second in total
+(all rows together) over the whole run (prefill included) and over the decoding steps alone. A batch of B decodes B
+different random prompts of one length. Random weights are fine: speed does not depend on them.
 """
 import argparse
 import os
@@ -17,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trm.model import TRM, TRMConfig  # noqa: E402
-from trm.sampling import generate  # noqa: E402
+from trm.sampling import generate_batch  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--device", default="cpu")
@@ -25,6 +27,7 @@ parser.add_argument("--prompt_len", type=int, default=256)
 parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 parser.add_argument("--modes", default="cache,no_cache")
+parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes to time (rows decoded together)")
 parser.add_argument("--d_model", type=int, default=256)
 parser.add_argument("--n_heads", type=int, default=4)
 parser.add_argument("--vocab_size", type=int, default=16000)
@@ -46,7 +49,7 @@ else:
     cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
                     max_seq_len=args.max_seq_len)
     model = TRM(cfg).to(device).eval()
-prompt = torch.randint(4, cfg.vocab_size, (args.prompt_len,)).tolist()
+prompts = torch.randint(4, cfg.vocab_size, (max(args.batch), args.prompt_len)).tolist()
 
 
 def sync():
@@ -54,13 +57,13 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed_run(use_cache, new_tokens, halt_threshold=None, stats=None):
-    """(seconds to the first token, total seconds, CPU seconds of this process, tokens) for one greedy run."""
+def timed_run(use_cache, new_tokens, batch=1, halt_threshold=None, stats=None):
+    """(seconds to the first step, total seconds, CPU seconds of this process, steps) for one greedy run."""
     sync()
     t0, c0 = time.perf_counter(), time.process_time()
     first, count = None, 0
-    for _ in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache, halt_threshold=halt_threshold,
-                      stats=stats):
+    for _ in generate_batch(model, prompts[:batch], new_tokens, temperature=0, use_cache=use_cache,
+                            halt_threshold=halt_threshold, stats=stats):
         count += 1
         if first is None:
             first = time.perf_counter() - t0
@@ -81,18 +84,20 @@ name = torch.cuda.get_device_name() if device.type == "cuda" else \
 print(f"# {name}, torch {torch.__version__}; d_model={cfg.d_model} n_heads={cfg.n_heads} n_layers={cfg.n_layers} "
       f"vocab={cfg.vocab_size} depth n={cfg.latent_steps} T={cfg.deep_steps} N_sup={cfg.supervision_steps} "
       f"({model.net_calls() * cfg.n_layers} block calls per token), {model.num_params() / 1e6:.2f}M params; "
-      f"batch 1, greedy, prompt {args.prompt_len}, new {args.new_tokens}")
-timed_run(True, 4)  # warm-up: allocator, kernels, lazy init
+      f"greedy, prompt {args.prompt_len}, new {args.new_tokens} per row")
 # tokens per CPU-second: on a shared machine, what one free core would give with --threads 1
-print(f"| {'mode':8} | {'prefill s':>9} | {'total s':>8} | {'tokens/s':>8} | {'decode tokens/s':>15} | "
+print(f"| {'mode':8} | {'batch':>5} | {'prefill s':>9} | {'total s':>8} | {'tokens/s':>8} | {'decode tokens/s':>15} | "
       f"{'tokens/CPU-s':>12} | rounds per token |")
-print(f"|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 17}|{'-' * 14}|---|")
+print(f"|{'-' * 10}|{'-' * 7}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 17}|{'-' * 14}|---|")
 runs = [(mode, mode == "cache", None) for mode in args.modes.split(",")]
 runs += [(f"halt {p}", True, p) for p in args.halt_thresholds]
-for mode, use_cache, p_halt in runs:
-    stats = {}
-    first, total, cpu, count = timed_run(use_cache, args.new_tokens, p_halt, stats)
-    decode = (count - 1) / (total - first) if count > 1 else float("nan")
-    rounds = f"{stats['rounds'] / stats['tokens']:.2f}" if stats.get("tokens") else "-"
-    print(f"| {mode:8} | {first:9.3f} | {total:8.2f} | {count / total:8.1f} | {decode:15.1f} | {count / cpu:12.1f} | "
-          f"{rounds} |", flush=True)
+for B in args.batch:
+    timed_run(True, 4, B)  # warm-up at this shape: allocator, kernels, lazy init
+    for mode, use_cache, p_halt in runs:
+        stats = {}
+        first, total, cpu, steps = timed_run(use_cache, args.new_tokens, B, p_halt, stats)
+        count = steps * B  # no EOS: every row runs every step
+        decode = (count - B) / (total - first) if steps > 1 else float("nan")
+        rounds = f"{stats['rounds'] / stats['tokens']:.2f}" if stats.get("tokens") else "-"
+        print(f"| {mode:8} | {B:5} | {first:9.3f} | {total:8.2f} | {count / total:8.1f} | {decode:15.1f} | "
+              f"{count / cpu:12.1f} | {rounds} |", flush=True)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import RARE
 from trm.checkpoint import load_model
-from trm.sampling import StreamDecoder, generate, prompt_ids, sample_next
+from trm.sampling import StreamDecoder, generate, generate_batch, prompt_ids, sample_next
 from trm.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +144,78 @@ def test_generation_leaves_grad_mode_alone(tiny):
     steps = generate(model, tok.encode(PROMPT), 3, temperature=0)
     next(steps)
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # not held across the yield
+
+
+# ---- batches: each row decodes as if alone -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_greedy_equals_batch_one_past_max_seq_len(tiny, use_cache):
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    kw = dict(temperature=0, repetition_penalty=2.0, use_cache=use_cache)
+    alone = list(generate(model, ids, 120, **kw))  # the window is 64 tokens: refills included
+    steps = list(generate_batch(model, [ids] * 4, 120, **kw))
+    assert len(steps) == 120 and all(len(tokens) == 4 for tokens in steps)
+    assert [list(row) for row in zip(*steps)] == [alone] * 4
+
+
+def three_prompts(tok):
+    """Three different prompts of one token length."""
+    ids = tok.encode(PROMPT)
+    return [ids, ids[::-1], ids[1:] + ids[:1]]
+
+
+def test_eos_ends_its_row_only_and_rows_keep_their_own_repetition_history(tiny):
+    model, tok = tiny
+    rows = three_prompts(tok)
+    # a strong penalty: were the rows' histories shared, every row's greedy choices would change
+    kw = dict(temperature=0, repetition_penalty=2.0)
+    alone = [list(generate(model, row, 100, **kw)) for row in rows]
+    assert len({tuple(a) for a in alone}) == 3
+    # EOS = a token that row 1 alone emits at step k (past the window's first refill) and no other row ever does
+    k = next(k for k in range(50, 100) if alone[1][k] not in alone[1][:k] + alone[0] + alone[2])
+    eos = alone[1][k]
+    assert list(generate(model, rows[1], 100, eos_id=eos, **kw)) == alone[1][:k]
+    steps = list(generate_batch(model, rows, 100, eos_id=eos, **kw))
+    got = [list(row) for row in zip(*steps)]
+    assert got[0] == alone[0] and got[2] == alone[2]
+    assert got[1] == alone[1][:k] + [None] * (100 - k)  # the EOS step and everything after: nothing from that row
+    # when every row has emitted EOS the loop stops: no step of Nones only
+    assert len(list(generate_batch(model, [rows[1]] * 2, 100, eos_id=eos, **kw))) == k
+
+
+def test_batched_adaptive_depth_halts_each_row_on_its_own(halting_checkpoint):
+    model, tok, _ = load_model(halting_checkpoint)
+    rows = three_prompts(tok)
+    kw = dict(temperature=0, repetition_penalty=2.0, halt_threshold=0.95)
+    alone, rounds = [], []
+    for row in rows:
+        stats = {}
+        alone.append(list(generate(model, row, 100, stats=stats, **kw)))
+        rounds.append(stats["rounds"])
+    assert len(set(rounds)) == 3  # the rows run different numbers of rounds (118, 108, 97 when written)
+    stats = {}
+    got = [list(row) for row in zip(*generate_batch(model, rows, 100, stats=stats, **kw))]
+    assert got == alone and stats["rounds"] == sum(rounds)
+
+
+def test_sampled_rows_draw_independently(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    g = torch.Generator().manual_seed(0)
+    steps = list(generate_batch(model, [ids] * 4, 30, temperature=1.0, top_k=0, top_p=1.0, generator=g))
+    assert len({tuple(row) for row in zip(*steps)}) == 4  # one draw per row, not one draw shared by all
+
+
+def test_batch_of_prompts_with_different_lengths_is_refused(tiny):
+    model, tok = tiny
+    ids = tok.encode(PROMPT)
+    with pytest.raises(ValueError, match="one token length"):
+        next(generate_batch(model, [ids, ids[:-1]], 5))
+    with pytest.raises(ValueError, match="bos"):
+        next(generate_batch(model, [ids, []], 5))
+    with pytest.raises(ValueError, match="no prompts"):
+        next(generate_batch(model, [], 5))
 
 
 # ---- the next-token rule ------------------------------------------------------------------------------------------
@@ -388,7 +460,8 @@ def test_stream_decoder_cost_stays_bounded_on_invalid_bytes():
 @pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "1e-45"), ("--temperature", "-1"),
                                         ("--repetition_penalty", "nan"), ("--repetition_penalty", "0"),
                                         ("--top_p", "nan"), ("--top_p", "1.5"), ("--max_new_tokens", "-1"),
-                                        ("--num_samples", "0"), ("--halt_threshold", "nan"), ("--seed", "-1")])
+                                        ("--num_samples", "0"), ("--halt_threshold", "nan"), ("--seed", "-1"),
+                                        ("--batch_size", "0")])
 def test_numbers_out_of_range_are_refused_with_the_range(tiny_checkpoint, flag, value):
     r = run_generate("--model_path", tiny_checkpoint, "--prompt", "猫", flag, value)
     assert_refused(r, flag, "between", value)
@@ -426,3 +499,24 @@ def test_help_shows_each_default_once_and_ends_with_an_example():
         assert blocks[flag].count("default") == 1, blocks[flag]
     tail = r.stdout.rstrip("\n").splitlines()
     assert tail[-2] == "example:" and tail[-1].startswith("  python generate.py --model_path ")
+
+
+def test_prompt_file_batches_equal_lengths_and_keeps_the_input_order(tiny, tiny_checkpoint, tmp_path):
+    model, tok = tiny
+    prompts = ["猫は", "東京の天気", "犬が", "東京", "山へ行く", "先生が話す", "大阪"]
+    lengths = [len(prompt_ids(tok, p)) for p in prompts]
+    # batches of 2 rows at most: 猫は+東京 and 東京の天気+先生が話す (each printed after rows decoded later), the rest
+    # alone and streamed, 大阪 after the rows that come before it, though its length was batched first
+    assert lengths == [2, 4, 5, 2, 9, 4, 2]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    r = run_generate("--model_path", tiny_checkpoint, "--prompt_file", path, "--max_new_tokens", 30,
+                     "--temperature", 0, "--repetition_penalty", 2.0, "--batch_size", 2)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("[batch of 2]") == 2 and r.stderr.count("[sample ") == len(prompts)
+    expected = ""
+    for p in prompts:  # one by one, as generate.py decoded them before batching
+        ids = prompt_ids(tok, p)
+        out = list(generate(model, ids, 30, temperature=0, repetition_penalty=2.0, eos_id=tok.eos_id))
+        expected += p + tok.decode(ids + out)[len(tok.decode(ids)):] + "\n"
+    assert r.stdout == expected

@@ -1,9 +1,9 @@
 """Sampling text from a TRM: the next-token rule, the token-by-token loop, and terminal-safe streaming of the text.
 
-generate() feeds the prompt once (prefill) and then one token per forward pass, reusing the keys/values that every
-net call at every depth has cached (on CUDA, each of those passes is a CUDA-graph replay). use_cache=False
-recomputes the whole window for every token: slower, and there only to check the cached path. Both follow the same
-sliding-window policy past max_seq_len, so greedy outputs agree.
+generate_batch() feeds B prompts of one length once (prefill) and then one token per row per forward pass, reusing
+the keys/values that every net call at every depth has cached (on CUDA, each of those passes is a CUDA-graph replay).
+generate() is its batch of one. use_cache=False recomputes the whole window for every token: slower, and there only
+to check the cached path. Both follow the same sliding-window policy past max_seq_len, so greedy outputs agree.
 """
 import torch
 
@@ -52,11 +52,12 @@ class GraphedStep:
 
     On a GPU, batch-1 decoding is bound by kernel launches, not arithmetic: the seed depth makes 24 block calls per
     token, about a dozen small kernels each, and Python issues them one by one. A replay launches them all at once.
-    The cache must be in fixed-shape mode (KVCache.start_static): the graph reads the position from the device.
+    The cache must be in fixed-shape mode (KVCache.start_static): the graph reads the position from the device. The
+    graph is captured for the cache's batch size: one new token per row.
     """
 
     def __init__(self, model, cache, depth):
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=cache.pos_t.device)
+        self.token = torch.zeros(cache.k.size(1), 1, dtype=torch.long, device=cache.pos_t.device)
         pos, pos_t = cache.pos, cache.pos_t.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -72,7 +73,7 @@ class GraphedStep:
         cache.pos_t.copy_(pos_t)
 
     def __call__(self, token):
-        self.token.copy_(token.view(1, 1))
+        self.token.copy_(token.view(-1, 1))
         self.graph.replay()
         return self.logits
 
@@ -93,11 +94,24 @@ def decode_adaptive(model, idx, cache, halt_threshold, **depth):
     return model.sampling_head(y), rounds
 
 
-@torch.inference_mode()  # as a decorator it is entered and left around each step, never held across a yield
-def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.0,
-             eos_id=None, use_cache=True, cuda_graph=True, latent_steps=None, deep_steps=None, supervision_steps=None,
-             halt_threshold=None, stats=None, generator=None):
+def generate(model, prompt_ids, max_new_tokens, **kw):
     """Yield new token ids one at a time (batch 1): stops after max_new_tokens or at eos_id (which is not yielded).
+    The keyword arguments are generate_batch's."""
+    for tokens in generate_batch(model, [prompt_ids], max_new_tokens, **kw):
+        yield tokens[0]  # never None: a batch of one ends when its row does
+
+
+@torch.inference_mode()  # as a decorator it is entered and left around each step, never held across a yield
+def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k=50, top_p=0.95,
+                   repetition_penalty=1.0, eos_id=None, use_cache=True, cuda_graph=True, latent_steps=None,
+                   deep_steps=None, supervision_steps=None, halt_threshold=None, stats=None, generator=None):
+    """Decode B prompts of one token length together; yield a list of B new token ids per step.
+
+    Each row samples on its own (its own repetition-penalty history, its own draw from the shared generator) and
+    ends on its own: the step a row emits eos_id and every step after, its entry is None (its later tokens are
+    computed, as the batch has one shape, but never shown). The loop ends after max_new_tokens steps or when every
+    row has ended. Rows of one length share every position, so no padding or mask changes the numbers: row b gives
+    what generate(prompt_rows[b]) gives, up to the sampling draws.
 
     Context window: model.config.max_seq_len tokens. When the text outgrows it, the window jumps forward to the last
     max_seq_len // 2 tokens and the cache is rebuilt from them with one prefill. Halving (rather than sliding one
@@ -107,28 +121,35 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
 
     halt_threshold (a model trained with a halting head; needs the cache): each new token stops its supervision
     rounds once the head's probability exceeds it (1.0 = never). stats, a dict, then counts "tokens" and "rounds"
-    (supervision rounds run for them) over the decoding steps; the prompt always gets the full depth.
+    (supervision rounds run for them) over the decoding steps of rows still going; the prompt gets the full depth.
     """
-    if not len(prompt_ids):
+    if not len(prompt_rows):
+        raise ValueError("no prompts to decode")
+    if any(not len(row) for row in prompt_rows):
         raise ValueError("empty prompt: start from [tokenizer.bos_id] (see prompt_ids)")
+    P = len(prompt_rows[0])
+    if any(len(row) != P for row in prompt_rows):
+        lengths = sorted({len(row) for row in prompt_rows})
+        raise ValueError(f"the prompts of one batch must have one token length (they share positions), got {lengths}")
     if max_new_tokens <= 0:
         return
     depth = dict(latent_steps=latent_steps, deep_steps=deep_steps, supervision_steps=supervision_steps)
     device = model.lm_head.weight.device
     L = model.config.max_seq_len
     keep = max(1, L // 2)
-    P = len(prompt_ids)
-    # every id of the text so far, preallocated: the repetition penalty reads it, the model reads its window
-    ids = torch.empty(1, P + max_new_tokens, dtype=torch.long, device=device)
-    ids[0, :P] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+    B = len(prompt_rows)
+    # every id of the text so far, preallocated: the repetition penalty reads each row's, the model reads the window
+    ids = torch.empty(B, P + max_new_tokens, dtype=torch.long, device=device)
+    ids[:, :P] = torch.as_tensor([list(row) for row in prompt_rows], dtype=torch.long)
     n = P       # ids[:, :n] is the text so far
     start = 0   # ids[:, start:n] is the window the model sees
+    ended = [False] * B
 
     adaptive = halt_threshold is not None
     if adaptive and not use_cache:
         raise ValueError("adaptive depth (halt_threshold) works through the KV cache: use_cache=True")
     graphed = use_cache and cuda_graph and device.type == "cuda" and not adaptive
-    cache = KVCache.for_model(model, 1, L, **depth) if use_cache else None
+    cache = KVCache.for_model(model, B, L, **depth) if use_cache else None
     step = None
 
     def refill():
@@ -147,14 +168,15 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
     logits = refill()
     while n < P + max_new_tokens:
         next_id = sample_next(logits[:, -1], temperature, top_k, top_p, repetition_penalty, ids[:, :n], generator)
-        token = int(next_id)  # one device sync per token, needed anyway to stop at EOS and to print
-        if token == eos_id:
+        tokens = next_id.tolist()  # one device sync per step, needed anyway to stop at EOS and to print
+        ended = [e or t == eos_id for e, t in zip(ended, tokens)]
+        if all(ended):
             return
-        yield token
-        ids[0, n] = next_id[0]
+        yield [None if e else t for e, t in zip(ended, tokens)]
+        ids[:, n] = next_id
         n += 1
         if n == P + max_new_tokens:
-            return  # no forward pass for a token nobody will read
+            return  # no forward pass for tokens nobody will read
         if n - start > L:
             start = n - keep
             logits = refill()
@@ -163,8 +185,9 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=0.8, top_k=50, to
         elif adaptive:
             logits, rounds = decode_adaptive(model, ids[:, n - 1:n], cache, halt_threshold, **depth)
             if stats is not None:
-                stats["tokens"] = stats.get("tokens", 0) + 1
-                stats["rounds"] = stats.get("rounds", 0) + int(rounds[0])
+                going = [r for r, e in zip(rounds.tolist(), ended) if not e]
+                stats["tokens"] = stats.get("tokens", 0) + len(going)
+                stats["rounds"] = stats.get("rounds", 0) + sum(going)
         elif use_cache:
             logits, _ = model(ids[:, n - 1:n], cache=cache, last_only=True, **depth)
         else:
