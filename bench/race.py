@@ -115,6 +115,7 @@ def race(name, flags, gpu):
 
 # The token cache is built once, before the runs start, so no run pays for tokenizing (or races another to build it).
 print(f"building the token cache in {cache_dir}", flush=True)
+shutil.rmtree(os.path.join(args.out, "_prep"), ignore_errors=True)  # a save_dir belongs to one run
 prep = subprocess.run(trainer_cmd("_prep", "--device cpu --compile off --batch_size 1 --max_seq_len 16 --d_model 32 "
                                            "--n_heads 2 --eval_tokens 64", ["--max_steps", "1"]),
                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))

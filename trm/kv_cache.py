@@ -140,6 +140,3 @@ class RoundKV:
             k, v = torch.where(keep, old_k, k), torch.where(keep, old_v, v)
         self.cur.append((k.detach(), v.detach()))  # rounds stay detached from each other
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    def advance(self, T):
-        pass
