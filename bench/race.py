@@ -8,7 +8,8 @@ every --eval_every steps on 262k validation tokens) plus its own. The budget cou
 compilation included; evaluation and saving do not count. When a run ends, its final checkpoint (EMA weights) is scored
 by trm.evaluate on --eval_tokens of validation_0 at its trained depth and at 0.5x and 2x its supervision rounds (deep
 steps for 1-round models). The table also shows the best validation along the run (the trainer's own evaluations),
-since at 30+ epochs a model can be past its best when the clock stops.
+since at 30+ epochs a model can be past its best when the clock stops; best.pt, the checkpoint of the best evaluation,
+is scored on the same tokens as the final one.
 
 Prints a markdown table, and writes race.json and every run's log under --out.
 """
@@ -101,6 +102,9 @@ def race(name, flags, gpu):
     ckpt = os.path.join(save_dir, finals[0])
     trained = score(name, ckpt, env)
     row.update(params=trained.get("params"), bpb=trained.get("bits_per_byte"), error=trained.get("error"))
+    best_ckpt = os.path.join(save_dir, "best.pt")  # the trainer keeps the checkpoint of its best evaluation
+    if os.path.exists(best_ckpt):
+        row["bpb_best"] = score(name, best_ckpt, env).get("bits_per_byte")
     cfg = torch.load(ckpt, map_location="cpu", weights_only=True)["config"]
     row["mflop_per_token"] = TRM(TRMConfig(**cfg)).flops_per_token() / 1e6
     if not args.no_depth and cfg["arch"] == "trm":
@@ -152,14 +156,17 @@ def fmt(v, spec=".4f"):
     return "" if v is None else format(v, spec)
 
 
-print(f"\n{args.minutes:g} minutes each; bits/byte on validation_0 ({args.eval_tokens:,} tokens, EMA) at the end; "
-      "best = best of the trainer's evaluations (262k tokens) along the run")
-print("| run | params | MFLOP/token | tok/s | steps | bits/byte | best along run (step) | 0.5x depth | 2x depth | flags |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print(f"\n{args.minutes:g} minutes each; bits/byte on validation_0 ({args.eval_tokens:,} tokens, EMA) at the end and "
+      "of best.pt (the checkpoint of the trainer's best evaluation); best along run = that evaluation itself (its own, "
+      "smaller sample)")
+print("| run | params | MFLOP/token | tok/s | steps | bits/byte | best.pt | best along run (step) | 0.5x depth | 2x depth "
+      "| flags |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
     if r.get("error") and r.get("bpb") is None:
-        print(f"| {r['name']} | failed: {r['error'][-120:]!r} |||||||| `{r['flags']}` |")
+        print(f"| {r['name']} | failed: {r['error'][-120:]!r} ||||||||| `{r['flags']}` |")
         continue
     print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['mflop_per_token']:.0f} | {r['tok_s'] / 1e6:.2f}M | "
-          f"{r['steps']:,} | {fmt(r['bpb'])} | {fmt(r['best_val'])} ({r['best_step']:,}) | {fmt(r.get('bpb_half'))} | "
+          f"{r['steps']:,} | {fmt(r['bpb'])} | {fmt(r.get('bpb_best'))} | {fmt(r['best_val'])} ({r['best_step']:,}) | "
+          f"{fmt(r.get('bpb_half'))} | "
           f"{fmt(r.get('bpb_double'))} | `{r['flags']}` |")
