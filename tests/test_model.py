@@ -85,7 +85,7 @@ def test_loss_at_position_t_has_no_gradient_from_later_tokens(arch, depth):
     model.embed.register_forward_hook(keep_grad)
     logits, _ = model(idx)
     F.cross_entropy(logits[:, t], idx[:, t + 1]).backward()
-    grad = embedded[-1].grad  # every round embeds the tokens; the last round's embedding feeds the logits
+    grad = embedded[0].grad
     assert torch.all(grad[:, t + 1:] == 0)
     assert torch.all(grad[:, :t + 1].abs().sum(-1) > 0)  # every past and present token does get a gradient
 

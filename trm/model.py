@@ -247,12 +247,13 @@ class TRM(nn.Module):
         k = self.config.grad_deep_steps
         return T_deep if k == 0 else min(k, T_deep)
 
-    def rounds(self, idx, cache=None, halt_threshold=None, **depth):
+    def rounds(self, idx, cache=None, halt_threshold=None, reembed=False, **depth):
         """The deep-supervision rounds, one at a time: yields (y, running) after each round, y [B, T, D] the answer
         state the head reads, running [B, T] True where the round computed the token (None without a threshold).
 
         This one loop serves training (both update rules), evaluation and decoding. y and z are detached between
-        rounds, and x is embedded every round, so a caller may step the optimizer in between (supervision_rounds).
+        rounds; with reembed=True x is embedded again every round, so a caller may step the optimizer in between
+        (supervision_rounds): each round's graph is then its own.
 
         cache: a KVCache (idx holds the new tokens only; positions continue from cache.pos).
         halt_threshold < 1 (a model with a halting head) is adaptive depth: after every round, tokens whose halting
@@ -270,7 +271,7 @@ class TRM(nn.Module):
             yield self.net(self.embed_tokens(idx), rope, kv), None
         else:
             n, T_deep, N_sup = self.steps(**depth)
-            y = z = None
+            x = y = z = None
             stopped = torch.zeros(B, T, dtype=torch.bool, device=idx.device) if halting else None
             for r in range(N_sup):
                 if halting and r:
@@ -278,7 +279,8 @@ class TRM(nn.Module):
                         kv.skip_rounds(N_sup - r)
                         break
                     kv.next_round(stopped)
-                x = self.embed_tokens(idx)
+                if x is None or reembed:
+                    x = self.embed_tokens(idx)
                 if y is None:
                     y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
                 y_new, z_new = self.deep_recursion(x, y, z, n, T_deep, rope, kv)
@@ -326,7 +328,7 @@ class TRM(nn.Module):
     def supervision_rounds(self, idx, targets, act_weight=0.0, halt_threshold=None, **depth):
         """The paper's update rule: yields each round's loss; the caller backpropagates it and steps the optimizer
         before asking for the next round, which then runs with the updated weights from the detached y, z."""
-        for y, running in self.rounds(idx, None, halt_threshold, **depth):
+        for y, running in self.rounds(idx, None, halt_threshold, reembed=True, **depth):
             yield self._round_loss(y, self.lm_head(y), self._running_targets(targets, running), act_weight)
 
     @staticmethod
