@@ -160,7 +160,8 @@ def vocab_error(message, args):
     if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message):
         need = int(m.group(2))
         fail(f"--vocab_size {args.vocab_size:,} cannot hold the {need:,} characters that --character_coverage "
-             f"{args.character_coverage} requires: use --vocab_size {need + 256} or more, or lower --character_coverage.")
+             f"{args.character_coverage} requires: use --vocab_size {need + 256} or more, or lower "
+             f"--character_coverage.")
 
 
 if __name__ == "__main__":

@@ -157,8 +157,8 @@ def fmt(v, spec=".4f"):
 
 
 print(f"\n{args.minutes:g} minutes each; bits/byte on validation_0 ({args.eval_tokens:,} tokens, EMA) at the end and "
-      "of best.pt (the checkpoint of the trainer's best evaluation); best along run = that evaluation itself (its own, "
-      "smaller sample)")
+      "of best.pt (the checkpoint of the trainer's best evaluation); best along run = that evaluation itself (its "
+      "own, smaller sample)")
 print("| run | params | MFLOP/token | tok/s | steps | bits/byte | best.pt | best along run (step) | 0.5x depth | 2x depth "
       "| flags |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -71,3 +71,13 @@ def help_blocks(text):
         elif name:
             blocks[name] += " " + line.strip()
     return blocks
+
+
+def assert_one_line_error(r, *words):
+    """A script refused with exactly one `error: ...` line holding every word, and no traceback; returns the line."""
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]

@@ -11,7 +11,7 @@ import pytest
 
 import trm.corpus
 
-from conftest import help_blocks
+from conftest import assert_one_line_error, help_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "extract_texts.py")
@@ -138,15 +138,6 @@ def test_damaged_gzip_keeps_what_zcat_keeps(tmp_path):
 
 
 # ---- flags and outputs checked before any work ---------------------------------------------------------------------
-
-def assert_one_line_error(r, *words):
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, r.stderr
-    for w in words:
-        assert w in errors[0], errors[0]
-    return errors[0]
-
 
 def test_help_shows_each_default_once_and_ends_with_an_example(tmp_path):
     r = run(tmp_path, "--help")

@@ -36,6 +36,13 @@ def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+def endless_trainer(corpus, save_dir):
+    """The command of a trainer that runs until it is stopped, logging every step (for signal and lock tests)."""
+    return [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"],
+            "--valid_paths", corpus["validation_0"], "--save_dir", str(save_dir), "--max_steps", "100000",
+            "--eval_every", "100000", "--log_every", "1"]
+
+
 def train(corpus, save_dir, *extra, check=True, env=None):
     cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], corpus["train_1"],
            "--valid_paths", corpus["validation_0"], "--save_dir", str(save_dir), *extra]
@@ -140,9 +147,7 @@ def test_resume_is_bit_identical(corpus, tmp_path, extra):
 @pytest.mark.slow
 def test_sigint_saves_a_checkpoint_that_resumes(corpus, tmp_path):
     save = tmp_path / "ck"
-    cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"],
-           "--valid_paths", corpus["validation_0"], "--save_dir", str(save), "--max_steps", "100000",
-           "--eval_every", "100000", "--log_every", "1"]
+    cmd = endless_trainer(corpus, save)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # wait until training is under way
         if line.startswith("step"):
@@ -284,9 +289,7 @@ def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
 @pytest.mark.slow
 def test_a_second_live_trainer_is_refused_and_kill_9_leaves_nothing_in_the_way(corpus, tmp_path):
     save = tmp_path / "ck"
-    cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"],
-           "--valid_paths", corpus["validation_0"], "--save_dir", str(save), "--max_steps", "100000",
-           "--eval_every", "100000", "--log_every", "1"]
+    cmd = endless_trainer(corpus, save)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:  # wait until training is under way

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import conftest
 from conftest import help_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,11 +145,7 @@ def test_shared_corpus_small_model(tmp_path):
 # ---- flags, inputs and outputs checked before the work --------------------------------------------------------------
 
 def assert_one_line_error(r, *words):
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, r.stderr
-    for w in words:
-        assert w in errors[0], errors[0]
+    conftest.assert_one_line_error(r, *words)
     assert "sample:" not in r.stderr  # no progress bar: refused before the work
 
 

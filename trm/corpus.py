@@ -73,7 +73,8 @@ def _search_dir(directory):
 
 
 def expand_inputs(patterns):
-    """Files named by `patterns` (files, directories searched recursively, globs), and the patterns that matched nothing.
+    """Files named by `patterns` (files, directories searched recursively, globs), and the patterns that matched
+    nothing.
 
     Plain files keep the order given; each glob or directory contributes its matches in natural sort order.
     """

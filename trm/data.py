@@ -118,12 +118,13 @@ def remove_stale_tmp(cache_dir):
 
 
 def pid_alive(pid):
+    """Whether a process of this host has this pid (the owner of a temporary file, say)."""
     try:
         os.kill(pid, 0)  # signal 0: only the existence check
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
-        return True
+        pass
     return True
 
 

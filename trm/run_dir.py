@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from trm.checkpoint import (CheckpointError, checkpoint_step, list_checkpoints, load_checkpoint, prune_checkpoints,
                             save_checkpoint)
+from trm.data import pid_alive
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -85,20 +86,10 @@ def remove_stale_temp_files(save_dir):
     removed = []
     for path in glob.glob(os.path.join(save_dir, "*.pt.tmp.*")):
         pid = path.rsplit(".", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             os.remove(path)
             removed.append(path)
     return removed
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def read_run_id(save_dir):
