@@ -5,7 +5,8 @@
 
 Every run is train_trm_lm.py with the shared flags (--batch_size 64 --weight_decay 0.1 --max_minutes M, evaluation
 every --eval_every steps on 262k validation tokens) plus its own. The budget counts the trainer's training time,
-compilation included; evaluation and saving do not count. When a run ends, its final checkpoint (EMA weights) is scored
+compilation included; evaluation and saving do not count. Every distinct graph is compiled once before the race
+(untimed), so each run finds the inductor cache warm and none pays a cold compile that another does not. When a run ends, its final checkpoint (EMA weights) is scored
 by trm.evaluate on --eval_tokens of validation_0 at its trained depth and at 0.5x and 2x its supervision rounds (deep
 steps for 1-round models). The table also shows the best validation along the run (the trainer's own evaluations),
 since at 30+ epochs a model can be past its best when the clock stops; best.pt, the checkpoint of the best evaluation,
@@ -41,6 +42,7 @@ p.add_argument("--common", default="--batch_size 64 --weight_decay 0.1 --eval_ev
                help="flags every run shares")
 p.add_argument("--eval_tokens", type=int, default=1_000_000)
 p.add_argument("--no_depth", action="store_true", help="score at the trained depth only")
+p.add_argument("--no_warm", action="store_true", help="skip the untimed compile of every distinct graph before the race")
 args = p.parse_args()
 args.out, args.data_dir, args.sp_model = map(os.path.abspath, (args.out, args.data_dir, args.sp_model))
 
@@ -125,6 +127,29 @@ prep = subprocess.run(trainer_cmd("_prep", "--device cpu --compile off --batch_s
                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
 if prep.returncode:
     sys.exit(f"error: preparing the token cache failed:\n{prep.stdout[-2000:]}\n{prep.stderr[-2000:]}")
+
+# torch.compile's first build of a graph takes 20-40 s of the budget; later builds of the same graph load from the
+# inductor cache. Measured on aozora-xl (BENCHMARKS.md): the first run of each architecture lost ~20% of its steps
+# that way. So every distinct graph is compiled once, untimed, before the race: each timed run then finds a warm cache.
+def graph_key(flags):
+    words, key = shlex.split(flags), []
+    for i, w in enumerate(words):  # the learning rate and seed change no graph
+        if w in ("--lr", "--seed") or (i and words[i - 1] in ("--lr", "--seed")):
+            continue
+        key.append(w)
+    return tuple(key)
+
+
+if not args.no_warm:
+    warmed = {}
+    for name, flags in runs:
+        if graph_key(flags) in warmed:
+            continue
+        warmed[graph_key(flags)] = name
+        print(f"warming the compile cache for {name}", flush=True)
+        shutil.rmtree(os.path.join(args.out, "_warm"), ignore_errors=True)
+        subprocess.run(trainer_cmd("_warm", flags, ["--max_steps", "20", "--eval_every", "1000000", "--log_every", "10"]),
+                       cwd=ROOT, capture_output=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu_ids()[0]))
 
 todo, rows, lock = queue.Queue(), [], threading.Lock()
 for r in runs:
