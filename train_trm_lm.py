@@ -75,6 +75,22 @@ def log(msg):
         tqdm.write(msg)  # above the progress bar, when there is one
 
 
+def peer_lost(kind, value, tb):
+    """A collective failed because another process died or quit: one line, rank 0's, instead of a traceback from
+    every rank. A rank that failed for its own reason (fail()) has already said why."""
+    if not (isinstance(value, RuntimeError) and ("gloo" in str(value) or "NCCL" in str(value)
+                                                 or isinstance(value, dist.DistError))):
+        return sys.__excepthook__(kind, value, tb)
+    if master:
+        saved = run_dir.survivor() if "run_dir" in globals() else "no checkpoint of this run was saved yet"
+        print(f"error: another training process stopped (it crashed, was killed or refused to start; its own output "
+              f"says why); {saved}. Continue with the same command plus --resume auto.", file=sys.stderr)
+
+
+if ddp:
+    sys.excepthook = peer_lost
+
+
 log(f"device: {device} ({device_why})" + (f", {world_size} processes" if ddp else ""))
 if warning := warmup_warning(args.lr, args.warmup_steps, args.max_steps):
     log(f"warning: {warning}")

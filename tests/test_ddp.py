@@ -1,0 +1,156 @@
+"""Several processes (torchrun, gloo on CPU): one writer, one lock, exact resume, and a lost rank ends the run cleanly.
+
+The same-global-batch equality of two processes and one is in test_train.py; these are the run's other promises.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import ROOT, TINY, endless_trainer, logged_losses, make_corpus, params
+from trm.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# Every rank but 0 records, outside the save dir, each file it opens for writing or renames inside it.
+RECORDER = textwrap.dedent('''
+    import builtins, os
+    if os.environ.get("RANK", "0") != "0":
+        save_dir, log = os.path.realpath(os.environ["WATCH_DIR"]), os.environ["WATCH_LOG"]
+        def note(what, path):
+            path = os.path.realpath(os.fspath(path)) if isinstance(path, (str, bytes, os.PathLike)) else ""
+            if isinstance(path, str) and path.startswith(save_dir):
+                with _open(log, "a") as f:
+                    f.write(f"{os.environ['RANK']} {what} {path}\\n")
+        _open, _replace, _rename, _link = builtins.open, os.replace, os.rename, os.link
+        def open_(file, mode="r", *a, **k):
+            if any(c in mode for c in "wax+"):
+                note("open", file)
+            return _open(file, mode, *a, **k)
+        def replace(src, dst, *a, **k):
+            note("replace", dst)
+            return _replace(src, dst, *a, **k)
+        def rename(src, dst, *a, **k):
+            note("rename", dst)
+            return _rename(src, dst, *a, **k)
+        def link(src, dst, *a, **k):
+            note("link", dst)
+            return _link(src, dst, *a, **k)
+        builtins.open, os.replace, os.rename, os.link = open_, replace, rename, link
+''')
+
+
+def torchrun(corpus, save_dir, *extra, port, nproc=2, env=None, popen=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], corpus["train_1"],
+           "--valid_paths", corpus["validation_0"], "--save_dir", str(save_dir), "--batch_size", "2", "--dropout",
+           "0", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_only_rank_0_writes_checkpoints_metrics_curves_and_run_json(corpus, tmp_path):
+    hook, save, log = tmp_path / "hook", tmp_path / "ck", tmp_path / "writes_by_other_ranks.txt"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RECORDER)
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "WATCH_DIR": str(save), "WATCH_LOG": str(log)}
+    r = torchrun(corpus, save, "--max_steps", "6", "--eval_every", "2", "--log_every", "2", "--keep_last", "1",
+                 port=29541, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not log.exists(), log.read_text()
+    # rank 0 did write them all, once each
+    names = {p.name for p in save.iterdir()}
+    assert {"metrics.jsonl", "run.json", "best.pt", "final_step_6.pt"} <= names and any(n.endswith(".png")
+                                                                                       for n in names)
+    history = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    keys = [(h["step"], h["kind"]) for h in history if h["kind"] in ("train", "eval")]
+    assert len(keys) == len(set(keys)), keys
+    # pruning ran once, on rank 0: the newest interval checkpoint only (step_4; step_2 pruned), plus best and final
+    assert not (save / "step_2.pt").exists() and (save / "step_4.pt").exists()
+    assert not [n for n in names if ".tmp" in n]
+
+
+def test_a_two_process_run_resumes_bit_identically(corpus, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--max_steps", "8", "--eval_every", "4", "--log_every", "2"]
+    r = torchrun(corpus, straight, *common, port=29542)
+    assert r.returncode == 0, r.stdout + r.stderr
+    resumed.mkdir()
+    (resumed / "step_4.pt").write_bytes((straight / "step_4.pt").read_bytes())
+    (resumed / "metrics.jsonl").write_text(
+        "".join(line for line in (straight / "metrics.jsonl").read_text().splitlines(True)
+                if json.loads(line)["step"] <= 4))
+    r = torchrun(corpus, resumed, *common, "--resume", "auto", port=29543)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = straight / "final_step_8.pt", resumed / "final_step_8.pt"
+    for key in ("model", "ema"):
+        pa, pb = params(a, key), params(b, key)
+        assert all(torch.equal(pa[k], pb[k]) for k in pa), key
+    assert logged_losses(straight) == logged_losses(resumed)
+
+
+def test_a_locked_save_dir_refuses_every_rank_at_once(corpus, tmp_path):
+    save = tmp_path / "ck"
+    live = subprocess.Popen(endless_trainer(corpus, save), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in live.stdout:  # the single-process trainer holds the lock once it trains
+            if line.startswith("step"):
+                break
+        t0 = time.time()
+        r = torchrun(corpus, save, "--max_steps", "4", "--resume", "auto", port=29544)
+        assert r.returncode != 0 and time.time() - t0 < 120  # no rank left waiting at a barrier
+        errors = {line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")}
+        assert len(errors) == 1 and f"another trainer (pid {live.pid})" in errors.pop(), r.stdout + r.stderr
+        assert not [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("[rank")]  # tracebacks
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_rank_that_dies_ends_the_run_with_one_line_and_a_usable_checkpoint(corpus, tmp_path):
+    save = tmp_path / "ck"
+    proc = torchrun(corpus, save, "--max_steps", "100000", "--eval_every", "5", "--log_every", "1", port=29545,
+                    popen=True)
+    out = []
+    try:
+        for line in proc.stdout:  # past the first checkpoint
+            out.append(line)
+            if line.startswith("step     10/"):
+                break
+        ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train_trm_lm.py"], capture_output=True,
+                               text=True).stdout.split()
+        workers = sorted(int(p) for p in ranks)
+        assert len(workers) == 2, (ranks, "".join(out))
+        os.kill(workers[1], signal.SIGKILL)  # the younger worker: rank 1
+        out.append(proc.communicate(timeout=120)[0])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(out)
+    assert proc.returncode != 0
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--resume auto" in errors[0], text
+    assert not [line for line in text.splitlines() if line.startswith("[rank")], text  # no trainer traceback
+    saved = sorted(save.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    assert saved, text
+    step = load_checkpoint(saved[-1])["step"]
+    r = torchrun(corpus, save, "--max_steps", str(step + 2), "--eval_every", "100000", "--resume", "auto", port=29546)
+    assert r.returncode == 0 and f"resuming from {saved[-1]}" in r.stdout, r.stdout + r.stderr
