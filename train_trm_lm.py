@@ -35,6 +35,7 @@ from trm.evaluate import evaluate
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, trainer_parser
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
+from trm.optim import build_optimizer, describe as describe_optimizer, resume_problem
 from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, take_ownership
 from trm.schedule import budget_warning, lr_at, warmup_warning
 from trm.tokenizer import Tokenizer, TokenizerError
@@ -104,6 +105,8 @@ elif ckpt is not None:
     log(f"resuming from {ckpt_path} (step {ckpt['step']})")
     if ckpt.get("tokenizer") and Tokenizer.from_state(ckpt["tokenizer"]).fingerprint() != tokenizer.fingerprint():
         fail(f"the checkpoint was trained with a different tokenizer than {args.tokenizer} {args.sp_model}")
+    if problem := resume_problem(ckpt, args.optimizer):
+        fail(problem)
 try:
     config = TRMConfig(**ckpt["config"]) if ckpt is not None else \
         TRMConfig(vocab_size=tokenizer.vocab_size, halt_head=args.act_weight > 0,
@@ -152,11 +155,8 @@ model = TRM(config).to(device)
 log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without "
     f"embeddings), {model.net_calls()} net calls per token, {model.flops_per_token(L) / 1e6:.1f} MFLOP per "
     f"training token")
-decay = [p_ for p_ in model.parameters() if p_.dim() >= 2]  # matrices; gains and biases none here, but stay safe
-no_decay = [p_ for p_ in model.parameters() if p_.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+optimizer = build_optimizer(model, args, device)
+log(f"optimizer: {describe_optimizer(optimizer)}")
 ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
 checkpoint_bytes = 4 * model.num_params() * (4 if ema is not None else 3)  # fp32 weights, Adam's 2 moments, EMA
 n_kept = args.keep_last + 2 if args.keep_last else args.max_steps // (args.save_every or args.eval_every) + 1
