@@ -33,6 +33,7 @@ from trm.device import autocast, pick_device
 from trm.ema import EMA
 from trm.evaluate import evaluate
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, trainer_parser
+from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
 from trm.optim import build_optimizer, describe as describe_optimizer, resume_problem
@@ -214,6 +215,11 @@ run_dir = RunDir(args.save_dir, args.keep_last, log, ckpt_path, ckpt.get("best")
 bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
 loss_sum = torch.zeros((), device=device)
 loss_count = 0
+guarded = args.collapse_guard == "on" and val_windows is not None  # the same on every rank; rank 0 judges
+guard = CollapseGuard(unigram_entropy(train_tokens, tokenizer.vocab_size), args.warmup_steps,
+                      run_dir.best.get("loss"), step) if guarded and master else None
+if guard is not None:
+    log(f"collapse guard: {guard.describe()}")
 
 
 def checkpoint_state():
@@ -261,6 +267,28 @@ def check_finite():
     if bad.item():
         fail(f"non-finite loss or gradient before step {step}: stopping without saving; {run_dir.survivor()}. Try a "
              f"lower --lr or more --warmup_steps" + (", then --resume auto." if run_dir.saved else "."), 3)
+
+
+def judge(result):
+    """The collapse guard's verdict on an evaluation (rank 0)."""
+    if guard is not None and (warning := guard.observe(step, tokens_seen, result["loss"])):
+        log(f"warning: {warning}")
+
+
+def collapse_error():
+    return guard.message(args.lr, last_good_checkpoint(run_dir.saved, guard.last_good_step, args.save_dir))
+
+
+def stop_if_collapsed():
+    """A collapsed run stops before its weights reach a checkpoint, with exit code 3 as a non-finite one: rank 0
+    judged, every rank stops."""
+    collapsed = torch.tensor(guard is not None and guard.collapsed, device=device)
+    if ddp:
+        dist.broadcast(collapsed, 0)
+    if collapsed.item():
+        if master:
+            fail(collapse_error(), 3)
+        sys.exit(3)
 
 
 def optimizer_step(loss):
@@ -353,14 +381,17 @@ try:
             log(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
                       f"{r['bits_per_byte']:.4f} bits/byte" +
                       (f" | halting head accuracy {r['halt_accuracy']:.3f}" if "halt_accuracy" in r else ""))
+            judge(r)
             if device.type == "cpu" and clock.last_pause > trained:
                 say_once("eval", f"note: an evaluation takes {clock.last_pause:.1f} s here, more than the "
                                  f"{trained:.1f} s of training between two; fewer --eval_tokens (now "
                                  f"{args.eval_tokens:,}) or a larger --eval_every (now {args.eval_every:,}) leaves "
                                  f"more of the time to training")
+        if guarded and step % args.eval_every == 0 and step < args.max_steps:
+            stop_if_collapsed()
         if step % save_every == 0 and step < args.max_steps:
             check_finite()
-            if master:
+            if master and not (guard is not None and guard.suspect):  # an evaluation clears the weights first
                 with clock.pause():
                     save(f"step_{step}.pt")
         if clock.should_stop(step):
@@ -382,6 +413,9 @@ if master:
         with clock.pause():
             if not interrupted and val_windows is not None:
                 last_eval = run_eval()
+                judge(last_eval)
+                if guard is not None and guard.collapsed:
+                    fail(collapse_error(), 3)
             path = save(f"step_{step}.pt" if interrupted else f"final_step_{step}.pt", quiet=True)
             if not interrupted and val_windows is None:
                 metrics.plot()
