@@ -33,8 +33,10 @@ from trm.device import autocast, pick_device
 from trm.ema import EMA
 from trm.evaluate import evaluate
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, trainer_parser
+from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
+from trm.optim import build_optimizer, describe as describe_optimizer, resume_problem
 from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, take_ownership
 from trm.schedule import budget_warning, lr_at, warmup_warning
 from trm.tokenizer import Tokenizer, TokenizerError
@@ -120,6 +122,8 @@ elif ckpt is not None:
     log(f"resuming from {ckpt_path} (step {ckpt['step']})")
     if ckpt.get("tokenizer") and Tokenizer.from_state(ckpt["tokenizer"]).fingerprint() != tokenizer.fingerprint():
         fail(f"the checkpoint was trained with a different tokenizer than {args.tokenizer} {args.sp_model}")
+    if problem := resume_problem(ckpt, args.optimizer):
+        fail(problem)
 try:
     config = TRMConfig(**ckpt["config"]) if ckpt is not None else \
         TRMConfig(vocab_size=tokenizer.vocab_size, halt_head=args.act_weight > 0,
@@ -168,11 +172,8 @@ model = TRM(config).to(device)
 log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without "
     f"embeddings), {model.net_calls()} net calls per token, {model.flops_per_token(L) / 1e6:.1f} MFLOP per "
     f"training token")
-decay = [p_ for p_ in model.parameters() if p_.dim() >= 2]  # matrices; gains and biases none here, but stay safe
-no_decay = [p_ for p_ in model.parameters() if p_.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+optimizer = build_optimizer(model, args, device)
+log(f"optimizer: {describe_optimizer(optimizer)}")
 ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
 checkpoint_bytes = 4 * model.num_params() * (4 if ema is not None else 3)  # fp32 weights, Adam's 2 moments, EMA
 n_kept = args.keep_last + 2 if args.keep_last else args.max_steps // (args.save_every or args.eval_every) + 1
@@ -230,6 +231,11 @@ run_dir = RunDir(args.save_dir, args.keep_last, log, ckpt_path, ckpt.get("best")
 bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
 loss_sum = torch.zeros((), device=device)
 loss_count = 0
+guarded = args.collapse_guard == "on" and val_windows is not None  # the same on every rank; rank 0 judges
+guard = CollapseGuard(unigram_entropy(train_tokens, tokenizer.vocab_size), args.warmup_steps,
+                      run_dir.best.get("loss"), step) if guarded and master else None
+if guard is not None:
+    log(f"collapse guard: {guard.describe()}")
 
 
 def checkpoint_state():
@@ -277,6 +283,28 @@ def check_finite():
     if bad.item():
         fail(f"non-finite loss or gradient before step {step}: stopping without saving; {run_dir.survivor()}. Try a "
              f"lower --lr or more --warmup_steps" + (", then --resume auto." if run_dir.saved else "."), 3)
+
+
+def judge(result):
+    """The collapse guard's verdict on an evaluation (rank 0)."""
+    if guard is not None and (warning := guard.observe(step, tokens_seen, result["loss"])):
+        log(f"warning: {warning}")
+
+
+def collapse_error():
+    return guard.message(args.lr, last_good_checkpoint(run_dir.saved, guard.last_good_step, args.save_dir))
+
+
+def stop_if_collapsed():
+    """A collapsed run stops before its weights reach a checkpoint, with exit code 3 as a non-finite one: rank 0
+    judged, every rank stops."""
+    collapsed = torch.tensor(guard is not None and guard.collapsed, device=device)
+    if ddp:
+        dist.broadcast(collapsed, 0)
+    if collapsed.item():
+        if master:
+            fail(collapse_error(), 3)
+        sys.exit(3)
 
 
 def optimizer_step(loss):
@@ -369,14 +397,17 @@ try:
             log(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
                       f"{r['bits_per_byte']:.4f} bits/byte" +
                       (f" | halting head accuracy {r['halt_accuracy']:.3f}" if "halt_accuracy" in r else ""))
+            judge(r)
             if device.type == "cpu" and clock.last_pause > trained:
                 say_once("eval", f"note: an evaluation takes {clock.last_pause:.1f} s here, more than the "
                                  f"{trained:.1f} s of training between two; fewer --eval_tokens (now "
                                  f"{args.eval_tokens:,}) or a larger --eval_every (now {args.eval_every:,}) leaves "
                                  f"more of the time to training")
+        if guarded and step % args.eval_every == 0 and step < args.max_steps:
+            stop_if_collapsed()
         if step % save_every == 0 and step < args.max_steps:
             check_finite()
-            if master:
+            if master and not (guard is not None and guard.suspect):  # an evaluation clears the weights first
                 with clock.pause():
                     save(f"step_{step}.pt")
         if clock.should_stop(step):
@@ -398,6 +429,9 @@ if master:
         with clock.pause():
             if not interrupted and val_windows is not None:
                 last_eval = run_eval()
+                judge(last_eval)
+                if guard is not None and guard.collapsed:
+                    fail(collapse_error(), 3)
             path = save(f"step_{step}.pt" if interrupted else f"final_step_{step}.pt", quiet=True)
             if not interrupted and val_windows is None:
                 metrics.plot()

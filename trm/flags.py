@@ -51,6 +51,10 @@ def check_flags(args, world_size=1):
         return "--sup_update each runs one process without --grad_accum (its optimizer steps inside the forward pass)"
     if args.train_halt_threshold is not None and not args.act_weight:
         return "--train_halt_threshold needs --act_weight > 0"
+    if args.optimizer == "muon":
+        import torch
+        if not hasattr(torch.optim, "Muon"):
+            return f"--optimizer muon needs PyTorch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}"
     if args.overwrite and args.resume == "auto":
         return "--overwrite starts a new run and --resume auto continues the old one: choose one"
     return None
@@ -137,10 +141,15 @@ def trainer_parser(doc):
     p.add_argument("--single_stream", action="store_true",
                    help="one latent state instead of the answer y and the latent z (same net calls; a variant)")
     # optimizer
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="peak learning rate (of both optimizers with --optimizer muon: see there)")
     p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"],
                    help="after warm-up: decay to 10%% of --lr, or constant")
-    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay of the weight matrices")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+                   help="muon: torch.optim.Muon (PyTorch >= 2.9) for the blocks' weight matrices, AdamW for the "
+                        "embedding, the heads and the vectors. Muon scales its step per matrix to AdamW's update size "
+                        "(adjust_lr_fn match_rms_adamw), so the same --lr and --weight_decay are a sensible start")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="weight decay of the weight matrices")
     p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up to --lr over N steps")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
     p.add_argument("--ema_decay", type=float, default=0.995, help="EMA of the weights, evaluated and saved (0 = none)")
@@ -155,6 +164,11 @@ def trainer_parser(doc):
     p.add_argument("--train_halt_threshold", type=float, default=None,
                    help="train with adaptive depth (needs --act_weight): a token stops its rounds once the halting "
                         "head's probability exceeds this, as in generate.py --halt_threshold (default: off)")
+    p.add_argument("--collapse_guard", default="on", choices=["on", "off"],
+                   help="stop (exit code 3) a run whose validation loss falls back to the unigram level after "
+                        "warm-up (two evaluations in a row at >= 90%% of the training tokens' unigram entropy and not "
+                        "falling, or halfway back there from the best), naming a safer --lr; the collapsed weights are "
+                        "never saved")
     p.add_argument("--sup_update", default="mean", choices=["mean", "each"],
                    help="one optimizer step on the mean of the rounds' losses, or one after each round as in the paper "
                         "(one process, not compiled)")

@@ -1,0 +1,165 @@
+"""--optimizer adamw|muon: which weights Muon gets, one schedule for both, exact resume, DDP, and a GPU run."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import assert_one_line_error
+from tests.test_train import ROOT, TINY, corpus, logged_losses, params, train  # noqa: F401 (corpus: a fixture)
+from trm.checkpoint import load_checkpoint
+from trm.flags import check_flags, trainer_parser
+from trm.model import TRM, TRMConfig
+from trm.optim import MuonAdamW, build_optimizer
+
+MUON = ["--optimizer", "muon"]
+
+
+def flags(*argv):
+    return trainer_parser("doc\n\nexample").parse_args(list(argv))
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return TRM(TRMConfig(**{**dict(vocab_size=300, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0), **kw}))
+
+
+@pytest.mark.parametrize("kw", [dict(arch="trm", halt_head=True), dict(arch="gpt", n_layers=3),
+                                dict(tie_embeddings=True)], ids=["trm_with_halting_head", "gpt", "tied_embeddings"])
+def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(kw):
+    model = tiny_model(**kw)
+    opt = build_optimizer(model, flags(*MUON), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [names[id(p)] for g in opt.muon.param_groups for p in g["params"]]
+    adamw = [names[id(p)] for g in opt.adamw.param_groups for p in g["params"]]
+    assert sorted(muon) == sorted(n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2)
+    assert sorted(muon + adamw) == sorted(names.values())  # each weight in exactly one optimizer, a tied one once
+    heads = {"embed"} | ({"halt"} if kw.get("halt_head") else set()) | (set() if kw.get("tie_embeddings") else {"lm_head"})
+    assert {n.split(".")[0] for n in adamw} == heads
+    assert opt.muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+
+
+def test_adamw_is_built_as_before_the_flag():
+    model = tiny_model()
+    opt = build_optimizer(model, flags("--weight_decay", "0.1"), torch.device("cpu"))
+    assert type(opt) is torch.optim.AdamW and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.param_groups[0]["params"] == [p for p in model.parameters() if p.dim() >= 2]
+
+
+def test_the_schedule_drives_both_and_the_state_round_trips():
+    def steps(model, opt, n):
+        for i in range(n):
+            for group in opt.param_groups:  # as the trainer sets the schedule's lr
+                group["lr"] = 1e-3 * (i + 1)
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    args, cpu = flags(*MUON), torch.device("cpu")
+    straight = tiny_model()
+    opt = build_optimizer(straight, args, cpu)
+    assert isinstance(opt, MuonAdamW) and len(opt.param_groups) == 3  # Muon's and AdamW's two
+    steps(straight, opt, 2)
+    assert {g["lr"] for g in opt.muon.param_groups + opt.adamw.param_groups} == {2e-3}
+    state, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(straight.state_dict())  # (live tensors)
+    steps(straight, opt, 2)
+    resumed = tiny_model()
+    resumed.load_state_dict(weights)
+    opt2 = build_optimizer(resumed, args, cpu)
+    opt2.load_state_dict(state)
+    steps(resumed, opt2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_muon_on_a_torch_without_it_is_one_line(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    assert "--optimizer muon needs PyTorch >= 2.9" in check_flags(flags(*MUON))
+    assert check_flags(flags()) is None
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--arch", "gpt"], ["--sup_update", "each"]], ids=["trm", "gpt", "each"])
+def test_muon_trains_and_resumes_bit_identically(corpus, tmp_path, extra):  # noqa: F811
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--max_steps", "16", "--eval_every", "8", "--log_every", "4", "--dropout", "0.1", *MUON, *extra]
+    r = train(corpus, straight, *common)
+    assert "optimizer: Muon for " in r.stdout
+    losses = [loss for _, kind, loss in logged_losses(straight) if kind == "train"]
+    assert losses[-1] < losses[0] - 0.5, losses  # it learns
+    resumed.mkdir()
+    (resumed / "step_8.pt").write_bytes((straight / "step_8.pt").read_bytes())
+    (resumed / "metrics.jsonl").write_text(
+        "".join(line for line in (straight / "metrics.jsonl").read_text().splitlines(True)
+                if json.loads(line)["step"] <= 8))
+    train(corpus, resumed, *common, "--resume", "auto")
+    a, b = straight / "final_step_16.pt", resumed / "final_step_16.pt"
+    for key in ("model", "ema"):
+        pa, pb = params(a, key), params(b, key)
+        assert all(torch.equal(pa[k], pb[k]) for k in pa), key
+    oa, ob = load_checkpoint(a)["optimizer"], load_checkpoint(b)["optimizer"]
+    assert oa["muon"]["state"] and all(torch.equal(oa["muon"]["state"][i]["momentum_buffer"],
+                                                   ob["muon"]["state"][i]["momentum_buffer"]) for i in oa["muon"]["state"])
+    assert all(torch.equal(oa["adamw"]["state"][i]["exp_avg"], ob["adamw"]["state"][i]["exp_avg"])
+               for i in oa["adamw"]["state"])
+    assert logged_losses(straight) == logged_losses(resumed)
+
+
+@pytest.mark.slow
+def test_resuming_with_the_other_optimizer_is_one_line(corpus, tmp_path):  # noqa: F811
+    save = tmp_path / "ck"
+    train(corpus, save, "--max_steps", "2", "--eval_every", "2", "--log_every", "1")
+    r = train(corpus, save, "--max_steps", "4", "--resume", "auto", *MUON, check=False)
+    assert r.returncode == 2 and "token cache" not in r.stdout
+    assert_one_line_error(r, "--optimizer adamw", "--optimizer muon")
+    train(corpus, tmp_path / "muon", "--max_steps", "2", "--eval_every", "2", "--log_every", "1", *MUON)
+    r = train(corpus, tmp_path / "muon", "--max_steps", "4", "--resume", "auto", check=False)
+    assert r.returncode == 2 and "trained with --optimizer muon" in assert_one_line_error(r)
+
+
+@pytest.mark.slow
+def test_muon_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):  # noqa: F811
+    common = ["--max_steps", "6", "--eval_every", "100", "--log_every", "2", "--dropout", "0", *MUON]
+    train(corpus, tmp_path / "one", *common, "--batch_size", "4")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+           str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], corpus["train_1"],
+           "--valid_paths", corpus["validation_0"], "--save_dir", str(tmp_path / "two"), *common, "--batch_size", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = params(tmp_path / "one" / "final_step_6.pt"), params(tmp_path / "two" / "final_step_6.pt")
+    # Muon orthogonalizes in bf16, which turns a gradient summed in another order (a relative 1e-7) into an update
+    # that differs by up to 2% in a few elements (torch's own Newton-Schulz, measured): equal, not bit-equal. A
+    # step moves a weight by about 2e-3 here; a rank whose gradient were missing or unsynchronized would be far off.
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3)
+    la, lb = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert [s for s, *_ in la] == [s for s, *_ in lb] and all(abs(x - y) < 1e-3 for (*_, x), (*_, y) in zip(la, lb))
+
+
+# ---- GPU (the lead runs these: make test-gpu) -----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["trm", "gpt"])
+def test_muon_compiled_bf16_on_cuda_trains_and_resumes(corpus, tmp_path, arch):  # noqa: F811
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--max_steps", "40", "--eval_every", "20", "--log_every", "5", "--dropout", "0", "--arch", arch,
+              "--compile", "auto", *MUON]
+    r = train(corpus, straight, *common)
+    assert "bf16 autocast" in r.stdout and "--compile auto: CUDA graphs" in r.stdout and "Muon for" in r.stdout
+    losses = [loss for _, kind, loss in logged_losses(straight) if kind == "train"]
+    assert losses[-1] < losses[0] - 0.5, losses
+    resumed.mkdir()
+    (resumed / "step_20.pt").write_bytes((straight / "step_20.pt").read_bytes())
+    r = train(corpus, resumed, *common, "--resume", "auto")
+    assert "resuming from" in r.stdout
+    a, b = (load_checkpoint(d / "final_step_40.pt") for d in (straight, resumed))
+    assert b["optimizer"]["muon"]["state"] and b["step"] == 40
+    # CUDA kernels need not be deterministic: the resumed run ends where the straight one did, not bit for bit
+    assert abs(a["metrics"]["loss"] - b["metrics"]["loss"]) < 0.02 * a["metrics"]["loss"]

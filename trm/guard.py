@@ -1,0 +1,119 @@
+"""The collapse guard: stop a run whose validation loss has fallen back to the unigram level, before its weights reach
+a checkpoint, and say which learning rate to try instead.
+
+A run that diverges without a NaN settles where a model that ignores its context lands: predicting each token with its
+corpus frequency, a loss equal to the entropy of the training tokens' unigram distribution. (Measured on an H200, issue
+19: a 12-layer GPT at --lr 3e-3 sat at train 7.96 / eval 8.17 nats, the unigram level of a 16k vocabulary, from step
+500 to 9,000, silently.) The level comes from the data (np.bincount over the token cache), not a constant, so the rule
+holds for any tokenizer and corpus.
+
+The rule: after the warm-up and the first MIN_TOKENS training tokens, an evaluation is bad when its loss
+- stays at the unigram level: >= UNIGRAM_SHARE of the unigram entropy u and not below the best evaluation before it by
+  STILL_FALLING * u (a first evaluation has no trend: at the level, it is bad). The trend matters: a small model on
+  real text can be healthy and still near u after 600k tokens (the CPU demo on Aozora, 8k vocabulary: 7.15 against
+  u = 7.39), but it is falling; a collapsed one is flat;
+- or is far above its best: it gave back GIVE_BACK of what the run had learned below u (loss >= best + (u - best) / 2),
+  which overfitting never does (it creeps up by hundredths) and a collapse does at once;
+and two bad evaluations in a row stop the run. The first one is only a warning, but its weights are not saved, so the
+newest checkpoint is always one the guard passed. A collapse is stopped at the second evaluation after it.
+"""
+import math
+import os
+
+import numpy as np
+
+from trm.checkpoint import checkpoint_step
+
+UNIGRAM_SHARE = 0.9
+GIVE_BACK = 0.5
+STILL_FALLING = 0.01
+# Before this many tokens a tiny or slow healthy run can still be near the unigram level (a 49k-parameter test model
+# is at 1.06 u after 7.7k tokens); every real configuration measured was far below it by 200k.
+MIN_TOKENS = 200_000
+
+
+def unigram_entropy(tokens, vocab_size, chunk=1 << 24):
+    """Entropy in nats of the tokens' unigram distribution: the loss of a model that predicts every token with its
+    corpus frequency. Counted in chunks, so a 130M-token memmap is never copied whole into int64."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(0, len(tokens), chunk):
+        counts += np.bincount(np.asarray(tokens[i:i + chunk]), minlength=vocab_size)[:vocab_size]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+class CollapseGuard:
+    """Watches the evaluations of one run (rank 0). observe() after each; `suspect` after one bad evaluation (do not
+    save), `collapsed` after two in a row (stop with message())."""
+
+    def __init__(self, unigram, warmup_steps, best=None, step=0, min_tokens=None):
+        self.unigram, self.warmup_steps = unigram, warmup_steps
+        self.min_tokens = MIN_TOKENS if min_tokens is None else min_tokens
+        self.level = UNIGRAM_SHARE * unigram
+        self.best = math.inf if best is None else best  # a resumed run's best.pt loss
+        self.last_good_step = step  # a resumed run starts from weights that were saved, so passed
+        self.bad = []  # (step, loss) of the bad evaluations in a row
+
+    def describe(self):
+        return (f"unigram level {self.unigram:.3f} nats/token (the training tokens' unigram entropy); after step "
+                f"{self.warmup_steps:,} and {self.min_tokens:,} tokens, two evaluations in a row at >= "
+                f"{self.level:.3f} and not falling, or halfway back there from the best, stop the run")
+
+    def is_bad(self, step, tokens_seen, loss):
+        if step < self.warmup_steps or tokens_seen < self.min_tokens:
+            return False
+        if not math.isfinite(loss):
+            return True
+        # a first evaluation shows no trend: at the level, it counts as not falling
+        falling = math.isfinite(self.best) and loss <= self.best - STILL_FALLING * self.unigram
+        if loss >= self.level and not falling:
+            return True
+        return self.best < self.level and loss >= self.best + GIVE_BACK * (self.unigram - self.best)
+
+    def observe(self, step, tokens_seen, loss):
+        """Judge one evaluation. Returns a warning line for the first bad one, else None."""
+        bad = self.is_bad(step, tokens_seen, loss)
+        self.bad = self.bad + [(step, loss)] if bad else []
+        if not bad:
+            self.last_good_step = step
+        best_before, self.best = self.best, min(self.best, loss)
+        if len(self.bad) == 1:
+            return (f"step {step}: the validation loss {loss:.4f} is {self._where(loss, best_before)}: this checkpoint "
+                    f"is not saved, and the run stops if the next evaluation agrees")
+        return None
+
+    @property
+    def suspect(self):
+        return bool(self.bad)
+
+    @property
+    def collapsed(self):
+        return len(self.bad) >= 2
+
+    def _where(self, loss, best):
+        if not math.isfinite(loss) or loss >= self.level:
+            return (f"at or above the unigram level ({self.unigram:.3f} nats/token, the training tokens' unigram "
+                    f"entropy) and not falling")
+        return (f"more than halfway back from its best {best:.4f} to the unigram level ({self.unigram:.3f} nats/token, "
+                f"the training tokens' unigram entropy)")
+
+    def message(self, lr, good_checkpoint):
+        """The one line a collapsed run stops with: what happened, the learning rate, a safer one, what survived."""
+        (s1, l1), (s2, l2) = self.bad[-2:]
+        safer = f"{lr / 2:g}"
+        return (f"the run collapsed: the validation loss at steps {s1:,} and {s2:,} ({l1:.4f}, {l2:.4f}) is "
+                f"{self._where(l2, self.best)}; --lr {lr:g} is too high for this run. Stopped without saving; " +
+                (f"the last good checkpoint {good_checkpoint} is intact: continue from it at a safer rate with "
+                 f"--resume {good_checkpoint} --lr {safer}" if good_checkpoint else
+                 f"no checkpoint was saved before the collapse: start again with --lr {safer} --overwrite") +
+                " (or --collapse_guard off to train on regardless)")
+
+
+def last_good_checkpoint(saved, step, save_dir):
+    """The newest checkpoint still on disk that was written at or before `step` (the last evaluation the guard
+    passed), else best.pt (only ever written at a passed evaluation), else None."""
+    for path in reversed(saved):
+        if os.path.exists(path) and checkpoint_step(path) <= step:
+            return path
+    best = os.path.join(save_dir, "best.pt")
+    return best if os.path.exists(best) else None

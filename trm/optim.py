@@ -1,0 +1,100 @@
+"""The optimizer: AdamW for every weight (the default), or Muon for the hidden matrices with AdamW for the rest.
+
+Muon (torch.optim.Muon, PyTorch >= 2.9) replaces each update of a hidden weight matrix by its nearest semi-orthogonal
+matrix (a few Newton-Schulz iterations on the momentum), so every direction of the matrix moves at the same rate. It
+is meant for the matrices inside the blocks (attention qkv/proj, the MLP); the embedding, the output head, the halting
+head and every vector stay with AdamW, as in the Muon paper and the Parameter Golf records.
+
+One --lr for both: Muon scales its step per matrix with Moonshot's rule (adjust_lr_fn="match_rms_adamw",
+0.2 * sqrt(max(rows, cols))), which gives its updates the RMS of a typical AdamW update at the same learning rate
+("Muon is Scalable for LLM Training", arXiv 2502.16982), so a learning rate (and weight decay, which Muon applies
+like AdamW's, lr * wd) tuned for AdamW is a sensible start for Muon. Keller Jordan's "original" rule would need a
+learning rate of its own, 0.2 * sqrt(d_model) times AdamW's for a square matrix (3.2x at d_model 256), and a second
+flag. Both optimizers follow the trainer's one schedule.
+"""
+import torch
+from torch import nn
+
+BETAS = (0.9, 0.95)
+
+
+def hidden_matrices(model):
+    """The weights of the linear layers inside the network: every nn.Linear except the output and halting heads
+    (the output head may be the embedding itself, when tied)."""
+    heads = {id(model.embed.weight), id(model.lm_head.weight)}
+    if model.halt is not None:
+        heads |= {id(p) for p in model.halt.parameters()}
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in heads]
+
+
+def adamw(params, args, device):
+    decay = [p for p in params if p.dim() >= 2]  # matrices; gains and biases none here, but stay safe
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=args.lr, betas=BETAS, fused=device.type == "cuda")
+
+
+def build_optimizer(model, args, device):
+    """torch.optim.AdamW for --optimizer adamw (exactly as before the flag existed, checkpoints included), or a
+    MuonAdamW that steps Muon and AdamW as one optimizer for --optimizer muon."""
+    if args.optimizer == "adamw":
+        return adamw(list(model.parameters()), args, device)
+    hidden = hidden_matrices(model)
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    muon = torch.optim.Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
+                            ns_steps=5, adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw(rest, args, device))
+
+
+class MuonAdamW:
+    """Two optimizers that the trainer steps, clears, schedules and saves as one. param_groups lists both, so the
+    schedule's `group["lr"] = lr` drives both at one learning rate (Muon's per-matrix scaling happens inside it)."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def checkpoint_optimizer(ckpt):
+    """The --optimizer a checkpoint was trained with (checkpoints from before the flag: adamw)."""
+    return (ckpt.get("args") or {}).get("optimizer", "adamw")
+
+
+def resume_problem(ckpt, optimizer):
+    """A one-line reason why a checkpoint cannot continue with this --optimizer, or None."""
+    trained = checkpoint_optimizer(ckpt)
+    if trained == optimizer:
+        return None
+    return (f"the checkpoint was trained with --optimizer {trained}, and its optimizer state cannot continue as "
+            f"--optimizer {optimizer}: resume with --optimizer {trained}, or start a new run with --optimizer "
+            f"{optimizer} (--overwrite, or another --save_dir)")
+
+
+def describe(optimizer):
+    """One line for the log: which optimizer steps how many weights."""
+    if not isinstance(optimizer, MuonAdamW):
+        return "AdamW"
+    count = lambda opt: sum(p.numel() for g in opt.param_groups for p in g["params"])  # noqa: E731
+    n_muon = sum(len(g["params"]) for g in optimizer.muon.param_groups)
+    return (f"Muon for {n_muon} hidden matrices ({count(optimizer.muon):,} parameters), AdamW for the embedding, heads "
+            f"and vectors ({count(optimizer.adamw):,})")
