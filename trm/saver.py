@@ -40,7 +40,8 @@ class Saver:
         self.lines = collections.deque()  # append (writer) and popleft (trainer) are atomic: no lock needed
         run_dir.log = self.lines.append
         self.buffers = {}  # the state's path (("model", "embed.weight"), ...) -> its CPU copy, reused across saves
-        self.thread = self.error = self.writing = None
+        self.thread = self.writing = None
+        self.outcome = {}  # the write in flight's: {"error": exception}, set by the thread; a fresh dict per write
         atexit.register(self._at_exit)
 
     def save(self, state, name, val_loss=None, quiet=False):
@@ -49,16 +50,17 @@ class Saver:
         self.wait()
         snapshot = self.snapshot(state)
         self.writing = os.path.join(self.run_dir.save_dir, name)
-        self.thread = threading.Thread(target=self._write, args=(snapshot, name, val_loss, quiet),
+        self.outcome = {}
+        self.thread = threading.Thread(target=self._write, args=(snapshot, name, val_loss, quiet, self.outcome),
                                        name="checkpoint-writer", daemon=True)  # daemon: a second Ctrl-C can leave it
         self.thread.start()
         return self.writing
 
-    def _write(self, state, name, val_loss, quiet):
+    def _write(self, state, name, val_loss, quiet, outcome):
         try:
             self.run_dir.save(state, name, val_loss, quiet)
         except BaseException as e:  # noqa: BLE001 - whatever it is, the training thread must hear of it
-            self.error = e
+            outcome["error"] = e  # (into this write's own dict: an abandoned write's failure is nobody's news)
 
     def snapshot(self, state):
         """state with every tensor copied into this saver's buffers and every container rebuilt, so that nothing the
@@ -73,7 +75,7 @@ class Saver:
                     copied[ident] = self._copy(x.detach(), key)
                     if x.is_cuda:
                         devices.add(x.device)
-                return copied[ident]
+                return copied[ident].view(x.shape)  # its own tensor object on the shared copy, as in the state
             if isinstance(x, dict):
                 out = collections.OrderedDict() if isinstance(x, collections.OrderedDict) else {}
                 for k, v in x.items():
@@ -115,8 +117,8 @@ class Saver:
     def _report(self):
         while self.lines:
             self.log(self.lines.popleft())
-        if self.thread is None and self.error is not None:
-            e, self.error = self.error, None
+        if self.thread is None and "error" in self.outcome:
+            e = self.outcome.pop("error")
             if not isinstance(e, SaveDirError):
                 raise e  # a bug, not the disk: its traceback, as on the training thread before
             self.on_error(str(e))
@@ -127,7 +129,7 @@ class Saver:
         process, before or after its rename, never halfway."""
         if self.thread is None or not self.thread.is_alive():
             return
-        self.thread = None
+        self.thread, self.outcome = None, {}
         path, pid = self.writing, os.getpid()
         for tmp in (f"{path}.tmp.{pid}", os.path.join(self.run_dir.save_dir, f"best.pt.tmp.{pid}")):
             try:
