@@ -88,14 +88,14 @@ for d_model in args.d_models:
         saver.wait()
         write_s.append(time.perf_counter() - t)
     saver.close()
-    med = statistics.median
-    rows.append((f"d_model {d_model}", f"{model.num_params() / 1e6:.1f}M", f"{size / 1e6:.0f}", med(sync_s),
-                 med(async_s), first, med(write_s), med(step_alone), med(step_writing)))
+    rows.append((f"d_model {d_model}", f"{model.num_params() / 1e6:.1f}M", f"{size / 1e6:.0f}", sync_s, async_s,
+                 [first], write_s, step_alone, step_writing))
 
-print(f"device: {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, --reps {args.reps}, "
-      f"step: batch 1 x {args.step_tokens} tokens")
+print(f"device: {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+      f"--reps {args.reps}, step: batch 1 x {args.step_tokens} tokens; seconds as median (min): other jobs only add")
 print("| model | params | checkpoint MB | sync save s (training thread) | background save s (training thread) | "
       "first background save s (allocates) | background write s | step s alone | step s during a write |")
 print("|---|---|---|---|---|---|---|---|---|")
 for name, n, mb, *t in rows:
-    print(f"| {name} | {n} | {mb} | " + " | ".join(f"{v:.3f}" for v in t) + " |")
+    print(f"| {name} | {n} | {mb} | " + " | ".join(
+        f"{statistics.median(v):.3f}" + (f" ({min(v):.3f})" if len(v) > 1 else "") for v in t) + " |")
