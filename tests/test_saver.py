@@ -24,7 +24,8 @@ class Trainer:
     def __init__(self, device="cpu", tie_embeddings=False):
         torch.manual_seed(0)
         self.device = device
-        cfg = TRMConfig(vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0, tie_embeddings=tie_embeddings)
+        cfg = TRMConfig(vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0,
+                        tie_embeddings=tie_embeddings)
         self.model = TRM(cfg).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2, fused=device == "cuda")
         self.ema = EMA(self.model, 0.9)
