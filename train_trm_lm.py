@@ -38,6 +38,7 @@ from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
 from trm.optim import build_optimizer, describe as describe_optimizer, resume_problem
 from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, take_ownership
+from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
 from trm.tokenizer import Tokenizer, TokenizerError
 
@@ -228,6 +229,8 @@ clock = RunClock(ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0,  #
                  args.max_minutes, ddp, master, device)
 save_every = args.save_every or args.eval_every
 run_dir = RunDir(args.save_dir, args.keep_last, log, ckpt_path, ckpt.get("best") if ckpt is not None else None)
+# the loop only copies the state to CPU memory; a background thread writes it (trm/saver.py)
+saver = Saver(run_dir, log, on_error=lambda message: fail(message, 1))
 bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
 loss_sum = torch.zeros((), device=device)
 loss_count = 0
@@ -250,10 +253,7 @@ def checkpoint_state():
 
 def save(name, quiet=False):
     evaluated = last_eval is not None and last_eval["step"] == step  # these very weights were just evaluated
-    try:
-        return run_dir.save(checkpoint_state(), name, last_eval["loss"] if evaluated else None, quiet)
-    except SaveDirError as e:
-        fail(str(e), 1)
+    return saver.save(checkpoint_state(), name, last_eval["loss"] if evaluated else None, quiet)
 
 
 def run_eval():
@@ -281,6 +281,7 @@ def check_finite():
     if ddp:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
+        saver.wait()  # the write in flight decides which checkpoint is the last good one
         fail(f"non-finite loss or gradient before step {step}: stopping without saving; {run_dir.survivor()}. Try a "
              f"lower --lr or more --warmup_steps" + (", then --resume auto." if run_dir.saved else "."), 3)
 
@@ -322,7 +323,7 @@ def next_batch():
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-clock.catch_signals(log)
+clock.catch_signals(log, on_abort=saver.abandon)
 
 # ----------------------------------------------------------------------------------------------------------------
 # training loop
@@ -366,6 +367,7 @@ try:
         step += 1
         tokens_seen += tokens_per_step
         bar.update(1)
+        saver.poll()  # the background write's lines, and its failure, between steps
 
         if step % args.log_every == 0 or step == args.max_steps:
             check_finite()  # .item() forces a CPU-GPU sync; only on log steps
@@ -433,6 +435,7 @@ if master:
                 if guard is not None and guard.collapsed:
                     fail(collapse_error(), 3)
             path = save(f"step_{step}.pt" if interrupted else f"final_step_{step}.pt", quiet=True)
+            saver.close()
             if not interrupted and val_windows is None:
                 metrics.plot()
     except OSError as e:

@@ -47,10 +47,13 @@ class RunClock:
             self.last_pause = time.time() - t
             self.paused += self.last_pause
 
-    def catch_signals(self, log):
-        """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once."""
+    def catch_signals(self, log, on_abort=None):
+        """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once, calling on_abort
+        first (to abandon a checkpoint being written in the background: trm/saver.py)."""
         def on_signal(signum, frame):
             if self.stop_requested:
+                if on_abort is not None:
+                    on_abort()
                 raise KeyboardInterrupt
             self.stop_requested = signal.Signals(signum).name
             log(f"\n{self.stop_requested} received: saving a checkpoint after this step (again to abort)")
