@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from trm import checkpoint
+from trm import atomic, checkpoint
 from trm.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_model, prune_checkpoints,
                             save_checkpoint)
 
@@ -70,7 +70,7 @@ def test_write_failure_is_a_checkpoint_error_and_the_previous_one_is_intact(tmp_
             raise OSError(err, os.strerror(err), str(file))
         return FullDisk(file, "wb")
 
-    monkeypatch.setattr(checkpoint, "open", failing_open, raising=False)
+    monkeypatch.setattr(atomic, "open", failing_open, raising=False)
     with pytest.raises(CheckpointError) as e:
         save_checkpoint({**state(2), "model": {"w": torch.zeros(10_000)}}, str(path))
     message = str(e.value)

@@ -16,6 +16,8 @@ import zipfile
 import torch
 
 FORMAT = "generative-trm"
+from trm.atomic import AtomicFile
+
 VERSION = 1
 
 
@@ -30,14 +32,10 @@ def save_checkpoint(state, path):
     temporary file is removed and every earlier checkpoint is left as it was."""
     state = {"format": FORMAT, "version": VERSION, **{k: v for k, v in state.items() if k != "checksum"}}
     state["checksum"] = checksum(state)
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:
+        with AtomicFile(path) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         # torch.save reports a failed write of its zip writer as RuntimeError("unexpected pos ..."), the OSError behind
         cause = e if isinstance(e, OSError) else e.__context__
@@ -45,12 +43,6 @@ def save_checkpoint(state, path):
             raise
         raise CheckpointError(f"could not write checkpoint {path}: {cause.strerror or cause}; the previous checkpoint "
                               f"is intact (nothing was replaced)") from None
-    finally:
-        try:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        except OSError:  # the directory refused the file in the first place
-            pass
 
 
 def checksum(state):

@@ -5,6 +5,8 @@ import sys
 
 import torch
 
+from trm.atomic import AtomicFile
+
 # bf16 dense matmul rates used for MFU. Hopper: the rate measured on this project's H100/H200 machines, not the
 # 989 TFLOP/s datasheet figure (the issue tracker's baselines use the same number).
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
@@ -29,10 +31,8 @@ class MetricsLog:
         self.history = []
         if resume_step is not None and os.path.exists(self.path):
             self.history = [h for h in self.read() if h["step"] <= resume_step]
-        tmp = f"{self.path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
+        with AtomicFile(self.path, "w") as f:  # a crash here leaves the old log, never an empty one
             f.writelines(json.dumps(h) + "\n" for h in self.history)
-        os.replace(tmp, self.path)  # a crash here leaves the old log, never an empty one
 
     def read(self):
         """The entries on file. A line that does not parse (the trainer died in the middle of appending it) is dropped
@@ -72,6 +72,8 @@ class MetricsLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.curves_path + ".tmp.png", dpi=110)
-        plt.close(fig)
-        os.replace(self.curves_path + ".tmp.png", self.curves_path)
+        try:
+            with AtomicFile(self.curves_path) as f:
+                fig.savefig(f, format="png", dpi=110)
+        finally:
+            plt.close(fig)
