@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from trm.checkpoint import CheckpointError
+from trm.cli import fail
 from trm.clock import RunClock
 from trm import depth as depth_schedule
 from trm.data import DataError, PackedLoader, check_paths, eval_windows, load_tokens
@@ -43,11 +44,6 @@ p = trainer_parser(__doc__)
 args = p.parse_args()
 t_process = time.time()  # the wall clock of the summary line
 sys.stdout.reconfigure(line_buffering=True)  # log lines reach `> train.log` as they happen, not in 8 KB blocks
-
-
-def fail(msg, code=2):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
 
 
 if problem := check_flags(args, int(os.environ.get("WORLD_SIZE", "1"))):

@@ -73,9 +73,12 @@ def help_blocks(text):
     return blocks
 
 
-def assert_one_line_error(r, *words):
-    """A script refused with exactly one `error: ...` line holding every word, and no traceback; returns the line."""
+def assert_one_line_error(r, *words, code=None):
+    """A script refused with exactly one `error: ...` line holding every word, no traceback and a non-zero exit status
+    (`code` when given); returns the line."""
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    if code is not None:
+        assert r.returncode == code, (r.returncode, r.stderr)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, r.stderr
     for w in words:
