@@ -200,7 +200,9 @@ peak = peak_flops(device)
 
 # ----------------------------------------------------------------------------------------------------------------
 # the run's state and the few things the loop does besides stepping: evaluate, save, check, time
-metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}")
+eval_weights = "EMA" if ema is not None else "raw"  # the weights run_eval scores: --ema_decay 0 keeps no EMA
+metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}",
+                     f"validation loss ({eval_weights} weights)")
 if master:
     metrics.start(step if ckpt is not None else None)
 clock = RunClock(ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0,  # --max_minutes counts across resumes
@@ -393,8 +395,8 @@ if master:
                    f"{clock.seconds() / 60:.1f} min of training in all)")
         log(f"done: {step} steps{budget} {session}, {tokens_seen:,} tokens; final checkpoint {path}")
     if last_eval and not interrupted:
-        log(f"validation (EMA): loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.1f}, "
-            f"{last_eval['bits_per_byte']:.4f} bits/byte" +
+        log(f"validation ({eval_weights} weights): loss {last_eval['loss']:.4f}, perplexity "
+            f"{last_eval['perplexity']:.1f}, {last_eval['bits_per_byte']:.4f} bits/byte" +
             (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "")
             + f"; curves in {metrics.curves_path}")
 if ddp:

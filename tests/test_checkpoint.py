@@ -204,6 +204,19 @@ def test_load_model_wraps_config_and_tokenizer_mismatches(tmp_path, tiny_checkpo
         load_model(tiny_checkpoint, weights="best")
 
 
+def test_load_model_without_ema_says_it_uses_the_raw_weights(tmp_path, tiny_checkpoint, capsys):
+    state = load_checkpoint(tiny_checkpoint)
+    path = tmp_path / "no_ema.pt"
+    save_checkpoint({**state, "ema": None}, str(path))  # as --ema_decay 0 writes it
+    model, _, _ = load_model(str(path))
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+    note = capsys.readouterr().err
+    assert note.startswith("note: ") and "no EMA" in note and "raw weights" in note and note.count("\n") == 1
+    load_model(tiny_checkpoint)  # a checkpoint with an EMA: nothing to say
+    load_model(str(path), weights="raw")  # the raw weights asked for: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 # ---- listing and pruning ------------------------------------------------------------------------------------------
 
 NAMES = ["step_2.pt", "step_10.pt", "final_step_5.pt", "step_5.pt", "final_step_1.pt", "step_7.pt", "notes.txt",

@@ -333,7 +333,8 @@ def test_numeric_flags_are_checked_before_any_work(capsys, tmp_path, flag, value
 def test_grad_clip_0_means_no_clipping(corpus, tmp_path):
     common = ["--max_steps", "6", "--eval_every", "100", "--log_every", "3", "--dropout", "0", "--ema_decay", "0",
               "--warmup_steps", "1"]
-    train(corpus, tmp_path / "off", *common, "--grad_clip", "0")
+    r = train(corpus, tmp_path / "off", *common, "--grad_clip", "0")
+    assert "validation (raw weights): loss" in r.stdout  # --ema_decay 0: no EMA was evaluated, and it says so
     train(corpus, tmp_path / "huge", *common, "--grad_clip", "1e9")
     a, b = params(tmp_path / "off" / "final_step_6.pt"), params(tmp_path / "huge" / "final_step_6.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same as a bound never reached: it learns

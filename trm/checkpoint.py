@@ -11,13 +11,14 @@ import hashlib
 import os
 import pickle
 import re
+import sys
 import zipfile
 
 import torch
 
-FORMAT = "generative-trm"
 from trm.atomic import AtomicFile
 
+FORMAT = "generative-trm"
 VERSION = 1
 
 
@@ -154,8 +155,9 @@ def prune_checkpoints(save_dir, keep_last, keep=()):
 def load_model(path, weights="ema", map_location="cpu"):
     """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint, for generation and evaluation.
 
-    weights='ema' (the default everywhere) or 'raw'. Falls back to raw weights, with a note, when a checkpoint has
-    no EMA (e.g. one written with --ema_decay 0).
+    weights='ema' (the default everywhere) or 'raw'. A checkpoint without an EMA (trained with --ema_decay 0) gives its
+    raw weights, with a note on stderr: the callers' own output (generate.py's header, evaluate.py's JSON) names the
+    weights asked for.
     """
     from trm.model import TRM, TRMConfig
     from trm.tokenizer import Tokenizer
@@ -168,6 +170,9 @@ def load_model(path, weights="ema", map_location="cpu"):
         sd = state["model"]
         if weights == "ema" and state.get("ema") is not None:
             sd = state["ema"]["model"]
+        elif weights == "ema":
+            print(f"note: {path} has no EMA weights (trained with --ema_decay 0): using its raw weights",
+                  file=sys.stderr)
         model.load_state_dict(sd)
         tokenizer = Tokenizer.from_state(state["tokenizer"])
     except CheckpointError:

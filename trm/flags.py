@@ -105,7 +105,8 @@ def trainer_parser(doc):
     p.add_argument("--max_minutes", type=float, default=0,
                    help="also stop after this many minutes of training (evaluation and saving not counted; 0 = off); "
                         "the lr schedule then follows whichever of steps or minutes runs out first")
-    p.add_argument("--eval_every", type=int, default=500, help="evaluate the EMA weights every N steps")
+    p.add_argument("--eval_every", type=int, default=500,
+                   help="evaluate every N steps (the EMA weights; the raw ones with --ema_decay 0)")
     p.add_argument("--eval_tokens", type=int, default=262144, help="validation target tokens per evaluation")
     p.add_argument("--log_every", type=int, default=100, help="a log line every N steps")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0 = at every evaluation)")

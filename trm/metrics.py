@@ -19,10 +19,10 @@ def peak_flops(device):
 
 
 class MetricsLog:
-    def __init__(self, save_dir, title):
+    def __init__(self, save_dir, title, valid_label="validation loss"):
         self.path = os.path.join(save_dir, "metrics.jsonl")
         self.curves_path = os.path.join(save_dir, "training_curves.png")
-        self.title = title  # of the curves' plot
+        self.title, self.valid_label = title, valid_label  # of the curves' plot
         self.history = []
 
     def start(self, resume_step=None):
@@ -65,7 +65,7 @@ class MetricsLog:
         valid = [h for h in self.history if h["kind"] == "eval"]
         ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss", lw=1)
         if valid:
-            ax.plot([h["step"] for h in valid], [h["loss"] for h in valid], "o-", label="validation loss (EMA)", lw=1.5)
+            ax.plot([h["step"] for h in valid], [h["loss"] for h in valid], "o-", label=self.valid_label, lw=1.5)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(self.title)
