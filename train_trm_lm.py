@@ -270,10 +270,21 @@ def optimizer_step(loss):
 
 
 def next_batch():
-    x, y = loader.next_batch()
+    x, targets = loader.next_batch()
     if device.type == "cuda":  # pinned, so the copy is asynchronous and the CPU runs ahead of the GPU
-        x, y = x.pin_memory(), y.pin_memory()
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, targets = x.pin_memory(), targets.pin_memory()
+    return x.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def autocast_rounds(rounds):
+    """The rounds of --sup_update each with each round's forward under autocast, as in the mean rule; the backward and
+    the optimizer step between two rounds run outside it, as there. (A round's forward runs inside next().)"""
+    while True:
+        with autocast(device, amp_dtype):
+            round_loss = next(rounds, None)
+        if round_loss is None:
+            return
+        yield round_loss
 
 
 clock.catch_signals(log)
@@ -294,9 +305,9 @@ try:
         depth = depth_schedule.for_step(config, args.random_depth, args.depth_warmup, args.seed, step,
                                         max(step / args.max_steps, clock.budget_frac))
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
-            x, y = next_batch()
+            x, targets = next_batch()
             round_losses = []
-            for round_loss in raw_model.supervision_rounds(x, y, **halt_args, **depth):
+            for round_loss in autocast_rounds(raw_model.supervision_rounds(x, targets, **halt_args, **depth)):
                 round_loss.backward()
                 optimizer_step(round_loss)
                 round_losses.append(round_loss.detach())
@@ -306,11 +317,11 @@ try:
             for micro in range(args.grad_accum):
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                x, y = next_batch()
+                x, targets = next_batch()
                 sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
                 with model.no_sync() if not sync else contextlib.nullcontext():
                     with autocast(device, amp_dtype):
-                        _, loss = model(x, y, **halt_args, **depth)
+                        _, loss = model(x, targets, **halt_args, **depth)
                     (loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
                 loss_count += 1

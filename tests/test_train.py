@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_one_line_error, training_dtypes
 from trm.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +58,14 @@ def params(path, key="model"):
     return state[key] if key == "model" else state[key]["model"]
 
 
-def logged_losses(save_dir):
+def logged(save_dir, kind=None):
+    """metrics.jsonl's entries (those of one kind: "train" or "eval")."""
     with open(Path(save_dir) / "metrics.jsonl") as f:
-        return [(h["step"], h["kind"], h["loss"]) for h in map(json.loads, f)]
+        return [h for h in map(json.loads, f) if kind in (None, h["kind"])]
+
+
+def logged_losses(save_dir):
+    return [(h["step"], h["kind"], h["loss"]) for h in logged(save_dir)]
 
 
 @pytest.mark.slow
@@ -82,12 +88,23 @@ def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_paper_update_rule_trains(corpus, tmp_path):
-    r = train(corpus, tmp_path / "ck", "--max_steps", "6", "--eval_every", "6", "--log_every", "3",
-              "--sup_update", "each")
-    assert "bits/byte" in r.stdout and (tmp_path / "ck" / "final_step_6.pt").exists()
+    train(corpus, tmp_path / "ck", "--max_steps", "6", "--eval_every", "6", "--log_every", "3", "--sup_update", "each")
     state = load_checkpoint(tmp_path / "ck" / "final_step_6.pt")
     assert all(v["step"].item() == 6 * 2 for v in state["optimizer"]["state"].values())  # a step per round
 
+    assert [h["step"] for h in logged(tmp_path / "ck", "eval")] == [6] and state["metrics"]["bits_per_byte"] > 0
+
+
+@pytest.mark.parametrize("rule", ["mean", "each"])
+def test_both_update_rules_train_in_the_precision_chosen(corpus, tmp_path, rule):
+    # --dtype bf16 autocasts on CPU too: the rule that steps the optimizer between rounds must not leave autocast out
+    common = [*TINY, "--train_paths", corpus["train_0"], "--valid_paths", "--max_steps", "2", "--log_every", "1",
+              "--sup_update", rule, "--compile", "off"]
+    dtypes, _ = training_dtypes(ROOT / "train_trm_lm.py", [*common, "--save_dir", tmp_path / "bf16", "--dtype", "bf16"],
+                                tmp_path)
+    assert dtypes == {"bfloat16"}
+    dtypes, _ = training_dtypes(ROOT / "train_trm_lm.py", [*common, "--save_dir", tmp_path / "fp32"], tmp_path)
+    assert dtypes == {"float32"}  # the CPU's default
 
 def test_time_budget_stops_with_a_final_checkpoint_and_a_decayed_lr(corpus, tmp_path):
     save, budget = tmp_path / "ck", ["--max_steps", "1000000", "--max_minutes", "0.1", "--warmup_steps", "1",
