@@ -95,6 +95,7 @@ def test_paper_update_rule_trains(corpus, tmp_path):
     assert [h["step"] for h in logged(tmp_path / "ck", "eval")] == [6] and state["metrics"]["bits_per_byte"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["mean", "each"])
 def test_both_update_rules_train_in_the_precision_chosen(corpus, tmp_path, rule):
     # --dtype bf16 autocasts on CPU too: the rule that steps the optimizer between rounds must not leave autocast out
