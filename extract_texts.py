@@ -17,6 +17,8 @@ import time
 
 from tqdm import tqdm
 
+from trm.atomic import AtomicFile, remove_stale_tmp, tmp_name
+from trm.cli import fail, range_error
 from trm.corpus import SUFFIXES, CorpusStats, expand_inputs, iter_texts
 
 DEFAULT_INPUTS = [f"train_{i}.jsonl.gz" for i in range(11)]  # the procedure's shards, in the working directory
@@ -104,43 +106,42 @@ if __name__ == "__main__":
                         help="skip documents shorter than this (default: %(default)s)")
     args = parser.parse_args()
 
-    for name, lo, hi in [("workers", 1, 1024), ("min_chars", 0, 10**9)]:
-        if not lo <= getattr(args, name) <= hi:
-            sys.exit(f"error: --{name} must be between {lo:,} and {hi:,}, got {getattr(args, name):,}")
+    if problem := range_error(args, {"workers": "[1, 1024]", "min_chars": "[0, 1000000000]"}):
+        fail(problem)
     if os.path.isdir(args.output):
-        sys.exit(f"error: --output {args.output} is a directory; name the file to write, e.g. "
-                 f"{os.path.join(args.output, 'train_texts.txt')}")
+        fail(f"--output {args.output} is a directory; name the file to write, e.g. "
+             f"{os.path.join(args.output, 'train_texts.txt')}")
 
     files, missing = expand_inputs(args.inputs)
     for pattern in missing:
         print(f"warning: {pattern} not found, skipping", file=sys.stderr)
     if not files:
-        sys.exit(f"error: no input files found (looked for {' '.join(args.inputs)}; directories are searched for "
-                 f"{', '.join('*' + s for s in SUFFIXES)}). Check the paths and the working directory ({os.getcwd()}).")
+        fail(f"no input files found (looked for {' '.join(args.inputs)}; directories are searched for "
+             f"{', '.join('*' + s for s in SUFFIXES)}). Check the paths and the working directory ({os.getcwd()}).")
     if os.path.exists(args.output):
         for f in files:
             if os.path.samefile(f, args.output):  # the rename at the end would replace the corpus by its own text
-                sys.exit(f"error: --output {args.output} is one of the inputs ({f}); writing it would destroy that "
-                         f"input. Choose another --output, e.g. train_texts.txt.")
+                fail(f"--output {args.output} is one of the inputs ({f}); writing it would destroy that "
+                     f"input. Choose another --output, e.g. train_texts.txt.")
 
     total_bytes = sum(os.path.getsize(f) for f in files)
     out_dir = os.path.dirname(os.path.abspath(args.output))
-    # the output is renamed into place only when complete; a killed run leaves at most this .tmp file
-    tmp = os.path.join(out_dir, f".{os.path.basename(args.output)}.{os.getpid()}.tmp")
+    remove_stale_tmp(out_dir, os.path.basename(args.output))  # what killed runs of this command left
     workers = max(1, min(args.workers, len(files)))
-    parts = [f"{tmp}.part{i}" for i in range(len(files))]
+    parts = [tmp_name(f"{args.output}.part{i}") for i in range(len(files))]
     stats, t0 = CorpusStats(), time.time()
     pool = bar = None
     try:
         try:  # before any reading: a directory that refuses the file should say so in a second, not after the work
-            out = open(tmp, "wb")
+            # renamed into place only when complete; not fsynced: waiting for 1.8 GB to reach the disk costs seconds
+            out = AtomicFile(args.output, durable=False)
         except OSError as e:
-            sys.exit(f"error: cannot write {args.output}: {e.strerror} (in {out_dir}); nothing was read. "
-                     f"Choose an --output in a directory you can write to.")
+            fail(f"cannot write {args.output}: {e.strerror} (in {out_dir}); nothing was read. "
+                 f"Choose an --output in a directory you can write to.")
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="extract", file=sys.stderr)
-        with out:
+        with out as dest:
             if workers == 1:
-                write = background_writer(out)
+                write = background_writer(dest)
                 for path in files:
                     extract_file(path, write, args.text_field, args.min_chars, stats, bar)
                 write(None)
@@ -152,32 +153,31 @@ if __name__ == "__main__":
                 jobs = [(path, part, args.text_field, args.min_chars) for path, part in zip(files, parts)]
                 for path, (part, file_stats) in zip(files, pool.imap(extract_part, jobs)):
                     with open(part, "rb") as src:
-                        shutil.copyfileobj(src, out, 16 << 20)
+                        shutil.copyfileobj(src, dest, 16 << 20)
                     os.unlink(part)
                     stats.merge(file_stats)
                     bar.update(os.path.getsize(path))
                 pool.close()
-        bar.close()
-        if stats.documents == 0:
-            print(stats.summary(), file=sys.stderr)
-            sys.exit(f"error: no readable document in {len(files)} file(s) ({', '.join(files[:3])}"
-                     f"{', ...' if len(files) > 3 else ''}); looked for JSON lines with a string {args.text_field!r} "
-                     f"field. Check --text_field and the files.")
-        if os.path.exists(args.output):
-            # ext4 writes out a file that is renamed over another (auto_da_alloc) before the rename returns: seconds
-            # for a 1.8 GB output. The new file still appears only when complete.
-            os.unlink(args.output)
-        os.replace(tmp, args.output)
+            bar.close()
+            if stats.documents == 0:
+                print(stats.summary(), file=sys.stderr)
+                fail(f"no readable document in {len(files)} file(s) ({', '.join(files[:3])}"
+                     f"{', ...' if len(files) > 3 else ''}); looked for JSON lines with a string "
+                     f"{args.text_field!r} field. Check --text_field and the files.", 1)
+            dest.flush()  # the last write that can fail (disk full) comes before the old output goes
+            if os.path.exists(args.output):
+                # ext4 writes out a file that is renamed over another (auto_da_alloc) before the rename returns:
+                # seconds for a 1.8 GB output. The new file still appears only when complete.
+                os.unlink(args.output)
     except OSError as e:  # disk full, quota, a file-size limit: one sentence, and the old output stays
         if bar is not None:
             bar.close()
         kept = f"the previous {args.output} is unchanged" if os.path.exists(args.output) else "nothing was written"
-        sys.exit(f"error: writing {args.output} failed: {e.strerror or e}; {kept}. "
-                 f"Free some space or choose another --output.")
+        fail(f"writing {args.output} failed: {e.strerror or e}; {kept}. Free some space or choose another --output.", 1)
     finally:
         if pool is not None:
             pool.terminate()
-        for leftover in [tmp] + parts:
+        for leftover in parts:
             if os.path.exists(leftover):
                 os.unlink(leftover)
 

@@ -14,7 +14,6 @@ broken across two lines.
 """
 import argparse
 import io
-import math
 import os
 import random
 import re
@@ -25,6 +24,8 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
+from trm.atomic import AtomicFile, remove_stale_tmp
+from trm.cli import fail, range_error
 from trm.corpus import SUFFIXES, CorpusStats, iter_texts
 
 HOLDOUT_EVERY = 200  # without --eval_file, every 200th line is held out of training and measures the tokenizer
@@ -146,11 +147,6 @@ def not_text(path):
     return None
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
 def vocab_error(message, args):
     """SentencePiece's own complaints about --vocab_size, as one actionable line."""
     if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message):
@@ -191,12 +187,10 @@ if __name__ == "__main__":
     args = parser.parse_args()
 
     # every number against the range SentencePiece accepts (or a sane one), before minutes of work
-    for name, lo, hi in [("vocab_size", 300, 1_000_000), ("character_coverage", 0.98, 1.0),
-                         ("input_sentence_size", 0, 10**12), ("num_threads", 1, 1024),
-                         ("max_sentence_length", 64, 1 << 30), ("seed", 0, 2**32 - 1)]:
-        value = getattr(args, name)
-        if not (math.isfinite(value) and lo <= value <= hi):
-            fail(f"--{name} must be between {lo:,} and {hi:,}, got {value}")
+    if problem := range_error(args, {"vocab_size": "[300, 1000000]", "character_coverage": "[0.98, 1.0]",
+                                     "input_sentence_size": "[0, 1000000000000]", "num_threads": "[1, 1024]",
+                                     "max_sentence_length": f"[64, {1 << 30}]", "seed": f"[0, {2**32 - 1}]"}):
+        fail(problem)
     if not os.path.isfile(args.input):
         fail(f"{args.input} not found (working directory {os.getcwd()}). Run step 1 first: python extract_texts.py "
              f"(it writes train_texts.txt from train_0.jsonl.gz ... train_10.jsonl.gz), or pass --input PATH.")
@@ -217,13 +211,10 @@ if __name__ == "__main__":
             fail(f"--eval_file {args.eval_file} has no readable text to evaluate on (for .jsonl(.gz), documents in "
                  f"the 'text' field). Fix the file or leave --eval_file out to hold lines of --input back.")
 
-    # the files are written under a temporary prefix next to the real one and renamed: an interrupted run or a full
-    # disk leaves the old model untouched
     out_dir = os.path.dirname(os.path.abspath(args.model_prefix))
-    tmp_prefix = os.path.join(out_dir, f".{os.path.basename(args.model_prefix)}.tmp{os.getpid()}")
+    remove_stale_tmp(out_dir, os.path.basename(args.model_prefix))  # what killed runs of this command left
     try:  # now, not after minutes of training: a directory that refuses the files
-        open(tmp_prefix + ".model", "wb").close()
-        os.remove(tmp_prefix + ".model")
+        AtomicFile(args.model_prefix + ".model").discard()
     except OSError as e:
         fail(f"cannot write {args.model_prefix}.model: {e.strerror} (in {out_dir}); nothing was trained. "
              f"Choose a --model_prefix in a directory you can write to.")
@@ -261,26 +252,23 @@ if __name__ == "__main__":
     except (RuntimeError, KeyboardInterrupt) as e:
         bar.close()
         if isinstance(e, KeyboardInterrupt):
-            fail("interrupted; existing model files (if any) are unchanged.")
+            fail("interrupted; existing model files (if any) are unchanged.", 1)
         vocab_error(str(e), args)
-        fail(f"SentencePiece training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}")
+        fail(f"SentencePiece training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}", 1)
     bar.close()
     sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
-    try:
-        with open(tmp_prefix + ".model", "wb") as f:
-            f.write(proto.getvalue())
-        with open(tmp_prefix + ".vocab", "w", encoding="utf-8") as f:  # SentencePiece's layout: piece, tab, score
-            f.writelines(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-        for ext in (".model", ".vocab"):
-            os.replace(tmp_prefix + ext, args.model_prefix + ext)
-    except OSError as e:  # disk full, quota: one sentence, and the previous model (if any) stays
+    try:  # both written whole before either is renamed: a full disk leaves the previous model as it was
+        with AtomicFile(args.model_prefix + ".model") as model_file, \
+                AtomicFile(args.model_prefix + ".vocab", "w", encoding="utf-8") as vocab_file:
+            model_file.write(proto.getvalue())
+            # SentencePiece's layout: piece, tab, score
+            vocab_file.writelines(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+            model_file.flush()
+            vocab_file.flush()
+    except OSError as e:  # disk full, quota: one sentence
         kept = "the previous model is unchanged" if os.path.exists(args.model_prefix + ".model") else "nothing written"
         fail(f"writing {args.model_prefix}.model failed: {e.strerror or e}; {kept}. Free some space or choose "
-             f"another --model_prefix.")
-    finally:
-        for ext in (".model", ".vocab"):
-            if os.path.exists(tmp_prefix + ext):
-                os.unlink(tmp_prefix + ext)
+             f"another --model_prefix.", 1)
     train_seconds = time.time() - t0
     print(f"trained on {fed['sentences']:,} sentences ({fed['chars']:,} characters) in {train_seconds:.0f} s "
           f"-> {args.model_prefix}.model, {args.model_prefix}.vocab")
@@ -292,7 +280,7 @@ if __name__ == "__main__":
         where = f"the first lines of {args.input} (too short to hold lines back: these were trained on)"
         texts = read_eval_file(args.input)[:1000]
     if not texts:
-        fail(f"no text to evaluate in {where}; the model itself is written.")
+        fail(f"no text to evaluate in {where}; the model itself is written.", 1)
     ids = sp.encode(texts, num_threads=args.num_threads)
     flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
     is_byte = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from trm.checkpoint import CheckpointError
+from trm.cli import fail
 from trm.clock import RunClock
 from trm import depth as depth_schedule
 from trm.data import DataError, PackedLoader, check_paths, eval_windows, load_tokens
@@ -46,11 +47,6 @@ p = trainer_parser(__doc__)
 args = p.parse_args()
 t_process = time.time()  # the wall clock of the summary line
 sys.stdout.reconfigure(line_buffering=True)  # log lines reach `> train.log` as they happen, not in 8 KB blocks
-
-
-def fail(msg, code=2):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
 
 
 if problem := check_flags(args, int(os.environ.get("WORLD_SIZE", "1"))):
@@ -222,7 +218,9 @@ peak = peak_flops(device)
 
 # ----------------------------------------------------------------------------------------------------------------
 # the run's state and the few things the loop does besides stepping: evaluate, save, check, time
-metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}")
+eval_weights = "EMA" if ema is not None else "raw"  # the weights run_eval scores: --ema_decay 0 keeps no EMA
+metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}",
+                     f"validation loss ({eval_weights} weights)")
 if master:
     metrics.start(step if ckpt is not None else None)
 clock = RunClock(ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0,  # --max_minutes counts across resumes
@@ -317,10 +315,21 @@ def optimizer_step(loss):
 
 
 def next_batch():
-    x, y = loader.next_batch()
+    x, targets = loader.next_batch()
     if device.type == "cuda":  # pinned, so the copy is asynchronous and the CPU runs ahead of the GPU
-        x, y = x.pin_memory(), y.pin_memory()
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, targets = x.pin_memory(), targets.pin_memory()
+    return x.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def autocast_rounds(rounds):
+    """The rounds of --sup_update each with each round's forward under autocast, as in the mean rule; the backward and
+    the optimizer step between two rounds run outside it, as there. (A round's forward runs inside next().)"""
+    while True:
+        with autocast(device, amp_dtype):
+            round_loss = next(rounds, None)
+        if round_loss is None:
+            return
+        yield round_loss
 
 
 clock.catch_signals(log, on_abort=saver.abandon)
@@ -341,9 +350,9 @@ try:
         depth = depth_schedule.for_step(config, args.random_depth, args.depth_warmup, args.seed, step,
                                         max(step / args.max_steps, clock.budget_frac))
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
-            x, y = next_batch()
+            x, targets = next_batch()
             round_losses = []
-            for round_loss in raw_model.supervision_rounds(x, y, **halt_args, **depth):
+            for round_loss in autocast_rounds(raw_model.supervision_rounds(x, targets, **halt_args, **depth)):
                 round_loss.backward()
                 optimizer_step(round_loss)
                 round_losses.append(round_loss.detach())
@@ -353,11 +362,11 @@ try:
             for micro in range(args.grad_accum):
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                x, y = next_batch()
+                x, targets = next_batch()
                 sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
                 with model.no_sync() if not sync else contextlib.nullcontext():
                     with autocast(device, amp_dtype):
-                        _, loss = model(x, y, **halt_args, **depth)
+                        _, loss = model(x, targets, **halt_args, **depth)
                     (loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
                 loss_count += 1
@@ -450,8 +459,8 @@ if master:
                    f"{clock.seconds() / 60:.1f} min of training in all)")
         log(f"done: {step} steps{budget} {session}, {tokens_seen:,} tokens; final checkpoint {path}")
     if last_eval and not interrupted:
-        log(f"validation (EMA): loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.1f}, "
-            f"{last_eval['bits_per_byte']:.4f} bits/byte" +
+        log(f"validation ({eval_weights} weights): loss {last_eval['loss']:.4f}, perplexity "
+            f"{last_eval['perplexity']:.1f}, {last_eval['bits_per_byte']:.4f} bits/byte" +
             (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "")
             + f"; curves in {metrics.curves_path}")
 if ddp:

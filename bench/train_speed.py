@@ -19,6 +19,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from trm.cli import fail  # noqa: E402 (after the path)
+from trm.corpus import SUFFIXES, train_shards  # noqa: E402
 
 CONFIGS = {  # name: extra train_trm_lm.py flags
     "seed b64": ["--batch_size", "64"],
@@ -38,8 +40,9 @@ p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags adde
 p.add_argument("--json", default=None)
 args = p.parse_args()
 
-train_paths = sorted((os.path.join(args.data, f) for f in os.listdir(args.data) if f.startswith("train_")),
-                     key=lambda s: int(re.findall(r"\d+", os.path.basename(s))[0]))
+train_paths = train_shards(args.data)
+if not train_paths:
+    fail(f"no training shards (train_N{' or train_N'.join(SUFFIXES)}) in --data {args.data}")
 valid = os.path.join(args.data, "validation_0.jsonl.gz")
 work = tempfile.mkdtemp(prefix="trm_bench_")
 rows = []

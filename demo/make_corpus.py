@@ -6,14 +6,18 @@ Out come train_0.jsonl.gz … train_{N-1}.jsonl.gz and validation_0.jsonl.gz: gz
 document per line, {"text": "段落1\\n段落2…", "meta": {"source": "demo", "doc_id": …}}, the same layout the
 real corpora use, so every later step runs unchanged. The prose is written for this project from templates
 and a few hundred content words: a tiny model learns its particles, verb endings and recurring scenes in a
-couple of CPU minutes, so a demo sample visibly resembles it. Pure standard library, deterministic per --seed.
+couple of CPU minutes, so a demo sample visibly resembles it. Standard library only, deterministic per --seed.
 """
 import argparse
 import gzip
 import json
 import os
 import random
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+from trm.atomic import AtomicFile  # noqa: E402 (after the path)
 
 # -----------------------------------------------------------------------------------------------------------
 # grammar: verbs are stored in dictionary form and conjugated here, so every template gets its form right
@@ -460,9 +464,8 @@ def write_shard(path, docs, prefix):
              for i, t in enumerate(docs)]
     # mtime=0 and no file name in the header: the same seed gives byte-identical shards
     data = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0)
-    with open(path + ".tmp", "wb") as f:
+    with AtomicFile(path) as f:
         f.write(data)
-    os.replace(path + ".tmp", path)
     return len(data)
 
 

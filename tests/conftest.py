@@ -73,11 +73,48 @@ def help_blocks(text):
     return blocks
 
 
-def assert_one_line_error(r, *words):
-    """A script refused with exactly one `error: ...` line holding every word, and no traceback; returns the line."""
+def assert_one_line_error(r, *words, code=None):
+    """A script refused with exactly one `error: ...` line holding every word, no traceback and a non-zero exit status
+    (`code` when given); returns the line."""
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    if code is not None:
+        assert r.returncode == code, (r.returncode, r.stderr)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, r.stderr
     for w in words:
         assert w in errors[0], errors[0]
     return errors[0]
+
+
+# Runs a script (argv[2:]) in this interpreter after hooking every module's forward pass, and writes to argv[1] the
+# dtypes that nn.Linear layers produced while in training mode: the precision the training forward really ran in.
+TRAINING_DTYPES = """
+import json, os, runpy, sys, torch
+seen = set()
+
+def note(module, args, out):
+    if module.training and isinstance(module, torch.nn.Linear):
+        seen.add(str(out.dtype).removeprefix("torch."))
+
+torch.nn.modules.module.register_module_forward_hook(note)
+out_file, sys.argv = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as `python script.py` would
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open(out_file, "w") as f:
+        json.dump(sorted(seen), f)
+"""
+
+
+def training_dtypes(script, args, tmp_path, timeout=300):
+    """(the dtypes the Linear layers of `script args` output while training, the finished process)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "dtypes.json"
+    r = subprocess.run([sys.executable, "-c", TRAINING_DTYPES, str(out), str(script), *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return set(json.loads(out.read_text())), r

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from trm import checkpoint
+from trm import atomic, checkpoint
 from trm.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_model, prune_checkpoints,
                             save_checkpoint)
 
@@ -70,7 +70,7 @@ def test_write_failure_is_a_checkpoint_error_and_the_previous_one_is_intact(tmp_
             raise OSError(err, os.strerror(err), str(file))
         return FullDisk(file, "wb")
 
-    monkeypatch.setattr(checkpoint, "open", failing_open, raising=False)
+    monkeypatch.setattr(atomic, "open", failing_open, raising=False)
     with pytest.raises(CheckpointError) as e:
         save_checkpoint({**state(2), "model": {"w": torch.zeros(10_000)}}, str(path))
     message = str(e.value)
@@ -202,6 +202,19 @@ def test_load_model_wraps_config_and_tokenizer_mismatches(tmp_path, tiny_checkpo
             load_model(str(path))
     with pytest.raises(CheckpointError, match="weights must be"):
         load_model(tiny_checkpoint, weights="best")
+
+
+def test_load_model_without_ema_says_it_uses_the_raw_weights(tmp_path, tiny_checkpoint, capsys):
+    state = load_checkpoint(tiny_checkpoint)
+    path = tmp_path / "no_ema.pt"
+    save_checkpoint({**state, "ema": None}, str(path))  # as --ema_decay 0 writes it
+    model, _, _ = load_model(str(path))
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+    note = capsys.readouterr().err
+    assert note.startswith("note: ") and "no EMA" in note and "raw weights" in note and note.count("\n") == 1
+    load_model(tiny_checkpoint)  # a checkpoint with an EMA: nothing to say
+    load_model(str(path), weights="raw")  # the raw weights asked for: nothing to say
+    assert capsys.readouterr().err == ""
 
 
 # ---- listing and pruning ------------------------------------------------------------------------------------------

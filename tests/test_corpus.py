@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from trm import corpus
-from trm.corpus import CorpusStats, expand_inputs, iter_texts
+from trm.corpus import CorpusStats, expand_inputs, iter_texts, train_shards
 
 DOCS = ["吾輩は猫である。\n名前はまだ無い。", "どこで生れたかとんと見当がつかぬ。", "何でも薄暗いじめじめした所で泣いていた。"]
 
@@ -201,3 +201,12 @@ def test_damage_found_in_a_later_read_keeps_the_lines_of_that_read(tmp_path, mon
     path = tmp_path / "damaged.jsonl.gz"
     path.write_bytes(data)
     assert list(iter_texts(str(path))) == docs[:200]
+
+
+def test_train_shards_are_numbered_files_in_number_order(tmp_path):
+    names = ["train_10.jsonl.gz", "train_2.jsonl.gz", "train_0.jsonl", "train_texts.txt", "validation_0.jsonl.gz",
+             "train_3.jsonl.gz.tmp.host.123", "train_.jsonl.gz"]  # step 1's output sits beside the shards
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert [os.path.basename(p) for p in train_shards(str(tmp_path))] == ["train_0.jsonl", "train_2.jsonl.gz",
+                                                                           "train_10.jsonl.gz"]

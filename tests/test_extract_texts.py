@@ -3,6 +3,7 @@ import gzip
 import json
 import os
 import runpy
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,15 @@ def test_disk_full_while_writing_is_one_sentence_and_keeps_the_old_output(tmp_pa
                           "previous train_texts.txt is unchanged")
     assert (tmp_path / "train_texts.txt").read_text() == "the previous output\n"
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_a_killed_runs_leftovers_are_removed_by_the_next_run(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl.gz", [{"text": "文書"}])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    leftovers = [tmp_path / f"train_texts.txt.tmp.{socket.gethostname()}.{dead}",
+                 tmp_path / f"train_texts.txt.part0.tmp.{socket.gethostname()}.{dead}"]
+    for p in leftovers:
+        p.write_text("partial")
+    assert run(tmp_path, "--inputs", "a.jsonl.gz").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl.gz", "train_texts.txt"]

@@ -133,3 +133,15 @@ def test_nccl_two_gpus_match_one_gpu(tmp_path):
     b = load_checkpoint(tmp_path / "two" / "final_step_10.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3)  # TF32 and reduction order differ
+
+
+@pytest.mark.parametrize("rule", ["mean", "each"])
+def test_both_update_rules_train_in_bf16_on_cuda(tmp_path, rule):
+    # --sup_update each steps the optimizer between rounds, outside the mean rule's forward: it once ran in fp32 here
+    from conftest import training_dtypes
+    from tests.test_train import ROOT, TINY, make_corpus
+    corpus = make_corpus(tmp_path)
+    dtypes, r = training_dtypes(ROOT / "train_trm_lm.py", [
+        *TINY, "--train_paths", corpus["train_0"], "--valid_paths", "--max_steps", "2", "--log_every", "1",
+        "--sup_update", rule, "--device", "cuda", "--compile", "off", "--save_dir", tmp_path / "ck"], tmp_path)
+    assert "bf16 autocast" in r.stdout and dtypes == {"bfloat16"}, (dtypes, r.stdout)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_one_line_error, training_dtypes
 from trm.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +58,14 @@ def params(path, key="model"):
     return state[key] if key == "model" else state[key]["model"]
 
 
-def logged_losses(save_dir):
+def logged(save_dir, kind=None):
+    """metrics.jsonl's entries (those of one kind: "train" or "eval")."""
     with open(Path(save_dir) / "metrics.jsonl") as f:
-        return [(h["step"], h["kind"], h["loss"]) for h in map(json.loads, f)]
+        return [h for h in map(json.loads, f) if kind in (None, h["kind"])]
+
+
+def logged_losses(save_dir):
+    return [(h["step"], h["kind"], h["loss"]) for h in logged(save_dir)]
 
 
 @pytest.mark.slow
@@ -68,32 +74,44 @@ def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
     r = train(corpus, save, "--max_steps", "12", "--eval_every", "6", "--log_every", "3")
     names = sorted(os.listdir(save))
     assert {"step_6.pt", "final_step_12.pt", "metrics.jsonl", "training_curves.png"} <= set(names)
-    assert "bits/byte" in r.stdout and "parameters" in r.stdout
     state = load_checkpoint(save / "final_step_12.pt")  # weights_only=True inside
     for key in ("config", "model", "ema", "optimizer", "step", "tokens_seen", "loader", "rng", "args", "tokenizer"):
         assert key in state, key
     assert state["step"] == 12 and state["tokens_seen"] == 12 * 4 * 32
     assert state["args"]["d_model"] == 32
-    kinds = [k for _, k, _ in logged_losses(save)]
-    assert kinds.count("train") == 4 and kinds.count("eval") == 2
+    assert [h["step"] for h in logged(save, "train")] == [3, 6, 9, 12]
+    evals = logged(save, "eval")
+    assert [h["step"] for h in evals] == [6, 12] and all(0 < h["bits_per_byte"] < 8 for h in evals)
+    assert state["metrics"]["loss"] == evals[-1]["loss"]  # the final checkpoint carries its evaluation
     # EMA differs from the raw weights and is what the evaluation used
     assert any(not torch.equal(a, b) for a, b in zip(state["model"].values(), state["ema"]["model"].values()))
 
 
 @pytest.mark.slow
 def test_paper_update_rule_trains(corpus, tmp_path):
-    r = train(corpus, tmp_path / "ck", "--max_steps", "6", "--eval_every", "6", "--log_every", "3",
-              "--sup_update", "each")
-    assert "bits/byte" in r.stdout and (tmp_path / "ck" / "final_step_6.pt").exists()
+    train(corpus, tmp_path / "ck", "--max_steps", "6", "--eval_every", "6", "--log_every", "3", "--sup_update", "each")
     state = load_checkpoint(tmp_path / "ck" / "final_step_6.pt")
     assert all(v["step"].item() == 6 * 2 for v in state["optimizer"]["state"].values())  # a step per round
+    assert [h["step"] for h in logged(tmp_path / "ck", "eval")] == [6] and state["metrics"]["bits_per_byte"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["mean", "each"])
+def test_both_update_rules_train_in_the_precision_chosen(corpus, tmp_path, rule):
+    # --dtype bf16 autocasts on CPU too: the rule that steps the optimizer between rounds must not leave autocast out
+    common = [*TINY, "--train_paths", corpus["train_0"], "--valid_paths", "--max_steps", "2", "--log_every", "1",
+              "--sup_update", rule, "--compile", "off"]
+    dtypes, _ = training_dtypes(ROOT / "train_trm_lm.py", [*common, "--save_dir", tmp_path / "bf16", "--dtype", "bf16"],
+                                tmp_path)
+    assert dtypes == {"bfloat16"}
+    dtypes, _ = training_dtypes(ROOT / "train_trm_lm.py", [*common, "--save_dir", tmp_path / "fp32"], tmp_path)
+    assert dtypes == {"float32"}  # the CPU's default
 
 
 def test_time_budget_stops_with_a_final_checkpoint_and_a_decayed_lr(corpus, tmp_path):
     save, budget = tmp_path / "ck", ["--max_steps", "1000000", "--max_minutes", "0.1", "--warmup_steps", "1",
                                      "--eval_every", "1000000", "--log_every", "1"]
-    r = train(corpus, save, *budget)
-    assert "--max_minutes budget ran out" in r.stdout
+    train(corpus, save, *budget)
     final = [f for f in os.listdir(save) if f.startswith("final_step_")]
     steps = int(final[0][len("final_step_"):-3])
     assert len(final) == 1 and 1 < steps < 1000000
@@ -102,23 +120,24 @@ def test_time_budget_stops_with_a_final_checkpoint_and_a_decayed_lr(corpus, tmp_
     # the cosine schedule ran on the clock: from the top to near its floor (10% of --lr), where steps would say top
     assert lrs[0] == 3e-3 and lrs[-1] < 0.2 * 3e-3
     # the budget counts across a resume: a spent one trains no further step
-    again = train(corpus, save, *budget, "--resume", "auto")
-    assert "budget ran out" in again.stdout and f"done: {steps} steps" in again.stdout
+    train(corpus, save, *budget, "--resume", "auto")
+    assert [f for f in os.listdir(save) if f.startswith("final_step_")] == final
+    assert logged(save, "train")[-1]["step"] == load_checkpoint(save / final[0])["step"] == steps
 
 
 @pytest.mark.parametrize("rule", ["mean", "each"])
 def test_halting_head_trains_and_reports_its_accuracy(corpus, tmp_path, rule):
-    r = train(corpus, tmp_path / "ck", "--max_steps", "6", "--eval_every", "3", "--log_every", "3",
-              "--act_weight", "0.5", "--sup_update", rule)
-    assert r.stdout.count("halting head accuracy") == 2
+    train(corpus, tmp_path / "ck", "--max_steps", "6", "--eval_every", "3", "--log_every", "3", "--act_weight", "0.5",
+          "--sup_update", rule)
+    assert [h["step"] for h in logged(tmp_path / "ck", "eval") if 0 <= h["halt_accuracy"] <= 1] == [3, 6]
     state = load_checkpoint(tmp_path / "ck" / "final_step_6.pt")
     assert state["config"]["halt_head"] and state["metrics"]["halt_accuracy"] > 0
     assert not torch.equal(state["model"]["halt.weight"], torch.zeros_like(state["model"]["halt.weight"]))
-    stopping = train(corpus, tmp_path / "stop", "--max_steps", "4", "--eval_every", "4", "--act_weight", "0.5",
-                     "--sup_update", rule, "--train_halt_threshold", "0.5")
-    assert "halting head accuracy" in stopping.stdout and (tmp_path / "stop" / "final_step_4.pt").exists()
+    train(corpus, tmp_path / "stop", "--max_steps", "4", "--eval_every", "4", "--act_weight", "0.5", "--sup_update",
+          rule, "--train_halt_threshold", "0.5")
+    assert "halt_accuracy" in load_checkpoint(tmp_path / "stop" / "final_step_4.pt")["metrics"]
     gpt = train(corpus, tmp_path / "gpt", "--max_steps", "2", "--arch", "gpt", "--act_weight", "0.5", check=False)
-    assert gpt.returncode == 2 and "--act_weight needs --arch trm" in gpt.stderr
+    assert_one_line_error(gpt, "--act_weight needs --arch trm", code=2)
 
 
 @pytest.mark.slow
@@ -133,9 +152,9 @@ def test_resume_is_bit_identical(corpus, tmp_path, extra):
     (resumed / "metrics.jsonl").write_text(
         "".join(line for line in (straight / "metrics.jsonl").read_text().splitlines(True)
                 if json.loads(line)["step"] <= 8))
-    r = train(corpus, resumed, *common, "--resume", "auto")
-    assert "resuming from" in r.stdout
+    train(corpus, resumed, *common, "--resume", "auto")
     a, b = straight / "final_step_16.pt", resumed / "final_step_16.pt"
+    assert load_checkpoint(b)["run_id"] == load_checkpoint(resumed / "step_8.pt")["run_id"]  # resumed, not begun anew
     for key in ("model", "ema"):
         pa, pb = params(a, key), params(b, key)
         assert all(torch.equal(pa[k], pb[k]) for k in pa), key
@@ -156,12 +175,12 @@ def test_sigint_saves_a_checkpoint_that_resumes(corpus, tmp_path):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
     saved = list(save.glob("step_*.pt"))
-    assert len(saved) == 1 and "interrupted at step" in out
+    assert len(saved) == 1 and not list(save.glob("final_step_*.pt"))
     step = load_checkpoint(saved[0])["step"]
-    r = train(corpus, save, "--max_steps", str(step + 3), "--eval_every", "100000", "--log_every", "1",
-              "--train_paths", corpus["train_0"], "--resume", "auto")
-    assert f"resuming from {saved[0]}" in r.stdout
-    assert (save / f"final_step_{step + 3}.pt").exists()
+    train(corpus, save, "--max_steps", str(step + 3), "--eval_every", "100000", "--log_every", "1",
+          "--train_paths", corpus["train_0"], "--resume", "auto")
+    assert load_checkpoint(save / f"final_step_{step + 3}.pt")["run_id"] == load_checkpoint(saved[0])["run_id"]
+    assert [h["step"] for h in logged(save, "train")][-4:] == [step, step + 1, step + 2, step + 3]
 
 
 @pytest.mark.slow
@@ -171,22 +190,21 @@ def test_truncated_checkpoint_is_reported_and_auto_resume_falls_back(corpus, tmp
     final = save / "final_step_8.pt"
     final.write_bytes(final.read_bytes()[:1000])
     r = train(corpus, save, "--max_steps", "10", "--eval_every", "4", "--log_every", "2", "--resume", "auto")
-    assert "unreadable or truncated" in r.stdout and "final_step_8.pt" in r.stdout
-    assert "resuming from" in r.stdout and "step_4.pt" in r.stdout
+    # the warning names the damaged file: the user's cue to look at it
+    assert re.search(r"warning: skipping .*final_step_8\.pt is unreadable or truncated", r.stdout)
+    assert [h["step"] for h in logged(save, "train")] == [4, 6, 8, 10]  # resumed from step_4.pt, its log kept
     r = train(corpus, save, "--resume", str(final), check=False)
-    assert r.returncode == 2 and "unreadable or truncated" in r.stderr and "Traceback" not in r.stderr
+    assert_one_line_error(r, "unreadable or truncated", str(final), code=2)
 
 
 def test_missing_inputs_are_clear_errors(corpus, tmp_path):
     r = train(corpus, tmp_path / "ck", "--train_paths", str(tmp_path / "train_9.jsonl.gz"), check=False)
-    assert r.returncode == 2 and "train file not found" in r.stderr and "train_9.jsonl.gz" in r.stderr
+    assert_one_line_error(r, "train file not found", "train_9.jsonl.gz", code=2)
     r = train(corpus, tmp_path / "ck", "--tokenizer", "sentencepiece", "--sp_model", str(tmp_path / "nope.model"),
               check=False)
-    assert r.returncode == 2 and "SentencePiece model not found" in r.stderr and "Traceback" not in r.stderr
-    r = train(corpus, tmp_path / "ck", "--eval_every", "0", check=False)
-    assert r.returncode == 2 and "--eval_every must be at least 1" in r.stderr
+    assert_one_line_error(r, "SentencePiece model not found", code=2)
     r = train(corpus, tmp_path / "ck", "--d_model", "30", "--n_heads", "4", check=False)
-    assert r.returncode == 2 and "n_heads" in r.stderr and "Traceback" not in r.stderr
+    assert_one_line_error(r, "n_heads", code=2)
 
 
 @pytest.mark.slow
@@ -196,9 +214,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     good = (save / "final_step_4.pt").read_bytes()
     r = train(corpus, save, "--max_steps", "40", "--eval_every", "4", "--log_every", "4", "--resume", "auto",
               "--lr", "1e30", "--grad_clip", "1e30", "--warmup_steps", "0", "--lr_schedule", "constant", check=False)
-    assert r.returncode == 3 and "non-finite" in r.stderr, r.stdout + r.stderr
+    assert_one_line_error(r, "non-finite", f"the last good checkpoint {save / 'final_step_4.pt'} is intact", code=3)
     assert not list(save.glob("step_*.pt")) and (save / "final_step_4.pt").read_bytes() == good
-    assert f"the last good checkpoint {save / 'final_step_4.pt'} is intact" in r.stderr
 
 
 @pytest.mark.slow
@@ -211,7 +228,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("step      2/6") == 1  # only rank 0 logs
+    assert sum(line.startswith("step ") for line in r.stdout.splitlines()) == 3  # steps 2, 4, 6: only rank 0 logs
     a, b = params(tmp_path / "one" / "final_step_6.pt"), params(tmp_path / "two" / "final_step_6.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
@@ -221,7 +238,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus,
         assert abs(x - y) < 1e-4
 
 
-# ---- nothing lost, nobody confused (issue 13) -----------------------------------------------------------------------
+# ---- nothing lost, nobody confused ---------------------------------------------------------------------------------
 
 def run_in_process(capsys, *argv):
     """The trainer in this process, for checks that end before any work (no torch import per case): (code, out, err)."""
@@ -237,29 +254,23 @@ def run_in_process(capsys, *argv):
     return code, out.out, out.err
 
 
-def one_line_error(r):
-    return len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
-
-
 @pytest.mark.slow
 def test_a_run_owns_its_save_dir(corpus, tmp_path):
     save = tmp_path / "ck"
     train(corpus, save, "--max_steps", "8", "--eval_every", "4", "--log_every", "4")
     before = {n: (save / n).read_bytes() for n in ("step_4.pt", "final_step_8.pt", "metrics.jsonl")}
     # a fresh run in the folder of another run is refused, before any work, and touches nothing
-    r = train(corpus, save, "--max_steps", "6", "--eval_every", "4", check=False)
-    assert r.returncode == 2 and one_line_error(r), r.stderr
-    assert "--resume auto" in r.stderr and "--overwrite" in r.stderr and "token cache" not in r.stdout
-    assert {n: (save / n).read_bytes() for n in before} == before
+    r = train(corpus, save, "--max_steps", "6", "--eval_every", "4", "--cache_dir", tmp_path / "cache", check=False)
+    assert_one_line_error(r, "--resume auto", "--overwrite", code=2)
+    assert {n: (save / n).read_bytes() for n in before} == before and not (tmp_path / "cache").exists()
     # --overwrite starts over: the old run's files move to a sibling folder, nothing is deleted
     r = train(corpus, save, "--max_steps", "6", "--eval_every", "4", "--log_every", "2", "--overwrite")
     aside = [d for d in tmp_path.iterdir() if d.name.startswith("ck.replaced-")]
-    assert len(aside) == 1 and {n: (aside[0] / n).read_bytes() for n in before} == before and str(aside[0]) in r.stdout
+    assert len(aside) == 1 and {n: (aside[0] / n).read_bytes() for n in before} == before
     assert (save / "final_step_6.pt").exists() and not (save / "step_4.pt").read_bytes() == before["step_4.pt"]
     # --resume auto continues the folder's run: another run's checkpoint is skipped although its step is higher
     (save / "final_step_8.pt").write_bytes(before["final_step_8.pt"])
-    r = train(corpus, save, "--max_steps", "7", "--eval_every", "4", "--log_every", "1", "--resume", "auto")
-    assert f"resuming from {save / 'final_step_6.pt'}" in r.stdout and "belongs to run" in r.stdout
+    train(corpus, save, "--max_steps", "7", "--eval_every", "4", "--log_every", "1", "--resume", "auto")
     ids = [load_checkpoint(p)["run_id"] for p in (save / "final_step_7.pt", save / "final_step_6.pt",
                                                   aside[0] / "final_step_8.pt")]
     assert ids[0] == ids[1] != ids[2] and json.loads((save / "run.json").read_text())["run_id"] == ids[0]
@@ -296,7 +307,7 @@ def test_a_second_live_trainer_is_refused_and_kill_9_leaves_nothing_in_the_way(c
             if line.startswith("step"):
                 break
         r = train(corpus, save, "--max_steps", "4", "--resume", "auto", check=False)
-        assert r.returncode == 2 and one_line_error(r) and f"another trainer (pid {proc.pid})" in r.stderr
+        assert_one_line_error(r, f"another trainer (pid {proc.pid})", code=2)
     finally:
         proc.kill()
         proc.wait()
@@ -304,32 +315,37 @@ def test_a_second_live_trainer_is_refused_and_kill_9_leaves_nothing_in_the_way(c
     dead, live = save / f"step_3.pt.tmp.{proc.pid}", save / f"step_3.pt.tmp.{os.getpid()}"
     dead.write_bytes(b"partial")
     live.write_bytes(b"being written")
-    r = train(corpus, save, "--max_steps", "2", "--eval_every", "2", "--log_every", "1", "--resume", "auto")
+    train(corpus, save, "--max_steps", "2", "--eval_every", "2", "--log_every", "1", "--resume", "auto")
     assert (save / ".lock").exists() and (save / "final_step_2.pt").exists()
-    assert not dead.exists() and f"removed {dead}" in r.stdout and live.exists()
+    assert not dead.exists() and live.exists()
 
 
-BAD_FLAGS = [("--grad_clip", "-1", ">= 0 (0 = no clipping)"), ("--lr", "nan", "> 0"), ("--lr", "0", "> 0"),
-             ("--lr", "inf", "> 0"), ("--warmup_steps", "-5", "at least 0"), ("--weight_decay", "-0.1", ">= 0"),
-             ("--weight_decay", "nan", ">= 0"), ("--eval_tokens", "0", "at least 1"),
-             ("--keep_last", "-1", "at least 0"), ("--save_every", "-2", "at least 0"), ("--dropout", "1", "[0, 1)"),
-             ("--ema_decay", "nan", "[0, 1)"), ("--max_minutes", "-1", ">= 0"), ("--max_minutes", "nan", ">= 0"),
-             ("--act_weight", "-0.5", ">= 0"), ("--batch_size", "0", "at least 1"), ("--seed", "-1", "at least 0")]
+BAD_FLAGS = [("--grad_clip", "-1", "at least 0 (0 = no clipping)"), ("--lr", "nan", "greater than 0"),
+             ("--lr", "0", "greater than 0"), ("--lr", "inf", "greater than 0"), ("--warmup_steps", "-5", "at least 0"),
+             ("--weight_decay", "-0.1", "at least 0"), ("--weight_decay", "nan", "at least 0"),
+             ("--eval_tokens", "0", "at least 1"), ("--eval_every", "0", "at least 1"),
+             ("--keep_last", "-1", "at least 0"), ("--save_every", "-2", "at least 0"),
+             ("--dropout", "1", "at least 0 and less than 1"),
+             ("--ema_decay", "nan", "at least 0 and less than 1 (0 = no EMA)"), ("--max_minutes", "-1", "at least 0"),
+             ("--max_minutes", "nan", "at least 0"), ("--act_weight", "-0.5", "at least 0"),
+             ("--batch_size", "0", "at least 1"), ("--seed", "-1", "at least 0")]
 
 
 @pytest.mark.parametrize("flag,value,expected", BAD_FLAGS, ids=[f"{f}={v}" for f, v, _ in BAD_FLAGS])
 def test_numeric_flags_are_checked_before_any_work(capsys, tmp_path, flag, value, expected):
     code, out, err = run_in_process(capsys, "--train_paths", "nowhere.jsonl.gz", "--max_steps", "2",
                                     "--save_dir", str(tmp_path / "ck"), flag, value)
-    assert code == 2 and f"{flag} must be" in err and expected in err and value in err, err
-    assert "device:" not in out and not (tmp_path / "ck").exists()
+    assert code == 2 and err.startswith(f"error: {flag} must be {expected}"), err
+    assert err.rstrip().endswith((f"got {value}", f"got {float(value)}")), err
+    assert out == "" and not (tmp_path / "ck").exists()  # nothing done, not even the device chosen
 
 
 @pytest.mark.slow
 def test_grad_clip_0_means_no_clipping(corpus, tmp_path):
     common = ["--max_steps", "6", "--eval_every", "100", "--log_every", "3", "--dropout", "0", "--ema_decay", "0",
               "--warmup_steps", "1"]
-    train(corpus, tmp_path / "off", *common, "--grad_clip", "0")
+    r = train(corpus, tmp_path / "off", *common, "--grad_clip", "0")
+    assert "validation (raw weights): loss" in r.stdout  # --ema_decay 0: no EMA was evaluated, and it says so
     train(corpus, tmp_path / "huge", *common, "--grad_clip", "1e9")
     a, b = params(tmp_path / "off" / "final_step_6.pt"), params(tmp_path / "huge" / "final_step_6.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same as a bound never reached: it learns
@@ -343,8 +359,7 @@ def test_a_torn_last_line_in_metrics_does_not_stop_a_resume(corpus, tmp_path):
     train(corpus, save, "--max_steps", "4", "--eval_every", "4", "--log_every", "2")
     with open(save / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "kind": "tra')  # the crash came in the middle of an append
-    r = train(corpus, save, "--max_steps", "6", "--eval_every", "4", "--log_every", "2", "--resume", "auto")
-    assert "dropped 1 unreadable line" in r.stderr
+    train(corpus, save, "--max_steps", "6", "--eval_every", "4", "--log_every", "2", "--resume", "auto")
     assert [(s, k) for s, k, _ in logged_losses(save)] == [(2, "train"), (4, "train"), (4, "eval"), (6, "train"),
                                                            (6, "eval")]
 
@@ -370,21 +385,20 @@ def test_disk_full_while_saving_is_one_sentence_and_the_previous_checkpoint_surv
            "--valid_paths", corpus["validation_0"], "--save_dir", str(save), "--max_steps", "12", "--eval_every", "4",
            "--log_every", "4"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and one_line_error(r), r.stderr
-    assert "No space left on device" in r.stderr and f"{save / 'step_4.pt'} is intact" in r.stderr
+    assert_one_line_error(r, "No space left on device", f"{save / 'step_4.pt'} is intact", code=1)
     assert load_checkpoint(save / "step_4.pt")["step"] == 4 and not list(save.glob("*.tmp.*"))
 
 
 def test_an_unusable_save_dir_or_checkpoint_is_a_clear_error_before_any_work(corpus, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    r = train(corpus, blocker / "ck", "--max_steps", "2", check=False)
-    assert r.returncode == 2 and one_line_error(r) and "cannot write in --save_dir" in r.stderr
-    assert "token cache" not in r.stdout
+    r = train(corpus, blocker / "ck", "--max_steps", "2", "--cache_dir", tmp_path / "cache", check=False)
+    assert_one_line_error(r, "cannot write in --save_dir", code=2)
+    assert not (tmp_path / "cache").exists()  # refused before the corpus was tokenized
     marker = tmp_path / "marker.pt"  # a file with the format marker and nothing else
     save_checkpoint({}, str(marker))
     r = train(corpus, tmp_path / "ck", "--max_steps", "2", "--resume", str(marker), check=False)
-    assert r.returncode == 2 and one_line_error(r) and "cannot be resumed" in r.stderr
+    assert_one_line_error(r, "cannot be resumed", code=2)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -396,22 +410,23 @@ def test_a_read_only_save_dir_is_reported_before_any_work(corpus, tmp_path):
         r = train(corpus, save, "--max_steps", "2", "--cache_dir", str(tmp_path / "cache"), check=False)
     finally:
         save.chmod(0o755)
-    assert r.returncode == 2 and one_line_error(r) and "cannot write in --save_dir" in r.stderr
+    assert_one_line_error(r, "cannot write in --save_dir", code=2)
 
 
 @pytest.mark.slow
 def test_a_resume_settles_tokenizer_and_architecture_before_the_corpus_is_tokenized(corpus, tmp_path, tiny_sp_model):
     save = tmp_path / "ck"
     train(corpus, save, "--max_steps", "2", "--eval_every", "2", "--log_every", "1")
+    late = tmp_path / "cache"  # where the corpus would be tokenized: it must not come to that
     r = train(corpus, save, "--resume", "auto", "--tokenizer", "sentencepiece", "--sp_model", tiny_sp_model,
-              check=False)
-    assert r.returncode == 2 and "different tokenizer" in r.stderr and "token cache" not in r.stdout
-    r = train(corpus, tmp_path / "heads", "--n_heads", "3", check=False)
-    assert r.returncode == 2 and "n_heads=3" in r.stderr and "token cache" not in r.stdout
+              "--cache_dir", late, check=False)
+    assert_one_line_error(r, "different tokenizer", code=2)
+    r = train(corpus, tmp_path / "heads", "--n_heads", "3", "--cache_dir", late, check=False)
+    assert_one_line_error(r, "n_heads=3", code=2)
+    assert not late.exists()
     # the checkpoint's window length wins over a disagreeing flag, which is told so (the corpus did not change)
-    r = train(corpus, save, "--max_steps", "3", "--eval_every", "3", "--log_every", "1", "--resume", "auto",
-              "--max_seq_len", "16")
-    assert "--max_seq_len 16 ignored" in r.stdout and "corpus changed" not in r.stderr
+    train(corpus, save, "--max_steps", "3", "--eval_every", "3", "--log_every", "1", "--resume", "auto",
+          "--max_seq_len", "16")
     state = load_checkpoint(save / "final_step_3.pt")
     assert state["config"]["max_seq_len"] == state["args"]["max_seq_len"] == 32 and state["tokens_seen"] == 3 * 4 * 32
 
@@ -420,18 +435,17 @@ def test_a_resume_settles_tokenizer_and_architecture_before_the_corpus_is_tokeni
 def test_the_non_finite_stop_says_whether_a_checkpoint_exists(corpus, tmp_path):
     r = train(corpus, tmp_path / "ck", "--max_steps", "40", "--eval_every", "100", "--log_every", "4", "--lr", "1e30",
               "--grad_clip", "1e30", "--warmup_steps", "0", "--lr_schedule", "constant", check=False)
-    assert r.returncode == 3 and "no checkpoint of this run was saved yet" in r.stderr and "intact" not in r.stderr
+    assert "intact" not in assert_one_line_error(r, "no checkpoint of this run was saved yet", code=3)
 
 
-# ---- the user's own run (issue 14) ----------------------------------------------------------------------------------
+# ---- the user's own run ------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_checkpoints_are_pruned_by_default_keeping_best_final_and_the_newest_three(corpus, tmp_path):
     save = tmp_path / "ck"
-    r = train(corpus, save, "--max_steps", "10", "--eval_every", "2", "--log_every", "2")
+    train(corpus, save, "--max_steps", "10", "--eval_every", "2", "--log_every", "2")
     assert sorted(p.name for p in save.glob("*.pt")) == ["best.pt", "final_step_10.pt", "step_4.pt", "step_6.pt",
                                                          "step_8.pt"]
-    assert f"removed {save / 'step_2.pt'}" in r.stdout and "compile: --compile auto: not compiled on cpu" in r.stdout
     # best.pt: the checkpoint with the lowest validation loss, a second name for its file (no second copy on disk)
     evals = {s: loss for s, kind, loss in logged_losses(save) if kind == "eval"}
     best = min(evals, key=evals.get)
@@ -440,15 +454,13 @@ def test_checkpoints_are_pruned_by_default_keeping_best_final_and_the_newest_thr
     assert (save / "best.pt").stat().st_ino == same.stat().st_ino
     same.unlink()  # as pruning would: best.pt stays
     assert load_checkpoint(save / "best.pt")["step"] == best
-    r = train(corpus, tmp_path / "all", "--max_steps", "6", "--eval_every", "2", "--log_every", "2", "--keep_last", "0")
+    train(corpus, tmp_path / "all", "--max_steps", "6", "--eval_every", "2", "--log_every", "2", "--keep_last", "0")
     assert {"step_2.pt", "step_4.pt", "final_step_6.pt"} <= {p.name for p in (tmp_path / "all").iterdir()}
-    assert "removed" not in r.stdout
 
 
 def test_compile_auto_takes_cuda_graphs_for_launch_bound_steps():
     from trm.flags import choose_compile
     assert choose_compile("auto", "cuda", 4 * 512)[:2] == (True, True)  # the procedure's batch: launch-bound
-    assert "launch-bound" in choose_compile("auto", "cuda", 4 * 512)[2]
     assert choose_compile("auto", "cuda", 16 * 512)[:2] == (True, True)
     assert choose_compile("auto", "cuda", 64 * 512)[:2] == (True, False)  # compute-bound: plain compile
     assert choose_compile("auto", "cpu", 4 * 512)[:2] == (False, False)

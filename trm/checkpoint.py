@@ -11,9 +11,12 @@ import hashlib
 import os
 import pickle
 import re
+import sys
 import zipfile
 
 import torch
+
+from trm.atomic import AtomicFile
 
 FORMAT = "generative-trm"
 VERSION = 1
@@ -30,14 +33,10 @@ def save_checkpoint(state, path):
     temporary file is removed and every earlier checkpoint is left as it was."""
     state = {"format": FORMAT, "version": VERSION, **{k: v for k, v in state.items() if k != "checksum"}}
     state["checksum"] = checksum(state)
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:
+        with AtomicFile(path) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         # torch.save reports a failed write of its zip writer as RuntimeError("unexpected pos ..."), the OSError behind
         cause = e if isinstance(e, OSError) else e.__context__
@@ -45,12 +44,6 @@ def save_checkpoint(state, path):
             raise
         raise CheckpointError(f"could not write checkpoint {path}: {cause.strerror or cause}; the previous checkpoint "
                               f"is intact (nothing was replaced)") from None
-    finally:
-        try:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        except OSError:  # the directory refused the file in the first place
-            pass
 
 
 def checksum(state):
@@ -162,8 +155,9 @@ def prune_checkpoints(save_dir, keep_last, keep=()):
 def load_model(path, weights="ema", map_location="cpu"):
     """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint, for generation and evaluation.
 
-    weights='ema' (the default everywhere) or 'raw'. Falls back to raw weights, with a note, when a checkpoint has
-    no EMA (e.g. one written with --ema_decay 0).
+    weights='ema' (the default everywhere) or 'raw'. A checkpoint without an EMA (trained with --ema_decay 0) gives its
+    raw weights, with a note on stderr: the callers' own output (generate.py's header, evaluate.py's JSON) names the
+    weights asked for.
     """
     from trm.model import TRM, TRMConfig
     from trm.tokenizer import Tokenizer
@@ -176,6 +170,9 @@ def load_model(path, weights="ema", map_location="cpu"):
         sd = state["model"]
         if weights == "ema" and state.get("ema") is not None:
             sd = state["ema"]["model"]
+        elif weights == "ema":
+            print(f"note: {path} has no EMA weights (trained with --ema_decay 0): using its raw weights",
+                  file=sys.stderr)
         model.load_state_dict(sd)
         tokenizer = Tokenizer.from_state(state["tokenizer"])
     except CheckpointError:

@@ -94,6 +94,13 @@ def expand_inputs(patterns):
     return files, missing
 
 
+def train_shards(folder):
+    """The training shards in `folder` as the users number them: train_N with a corpus suffix, train_2 before train_10.
+    Other train_ files are not shards: step 1 writes its train_texts.txt beside them."""
+    shard = re.compile(r"train_\d+(" + "|".join(re.escape(s) for s in SUFFIXES) + ")$")
+    return sorted((os.path.join(folder, f) for f in os.listdir(folder) if shard.fullmatch(f)), key=_natural_key)
+
+
 def _read_blocks(path, stats):
     """Decompressed bytes of `path` in big blocks; at damage, record it and stop (what came before stands)."""
     try:

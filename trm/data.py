@@ -22,14 +22,13 @@ import hashlib
 import json
 import mmap
 import os
-import re
-import socket
 import sys
 import time
 
 import numpy as np
 import torch
 
+from trm.atomic import AtomicFile, remove_stale_tmp
 from trm.corpus import CorpusStats, iter_texts
 
 
@@ -59,73 +58,38 @@ def build_token_cache(paths, tokenizer, out_path, text_field="text", num_threads
                       docs_per_batch=2048):
     """Tokenize every document of `paths` into out_path (uint16/uint32 ids) + out_path.json (counts).
 
-    Written to temporary files and renamed, so an interrupted build is simply rebuilt next time.
+    Written under temporary names and renamed, so an interrupted build is simply rebuilt next time.
     """
     from tqdm import tqdm
 
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     stats = CorpusStats()
     n_tokens, t0 = 0, time.time()
-    tmp, meta_tmp = tmp_name(out_path), tmp_name(out_path + ".json")
     total_bytes = sum(os.path.getsize(p) for p in paths)
     bar = tqdm(total=len(paths), desc=desc, unit="file", disable=None, leave=False,
                postfix=f"{total_bytes / 1e6:.0f} MB")
-    try:
-        with open(tmp, "wb") as f:
-            for path in paths:
-                batch = []
-                for text in iter_texts(path, text_field, stats):
-                    batch.append(text)
-                    if len(batch) == docs_per_batch:
-                        n_tokens += _write_batch(f, tokenizer, batch, dtype, num_threads)
-                        batch = []
-                n_tokens += _write_batch(f, tokenizer, batch, dtype, num_threads)
-                bar.update(1)
-                bar.set_postfix(tokens=f"{n_tokens / 1e6:.1f}M")
+    # not fsynced: a cache lost to a power cut fails its checksum and is rebuilt
+    with AtomicFile(out_path, durable=False) as f:
+        for path in paths:
+            batch = []
+            for text in iter_texts(path, text_field, stats):
+                batch.append(text)
+                if len(batch) == docs_per_batch:
+                    n_tokens += _write_batch(f, tokenizer, batch, dtype, num_threads)
+                    batch = []
+            n_tokens += _write_batch(f, tokenizer, batch, dtype, num_threads)
+            bar.update(1)
+            bar.set_postfix(tokens=f"{n_tokens / 1e6:.1f}M")
         bar.close()
         if n_tokens == 0:
             raise DataError(f"no readable documents in {', '.join(paths)} (text field {text_field!r})")
-        meta = {"tokens": n_tokens, "dtype": np.dtype(dtype).name, "documents": stats.documents,
-                "skipped": dict(stats.skipped), "errors": stats.errors, "files": [os.path.abspath(p) for p in paths],
-                "seconds": round(time.time() - t0, 2), "checksum": file_checksum(tmp)}
-        with open(meta_tmp, "w") as f:
-            json.dump(meta, f, ensure_ascii=False, indent=1)
-        # .bin first: a crash between the two renames leaves a new .bin beside an old checksum, i.e. a rebuild
-        os.replace(tmp, out_path)
-        os.replace(meta_tmp, out_path + ".json")
-    finally:
-        for leftover in (tmp, meta_tmp):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+    # the .bin first: a crash before the sidecar is renamed leaves a new .bin beside an old checksum, i.e. a rebuild
+    meta = {"tokens": n_tokens, "dtype": np.dtype(dtype).name, "documents": stats.documents,
+            "skipped": dict(stats.skipped), "errors": stats.errors, "files": [os.path.abspath(p) for p in paths],
+            "seconds": round(time.time() - t0, 2), "checksum": file_checksum(out_path)}
+    with AtomicFile(out_path + ".json", "w", durable=False) as f:
+        json.dump(meta, f, ensure_ascii=False, indent=1)
     return meta
-
-
-def tmp_name(path):
-    # host and pid: two builders never share a name, and a leftover's owner can be checked (remove_stale_tmp)
-    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-
-
-def remove_stale_tmp(cache_dir):
-    """Delete temporary files of builds whose process on this host is gone (kill -9, OOM killer, power loss)."""
-    host = socket.gethostname()
-    for name in os.listdir(cache_dir):
-        m = re.search(r"\.tmp\.(?:(.+)\.)?(\d+)$", name)  # no host: a name from before hosts were added
-        if m and m.group(1) in (host, None) and not pid_alive(int(m.group(2))):
-            try:
-                os.remove(os.path.join(cache_dir, name))
-            except FileNotFoundError:  # another process cleaning up at the same time
-                pass
-
-
-def pid_alive(pid):
-    """Whether a process of this host has this pid (the owner of a temporary file, say)."""
-    try:
-        os.kill(pid, 0)  # signal 0: only the existence check
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        pass
-    return True
 
 
 CHECKSUM_BLOCK = 64 << 20

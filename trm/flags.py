@@ -5,7 +5,8 @@ Every number is checked, because each wrong one fails late or silently: --grad_c
 trains nothing, a negative --keep_last deletes checkpoints.
 """
 import argparse
-import math
+
+from trm.cli import range_error
 
 # the flags that make the architecture: a resumed run keeps the checkpoint's values
 ARCH_FLAGS = ("arch", "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps", "dropout",
@@ -19,34 +20,28 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
 
 
-AT_LEAST_1 = ("batch_size", "grad_accum", "max_seq_len", "max_steps", "eval_every", "log_every", "eval_tokens",
-              "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps")
-AT_LEAST_0 = ("warmup_steps", "save_every", "keep_last", "num_workers", "seed", "grad_deep_steps")
-REAL_RANGES = {  # flag: (test, the range as the message states it)
-    "lr": (lambda v: v > 0, "> 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "grad_clip": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
-    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 = no EMA)"),
-    "max_minutes": (lambda v: v >= 0, ">= 0 (0 = no time budget)"),
-    "act_weight": (lambda v: v >= 0, ">= 0 (0 = no halting head)"),
-    "train_halt_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "depth_warmup": (lambda v: 0 <= v < 1, "in [0, 1) (0 = off)"),
+RANGES = {  # flag: its range (trm/cli.py's notation), or (its range, what a value at the edge means)
+    **{name: "[1, inf)" for name in ("batch_size", "grad_accum", "max_seq_len", "max_steps", "eval_every",
+                                     "log_every", "eval_tokens", "d_model", "n_heads", "n_layers", "latent_steps",
+                                     "deep_steps", "supervision_steps")},
+    **{name: "[0, inf)" for name in ("warmup_steps", "save_every", "keep_last", "num_workers", "seed")},
+    "grad_deep_steps": ("[0, inf)", "0 = all"),
+    "lr": "(0, inf)",
+    "weight_decay": "[0, inf)",
+    "grad_clip": ("[0, inf)", "0 = no clipping"),
+    "dropout": "[0, 1)",
+    "ema_decay": ("[0, 1)", "0 = no EMA"),
+    "max_minutes": ("[0, inf)", "0 = no time budget"),
+    "act_weight": ("[0, inf)", "0 = no halting head"),
+    "train_halt_threshold": "[0, 1]",
+    "depth_warmup": ("[0, 1)", "0 = off"),
 }
 
 
 def check_flags(args, world_size=1):
     """The first problem with the flags as a one-line message, or None."""
-    for name in AT_LEAST_1:
-        if getattr(args, name) < 1:
-            return f"--{name} must be at least 1, got {getattr(args, name)}"
-    for name in AT_LEAST_0:
-        if getattr(args, name) < 0:
-            return f"--{name} must be at least 0, got {getattr(args, name)}"
-    for name, (ok, text) in REAL_RANGES.items():
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and ok(value)):
-            return f"--{name} must be a finite number {text}, got {value}"
+    if problem := range_error(args, RANGES):
+        return problem
     if args.sup_update == "each" and (world_size > 1 or args.grad_accum > 1):
         return "--sup_update each runs one process without --grad_accum (its optimizer steps inside the forward pass)"
     if args.train_halt_threshold is not None and not args.act_weight:
@@ -114,7 +109,8 @@ def trainer_parser(doc):
     p.add_argument("--max_minutes", type=float, default=0,
                    help="also stop after this many minutes of training (evaluation and saving not counted; 0 = off); "
                         "the lr schedule then follows whichever of steps or minutes runs out first")
-    p.add_argument("--eval_every", type=int, default=500, help="evaluate the EMA weights every N steps")
+    p.add_argument("--eval_every", type=int, default=500,
+                   help="evaluate every N steps (the EMA weights; the raw ones with --ema_decay 0)")
     p.add_argument("--eval_tokens", type=int, default=262144, help="validation target tokens per evaluation")
     p.add_argument("--log_every", type=int, default=100, help="a log line every N steps")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0 = at every evaluation)")

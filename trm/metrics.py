@@ -5,6 +5,8 @@ import sys
 
 import torch
 
+from trm.atomic import AtomicFile
+
 # bf16 dense matmul rates used for MFU. Hopper: the rate measured on this project's H100/H200 machines, not the
 # 989 TFLOP/s datasheet figure (the issue tracker's baselines use the same number).
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
@@ -17,10 +19,10 @@ def peak_flops(device):
 
 
 class MetricsLog:
-    def __init__(self, save_dir, title):
+    def __init__(self, save_dir, title, valid_label="validation loss"):
         self.path = os.path.join(save_dir, "metrics.jsonl")
         self.curves_path = os.path.join(save_dir, "training_curves.png")
-        self.title = title  # of the curves' plot
+        self.title, self.valid_label = title, valid_label  # of the curves' plot
         self.history = []
 
     def start(self, resume_step=None):
@@ -29,10 +31,8 @@ class MetricsLog:
         self.history = []
         if resume_step is not None and os.path.exists(self.path):
             self.history = [h for h in self.read() if h["step"] <= resume_step]
-        tmp = f"{self.path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
+        with AtomicFile(self.path, "w") as f:  # a crash here leaves the old log, never an empty one
             f.writelines(json.dumps(h) + "\n" for h in self.history)
-        os.replace(tmp, self.path)  # a crash here leaves the old log, never an empty one
 
     def read(self):
         """The entries on file. A line that does not parse (the trainer died in the middle of appending it) is dropped
@@ -65,13 +65,15 @@ class MetricsLog:
         valid = [h for h in self.history if h["kind"] == "eval"]
         ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss", lw=1)
         if valid:
-            ax.plot([h["step"] for h in valid], [h["loss"] for h in valid], "o-", label="validation loss (EMA)", lw=1.5)
+            ax.plot([h["step"] for h in valid], [h["loss"] for h in valid], "o-", label=self.valid_label, lw=1.5)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(self.title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.curves_path + ".tmp.png", dpi=110)
-        plt.close(fig)
-        os.replace(self.curves_path + ".tmp.png", self.curves_path)
+        try:
+            with AtomicFile(self.curves_path) as f:
+                fig.savefig(f, format="png", dpi=110)
+        finally:
+            plt.close(fig)

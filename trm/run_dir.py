@@ -20,9 +20,9 @@ import time
 
 import torch.distributed as dist
 
+from trm.atomic import AtomicFile, remove_stale_tmp, tmp_name
 from trm.checkpoint import (CheckpointError, checkpoint_step, list_checkpoints, load_checkpoint, prune_checkpoints,
                             save_checkpoint)
-from trm.data import pid_alive
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -40,8 +40,8 @@ def open_save_dir(save_dir, resume, log, ddp=False, master=True):
     lock = ckpt = path = None
     if master:
         lock = claim(save_dir)
-        for stale in remove_stale_temp_files(save_dir):
-            log(f"removed {stale} (a partial checkpoint of a trainer that was killed while saving)")
+        for stale in remove_stale_tmp(save_dir):  # with the lock held: no other trainer writes here
+            log(f"removed {stale} (a partial file of a trainer that was killed while writing it)")
         ckpt, path = find_checkpoint(save_dir, resume, log)
     if ddp:
         shared = [path]
@@ -56,7 +56,7 @@ def claim(save_dir):
     open (at the latest until the process ends). Raises SaveDirError with a one-line reason."""
     try:
         os.makedirs(save_dir, exist_ok=True)
-        probe = os.path.join(save_dir, f".write_test.{os.getpid()}")
+        probe = tmp_name(os.path.join(save_dir, ".write_test"))
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -78,18 +78,6 @@ def claim(save_dir):
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     return lock
-
-
-def remove_stale_temp_files(save_dir):
-    """Partial checkpoints (step_N.pt.tmp.PID) left by trainers killed while saving. Called with the lock held, so no
-    other trainer writes here; a file whose process is still alive is left alone all the same."""
-    removed = []
-    for path in glob.glob(os.path.join(save_dir, "*.pt.tmp.*")):
-        pid = path.rsplit(".", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            os.remove(path)
-            removed.append(path)
-    return removed
 
 
 def read_run_id(save_dir):
@@ -165,10 +153,8 @@ def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log):
                 os.replace(p, os.path.join(dest, os.path.basename(p)))
             log(f"resuming at step {ckpt['step']}: moved the {len(later)} later checkpoints "
                 f"({', '.join(os.path.basename(p) for p in later[:3])}{', ...' if len(later) > 3 else ''}) to {dest}/")
-    tmp = os.path.join(save_dir, f"{RUN_FILE}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
+    with AtomicFile(os.path.join(save_dir, RUN_FILE), "w") as f:
         json.dump({"run_id": run_id, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-    os.replace(tmp, os.path.join(save_dir, RUN_FILE))
     return run_id
 
 
@@ -243,12 +229,13 @@ class RunDir:
 def link_best(save_dir, path):
     """best.pt: the checkpoint with the lowest validation loss so far, as a hard link to its file (no extra disk while
     that file exists, and it outlives the file's pruning); a copy where the filesystem has no hard links."""
-    tmp = os.path.join(save_dir, f"best.pt.tmp.{os.getpid()}")
+    best = os.path.join(save_dir, "best.pt")
+    tmp = tmp_name(best)
     try:
         os.link(path, tmp)
     except OSError:
         shutil.copyfile(path, tmp)
-    os.replace(tmp, os.path.join(save_dir, "best.pt"))
+    os.replace(tmp, best)
 
 
 def disk_warning(save_dir, free_bytes, checkpoint_bytes, n_kept):

@@ -1,0 +1,48 @@
+"""trm/atomic.py: a file appears whole or not at all, the old one survives a failed write, and the temporary files
+of writers that died are removed while a live writer's are not."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from trm.atomic import AtomicFile, remove_stale_tmp, tmp_name
+
+
+def test_the_new_file_appears_only_when_the_block_ends(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    with AtomicFile(str(path), "w") as f:
+        f.write("new")
+        f.flush()
+        assert path.read_text() == "old" and os.path.exists(tmp_name(str(path)))
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    with pytest.raises(OSError):
+        with AtomicFile(str(path), "w") as f:
+            f.write("half")
+            raise OSError(28, "No space left on device")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_temporary_names_hold_host_and_pid():
+    assert tmp_name("/d/step_3.pt") == f"/d/step_3.pt.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
+def test_only_temporary_files_of_dead_writers_on_this_host_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    stale = [f"a.bin.tmp.{host}.{dead}", f"step_3.pt.tmp.{dead}"]  # (no host: names from before hosts were added)
+    kept = [f"a.bin.tmp.{host}.{os.getpid()}", f"a.bin.tmp.otherhost.{dead}", "step_3.pt", "notes.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(os.path.basename(p) for p in remove_stale_tmp(str(tmp_path))) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    (tmp_path / f"b.txt.tmp.{host}.{dead}").write_bytes(b"x")
+    assert remove_stale_tmp(str(tmp_path), prefix="a.") == []  # another output's leftovers are not this one's

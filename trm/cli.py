@@ -1,0 +1,65 @@
+"""What every script does with its command line: refuse with one line, and check each number against its range.
+
+Exit codes, the same in every script: 2 when the command cannot run as given (a flag out of range, a missing or
+unusable file: fix the command; argparse uses 2 for its own refusals), 1 when the work itself failed (disk full),
+3 when training diverged.
+"""
+import math
+import re
+import sys
+
+
+def fail(message, code=2):
+    """Print `error: message` (one line, no traceback) and exit."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+INTERVAL = re.compile(r"^([\[(])\s*(-inf|[-+0-9._e]+)\s*,\s*(inf|[-+0-9._e]+)\s*([\])])$")
+
+
+def parse_interval(interval):
+    """'[0, 1)' -> (0, 1, True, False): the bounds (None: unbounded) and whether each is included."""
+    m = INTERVAL.match(interval)
+    if not m:
+        raise ValueError(f"not an interval: {interval!r}")
+    low, high = (None if b.endswith("inf") else _number(b) for b in m.group(2, 3))
+    return low, high, m[1] == "[", m[4] == "]"
+
+
+def in_words(interval):
+    """'[1, inf)' -> 'at least 1', '(0, inf)' -> 'greater than 0', '[0, 1)' -> 'at least 0 and less than 1',
+    '[1, 1000]' -> 'between 1 and 1,000'."""
+    low, high, low_in, high_in = parse_interval(interval)
+    if low is not None and high is not None and low_in and high_in:
+        return f"between {low:,} and {high:,}"
+    words = ([f"{'at least' if low_in else 'greater than'} {low:,}"] if low is not None else []) + \
+        ([f"{'at most' if high_in else 'less than'} {high:,}"] if high is not None else [])
+    return " and ".join(words) or "a number"
+
+
+def contains(interval, value):
+    low, high, low_in, high_in = parse_interval(interval)
+    above = low is None or (low <= value if low_in else low < value)
+    below = high is None or (value <= high if high_in else value < high)
+    return above and below
+
+
+def range_error(args, ranges):
+    """The first flag outside its range as a one-line message (`--lr must be greater than 0, got nan`), or None.
+
+    ranges: {flag name: interval} or {flag name: (interval, what a value at its edge means)}, intervals written as in
+    mathematics: '[1, inf)', '(0, inf)', '[0, 1)'. A flag left at None is not checked; NaN and inf are in no range."""
+    for name, spec in ranges.items():
+        interval, meaning = (spec, None) if isinstance(spec, str) else spec
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and contains(interval, value)):
+            return f"--{name} must be {in_words(interval)}" + (f" ({meaning})" if meaning else "") + f", got {value}"
+    return None
+
+
+def _number(text):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
