@@ -271,7 +271,7 @@ def start_stalled(corpus, save_dir):
         out.append(line)
         if line.startswith("stalled writing"):
             tmp = line.split()[2]
-            assert line.split()[-1] == "checkpoint-writer" and tmp.endswith(f"step_8.pt.tmp.{proc.pid}")
+            assert line.split()[-1] == "checkpoint-writer" and tmp.endswith(f".{proc.pid}") and "step_8.pt.tmp." in tmp
         if tmp and line.startswith("step     10/12"):  # the loop trains on while the file is being written
             return proc, tmp, out
     proc.kill()

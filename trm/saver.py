@@ -24,6 +24,7 @@ import threading
 
 import torch
 
+from trm.atomic import tmp_name
 from trm.run_dir import SaveDirError
 
 
@@ -130,8 +131,8 @@ class Saver:
         if self.thread is None or not self.thread.is_alive():
             return
         self.thread, self.outcome = None, {}
-        path, pid = self.writing, os.getpid()
-        for tmp in (f"{path}.tmp.{pid}", os.path.join(self.run_dir.save_dir, f"best.pt.tmp.{pid}")):
+        path = self.writing
+        for tmp in (tmp_name(path), tmp_name(os.path.join(self.run_dir.save_dir, "best.pt"))):
             try:
                 os.remove(tmp)
             except OSError:
