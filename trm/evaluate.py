@@ -23,8 +23,8 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     """Score fixed windows [n, L + 1] with the model's final-round logits. Returns a dict of plain floats/ints.
 
     halt_threshold (a model with a halting head): score the way adaptive generation runs, every token stopping its
-    supervision rounds once the head's probability exceeds it (TRM.rounds computes over whole windows what decoding
-    computes token by token; tested equal). Adds the mean rounds per token and their share of the full depth.
+    supervision rounds once the head's probability exceeds it (trm/halting.py computes over whole windows what
+    decoding computes token by token; tested equal). Adds the mean rounds per token and their share of the depth.
     Without a threshold, a model with a halting head also gets halt_accuracy: how often, over every round and token,
     the head's "stop" (p > 0.5) agrees with "this round's argmax is the target".
     """
@@ -32,23 +32,23 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     was_training = model.training
     model.eval()
     token_bytes = torch.as_tensor(token_bytes, device=device)
-    is_trm = model.config.arch == "trm"
-    head_accuracy = is_trm and model.halt is not None and halt_threshold is None
-    N_sup = model.steps(**depth)[2] if is_trm else 1
+    head_accuracy = model.can_halt and halt_threshold is None
+    N_sup = model.n_rounds(**depth)
     nats, n_tokens, n_bytes, halt_right, rounds_run = 0.0, 0, 0, 0, 0
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(device, non_blocking=True)
-        x, y = w[:, :-1], w[:, 1:]
+        idx, targets = w[:, :-1], w[:, 1:]
         with autocast(device, amp_dtype):
-            for state, running in model.rounds(x, halt_threshold=halt_threshold, **depth):
-                rounds_run += int(running.sum()) if running is not None else y.numel()
+            for y, running in model.scored_rounds(idx, None, halt_threshold, **depth):
+                rounds_run += int(running.sum()) if running is not None else targets.numel()
                 if head_accuracy:
-                    stop = model.halt(state).squeeze(-1) > 0
-                    halt_right += int((stop == (model.lm_head(state).argmax(-1) == y)).sum())
-            logits = model.lm_head(state)
-        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
-        n_tokens += y.numel()
-        n_bytes += int(token_bytes[y].sum().item())
+                    stop = model.halt(y).squeeze(-1) > 0
+                    halt_right += int((stop == (model.lm_head(y).argmax(-1) == targets)).sum())
+            logits = model.lm_head(y)
+        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                reduction="sum").item()
+        n_tokens += targets.numel()
+        n_bytes += int(token_bytes[targets].sum().item())
     model.train(was_training)
     loss = nats / n_tokens
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
