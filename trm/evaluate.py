@@ -62,8 +62,9 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
 
 def main(argv=None):
     from trm.checkpoint import CheckpointError, load_model
-    from trm.data import DataError, check_paths, document_ids, eval_windows
     from trm.corpus import CorpusStats, iter_texts
+    from trm.data import DataError, check_paths, document_ids, eval_windows
+    from trm.depth import add_depth_flags, depth_flags
     from trm.device import pick_device
 
     p = argparse.ArgumentParser(
@@ -80,14 +81,12 @@ def main(argv=None):
     p.add_argument("--text_field", default="text", help="JSON field that holds the document")
     p.add_argument("--device", default="auto", help="auto, cuda, cpu, mps (bf16 autocast where the trainer uses it)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype")
-    p.add_argument("--supervision_steps", type=int, default=None, help="test-time depth (None: as trained)")
-    p.add_argument("--deep_steps", type=int, default=None, help="test-time depth (None: as trained)")
-    p.add_argument("--latent_steps", type=int, default=None, help="test-time depth (None: as trained)")
+    add_depth_flags(p)
     p.add_argument("--halt_threshold", type=float, default=None,
                    help="score as adaptive generation runs at this threshold (needs a halting head)")
     args = p.parse_args(argv)
-    counts = {name: getattr(args, name) for name in ("eval_tokens", "batch_size", "supervision_steps", "deep_steps",
-                                                     "latent_steps")}
+    depth = depth_flags(args)
+    counts = dict(eval_tokens=args.eval_tokens, batch_size=args.batch_size, **depth)
     bad = [f"--{name} must be at least 1" for name, value in counts.items() if value is not None and value < 1]
     if args.seq_len < 0 or (args.halt_threshold is not None and not 0 <= args.halt_threshold <= 1):
         bad.append("--seq_len must be >= 0 and --halt_threshold in [0, 1]")
@@ -115,8 +114,7 @@ def main(argv=None):
         print(f"error: no readable documents in {args.data}", file=sys.stderr)
         return 2
     windows = eval_windows(ids, args.seq_len or model.config.max_seq_len, args.eval_tokens)
-    depth = dict(latent_steps=args.latent_steps, deep_steps=args.deep_steps, supervision_steps=args.supervision_steps)
-    if args.halt_threshold is not None and (model.halt is None or model.config.arch != "trm"):
+    if args.halt_threshold is not None and not model.can_halt:
         print(f"error: --halt_threshold needs a TRM trained with a halting head; {args.model_path} has none",
               file=sys.stderr)
         return 2
