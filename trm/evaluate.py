@@ -43,8 +43,8 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
                 rounds_run += int(running.sum()) if running is not None else targets.numel()
                 if head_accuracy:
                     stop = model.halt(y).squeeze(-1) > 0
-                    halt_right += int((stop == (model.lm_head(y).argmax(-1) == targets)).sum())
-            logits = model.lm_head(y)
+                    halt_right += int((stop == (model.head(y).argmax(-1) == targets)).sum())
+            logits = model.head(y)
         nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                 reduction="sum").item()
         n_tokens += targets.numel()

@@ -10,7 +10,8 @@ from trm.cli import range_error
 
 # the flags that make the architecture: a resumed run keeps the checkpoint's values
 ARCH_FLAGS = ("arch", "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps", "dropout",
-              "max_seq_len", "grad_deep_steps", "single_stream")
+              "max_seq_len", "grad_deep_steps", "single_stream", "qk_norm", "zero_init", "logit_softcap",
+              "prelude_layers", "coda_layers", "step_embed")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -26,6 +27,8 @@ RANGES = {  # flag: its range (trm/cli.py's notation), or (its range, what a val
                                      "deep_steps", "supervision_steps")},
     **{name: "[0, inf)" for name in ("warmup_steps", "save_every", "keep_last", "num_workers", "seed")},
     "grad_deep_steps": ("[0, inf)", "0 = all"),
+    **{name: "[0, inf)" for name in ("prelude_layers", "coda_layers")},
+    "logit_softcap": ("[0, inf)", "0 = off"),
     "lr": "(0, inf)",
     "weight_decay": "[0, inf)",
     "grad_clip": ("[0, inf)", "0 = no clipping"),
@@ -136,6 +139,17 @@ def trainer_parser(doc):
                    help="deep steps per supervision round that backpropagate, the last ones (the paper: 1; 0 = all)")
     p.add_argument("--single_stream", action="store_true",
                    help="one latent state instead of the answer y and the latent z (same net calls; a variant)")
+    # stabilizers and hybrid depth: off by default (the seed model)
+    p.add_argument("--qk_norm", action="store_true", help="RMS-normalize queries and keys in every attention")
+    p.add_argument("--zero_init", action="store_true",
+                   help="attention and MLP output projections start at zero (every block starts as identity)")
+    p.add_argument("--logit_softcap", type=float, default=0.0, help="logits = cap * tanh(logits / cap); 0 = off")
+    p.add_argument("--prelude_layers", type=int, default=0,
+                   help="--arch trm: unshared blocks on the embedded tokens before the recursion")
+    p.add_argument("--coda_layers", type=int, default=0,
+                   help="--arch trm: unshared blocks between each round's answer state and the output head")
+    p.add_argument("--step_embed", action="store_true",
+                   help="--arch trm: a learned vector per deep step, added to the tokens in that step's z-updates")
     # optimizer
     p.add_argument("--lr", type=float, default=3e-4,
                    help="peak learning rate (of both optimizers with --optimizer muon: see there)")

@@ -43,6 +43,13 @@ class TRMConfig:
     halt_head: bool = False     # a per-token halting head on y (trained with --act_weight), for adaptive depth
     grad_deep_steps: int = 1    # deep steps per round that backpropagate, the last ones (the paper: 1; 0 = all)
     single_stream: bool = False  # one latent state instead of y and z (the same net calls; a variant)
+    # stabilizers and hybrid depth (issue 19; every default is the seed model)
+    qk_norm: bool = False       # RMS-normalize queries and keys per head: bounded attention logits at high rates
+    zero_init: bool = False     # attention and MLP output projections start at zero: every block starts as identity
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) (Gemma 2); 0 = off
+    prelude_layers: int = 0     # unshared blocks on the embedded tokens before the recursion (x = prelude(embed))
+    coda_layers: int = 0        # unshared blocks between each round's answer state and the output head
+    step_embed: bool = False    # a learned vector per deep step, added to x in that step's z-updates
 
     def __post_init__(self):
         if self.arch not in ("trm", "gpt"):
@@ -51,6 +58,11 @@ class TRMConfig:
             raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
         if self.grad_deep_steps < 0:
             raise ValueError(f"grad_deep_steps must be >= 0 (0 = every deep step), got {self.grad_deep_steps}")
+        if min(self.prelude_layers, self.coda_layers) < 0 or self.logit_softcap < 0:
+            raise ValueError("prelude_layers, coda_layers and logit_softcap must be >= 0")
+        if self.arch != "trm" and (self.prelude_layers or self.coda_layers or self.step_embed):
+            raise ValueError("prelude_layers, coda_layers and step_embed wrap the recursion: they need arch='trm' "
+                             "(a GPT adds n_layers instead)")
         if self.mlp_hidden <= 0:
             self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
 
@@ -103,11 +115,13 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, h, cos, sin, slot):
         B, T, D = h.shape
         qkv = self.qkv(h).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rotary(qkv[:2], cos, sin).unbind(0)  # q and k in one call: half the small ops per token
+        qk = rms_norm(qkv[:2]) if self.qk_norm else qkv[:2]  # per head: |q.k| <= head_dim, however large the weights
+        q, k = rotary(qk, cos, sin).unbind(0)  # q and k in one call: half the small ops per token
         out = slot.attend(q, k, qkv[2])
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
@@ -142,6 +156,12 @@ class TRM(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        # Hybrid depth (Huginn, arXiv 2502.05171): unshared blocks before the recursion and between it and the head
+        self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.prelude_layers))
+        self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.coda_layers))
+        # Per-iteration conditioning (MeSH, arXiv 2510.07739; Relaxed Recursive Transformers): the shared net learns
+        # which deep step it is in. Zero at the start, so the model starts as the plain recursion.
+        self.step_embed = nn.Parameter(torch.zeros(cfg.deep_steps, cfg.d_model)) if cfg.step_embed else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -165,8 +185,10 @@ class TRM(nn.Module):
 
     def _init_weights(self):
         for name, p in self.named_parameters():
-            if name.startswith("halt."):
-                continue  # below
+            if name.startswith("halt.") or name == "step_embed":
+                continue  # below; step_embed stays zero
+            elif self.config.zero_init and name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.zeros_(p)  # the block adds nothing to its input at step 0; post-norm keeps it unit-scale
             elif name == "embed.weight":
                 # unit-scale token vectors, like the states they are added to (tied: see embed_scale)
                 nn.init.normal_(p, std=0.02 if self.config.tie_embeddings else 1.0)
@@ -241,7 +263,10 @@ class TRM(nn.Module):
         n, T_deep, N_sup = self.steps(**depth)
         with_grad = self._grad_deep_steps(T_deep)
         calls = n + 1
-        return N_sup * ((T_deep - with_grad) * calls * per_call + 3 * with_grad * calls * per_call + 3 * head)
+        block = per_call // c.n_layers
+        unshared = 3 * block * (c.prelude_layers + N_sup * c.coda_layers)  # both always backpropagate
+        return unshared + N_sup * ((T_deep - with_grad) * calls * per_call + 3 * with_grad * calls * per_call
+                                   + 3 * head)
 
     def _rope_table(self, n, device):
         hd = self.config.d_model // self.config.n_heads
@@ -283,10 +308,21 @@ class TRM(nn.Module):
         with_grad = self._grad_deep_steps(T_deep)
         with torch.no_grad():
             for t in range(T_deep - with_grad):
-                y, z = self.latent_recursion(x, y, z, n, rope, slot[t])
+                y, z = self.latent_recursion(self.at_step(x, t), y, z, n, rope, slot[t])
         for t in range(T_deep - with_grad, T_deep):  # the paper backpropagates through the last deep step only
-            y, z = self.latent_recursion(x, y, z, n, rope, slot[t])
+            y, z = self.latent_recursion(self.at_step(x, t), y, z, n, rope, slot[t])
         return y, z
+
+    def at_step(self, x, t):
+        """x as deep step t sees it: plus that step's learned vector (the last trained one past the trained depth)."""
+        if self.step_embed is None:
+            return x
+        return x + self.step_embed[min(t, self.step_embed.size(0) - 1)]
+
+    def unshared(self, blocks, h, rope, slot):
+        for layer, block in enumerate(blocks):
+            h = block(h, *rope, slot[layer])
+        return h
 
     def _grad_deep_steps(self, T_deep):
         k = self.config.grad_deep_steps
@@ -307,12 +343,13 @@ class TRM(nn.Module):
         if not self.recursive:
             yield self.net(x, rope, slot[0])  # one round of one net call
             return
+        x = self.unshared(self.prelude, x, rope, slot["prelude"])
         y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
         for r in range(N_sup):
             if reembed and r:
-                x = self.embed_tokens(idx)
+                x = self.unshared(self.prelude, self.embed_tokens(idx), rope, slot["prelude"])
             y, z = self.deep_recursion(x, y, z, n, T_deep, rope, slot[r])
-            yield y
+            yield self.unshared(self.coda, y, rope, slot[r]["coda"])  # what the heads read; y itself recurses
             y, z = y.detach(), z.detach()
 
     # ---- heads and losses -------------------------------------------------------------------------------------
@@ -330,10 +367,10 @@ class TRM(nn.Module):
         losses = []
         for y, running in self.scored_rounds(idx, cache, halt_threshold, **depth):
             if targets is not None:
-                logits = self.lm_head(y)
+                logits = self.head(y)
                 losses.append(self.round_loss(y, logits, targets, running, act_weight))
         if targets is None:  # only the last round's logits are read: no head for the others
-            return (self.sampling_head(y) if last_only else self.lm_head(y)), None
+            return (self.sampling_head(y) if last_only else self.head(y)), None
         losses += [losses[0].new_zeros(())] * (self.n_rounds(**depth) - len(losses))  # rounds every token skipped
         return logits, torch.stack(losses).mean()
 
@@ -341,7 +378,7 @@ class TRM(nn.Module):
         """The paper's update rule: yields each round's loss; the caller backpropagates it and steps the optimizer
         before asking for the next round, which then runs with the updated weights from the detached y, z."""
         for y, running in self.scored_rounds(idx, None, halt_threshold, reembed=True, **depth):
-            yield self.round_loss(y, self.lm_head(y), targets, running, act_weight)
+            yield self.round_loss(y, self.head(y), targets, running, act_weight)
 
     def scored_rounds(self, idx, cache, halt_threshold, reembed=False, **depth):
         """(y, running) per round: rounds(), or with a halt threshold halting's rounds, whose running [B, T] marks
@@ -361,20 +398,29 @@ class TRM(nn.Module):
             raise ValueError("act_weight > 0 needs a TRM built with halt_head=True")
         return ce + act_weight * halting.halt_loss(self, y, logits, targets)
 
+    def head(self, y):
+        """Logits [.., vocab] from the state the heads read, soft-capped when config.logit_softcap > 0."""
+        return self.softcap(self.lm_head(y))
+
+    def softcap(self, logits):
+        # a smooth bound: logits stay in (-cap, cap), so no single logit can run away and take the loss with it
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
     def sampling_head(self, y):
         """Logits at the last position. Without autograd they come from a cached [D, vocab] copy of the head: for one
         row, MKL reads that layout about 3x faster than nn.Linear's [vocab, D] (measured on this project's AMD CPU,
         where the head was a fifth of each decoding step)."""
         y = y[:, -1:]
         if torch.is_grad_enabled():
-            return self.lm_head(y)
+            return self.head(y)
         w = self.lm_head.weight
         # rebuilt whenever the weight changes: replaced, moved, cast (new storage) or updated in place (version)
         key = (w.data_ptr(), w.dtype, w.device, None if w.is_inference() else w._version)
         cached = getattr(self, "_head_t", None)
         if cached is None or cached[0] is not w or cached[1] != key:
             self._head_t = cached = (w, key, w.detach().t().contiguous())
-        return y @ cached[2]
+        return self.softcap(y @ cached[2])
 
 
 def cross_entropy(logits, targets):

@@ -1,0 +1,196 @@
+"""The stabilizers and hybrid-depth variants of trm/model.py keep every contract of the seed model.
+
+QK-norm, zero-initialised output projections, a logit soft-cap, unshared prelude and coda blocks around the recursion,
+and a learned vector per deep step: each must leak no future token, decode from the KV cache (incremental, fixed-shape,
+adaptive) exactly as the full forward computes, and start where its docstring says it starts.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trm import halting
+from trm.checkpoint import load_model
+from trm.halting import decode_adaptive
+from trm.kv_cache import KVCache, StaticKVCache
+from trm.model import NO_CACHE, TRM, TRMConfig, rms_norm
+
+V, D = 64, 32
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "qk_norm": dict(qk_norm=True),
+    "zero_init": dict(zero_init=True),
+    "softcap": dict(logit_softcap=2.0),
+    "prelude": dict(prelude_layers=1),
+    "coda": dict(coda_layers=2),
+    "step_embed": dict(step_embed=True),
+    "all": dict(qk_norm=True, zero_init=True, logit_softcap=2.0, prelude_layers=1, coda_layers=1, step_embed=True),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls gain nothing from threads on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(seed=0, **overrides):
+    kw = dict(vocab_size=V, d_model=D, n_heads=4, n_layers=2, latent_steps=2, deep_steps=2, supervision_steps=2,
+              dropout=0.0, max_seq_len=32)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return TRM(TRMConfig(**kw)).eval()
+
+
+def trained_looking(model):
+    """Zero-initialised weights and step vectors would make some checks pass trivially: give them values."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.abs().sum():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def tokens(B, T, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_no_future_token_changes_a_past_logit(variant):
+    model = trained_looking(tiny(**variant))
+    idx = tokens(2, 16)
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % V
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(b[:, :9], a[:, :9], atol=1e-5, rtol=0)
+    assert (b[:, 9:] - a[:, 9:]).abs().max() > 1e-3  # and the later ones do change: the check can fail
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+@pytest.mark.parametrize("depth", [{}, dict(deep_steps=3, supervision_steps=3)], ids=["trained", "deeper"])
+def test_cached_and_fixed_shape_decoding_equal_the_full_forward(variant, depth):
+    model = trained_looking(tiny(**variant))
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        full, _ = model(idx, **depth)
+        cache = KVCache(24)
+        chunks = [model(idx[:, :5], cache=cache, **depth)[0], model(idx[:, 5:9], cache=cache, **depth)[0]]
+        chunks += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(9, 14)]
+        static = StaticKVCache(cache)  # the CUDA-graph step's cache, from position 14 on
+        static.follow()
+        chunks += [model(idx[:, i:i + 1], cache=static, **depth)[0] for i in range(14, 20)]
+    assert (torch.cat(chunks, dim=1) - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", [VARIANTS["prelude"], VARIANTS["coda"], VARIANTS["all"]],
+                         ids=["prelude", "coda", "all"])
+def test_adaptive_decoding_equals_whole_sequence_halting(variant):
+    model = trained_looking(tiny(halt_head=True, supervision_steps=3, **variant))
+    idx = tokens(3, 20)
+    with torch.no_grad():
+        model.halt.weight.normal_(std=1.0)
+        model.halt.bias.zero_()
+        q = model.halt(next(model.rounds(idx))).flatten().sort().values
+        # about half the tokens stop after round 1; the cut sits in the widest gap near the middle, as a cut on a
+        # token's own value would let rounding decide that token (and through attention, the ones after it)
+        middle = q[len(q) // 3:2 * len(q) // 3]
+        gap = (middle[1:] - middle[:-1]).argmax()
+        model.halt.bias.fill_(-(middle[gap] + middle[gap + 1]).item() / 2)
+        whole, _ = model(idx, halt_threshold=0.5)
+        running = sum(r.long() for _, r in halting.rounds(model, idx, 0.5))
+    cache = KVCache(20)
+    steps = [decode_adaptive(model, idx[:, t:t + 1], cache, 0.5) for t in range(20)]
+    assert torch.equal(torch.stack([s[1] for s in steps], dim=1), running)
+    assert (running == 1).any() and (running == 3).any()
+    assert (torch.cat([s[0] for s in steps], dim=1) - whole).abs().max().item() <= 1e-4
+
+
+def test_zero_init_blocks_start_as_identity_and_step_vectors_start_at_zero():
+    model = tiny(**VARIANTS["all"])
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "mlp.down.weight")) or name == "step_embed":
+            assert not p.abs().sum(), name
+    h = torch.randn(2, 8, D)
+    rope = model.rope(0, 8)
+    block = model.blocks[0]
+    torch.testing.assert_close(block(h, *rope, NO_CACHE), rms_norm(h))
+    # zero step vectors: the same seed gives the plain recursion's weights and outputs
+    plain, stepped = tiny(), tiny(step_embed=True)
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        assert torch.equal(plain(idx)[0], stepped(idx)[0])
+
+
+def test_step_vectors_past_the_trained_depth_reuse_the_last_one():
+    model = trained_looking(tiny(step_embed=True))
+    x = torch.zeros(1, 1, D)
+    assert torch.equal(model.at_step(x, 5)[0, 0], model.step_embed[-1])
+    assert not torch.equal(model.at_step(x, 0), model.at_step(x, 1))
+
+
+def test_softcap_bounds_every_logit_and_the_sampling_head_agrees():
+    model = trained_looking(tiny(logit_softcap=2.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+        logits, _ = model(tokens(2, 12))
+        last, _ = model(tokens(2, 12), last_only=True)
+    assert logits.abs().max() <= 2.0 and logits.abs().max() > 1.9  # capped, and the cap is what binds
+    torch.testing.assert_close(last[:, 0], logits[:, -1], atol=1e-5, rtol=0)
+
+
+def test_qk_norm_makes_attention_independent_of_the_scale_of_queries_and_keys():
+    def attention_out(qk_norm, scale):
+        model = tiny(qk_norm=qk_norm)
+        attn = model.blocks[0].attn
+        with torch.no_grad():
+            attn.qkv.weight[:2 * D].mul_(scale)  # the query and key rows only
+            return attn(torch.randn(2, 8, D, generator=torch.Generator().manual_seed(0)), *model.rope(0, 8), NO_CACHE)
+    torch.testing.assert_close(attention_out(True, 30.0), attention_out(True, 1.0), atol=1e-4, rtol=1e-4)
+    assert (attention_out(False, 30.0) - attention_out(False, 1.0)).abs().max() > 1e-2
+
+
+def test_flops_and_parameters_count_the_unshared_blocks():
+    base, hybrid = tiny(), tiny(prelude_layers=1, coda_layers=2)
+    block = sum(p.numel() for p in base.blocks[0].parameters())
+    assert hybrid.num_params() - base.num_params() == 3 * block
+    # one block applied once with its backward is 3 x the forward FLOPs of one layer of one net call
+    forward_of_one_layer = (base.flops_per_token(32) - tiny(n_layers=1).flops_per_token(32)) / \
+        (base.config.supervision_steps * base.net_calls() / base.config.supervision_steps)
+    with_prelude = tiny(prelude_layers=1).flops_per_token(32) - base.flops_per_token(32)
+    with_coda = tiny(coda_layers=1).flops_per_token(32) - base.flops_per_token(32)
+    assert with_coda == base.config.supervision_steps * with_prelude  # the coda runs once per round, the prelude once
+    assert with_prelude > 2 * forward_of_one_layer / 4  # the same order as a layer of the recursion: counted at all
+
+
+def test_variants_need_the_recursion():
+    with pytest.raises(ValueError, match="need arch='trm'"):
+        TRMConfig(arch="gpt", prelude_layers=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        TRMConfig(logit_softcap=-1.0)
+
+
+@pytest.mark.slow
+def test_the_trainer_builds_saves_and_resumes_a_variant(tmp_path):
+    from test_train import TINY, make_corpus
+    corpus = make_corpus(tmp_path)
+    flags = ["--qk_norm", "--zero_init", "--logit_softcap", "15", "--prelude_layers", "1", "--coda_layers", "1",
+             "--step_embed", "--supervision_steps", "1"]
+    cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], "--valid_paths",
+           corpus["validation_0"], "--save_dir", str(tmp_path / "ck"), "--eval_every", "4", "--log_every", "2"]
+    r = subprocess.run(cmd + flags + ["--max_steps", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    model = load_model(str(tmp_path / "ck" / "final_step_4.pt"))[0]
+    c = model.config
+    assert (c.qk_norm, c.zero_init, c.logit_softcap, c.prelude_layers, c.coda_layers, c.step_embed) == \
+        (True, True, 15.0, 1, 1, True)
+    assert model.step_embed.abs().sum() > 0  # it trained
+    r = subprocess.run(cmd + ["--max_steps", "6", "--resume", "auto"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_model(str(tmp_path / "ck" / "final_step_6.pt"))[0].config.prelude_layers == 1
