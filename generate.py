@@ -20,6 +20,7 @@ import time
 import torch
 
 from trm.checkpoint import CheckpointError, load_model
+from trm.depth import add_depth_flags, depth_flags
 from trm.device import pick_device
 from trm.sampling import StreamDecoder, generate, generate_batch, prompt_ids
 from trm.tokenizer import Tokenizer, TokenizerError
@@ -51,9 +52,7 @@ parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
 parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                     help="auto: cuda, then mps, then cpu (default: %(default)s)")
 parser.add_argument("--no_cache", action="store_true", help="recompute every token from scratch (slow; for checking)")
-parser.add_argument("--supervision_steps", type=int, default=None, help="test-time depth (default: trained)")
-parser.add_argument("--deep_steps", type=int, default=None, help="test-time depth (default: trained)")
-parser.add_argument("--latent_steps", type=int, default=None, help="test-time depth (default: trained)")
+add_depth_flags(parser)
 parser.add_argument("--halt_threshold", type=float, default=None,
                     help="adaptive depth (a model trained with --act_weight): a token stops its supervision rounds "
                          "once the halting head's probability exceeds this (1.0 = never; default: off)")
@@ -120,7 +119,7 @@ elif args.prompt_file is not None:
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read --prompt_file {args.prompt_file} ({type(e).__name__}: {e})")
 
-if args.halt_threshold is not None and (model.halt is None or model.config.arch != "trm"):
+if args.halt_threshold is not None and not model.can_halt:
     fail(f"--halt_threshold needs a TRM trained with a halting head (train_trm_lm.py --act_weight > 0); "
          f"{args.model_path} has none")
 
@@ -129,7 +128,7 @@ device, _, why = pick_device(args.device, "fp32")
 model.to(device)
 seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
 generator = torch.Generator(device=device).manual_seed(seed)
-depth = dict(latent_steps=args.latent_steps, deep_steps=args.deep_steps, supervision_steps=args.supervision_steps)
+depth = depth_flags(args)
 n, T_deep, N_sup = model.steps(**depth)
 c = model.config
 adaptive = f" (adaptive: halting at p > {args.halt_threshold})" if args.halt_threshold is not None else ""

@@ -58,7 +58,7 @@ for spec in args.checkpoints:
         rows[name][r] = result["bits_per_byte"]
         print(f"{name:<12} rounds {r:>2} ({r / trained:.1f}x training): {result['bits_per_byte']:.4f} bits/byte, "
               f"loss {result['loss']:.4f}", flush=True)
-    if model.halt is None:
+    if not model.can_halt:
         continue
     halting[name] = {}
     for p_halt in args.halt_thresholds:

@@ -75,7 +75,7 @@ def test_adaptive_scoring_brackets_and_the_halting_accuracy(tiny_sp_model):
     # a fresh head says "keep thinking" everywhere: it is right exactly where a round's argmax is wrong
     with torch.no_grad():
         wrong = [(model.lm_head(s).argmax(-1) != windows[:, 1:]).float().mean().item()
-                 for s, _ in model.rounds(windows[:, :-1])]
+                 for s in model.rounds(windows[:, :-1])]
     assert math.isclose(fixed["halt_accuracy"], sum(wrong) / 3, rel_tol=1e-6)
 
 

@@ -86,7 +86,7 @@ def halting_checkpoint(tmp_path_factory, tiny_sp_model):
                             supervision_steps=3)
     with torch.no_grad():
         model.halt.weight.normal_(std=1.0, generator=torch.Generator().manual_seed(0))
-        q = model.halt(next(model.rounds(torch.arange(4, 68).view(1, -1)))[0]).flatten()
+        q = model.halt(next(model.rounds(torch.arange(4, 68).view(1, -1)))).flatten()
         model.halt.bias.fill_(-q.median())
     state = torch.load(path, weights_only=True)
     state["model"] = state["ema"]["model"] = model.state_dict()

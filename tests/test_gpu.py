@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from trm.kv_cache import KVCache
+from trm.halting import decode_adaptive
+from trm.kv_cache import KVCache, StaticKVCache
 from trm.model import TRM, TRMConfig
-from trm.sampling import decode_adaptive
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -38,7 +38,7 @@ def test_kv_cache_equals_full_forward_on_cuda():
     x = torch.randint(0, 512, (2, 40), device="cuda")
     with torch.no_grad():
         full, _ = model(x)
-        cache = KVCache.for_model(model, 2, 64)
+        cache = KVCache(64)
         parts = [model(x[:, :25], cache=cache)[0]] + [model(x[:, t:t + 1], cache=cache)[0] for t in range(25, 40)]
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-3  # TF32 matmuls allowed
 
@@ -50,12 +50,13 @@ def test_cuda_graph_decoding_step_equals_full_forward():
     x = torch.randint(0, 512, (1, 40), device="cuda")
     with torch.inference_mode():
         full, _ = model(x)
-        cache = KVCache.for_model(model, 1, 64)
+        cache = KVCache(64)
         model(x[:, :25], cache=cache)
-        cache.start_static()
-        step = GraphedStep(model, cache, {})
+        static = StaticKVCache(cache)
+        static.follow()
+        step = GraphedStep(model, static, {})
         steps = [step(x[0, t]).clone() for t in range(25, 40)]  # logits of token t, read before the next replay
-    assert cache.pos_t.item() == 40
+    assert static.pos.item() == 40
     assert (torch.cat(steps, 1) - full[:, 25:40]).abs().max().item() < 1e-3
 
 
@@ -76,9 +77,9 @@ def test_halting_on_cuda_whole_sequence_equals_token_by_token():
     x = torch.randint(0, 512, (2, 40), device="cuda")
     with torch.no_grad():
         model.halt.weight.normal_()
-        model.halt.bias.fill_(-model.halt(next(model.rounds(x))[0]).median())
+        model.halt.bias.fill_(-model.halt(next(model.rounds(x))).median())
         whole, _ = model(x, halt_threshold=0.5)
-        cache = KVCache.for_model(model, 2, 64)
+        cache = KVCache(64)
         steps = torch.cat([decode_adaptive(model, x[:, t:t + 1], cache, 0.5)[0] for t in range(40)], 1)
     assert (whole - steps).abs().max().item() < 1e-3
 

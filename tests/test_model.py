@@ -1,4 +1,5 @@
-"""Behaviour of trm/model.py: causality, KV-cached decoding, where gradients flow, the loss contract, init, depth."""
+"""Behaviour of trm/model.py and trm/kv_cache.py: causality, cached decoding equals recomputation, where gradients
+flow, the loss contract, init, depth."""
 import math
 
 import pytest
@@ -6,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from trm.depth import random_depth, random_depth_grid
-from trm.kv_cache import KVCache
+from trm.kv_cache import KVCache, StaticKVCache
 from trm.model import TRM, TRMConfig
-from trm.sampling import decode_adaptive
 
 V, D = 64, 32  # tiny vocab and width for everything but the seed-size init check
 
@@ -48,7 +48,7 @@ def test_variants_leak_nothing_and_decode_from_the_cache(variant):
         changed = idx.clone()
         changed[:, 9:] = (changed[:, 9:] + 1) % V
         torch.testing.assert_close(model(changed)[0][:, :9], ref[:, :9], atol=1e-5, rtol=0)
-        cache = KVCache.for_model(model, 2, 16)
+        cache = KVCache(16)
         cached = torch.cat([model(idx[:, :5], cache=cache)[0]] +
                            [model(idx[:, i:i + 1], cache=cache)[0] for i in range(5, 16)], dim=1)
     assert (cached - ref).abs().max().item() <= 1e-4
@@ -102,12 +102,13 @@ def test_cached_decoding_equals_full_forward(arch, depth):
     idx = tokens(2, 20)
     with torch.no_grad():
         full, _ = model(idx, **depth)
-        cache = KVCache.for_model(model, 2, 20, **depth)
+        cache = KVCache(20)
         chunks = [model(idx[:, :5], cache=cache, **depth)[0],    # prefill
                   model(idx[:, 5:9], cache=cache, **depth)[0]]   # a second multi-token chunk
         chunks += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(9, 20)]  # token by token
     cached = torch.cat(chunks, dim=1)
     assert cache.pos == 20
+    assert len(cache.slots) == model.net_calls(**depth) * model.config.n_layers  # a slot per attention call
     assert (cached - full).abs().max().item() <= 1e-4
 
 
@@ -118,17 +119,18 @@ def test_fixed_shape_decoding_equals_full_forward(arch, depth):
     idx = tokens(2, 20)
     with torch.no_grad():
         full, _ = model(idx, **depth)
-        cache = KVCache.for_model(model, 2, 32, **depth)
-        chunks = [model(idx[:, :7], cache=cache, **depth)[0]]  # prefill, normal mode
-        cache.start_static()
-        chunks += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(7, 20)]
-        assert cache.pos_t.item() == 20
+        cache = KVCache(32)
+        chunks = [model(idx[:, :7], cache=cache, **depth)[0]]  # prefill
+        static = StaticKVCache(cache)
+        static.follow()
+        chunks += [model(idx[:, i:i + 1], cache=static, **depth)[0] for i in range(7, 20)]
+        assert static.pos.item() == 20
         with pytest.raises(ValueError, match="one token per pass"):
-            model(idx[:, :2], cache=cache, **depth)
-        cache.reset()  # a refill reuses the same buffers, then goes fixed-shape again
+            model(idx[:, :2], cache=static, **depth)
+        cache.reset()  # a refill reuses the same buffers, then goes on fixed-shape from its end
         again = [model(idx[:, :3], cache=cache, **depth)[0]]
-        cache.start_static()
-        again += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(3, 20)]
+        static.follow()
+        again += [model(idx[:, i:i + 1], cache=static, **depth)[0] for i in range(3, 20)]
     assert (torch.cat(chunks, dim=1) - full).abs().max().item() <= 1e-4
     assert (torch.cat(again, dim=1) - full).abs().max().item() <= 1e-4
 
@@ -138,7 +140,7 @@ def test_cached_decoding_past_max_seq_len_matches_full_forward():
     idx = tokens(1, 14)
     with torch.no_grad():
         full, _ = model(idx)
-        cache = KVCache.for_model(model, 1, 14)
+        cache = KVCache(14)
         cached = torch.cat([model(idx[:, :6], cache=cache)[0]]
                            + [model(idx[:, i:i + 1], cache=cache)[0] for i in range(6, 14)], dim=1)
     assert (cached - full).abs().max().item() <= 1e-4
@@ -152,7 +154,7 @@ def test_greedy_continuation_is_identical_with_and_without_cache(arch, depth):
         seq = prompt
         for _ in range(steps):  # no cache: re-run the whole sequence for every token
             seq = torch.cat([seq, model(seq, **depth)[0][:, -1:].argmax(-1)], dim=1)
-        cache = KVCache.for_model(model, 2, prompt.size(1) + steps, **depth)
+        cache = KVCache(prompt.size(1) + steps)
         out, nxt = [prompt], prompt
         for _ in range(steps):
             nxt = model(nxt, cache=cache, **depth)[0][:, -1:].argmax(-1)
@@ -160,15 +162,18 @@ def test_greedy_continuation_is_identical_with_and_without_cache(arch, depth):
     assert torch.equal(torch.cat(out, dim=1), seq)
 
 
-def test_kv_cache_overflow_raises_clear_error():
+def test_kv_cache_overflow_and_a_change_of_depth_raise_clear_errors():
     model = tiny()
-    cache = KVCache.for_model(model, 1, 8)
+    cache = KVCache(8)
     with torch.no_grad():
         model(tokens(1, 6), cache=cache)
         with pytest.raises(ValueError, match="KV cache full"):
             model(tokens(1, 3), cache=cache)
         with pytest.raises(ValueError, match="KV cache full"):
-            model(tokens(1, 9), cache=KVCache.for_model(model, 1, 8))
+            model(tokens(1, 9), cache=KVCache(8))
+        # a deeper pass would attend over slots that hold nothing for the earlier tokens
+        with pytest.raises(ValueError, match="same depth"):
+            model(tokens(1, 1), cache=cache, supervision_steps=3)
 
 
 # ---- gradients flow through the last deep step of each round only -------------------------------------------------
@@ -246,12 +251,18 @@ def test_grad_deep_steps_zero_backpropagates_through_every_deep_step():
     assert model.flops_per_token() > paper.flops_per_token()
 
 
+def round_losses(model, idx, targets, **kw):
+    """Each round's loss, as forward averages them (with no optimizer step in between, the paper's rule gives the
+    same numbers)."""
+    return list(model.supervision_rounds(idx, targets, **kw))
+
+
 def test_each_round_loss_backpropagates_into_its_own_round_only():
     # deep_steps=1: no no-grad step inside a round, so only the detach between rounds can cut the graph
     n, T_deep, N_sup = 2, 1, 3
     model = tiny(latent_steps=n, deep_steps=T_deep, supervision_steps=N_sup)
     idx, targets = tokens(2, 10), tokens(2, 10, seed=2)
-    losses = model.round_losses(idx, targets)
+    losses = round_losses(model, idx, targets)
     manual = manual_round_losses(model, idx, targets, n, T_deep, N_sup)
     assert len(losses) == N_sup
     for k in range(N_sup):  # round k's loss alone gives the gradient of a fresh computation from detached states
@@ -259,26 +270,26 @@ def test_each_round_loss_backpropagates_into_its_own_round_only():
         assert_grads_close(grads(losses[k], model), grads(manual[k], model))
 
 
-def test_rounds_start_from_detached_states_and_only_the_last_deep_step_records_a_graph():
-    n, T_deep, N_sup = 2, 3, 3
-    model = tiny(latent_steps=n, deep_steps=T_deep, supervision_steps=N_sup).train()
-    rounds, latent_calls = [], []
-    deep_recursion, latent_recursion = model.deep_recursion, model.latent_recursion
+def tensors_kept_for_backward(model, **depth):
+    count = 0
 
-    def spy_deep(x, y, z, *args, **kw):
-        if not rounds:  # round 1 starts from the fixed y_init, z_init vectors, not from copies of x
-            assert torch.equal(y, model.y_init.expand_as(x)) and torch.equal(z, model.z_init.expand_as(x))
-        rounds.append((y.requires_grad, z.requires_grad))
-        return deep_recursion(x, y, z, *args, **kw)
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
 
-    def spy_latent(*args, **kw):
-        latent_calls.append(torch.is_grad_enabled())
-        return latent_recursion(*args, **kw)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens(2, 8), tokens(2, 8, seed=2), **depth)
+    return count
 
-    model.deep_recursion, model.latent_recursion = spy_deep, spy_latent
-    model(tokens(2, 8), tokens(2, 8, seed=2))
-    assert rounds == [(False, False)] * N_sup
-    assert latent_calls == ([False] * (T_deep - 1) + [True]) * N_sup
+
+def test_the_deep_steps_without_gradients_keep_nothing_for_the_backward():
+    # what makes deep recursion cheap in memory: a round's graph holds its last deep step, however many run before
+    model = tiny().train()
+    one = tensors_kept_for_backward(model, deep_steps=1)
+    assert tensors_kept_for_backward(model, deep_steps=4) == one
+    every = tiny(grad_deep_steps=0).train()
+    assert tensors_kept_for_backward(every, deep_steps=4) > 3 * one
 
 
 # ---- loss contract ----------------------------------------------------------------------------------------------
@@ -291,7 +302,7 @@ def test_forward_contract(arch):
     assert logits.shape == (2, 12, V) and loss is None
     logits_t, loss = model(idx, targets)
     assert torch.equal(logits_t, logits)
-    losses = model.round_losses(idx, targets)
+    losses = round_losses(model, idx, targets)
     assert len(losses) == (3 if arch == "trm" else 1)
     torch.testing.assert_close(loss, torch.stack(losses).mean())
     # logits are those of the last round
@@ -309,7 +320,7 @@ def test_last_only_gives_the_last_positions_logits(arch):
         last, loss = model(idx, last_only=True)
         assert last.shape == (2, 1, V) and loss is None
         torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
-        cache = KVCache.for_model(model, 2, 12)
+        cache = KVCache(12)
         model(idx[:, :8], cache=cache, last_only=True)  # prefill
         step, _ = model(idx[:, 8:9], cache=cache, last_only=True)
         torch.testing.assert_close(step, model(idx[:, :9])[0][:, -1:], atol=1e-5, rtol=0)
@@ -317,7 +328,7 @@ def test_last_only_gives_the_last_positions_logits(arch):
         model(idx, tokens(2, 12, seed=2), last_only=True)
 
 
-def testsampling_head_copy_follows_weight_updates():
+def test_sampling_head_copy_follows_weight_updates():
     # without autograd, last_only logits come from a cached transposed copy of lm_head.weight: it must never go stale
     model = tiny()
     idx = tokens(1, 6)
@@ -365,24 +376,23 @@ def test_step0_loss_is_near_ln_vocab(arch, tie, size):
     assert abs(loss.item() - math.log(vocab)) < 0.5
 
 
+def one_latent_recursion(model, idx, scale):
+    """Logits of depth (1, 1, 1) written out, token vectors multiplied by scale."""
+    x, rope = model.embed(idx) * scale, model.rope(0, idx.size(1))
+    y, z = model.y_init.expand_as(x), model.z_init.expand_as(x)
+    z = model.net(x + y + z, rope)
+    return model.lm_head(model.net(y + z, rope))
+
+
 def test_tied_embedding_is_scaled_up_on_the_input_side_only():
-    model = tiny(tie_embeddings=True)
-    assert model.lm_head.weight is model.embed.weight
-    assert abs(model.embed.weight.std().item() - 0.02) < 0.005  # the head keeps its small init
-    seen = []
-    model.net = lambda h, rope, cache=None: seen.append(h) or h
-    idx = tokens(2, 8)
+    tied, untied = tiny(tie_embeddings=True), tiny()
+    assert tied.lm_head.weight is tied.embed.weight
+    assert abs(tied.embed.weight.std().item() - 0.02) < 0.005  # the head keeps its small init
+    idx, one = tokens(2, 8), dict(latent_steps=1, deep_steps=1, supervision_steps=1)
     with torch.no_grad():
-        model(idx, latent_steps=1, deep_steps=1, supervision_steps=1)
-        x = model.embed(idx)
-        y0, z0 = model.y_init.expand_as(x), model.z_init.expand_as(x)
-    torch.testing.assert_close(seen[0], x * math.sqrt(D) + y0 + z0)  # first z-update: x + y + z, x scaled by sqrt(D)
-    untied = tiny()
-    untied.net = lambda h, rope, cache=None: seen.append(h) or h
-    with torch.no_grad():
-        untied(idx, latent_steps=1, deep_steps=1, supervision_steps=1)
-        x = untied.embed(idx)
-    torch.testing.assert_close(seen[2], x + y0 + z0)  # untied: unit-scale init, no factor
+        torch.testing.assert_close(tied(idx, **one)[0], one_latent_recursion(tied, idx, math.sqrt(D)))
+        assert not torch.allclose(tied(idx, **one)[0], one_latent_recursion(tied, idx, 1.0), atol=1e-3)
+        torch.testing.assert_close(untied(idx, **one)[0], one_latent_recursion(untied, idx, 1.0))  # unit-scale init
 
 
 @pytest.mark.slow
@@ -505,7 +515,6 @@ def test_supervision_rounds_without_steps_match_the_mean_rule():
     torch.manual_seed(0)
     model = TRM(TRMConfig(vocab_size=50, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0, supervision_steps=3))
     idx = torch.randint(0, 50, (2, 16))
-    per_round = model.round_losses(idx, idx)
     _, mean = model(idx, idx)
     mean.backward()
     expected = {n: 3 * p.grad.clone() for n, p in model.named_parameters()}
@@ -513,8 +522,8 @@ def test_supervision_rounds_without_steps_match_the_mean_rule():
     rounds = []
     for loss in model.supervision_rounds(idx, idx):
         loss.backward()
-        rounds.append(loss.item())
-    assert rounds == pytest.approx([r.item() for r in per_round], abs=1e-6)
+        rounds.append(loss.detach())
+    torch.testing.assert_close(torch.stack(rounds).mean(), mean.detach(), atol=1e-6, rtol=0)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6)
 
@@ -529,120 +538,6 @@ def test_random_depth_is_reproducible_from_the_seed_and_covers_its_range():
     assert {d["supervision_steps"] for d in draws} == {1, 2, 3, 4}
     grid = random_depth_grid(model.config)
     assert len(grid) == 4 * 6 * 4 and all(d in grid for d in draws)
-
-
-# ---- halting head and adaptive depth ------------------------------------------------------------------------------
-
-def halting(seed=0, **overrides):
-    """A tiny TRM whose halting head says "stop" for some tokens and not others (random weights, bias 0)."""
-    model = tiny(halt_head=True, seed=seed, **overrides)
-    with torch.no_grad():
-        model.halt.weight.normal_(std=1.0)
-        q = model.halt(next(model.rounds(tokens(3, 20)))[0]).flatten()
-        model.halt.bias.fill_(-q.median())  # p > 0.5 after round 1 for about half the tokens
-    return model
-
-
-def adaptive_decode(model, idx, threshold, **depth):
-    cache = KVCache.for_model(model, idx.size(0), idx.size(1), **depth)
-    out = [decode_adaptive(model, idx[:, t:t + 1], cache, threshold, **depth) for t in range(idx.size(1))]
-    return torch.cat([o[0] for o in out], dim=1), torch.stack([o[1] for o in out], dim=1)
-
-
-def test_halting_head_starts_at_keep_thinking_and_adds_its_loss():
-    model = tiny(halt_head=True)
-    assert torch.sigmoid(model.halt.bias).item() < 0.01 and model.halt.weight.abs().sum() == 0
-    idx = tokens(2, 16)
-    _, lm = model(idx, idx)
-    _, both = model(idx, idx, act_weight=0.5)
-    assert both.item() > lm.item()  # BCE of a head that says "keep thinking" where some argmaxes may be right
-    with pytest.raises(ValueError, match="halt_head"):
-        tiny()(idx, idx, act_weight=0.5)
-
-
-def test_halting_head_learns_when_the_argmax_is_right():
-    torch.manual_seed(0)
-    model = tiny(halt_head=True).train()
-    idx = tokens(4, 16)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        _, loss = model(idx, idx.roll(-1, 1), act_weight=1.0)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    with torch.no_grad():
-        logits, _ = model(idx)
-        right = logits.argmax(-1) == idx.roll(-1, 1)
-        said = torch.sigmoid(model.halt([y for y, _ in model.rounds(idx)][-1]).squeeze(-1)) > 0.5
-    assert right.float().mean() > 0.5 and (said == right).float().mean() > 0.9
-
-
-@pytest.mark.parametrize("depth", [{}, dict(supervision_steps=3, deep_steps=1)])
-def test_threshold_one_is_the_fixed_depth(depth):
-    model = halting()
-    idx = tokens(2, 20)
-    with torch.no_grad():
-        full, _ = model(idx, **depth)
-    logits, rounds = adaptive_decode(model, idx, 1.0, **depth)
-    assert (logits - full).abs().max().item() <= 1e-4
-    assert (rounds == model.steps(**depth)[2]).all()
-
-
-def test_threshold_zero_equals_one_round_everywhere():
-    # every token stops after round 1, so every deeper slot holds round-1 keys/values: the N_sup=1 model, exactly
-    model = halting()
-    idx = tokens(2, 20)
-    with torch.no_grad():
-        one_round, _ = model(idx, supervision_steps=1)
-    logits, rounds = adaptive_decode(model, idx, 0.0, supervision_steps=3)
-    assert (rounds == 1).all()
-    assert (logits - one_round).abs().max().item() <= 1e-4
-
-
-def test_mixed_halting_keeps_sequences_independent():
-    # some tokens stop early and others do not; a batch must give what each sequence gives alone
-    model = halting(supervision_steps=3)
-    idx = tokens(3, 20)
-    logits, rounds = adaptive_decode(model, idx, 0.5)
-    assert (rounds == 1).any() and (rounds > 1).any(), "the test needs both outcomes"
-    for b in range(3):
-        alone, alone_rounds = adaptive_decode(model, idx[b:b + 1], 0.5)
-        assert torch.equal(alone_rounds[0], rounds[b])
-        assert (alone[0] - logits[b]).abs().max().item() <= 1e-4
-
-
-@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
-def test_whole_sequence_halting_equals_token_by_token_decoding(threshold):
-    # rounds() (training, fast scoring) must compute exactly what adaptive generation computes
-    model = halting(supervision_steps=3)
-    idx = tokens(3, 20)
-    logits, rounds = adaptive_decode(model, idx, threshold)
-    with torch.no_grad():
-        states = list(model.rounds(idx, halt_threshold=threshold))
-        whole, _ = model(idx, halt_threshold=threshold)
-    assert torch.equal(sum(running.long() for _, running in states), rounds)
-    assert (rounds == 1).any() and (rounds == 3).any()
-    assert (whole - logits).abs().max().item() <= 1e-4
-
-
-def test_halting_loss_counts_each_token_in_the_rounds_that_computed_it():
-    model = halting(supervision_steps=3)
-    idx = tokens(2, 20)
-    fixed = model.round_losses(idx, idx)
-    never = model.round_losses(idx, idx, halt_threshold=1.0)
-    torch.testing.assert_close(torch.stack(never), torch.stack(fixed))
-    always = model.round_losses(idx, idx, halt_threshold=0.0)
-    assert always[0].item() > 0 and always[1].item() == 0 and always[2].item() == 0  # nothing left after round 1
-    model.train()
-    _, loss = model(idx, idx, halt_threshold=0.5, act_weight=0.1)
-    loss.backward()
-    assert model.halt.weight.grad.abs().sum() > 0 and model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-
-
-def test_adaptive_depth_needs_a_halting_head():
-    with pytest.raises(ValueError, match="halting head"):
-        decode_adaptive(tiny(), tokens(1, 1), KVCache.for_model(tiny(), 1, 4), 0.5)
 
 
 def test_depth_schedules_draw_what_they_promise():

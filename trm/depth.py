@@ -1,12 +1,26 @@
-"""Depth schedules for training: which (latent_steps, deep_steps, supervision_steps) each step runs.
+"""Depth overrides: the test-time depth flags, and the schedules that pick each training step's depth.
 
-The trained depth lives in TRMConfig; a schedule returns per-step overrides, the **depth keywords that TRM.forward,
-TRM.rounds and TRM.flops_per_token take ({} = the trained depth). Every draw depends on (seed, step) alone, so a
-resumed run draws the same depths as an uninterrupted one.
+The trained depth lives in TRMConfig; an override is the **depth keywords (latent_steps, deep_steps,
+supervision_steps) that TRM.forward, TRM.rounds and TRM.flops_per_token take ({} or None values = the trained depth).
+Every draw of a schedule depends on (seed, step) alone, so a resumed run draws the same depths as an uninterrupted one.
 """
 import itertools
 
 import numpy as np
+
+DEPTH_KEYS = ("supervision_steps", "deep_steps", "latent_steps")
+
+
+def add_depth_flags(parser):
+    """--supervision_steps, --deep_steps, --latent_steps of the scripts that run a trained model (generate.py,
+    trm/evaluate.py): changing the depth at test time changes no weights."""
+    for name, what in zip(DEPTH_KEYS, ("supervision rounds", "deep steps per round", "z updates per latent recursion")):
+        parser.add_argument(f"--{name}", type=int, default=None, help=f"{what} at test time (as trained unless given)")
+
+
+def depth_flags(args):
+    """The **depth keywords those flags give."""
+    return {name: getattr(args, name) for name in DEPTH_KEYS}
 
 
 def random_depth(config, seed, step):
@@ -56,7 +70,7 @@ def for_step(config, mode, warmup, seed, step, progress):
 
     mode: --random_depth (None, "all" or "deep"); warmup: --depth_warmup; progress: the run's fraction done.
     """
-    if config.arch != "trm":
+    if not config.recursive:
         return {}
     if mode == "all":
         return random_depth(config, seed, step)
@@ -67,6 +81,6 @@ def for_step(config, mode, warmup, seed, step, progress):
 
 def grid(config, mode):
     """The depths for_step draws among, equally likely, for the mean FLOPs of a step ([{}]: the trained depth)."""
-    if config.arch != "trm" or mode is None:
+    if not config.recursive or mode is None:
         return [{}]
     return random_depth_grid(config) if mode == "all" else random_deep_steps_grid(config)

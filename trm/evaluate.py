@@ -23,8 +23,8 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     """Score fixed windows [n, L + 1] with the model's final-round logits. Returns a dict of plain floats/ints.
 
     halt_threshold (a model with a halting head): score the way adaptive generation runs, every token stopping its
-    supervision rounds once the head's probability exceeds it (TRM.rounds computes over whole windows what decoding
-    computes token by token; tested equal). Adds the mean rounds per token and their share of the full depth.
+    supervision rounds once the head's probability exceeds it (trm/halting.py computes over whole windows what
+    decoding computes token by token; tested equal). Adds the mean rounds per token and their share of the depth.
     Without a threshold, a model with a halting head also gets halt_accuracy: how often, over every round and token,
     the head's "stop" (p > 0.5) agrees with "this round's argmax is the target".
     """
@@ -32,23 +32,23 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     was_training = model.training
     model.eval()
     token_bytes = torch.as_tensor(token_bytes, device=device)
-    is_trm = model.config.arch == "trm"
-    head_accuracy = is_trm and model.halt is not None and halt_threshold is None
-    N_sup = model.steps(**depth)[2] if is_trm else 1
+    head_accuracy = model.can_halt and halt_threshold is None
+    N_sup = model.n_rounds(**depth)
     nats, n_tokens, n_bytes, halt_right, rounds_run = 0.0, 0, 0, 0, 0
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(device, non_blocking=True)
-        x, y = w[:, :-1], w[:, 1:]
+        idx, targets = w[:, :-1], w[:, 1:]
         with autocast(device, amp_dtype):
-            for state, running in model.rounds(x, halt_threshold=halt_threshold, **depth):
-                rounds_run += int(running.sum()) if running is not None else y.numel()
+            for y, running in model.scored_rounds(idx, None, halt_threshold, **depth):
+                rounds_run += int(running.sum()) if running is not None else targets.numel()
                 if head_accuracy:
-                    stop = model.halt(state).squeeze(-1) > 0
-                    halt_right += int((stop == (model.lm_head(state).argmax(-1) == y)).sum())
-            logits = model.lm_head(state)
-        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
-        n_tokens += y.numel()
-        n_bytes += int(token_bytes[y].sum().item())
+                    stop = model.halt(y).squeeze(-1) > 0
+                    halt_right += int((stop == (model.lm_head(y).argmax(-1) == targets)).sum())
+            logits = model.lm_head(y)
+        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                reduction="sum").item()
+        n_tokens += targets.numel()
+        n_bytes += int(token_bytes[targets].sum().item())
     model.train(was_training)
     loss = nats / n_tokens
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
@@ -62,8 +62,9 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
 
 def main(argv=None):
     from trm.checkpoint import CheckpointError, load_model
-    from trm.data import DataError, check_paths, document_ids, eval_windows
     from trm.corpus import CorpusStats, iter_texts
+    from trm.data import DataError, check_paths, document_ids, eval_windows
+    from trm.depth import add_depth_flags, depth_flags
     from trm.device import pick_device
 
     p = argparse.ArgumentParser(
@@ -80,14 +81,12 @@ def main(argv=None):
     p.add_argument("--text_field", default="text", help="JSON field that holds the document")
     p.add_argument("--device", default="auto", help="auto, cuda, cpu, mps (bf16 autocast where the trainer uses it)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype")
-    p.add_argument("--supervision_steps", type=int, default=None, help="test-time depth (None: as trained)")
-    p.add_argument("--deep_steps", type=int, default=None, help="test-time depth (None: as trained)")
-    p.add_argument("--latent_steps", type=int, default=None, help="test-time depth (None: as trained)")
+    add_depth_flags(p)
     p.add_argument("--halt_threshold", type=float, default=None,
                    help="score as adaptive generation runs at this threshold (needs a halting head)")
     args = p.parse_args(argv)
-    counts = {name: getattr(args, name) for name in ("eval_tokens", "batch_size", "supervision_steps", "deep_steps",
-                                                     "latent_steps")}
+    depth = depth_flags(args)
+    counts = dict(eval_tokens=args.eval_tokens, batch_size=args.batch_size, **depth)
     bad = [f"--{name} must be at least 1" for name, value in counts.items() if value is not None and value < 1]
     if args.seq_len < 0 or (args.halt_threshold is not None and not 0 <= args.halt_threshold <= 1):
         bad.append("--seq_len must be >= 0 and --halt_threshold in [0, 1]")
@@ -115,8 +114,7 @@ def main(argv=None):
         print(f"error: no readable documents in {args.data}", file=sys.stderr)
         return 2
     windows = eval_windows(ids, args.seq_len or model.config.max_seq_len, args.eval_tokens)
-    depth = dict(latent_steps=args.latent_steps, deep_steps=args.deep_steps, supervision_steps=args.supervision_steps)
-    if args.halt_threshold is not None and (model.halt is None or model.config.arch != "trm"):
+    if args.halt_threshold is not None and not model.can_halt:
         print(f"error: --halt_threshold needs a TRM trained with a halting head; {args.model_path} has none",
               file=sys.stderr)
         return 2

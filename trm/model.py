@@ -1,7 +1,8 @@
 """The Generative TRM: a Tiny Recursive Model (arXiv 2510.04871) used as a causal next-token language model.
 
-One small network `net` (n_layers transformer blocks) is applied again and again to three streams of shape [B, T, D]:
-x (the embedded tokens), z (a latent "reasoning" state) and y (the current answer, read by the output head):
+One small network `net` (n_layers transformer blocks) is applied again and again to three streams of shape [B, T, D]
+(T: sequence length): x (the embedded tokens), z (a latent "reasoning" state) and y (the current answer, read by the
+output head):
 
     latent_recursion:  z = net(x + y + z)  n times,  then  y = net(y + z)
     deep_recursion:    T_deep - 1 latent recursions without gradients, then one with gradients
@@ -9,9 +10,10 @@ x (the embedded tokens), z (a latent "reasoning" state) and y (the current answe
 
 Every net call is causal (causal attention, position-wise everything else), so the state at position t of every
 stream at every depth depends on tokens <= t only. That is what makes the model a language model, and it is what
-lets generation cache keys/values per net call: each (round, deep step, call, layer) gets its own cache slot.
+lets generation cache keys/values per net call: each (round, deep step, call, layer) names its own cache slot (Slot).
 
 arch="gpt" stacks the same blocks once (no recursion): the in-project baseline for "does recursion pay?".
+Adaptive depth (a halting head that stops tokens early) wraps the recursion from outside: trm/halting.py.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -20,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trm.kv_cache import RoundKV
+from trm import halting
 
 
 @dataclass
@@ -30,7 +32,7 @@ class TRMConfig:
     n_heads: int = 4
     n_layers: int = 2
     latent_steps: int = 2       # n: z-updates per latent recursion
-    deep_steps: int = 2         # T: latent recursions per deep recursion (T-1 of them without gradients)
+    deep_steps: int = 2         # T_deep: latent recursions per deep recursion (T_deep - 1 without gradients)
     supervision_steps: int = 2  # N_sup: deep-supervision rounds, each with its own loss
     dropout: float = 0.1
     max_seq_len: int = 512
@@ -39,7 +41,7 @@ class TRMConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     halt_head: bool = False     # a per-token halting head on y (trained with --act_weight), for adaptive depth
-    grad_deep_steps: int = 1    # deep steps per round that backpropagate, the last ones (the paper: 1; 0 = all T)
+    grad_deep_steps: int = 1    # deep steps per round that backpropagate, the last ones (the paper: 1; 0 = all)
     single_stream: bool = False  # one latent state instead of y and z (the same net calls; a variant)
 
     def __post_init__(self):
@@ -51,6 +53,10 @@ class TRMConfig:
             raise ValueError(f"grad_deep_steps must be >= 0 (0 = every deep step), got {self.grad_deep_steps}")
         if self.mlp_hidden <= 0:
             self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def recursive(self):
+        return self.arch == "trm"
 
     def to_dict(self):
         return asdict(self)
@@ -67,6 +73,30 @@ def rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+class Slot:
+    """Where one attention call keeps its keys/values in a cache: a key with one index per level of the recursion,
+    (round, deep step, call, layer), built as the recursion descends (slot[r][t][i][layer]). A computation outside the
+    rounds would name its own, e.g. slot["prelude"][layer]. The cache is handed the key with q, k, v and reads nothing
+    of the model (trm/kv_cache.py).
+
+    NO_CACHE (training, scoring) attends causally over the pass alone."""
+    __slots__ = ("cache", "key")
+
+    def __init__(self, cache=None, key=()):
+        self.cache, self.key = cache, key
+
+    def __getitem__(self, i):
+        return self if self.cache is None else Slot(self.cache, self.key + (i,))
+
+    def attend(self, q, k, v):
+        if self.cache is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.cache.attend(self.key, q, k, v)
+
+
+NO_CACHE = Slot()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -74,15 +104,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, h, cos, sin, cache=None):
+    def forward(self, h, cos, sin, slot):
         B, T, D = h.shape
         qkv = self.qkv(h).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = rotary(qkv[:2], cos, sin).unbind(0)  # q and k in one call: half the small ops per token
-        v = qkv[2]
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # decoding or adaptive depth: the cache stores k, v and attends over what it holds (trm/kv_cache.py)
-            out = cache.attend(q, k, v)
+        out = slot.attend(q, k, qkv[2])
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -105,8 +131,8 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h, cos, sin, cache=None):
-        h = rms_norm(h + self.drop(self.attn(h, cos, sin, cache)))
+    def forward(self, h, cos, sin, slot):
+        h = rms_norm(h + self.drop(self.attn(h, cos, sin, slot)))
         return rms_norm(h + self.drop(self.mlp(h)))
 
 
@@ -120,7 +146,8 @@ class TRM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # Halting (ACT-style, as the paper's Q head): one logit per position and round for "this round's argmax is
-        # already the target". Zero weights and a negative bias start it at "keep thinking" (p = 0.007).
+        # already the target". Zero weights and a negative bias start it at "keep thinking" (p = 0.007). Its loss and
+        # its use at a threshold: trm/halting.py.
         self.halt = nn.Linear(cfg.d_model, 1) if cfg.halt_head else None
         # A tied matrix keeps the head's small init (std 0.02: small step-0 logits), so the input side multiplies it
         # by sqrt(D), as Gemma does: token vectors enter at RMS 0.02 sqrt(D) (0.32 at D=256) instead of 0.02, which
@@ -154,7 +181,17 @@ class TRM(nn.Module):
             nn.init.zeros_(self.halt.weight)
             nn.init.constant_(self.halt.bias, -5.0)
 
-    # ---- depth and size -----------------------------------------------------------------------------------
+    # ---- what this model can do, its depth and size ------------------------------------------------------------
+    @property
+    def recursive(self):
+        """False for arch="gpt": the blocks once, one round, no test-time depth."""
+        return self.config.recursive
+
+    @property
+    def can_halt(self):
+        """Adaptive depth (trm/halting.py) needs the recursion and a halting head."""
+        return self.recursive and self.halt is not None
+
     def steps(self, latent_steps=None, deep_steps=None, supervision_steps=None):
         """(n, T_deep, N_sup): the trained depth unless overridden (changing the depth at test time changes no
         weights). Every method that takes **depth takes these three keywords."""
@@ -167,24 +204,16 @@ class TRM(nn.Module):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         return steps
 
+    def n_rounds(self, **depth):
+        """Supervision rounds per forward pass, each scored by the head."""
+        return self.steps(**depth)[2] if self.recursive else 1
+
     def net_calls(self, **depth):
         """Applications of `net` per token in one forward pass."""
-        if self.config.arch == "gpt":
+        if not self.recursive:
             return 1
         n, T_deep, N_sup = self.steps(**depth)
         return N_sup * T_deep * (n + 1)
-
-    def _rope_table(self, n, device):
-        hd = self.config.d_model // self.config.n_heads
-        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
-        angles = torch.outer(torch.arange(n, device=device).float(), inv_freq)
-        return angles.cos(), angles.sin()
-
-    def rope(self, start, T):
-        end = start + T
-        if end > self.rope_cos.size(0):  # only generation past max_seq_len gets here
-            self.rope_cos, self.rope_sin = self._rope_table(2 * end, self.rope_cos.device)
-        return self.rope_cos[start:end], self.rope_sin[start:end]
 
     def num_params(self, non_embedding=False):
         """Distinct parameters (tied weights counted once)."""
@@ -207,148 +236,130 @@ class TRM(nn.Module):
         block_matmul = 4 * c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden
         per_call = c.n_layers * (2 * block_matmul + 4 * T * c.d_model)
         head = 2 * c.vocab_size * c.d_model
-        if c.arch == "gpt":
+        if not self.recursive:
             return 3 * (per_call + head)
         n, T_deep, N_sup = self.steps(**depth)
         with_grad = self._grad_deep_steps(T_deep)
         calls = n + 1
         return N_sup * ((T_deep - with_grad) * calls * per_call + 3 * with_grad * calls * per_call + 3 * head)
 
+    def _rope_table(self, n, device):
+        hd = self.config.d_model // self.config.n_heads
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+        angles = torch.outer(torch.arange(n, device=device).float(), inv_freq)
+        return angles.cos(), angles.sin()
+
+    def rope(self, start, T):
+        """Rotary tables (cos, sin) of positions start .. start + T - 1; start may be a device tensor holding one
+        position (fixed-shape decoding: the position lives on the device, trm/kv_cache.py)."""
+        if torch.is_tensor(start):
+            return self.rope_cos.index_select(0, start), self.rope_sin.index_select(0, start)
+        end = start + T
+        if end > self.rope_cos.size(0):  # only generation past max_seq_len gets here
+            self.rope_cos, self.rope_sin = self._rope_table(2 * end, self.rope_cos.device)
+        return self.rope_cos[start:end], self.rope_sin[start:end]
+
     def embed_tokens(self, idx):
         x = self.embed(idx)
         return x * self.embed_scale if self.embed_scale != 1.0 else x
 
     # ---- the recursion ------------------------------------------------------------------------------------
-    def net(self, h, rope, cache=None):
-        for block in self.blocks:
-            h = block(h, *rope, cache)
+    def net(self, h, rope, slot=NO_CACHE):
+        for layer, block in enumerate(self.blocks):
+            h = block(h, *rope, slot[layer])
         return h
 
-    def latent_recursion(self, x, y, z, n, rope, cache=None):
+    def latent_recursion(self, x, y, z, n, rope, slot=NO_CACHE):
         if self.config.single_stream:  # one state, the same n + 1 net calls (a variant: arXiv 2603.08082)
-            for _ in range(n + 1):
-                z = self.net(x + z, rope, cache)
+            for i in range(n + 1):
+                z = self.net(x + z, rope, slot[i])
             return z, z
-        for _ in range(n):
-            z = self.net(x + y + z, rope, cache)  # refine the latent reasoning state
-        y = self.net(y + z, rope, cache)          # then the answer, from the latent state alone
+        for i in range(n):
+            z = self.net(x + y + z, rope, slot[i])  # refine the latent reasoning state
+        y = self.net(y + z, rope, slot[n])          # then the answer, from the latent state alone
         return y, z
 
-    def deep_recursion(self, x, y, z, n, T_deep, rope, cache=None):
+    def deep_recursion(self, x, y, z, n, T_deep, rope, slot=NO_CACHE):
         with_grad = self._grad_deep_steps(T_deep)
         with torch.no_grad():
-            for _ in range(T_deep - with_grad):
-                y, z = self.latent_recursion(x, y, z, n, rope, cache)
-        for _ in range(with_grad):  # the paper backpropagates through the last deep step only
-            y, z = self.latent_recursion(x, y, z, n, rope, cache)
+            for t in range(T_deep - with_grad):
+                y, z = self.latent_recursion(x, y, z, n, rope, slot[t])
+        for t in range(T_deep - with_grad, T_deep):  # the paper backpropagates through the last deep step only
+            y, z = self.latent_recursion(x, y, z, n, rope, slot[t])
         return y, z
 
     def _grad_deep_steps(self, T_deep):
         k = self.config.grad_deep_steps
         return T_deep if k == 0 else min(k, T_deep)
 
-    def rounds(self, idx, cache=None, halt_threshold=None, reembed=False, **depth):
-        """The deep-supervision rounds, one at a time: yields (y, running) after each round, y [B, T, D] the answer
-        state the head reads, running [B, T] True where the round computed the token (None without a threshold).
+    def rounds(self, idx, cache=None, reembed=False, **depth):
+        """Deep supervision, one round at a time: yields the answer state y [B, T, D] after each round, for the head.
+        y and z are detached between rounds, so each round backpropagates into its own deep recursion only.
 
-        This one loop serves training (both update rules), evaluation and decoding. y and z are detached between
-        rounds; with reembed=True x is embedded again every round, so a caller may step the optimizer in between
+        cache (trm/kv_cache.py): idx holds the new tokens only; their positions continue from the cache's.
+        reembed=True embeds x again every round, so that a caller may step the optimizer in between
         (supervision_rounds): each round's graph is then its own.
-
-        cache: a KVCache (idx holds the new tokens only; positions continue from cache.pos).
-        halt_threshold < 1 (a model with a halting head) is adaptive depth: after every round, tokens whose halting
-        probability exceeds it stop. They keep y and z, and at the deeper rounds attention reads their keys/values
-        of the round they stopped at (trm/kv_cache.py). Once every token has stopped, no further round runs.
         """
-        B, T = idx.shape
-        limit = math.inf if halt_threshold is None else self._halt_limit(halt_threshold)
-        halting = limit < math.inf
-        if halting:
-            self.check_halting()
-        kv = cache if cache is not None or not halting else RoundKV()
-        rope = kv.begin(self, T) if kv is not None else self.rope(0, T)
-        if self.config.arch == "gpt":
-            yield self.net(self.embed_tokens(idx), rope, kv), None
-        else:
-            n, T_deep, N_sup = self.steps(**depth)
-            x = y = z = None
-            stopped = torch.zeros(B, T, dtype=torch.bool, device=idx.device) if halting else None
-            for r in range(N_sup):
-                if halting and r:
-                    if bool(stopped.all()):  # nothing left to compute; the cache still fills the deeper rounds
-                        kv.skip_rounds(N_sup - r)
-                        break
-                    kv.next_round(stopped)
-                if x is None or reembed:
-                    x = self.embed_tokens(idx)
-                if y is None:
-                    y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
-                y_new, z_new = self.deep_recursion(x, y, z, n, T_deep, rope, kv)
-                if halting:
-                    keep = stopped.unsqueeze(-1)
-                    y, z = torch.where(keep, y, y_new), torch.where(keep, z, z_new)
-                else:
-                    y, z = y_new, z_new
-                yield y, (~stopped if halting else None)
-                y, z = y.detach(), z.detach()  # each round backpropagates into its own deep recursion only
-                if halting:
-                    with torch.no_grad():
-                        stopped = stopped | (self.halt(y).squeeze(-1) > limit)
-        if cache is not None:
-            cache.advance(T)
+        n, T_deep, N_sup = self.steps(**depth)
+        slot = NO_CACHE if cache is None else Slot(cache)
+        rope = self.rope(0 if cache is None else cache.begin(idx.size(1)), idx.size(1))
+        x = self.embed_tokens(idx)
+        if not self.recursive:
+            yield self.net(x, rope, slot[0])  # one round of one net call
+            return
+        y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
+        for r in range(N_sup):
+            if reembed and r:
+                x = self.embed_tokens(idx)
+            y, z = self.deep_recursion(x, y, z, n, T_deep, rope, slot[r])
+            yield y
+            y, z = y.detach(), z.detach()
 
+    # ---- heads and losses -------------------------------------------------------------------------------------
     def forward(self, idx, targets=None, cache=None, last_only=False, act_weight=0.0, halt_threshold=None, **depth):
         """logits [B, T, vocab] of the last supervision round, and the mean of the rounds' losses (None without
-        targets). The arguments are rounds()'s, and:
+        targets). cache and **depth are rounds()'s, and:
 
         last_only=True (sampling, no targets) returns logits [B, 1, vocab] of the last position only.
-        act_weight > 0 adds act_weight x the halting head's loss to every round's loss (needs config.halt_head).
+        act_weight > 0 adds act_weight x the halting head's loss to every round's loss.
+        halt_threshold: tokens stop their rounds once the halting head's probability exceeds it (trm/halting.py); a
+        stopped token's loss counts in the round it stopped at.
         """
-        logits, losses = self._forward(idx, targets, cache, last_only, act_weight, halt_threshold, **depth)
-        return logits, (torch.stack(losses).mean() if losses else None)
-
-    def round_losses(self, idx, targets, act_weight=0.0, halt_threshold=None, **depth):
-        """Each supervision round's loss, as a list (forward returns their mean)."""
-        return self._forward(idx, targets, None, False, act_weight, halt_threshold, **depth)[1]
-
-    def _forward(self, idx, targets, cache, last_only, act_weight, halt_threshold, **depth):
         if last_only and targets is not None:
             raise ValueError("last_only=True is for sampling: the loss needs every position's logits")
         losses = []
-        for y, running in self.rounds(idx, cache, halt_threshold, **depth):
+        for y, running in self.scored_rounds(idx, cache, halt_threshold, **depth):
             if targets is not None:
                 logits = self.lm_head(y)
-                losses.append(self._round_loss(y, logits, self._running_targets(targets, running), act_weight))
+                losses.append(self.round_loss(y, logits, targets, running, act_weight))
         if targets is None:  # only the last round's logits are read: no head for the others
-            return (self.sampling_head(y) if last_only else self.lm_head(y)), losses
-        rounds = 1 if self.config.arch == "gpt" else self.steps(**depth)[2]
-        losses += [losses[0].new_zeros(())] * (rounds - len(losses))  # rounds skipped once every token had stopped
-        return logits, losses
+            return (self.sampling_head(y) if last_only else self.lm_head(y)), None
+        losses += [losses[0].new_zeros(())] * (self.n_rounds(**depth) - len(losses))  # rounds every token skipped
+        return logits, torch.stack(losses).mean()
 
     def supervision_rounds(self, idx, targets, act_weight=0.0, halt_threshold=None, **depth):
         """The paper's update rule: yields each round's loss; the caller backpropagates it and steps the optimizer
         before asking for the next round, which then runs with the updated weights from the detached y, z."""
-        for y, running in self.rounds(idx, None, halt_threshold, reembed=True, **depth):
-            yield self._round_loss(y, self.lm_head(y), self._running_targets(targets, running), act_weight)
+        for y, running in self.scored_rounds(idx, None, halt_threshold, reembed=True, **depth):
+            yield self.round_loss(y, self.lm_head(y), targets, running, act_weight)
 
-    @staticmethod
-    def _running_targets(targets, running):
-        # a stopped token's loss was counted in the round it stopped at: -1 masks it out of the deeper rounds
-        return targets if running is None else targets.masked_fill(~running, -1)
+    def scored_rounds(self, idx, cache, halt_threshold, reembed=False, **depth):
+        """(y, running) per round: rounds(), or with a halt threshold halting's rounds, whose running [B, T] marks
+        the tokens each round computed (None: all of them)."""
+        if halt_threshold is None:
+            return ((y, None) for y in self.rounds(idx, cache, reembed, **depth))
+        return halting.rounds(self, idx, halt_threshold, cache, reembed, **depth)
 
-    def check_halting(self):
-        if self.halt is None or self.config.arch != "trm":
-            raise ValueError("adaptive depth needs a TRM trained with a halting head (train_trm_lm.py --act_weight)")
-
-    @staticmethod
-    def _halt_limit(p):
-        # stop once sigmoid(q) > p, that is q > logit(p): p = 1 never stops, p = 0 always does
-        return math.inf if p >= 1 else -math.inf if p <= 0 else math.log(p / (1 - p))
-
-    def _round_loss(self, y, logits, targets, act_weight):
-        """One round's loss: cross-entropy, plus act_weight x the halting head's loss."""
-        ce = self._loss(logits, targets)
-        return ce + act_weight * self.halt_loss(y, logits, targets) if act_weight else ce
+    def round_loss(self, y, logits, targets, running, act_weight):
+        """One round's loss: cross-entropy over the tokens it computed, plus act_weight x the halting head's loss."""
+        if running is not None:  # -1: a stopped token's loss was counted in the round it stopped at
+            targets = targets.masked_fill(~running, -1)
+        ce = cross_entropy(logits, targets)
+        if not act_weight:
+            return ce
+        if not self.can_halt:
+            raise ValueError("act_weight > 0 needs a TRM built with halt_head=True")
+        return ce + act_weight * halting.halt_loss(self, y, logits, targets)
 
     def sampling_head(self, y):
         """Logits at the last position. Without autograd they come from a cached [D, vocab] copy of the head: for one
@@ -365,20 +376,9 @@ class TRM(nn.Module):
             self._head_t = cached = (w, key, w.detach().t().contiguous())
         return y @ cached[2]
 
-    def halt_loss(self, y, logits, targets):
-        """Binary cross-entropy of the halting head against "this round's argmax already equals the target"."""
-        if self.halt is None:
-            raise ValueError("act_weight > 0 needs a model built with halt_head=True")
-        q = self.halt(y).squeeze(-1).float()
-        with torch.no_grad():
-            right = (logits.argmax(-1) == targets).float()
-            valid = (targets >= 0).float()  # masked positions (-1) count for neither loss
-        per_token = F.binary_cross_entropy_with_logits(q, right, reduction="none")
-        return (per_token * valid).sum() / valid.sum().clamp(min=1)
 
-    @staticmethod
-    def _loss(logits, targets):
-        """Mean cross-entropy over the targets that are not -1 (0 when there are none: every token stopped)."""
-        valid = (targets >= 0).sum().clamp(min=1)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction="sum") / valid
+def cross_entropy(logits, targets):
+    """Mean cross-entropy over the targets that are not -1 (0 when there are none: every token stopped)."""
+    valid = (targets >= 0).sum().clamp(min=1)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                           reduction="sum") / valid

@@ -7,7 +7,8 @@ to check the cached path. Both follow the same sliding-window policy past max_se
 """
 import torch
 
-from trm.kv_cache import KVCache
+from trm.halting import decode_adaptive
+from trm.kv_cache import KVCache, StaticKVCache
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, prev_ids=None, generator=None):
@@ -52,46 +53,29 @@ class GraphedStep:
 
     On a GPU, batch-1 decoding is bound by kernel launches, not arithmetic: the seed depth makes 24 block calls per
     token, about a dozen small kernels each, and Python issues them one by one. A replay launches them all at once.
-    The cache must be in fixed-shape mode (KVCache.start_static): the graph reads the position from the device. The
-    graph is captured for the cache's batch size: one new token per row.
+    The cache is a StaticKVCache: the graph reads the position from the device. The graph is captured for the cache's
+    batch size: one new token per row.
     """
 
     def __init__(self, model, cache, depth):
-        self.token = torch.zeros(cache.k.size(1), 1, dtype=torch.long, device=cache.pos_t.device)
-        pos, pos_t = cache.pos, cache.pos_t.clone()
+        self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.pos.device)
+        pos = cache.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # one eager step first: lazy initialization must not happen during capture
             model(self.token, cache=cache, last_only=True, **depth)
         torch.cuda.current_stream().wait_stream(side)
-        cache.pos_t.copy_(pos_t)
+        cache.pos.copy_(pos)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits, _ = model(self.token, cache=cache, last_only=True, **depth)
         # neither run counts: they wrote keys/values at the next position, which the first real token overwrites
-        cache.pos = pos
-        cache.pos_t.copy_(pos_t)
+        cache.pos.copy_(pos)
 
     def __call__(self, token):
         self.token.copy_(token.view(-1, 1))
         self.graph.replay()
         return self.logits
-
-
-@torch.no_grad()
-def decode_adaptive(model, idx, cache, halt_threshold, **depth):
-    """One new token per sequence (idx [B, 1]) through the cache, each sequence stopping its supervision rounds once
-    the halting head's probability exceeds halt_threshold (1.0: never, the fixed depth): TRM.rounds with a cache.
-
-    Returns (logits [B, 1, vocab] of each sequence's last round, supervision rounds run per sequence [B]).
-    """
-    model.check_halting()
-    if idx.size(1) != 1 or cache.static:
-        raise ValueError("decode_adaptive takes one token per sequence through a normal (not fixed-shape) cache")
-    rounds = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
-    for y, running in model.rounds(idx, cache, halt_threshold, **depth):
-        rounds += running[:, 0] if running is not None else 1
-    return model.sampling_head(y), rounds
 
 
 def generate(model, prompt_ids, max_new_tokens, **kw):
@@ -103,8 +87,8 @@ def generate(model, prompt_ids, max_new_tokens, **kw):
 
 @torch.inference_mode()  # as a decorator it is entered and left around each step, never held across a yield
 def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k=50, top_p=0.95,
-                   repetition_penalty=1.0, eos_id=None, use_cache=True, cuda_graph=True, latent_steps=None,
-                   deep_steps=None, supervision_steps=None, halt_threshold=None, stats=None, generator=None):
+                   repetition_penalty=1.0, eos_id=None, use_cache=True, cuda_graph=True, halt_threshold=None,
+                   stats=None, generator=None, **depth):
     """Decode B prompts of one token length together; yield a list of B new token ids per step.
 
     Each row samples on its own (its own repetition-penalty history, its own draw from the shared generator) and
@@ -118,6 +102,7 @@ def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k
     token at a time) keeps the rebuilds rare: one prefill per max_seq_len // 2 new tokens.
 
     On CUDA with the cache, each decoding step is a CUDA-graph replay (cuda_graph=False: plain eager steps).
+    **depth: the test-time depth, TRM.steps's keywords (None or absent: as trained).
 
     halt_threshold (a model trained with a halting head; needs the cache): each new token stops its supervision
     rounds once the head's probability exceeds it (1.0 = never). stats, a dict, then counts "tokens" and "rounds"
@@ -133,7 +118,6 @@ def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k
         raise ValueError(f"the prompts of one batch must have one token length (they share positions), got {lengths}")
     if max_new_tokens <= 0:
         return
-    depth = dict(latent_steps=latent_steps, deep_steps=deep_steps, supervision_steps=supervision_steps)
     device = model.lm_head.weight.device
     L = model.config.max_seq_len
     keep = max(1, L // 2)
@@ -149,18 +133,19 @@ def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k
     if adaptive and not use_cache:
         raise ValueError("adaptive depth (halt_threshold) works through the KV cache: use_cache=True")
     graphed = use_cache and cuda_graph and device.type == "cuda" and not adaptive
-    cache = KVCache.for_model(model, B, L, **depth) if use_cache else None
-    step = None
+    cache = KVCache(L) if use_cache else None
+    static = step = None
 
     def refill():
         # the whole window in one forward pass; with the cache this is the prefill that refills it from empty
-        nonlocal step
+        nonlocal static, step
         if cache is not None:
             cache.reset()
         logits, _ = model(ids[:, start:n], cache=cache, last_only=True, **depth)
-        if graphed:
-            cache.start_static()
-            step = step or GraphedStep(model, cache, depth)  # the cache keeps its buffers: one capture serves all
+        if graphed:  # the cache keeps its buffers, so one capture serves every refill
+            static = static or StaticKVCache(cache)
+            static.follow()
+            step = step or GraphedStep(model, static, depth)
         return logits
 
     if n - start > L:
