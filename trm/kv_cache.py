@@ -74,6 +74,8 @@ class StaticKVCache:
     """
 
     def __init__(self, cache):
+        if not cache.slots:
+            raise ValueError("a fixed-shape cache continues a prefill: the KVCache is still empty")
         self.cache = cache
         k = next(iter(cache.slots.values()))[0]
         self.batch_size = k.size(0)
