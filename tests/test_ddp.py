@@ -9,12 +9,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import ROOT, TINY, endless_trainer, logged_losses, make_corpus, params
+from test_train import ROOT, TINY, copy_run_until, endless_trainer, logged_losses, make_corpus, params
 from trm.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -92,11 +91,7 @@ def test_a_two_process_run_resumes_bit_identically(corpus, tmp_path):
     common = ["--max_steps", "8", "--eval_every", "4", "--log_every", "2"]
     r = torchrun(corpus, straight, *common, port=29542)
     assert r.returncode == 0, r.stdout + r.stderr
-    resumed.mkdir()
-    (resumed / "step_4.pt").write_bytes((straight / "step_4.pt").read_bytes())
-    (resumed / "metrics.jsonl").write_text(
-        "".join(line for line in (straight / "metrics.jsonl").read_text().splitlines(True)
-                if json.loads(line)["step"] <= 4))
+    copy_run_until(straight, resumed, 4)
     r = torchrun(corpus, resumed, *common, "--resume", "auto", port=29543)
     assert r.returncode == 0, r.stdout + r.stderr
     a, b = straight / "final_step_8.pt", resumed / "final_step_8.pt"

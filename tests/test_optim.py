@@ -1,6 +1,5 @@
 """--optimizer adamw|muon: which weights Muon gets, one schedule for both, exact resume, DDP, and a GPU run."""
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -8,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error
-from tests.test_train import ROOT, TINY, corpus, logged_losses, params, train  # noqa: F401 (corpus: a fixture)
+from conftest import assert_one_line_error
+from test_train import ROOT, TINY, copy_run_until, corpus, logged_losses, params, train  # noqa: F401 (corpus: a fixture)
 from trm.checkpoint import load_checkpoint
 from trm.flags import check_flags, trainer_parser
 from trm.model import TRM, TRMConfig
@@ -93,11 +92,7 @@ def test_muon_trains_and_resumes_bit_identically(corpus, tmp_path, extra):  # no
     assert "optimizer: Muon for " in r.stdout
     losses = [loss for _, kind, loss in logged_losses(straight) if kind == "train"]
     assert losses[-1] < losses[0] - 0.5, losses  # it learns
-    resumed.mkdir()
-    (resumed / "step_8.pt").write_bytes((straight / "step_8.pt").read_bytes())
-    (resumed / "metrics.jsonl").write_text(
-        "".join(line for line in (straight / "metrics.jsonl").read_text().splitlines(True)
-                if json.loads(line)["step"] <= 8))
+    copy_run_until(straight, resumed, 8)
     train(corpus, resumed, *common, "--resume", "auto")
     a, b = straight / "final_step_16.pt", resumed / "final_step_16.pt"
     for key in ("model", "ema"):

@@ -67,11 +67,19 @@ def logged(save_dir, kind=None):
 def logged_losses(save_dir):
     return [(h["step"], h["kind"], h["loss"]) for h in logged(save_dir)]
 
+def copy_run_until(src, dst, step):
+    """dst as src's save dir looked at `step`: its checkpoint and the metrics logged up to it (a resume test's start)."""
+    dst.mkdir()
+    (dst / f"step_{step}.pt").write_bytes((src / f"step_{step}.pt").read_bytes())
+    (dst / "metrics.jsonl").write_text("".join(line for line in (src / "metrics.jsonl").read_text().splitlines(True)
+                                               if json.loads(line)["step"] <= step))
+
+
 
 @pytest.mark.slow
 def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
     save = tmp_path / "ck"
-    r = train(corpus, save, "--max_steps", "12", "--eval_every", "6", "--log_every", "3")
+    train(corpus, save, "--max_steps", "12", "--eval_every", "6", "--log_every", "3")
     names = sorted(os.listdir(save))
     assert {"step_6.pt", "final_step_12.pt", "metrics.jsonl", "training_curves.png"} <= set(names)
     state = load_checkpoint(save / "final_step_12.pt")  # weights_only=True inside
@@ -147,11 +155,7 @@ def test_resume_is_bit_identical(corpus, tmp_path, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["--max_steps", "16", "--eval_every", "8", "--log_every", "4", "--dropout", "0.1", *extra]
     train(corpus, straight, *common)
-    resumed.mkdir()
-    (resumed / "step_8.pt").write_bytes((straight / "step_8.pt").read_bytes())
-    (resumed / "metrics.jsonl").write_text(
-        "".join(line for line in (straight / "metrics.jsonl").read_text().splitlines(True)
-                if json.loads(line)["step"] <= 8))
+    copy_run_until(straight, resumed, 8)
     train(corpus, resumed, *common, "--resume", "auto")
     a, b = straight / "final_step_16.pt", resumed / "final_step_16.pt"
     assert load_checkpoint(b)["run_id"] == load_checkpoint(resumed / "step_8.pt")["run_id"]  # resumed, not begun anew

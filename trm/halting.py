@@ -42,9 +42,9 @@ def rounds(model, idx, halt_threshold, cache=None, reembed=False, **depth):
             yield y, running
         return
     N_sup = model.n_rounds(**depth)
-    kv, stopped = StoppedKV(cache), ~running
+    kv, stopped, kept = StoppedKV(cache), ~running, None  # kept: the answer states of the round before
     for r, y in enumerate(model.rounds(idx, kv, reembed, **depth)):
-        if r:
+        if kept is not None:
             y = torch.where(stopped.unsqueeze(-1), kept, y)
         yield y, ~stopped
         if r + 1 < N_sup:
