@@ -1,6 +1,7 @@
 """trm/corpus.py: which files a pattern names, and that every readable record comes out while bad ones are counted."""
 import gzip
 import json
+import lzma
 import os
 import random
 import zlib
@@ -8,7 +9,7 @@ import zlib
 import pytest
 
 from trm import corpus
-from trm.corpus import CorpusStats, expand_inputs, iter_texts, train_shards
+from trm.corpus import CorpusError, CorpusStats, expand_inputs, iter_texts, missing_package, train_shards
 
 DOCS = ["吾輩は猫である。\n名前はまだ無い。", "どこで生れたかとんと見当がつかぬ。", "何でも薄暗いじめじめした所で泣いていた。"]
 
@@ -210,3 +211,89 @@ def test_train_shards_are_numbered_files_in_number_order(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert [os.path.basename(p) for p in train_shards(str(tmp_path))] == ["train_0.jsonl", "train_2.jsonl.gz",
                                                                            "train_10.jsonl.gz"]
+
+
+try:
+    import zstandard
+except ImportError:
+    zstandard = None
+needs_zstd = pytest.mark.skipif(zstandard is None, reason="zstandard is not installed")
+no_zstd = pytest.mark.skipif(zstandard is not None, reason="zstandard is installed")
+PACK = {".jsonl": lambda b: b, ".jsonl.gz": gzip.compress, ".jsonl.xz": lzma.compress,
+        ".jsonl.zst": lambda b: zstandard.ZstdCompressor().compress(b)}
+
+
+def corpus_bytes(docs):
+    return "".join(json.dumps({"text": t, "meta": {}}, ensure_ascii=False) + "\n" for t in docs).encode()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.xz", pytest.param(".jsonl.zst", marks=needs_zstd)])
+def test_every_format_reads_the_same_documents(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    path.write_bytes(PACK[suffix](corpus_bytes(DOCS)))
+    stats = CorpusStats()
+    assert list(iter_texts(str(path), stats=stats)) == DOCS and not stats.errors and stats.documents == 3
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.xz", pytest.param(".jsonl.zst", marks=needs_zstd)])
+def test_concatenated_streams_are_one_file(tmp_path, suffix):
+    path = tmp_path / f"cat{suffix}"
+    path.write_bytes(PACK[suffix](corpus_bytes(DOCS[:1])) + PACK[suffix](corpus_bytes(DOCS[1:])))
+    stats = CorpusStats()
+    assert list(iter_texts(str(path), stats=stats)) == DOCS and not stats.errors
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.xz", pytest.param(".jsonl.zst", marks=needs_zstd)])
+def test_truncated_stream_keeps_every_whole_line_before_the_cut(tmp_path, capsys, suffix, monkeypatch):
+    monkeypatch.setattr(corpus, "READ_SIZE", 1000)  # the cut lands after several reads
+    docs = [f"{i}番目の文書です。" * (1 + i % 30) for i in range(2000)]
+    whole = PACK[suffix](corpus_bytes(docs))
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(whole[: len(whole) // 2])
+    stats = CorpusStats()
+    got = list(iter_texts(str(path), stats=stats))
+    assert 0 < len(got) < len(docs) and got == docs[: len(got)]
+    assert len(stats.errors) == 1 and str(path) in stats.errors[0] and "truncated" in stats.errors[0]
+    assert str(path) in capsys.readouterr().err
+
+
+def test_corrupt_xz_keeps_the_lines_before_the_damage(tmp_path, capsys):
+    docs = [f"{i}番目の文書です。" * (1 + i % 30) for i in range(2000)]
+    data = bytearray(lzma.compress(corpus_bytes(docs)))
+    data[len(data) // 2] ^= 0xFF
+    path = tmp_path / "bad.jsonl.xz"
+    path.write_bytes(bytes(data))
+    stats = CorpusStats()
+    got = list(iter_texts(str(path), stats=stats))
+    assert len(got) > len(docs) // 4 and got[: len(got) // 2] == docs[: len(got) // 2]  # bytes just before may be wrong
+    assert len(stats.errors) == 1 and str(path) in stats.errors[0] and "corrupt xz" in stats.errors[0]
+
+
+def test_xz_stream_padding_is_not_damage(tmp_path):
+    path = tmp_path / "padded.jsonl.xz"
+    path.write_bytes(lzma.compress(corpus_bytes(DOCS)) + b"\0" * 8 + lzma.compress(corpus_bytes(DOCS)))
+    stats = CorpusStats()
+    assert list(iter_texts(str(path), stats=stats)) == DOCS * 2 and not stats.errors
+
+
+@no_zstd
+def test_zst_without_zstandard_is_a_one_line_error_naming_the_package(tmp_path):
+    path = tmp_path / "x.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd whatever")
+    problem = missing_package([str(tmp_path / "a.jsonl.gz"), str(path)])
+    assert "\n" not in problem and str(path) in problem and "pip install zstandard" in problem
+    assert missing_package([str(tmp_path / "a.jsonl.xz")]) is None
+    with pytest.raises(CorpusError, match="pip install zstandard"):  # a reader that skipped the check still stops
+        list(iter_texts(str(path)))
+
+
+def test_folders_globs_and_shards_find_every_format(tmp_path):
+    names = ["train_10.jsonl.zst", "train_2.jsonl.xz", "train_1.jsonl.gz", "train_0.jsonl", "train_3.jsonl.xz.tmp",
+             "notes.txt", "train_texts.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    want = ["train_0.jsonl", "train_1.jsonl.gz", "train_2.jsonl.xz", "train_10.jsonl.zst"]
+    assert [os.path.basename(p) for p in train_shards(str(tmp_path))] == want
+    assert [os.path.basename(p) for p in expand_inputs([str(tmp_path)])[0]] == want
+    found, _ = expand_inputs([f"{tmp_path}/*.xz", f"{tmp_path}/*.zst"])
+    assert [os.path.basename(p) for p in found] == want[2:]

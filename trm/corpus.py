@@ -1,14 +1,17 @@
-"""Streaming the users' JSONL corpora (llm-jp style {"text": ..., "meta": ...}, usually .jsonl.gz), one text at a time.
+"""Streaming the users' JSONL corpora (llm-jp style {"text": ..., "meta": ...}), one text at a time: .jsonl, .jsonl.gz,
+.jsonl.xz (stdlib lzma) or .jsonl.zst (the optional zstandard package); the file's extension decides.
 
 extract_texts.py (step 1) and the training data loader (step 3) both read through here, so they agree on which
 documents exist. Bad input never stops a run and never goes unnoticed: a malformed line is skipped and counted
 (the first few named as file:line), and a truncated or corrupt gzip keeps every whole line before the damage, as
-zcat would print it (a spoilt CRC trailer loses nothing).
+zcat would print it (a spoilt CRC trailer loses nothing). A truncated .xz or .zst keeps every whole line too; corrupt
+data in one keeps the whole lines of what was decompressed before the error, less the last MAX_LOST_OUTPUT bytes.
 """
 import collections
 import dataclasses
 import glob
 import json
+import lzma
 import os
 import queue
 import re
@@ -21,9 +24,11 @@ try:  # ISA-L inflates the same gzip data about twice as fast as zlib (`pip inst
 except (ImportError, AttributeError):
     import zlib
 
-SUFFIXES = (".jsonl.gz", ".jsonl", ".json.gz")
+SUFFIXES = (".jsonl.gz", ".jsonl", ".jsonl.xz", ".jsonl.zst", ".json.gz")
+ZSTD_MISSING = "needs the zstandard package to read .zst files: pip install zstandard"
 READ_SIZE = 1 << 20  # compressed bytes per read: big enough that Python's per-call cost vanishes next to inflate
 MAX_EXAMPLES = 5
+MAX_LOST_OUTPUT = 1 << 16  # .xz/.zst: decompressed bytes per call, so an error loses at most this much
 
 
 @dataclasses.dataclass
@@ -101,37 +106,96 @@ def train_shards(folder):
     return sorted((os.path.join(folder, f) for f in os.listdir(folder) if shard.fullmatch(f)), key=_natural_key)
 
 
+def missing_package(paths):
+    """The one-line error for corpus files this Python cannot read (.zst without zstandard), or None."""
+    zst = [p for p in paths if p.endswith(".zst")]
+    if zst and _zstd() is None:
+        return f"{zst[0]} {ZSTD_MISSING}"
+    return None
+
+
+def _zstd():
+    try:
+        import zstandard
+        return zstandard
+    except ImportError:
+        return None
+
+
+class CorpusError(RuntimeError):
+    pass
+
+
 def _read_blocks(path, stats):
-    """Decompressed bytes of `path` in big blocks; at damage, record it and stop (what came before stands)."""
+    """Decompressed bytes of `path` in big blocks; at damage, record it and stop (what came before stands).
+    The one place that opens corpus files: the extension picks the format."""
+    if path.endswith(".zst") and _zstd() is None:  # the scripts check up front (missing_package); this is a backstop
+        raise CorpusError(f"{path} {ZSTD_MISSING}")
     try:
         f = open(path, "rb")
     except OSError as e:  # vanished since expand_inputs, or unreadable: one file must not end the run
         yield _damaged(path, stats, f"cannot open ({e.strerror})")
         return
     with f:
-        if not path.endswith(".gz"):
+        if path.endswith(".gz"):
+            yield from _gunzip(f, path, stats)
+        elif path.endswith(".xz"):
+            yield from _unpack(f, path, stats, "xz", lzma.LZMADecompressor, lzma.LZMAError)
+        elif path.endswith(".zst"):
+            zstd = _zstd()
+            yield from _unpack(f, path, stats, "zstd", lambda: zstd.ZstdDecompressor().decompressobj(),
+                               zstd.ZstdError)
+        else:
             while block := f.read(READ_SIZE * 4):
                 stats.bytes_in += len(block)
                 yield block
-            return
-        inflate, in_member = zlib.decompressobj(wbits=31), False
-        while raw := f.read(READ_SIZE):
-            stats.bytes_in += len(raw)
-            while raw:
-                saved = inflate.copy()  # ~40 kB per 1 MB read; at damage the read is replayed from here
-                try:
-                    block = inflate.decompress(raw)
-                except zlib.error as e:
-                    yield _inflate_until_damage(saved, raw)
-                    yield _damaged(path, stats, f"corrupt gzip data ({e})")
-                    return
-                in_member = True
-                yield block
-                raw = b""
-                if inflate.eof:  # concatenated gzip members (e.g. `cat a.gz b.gz`) are one valid file
-                    raw, inflate, in_member = inflate.unused_data, zlib.decompressobj(wbits=31), False
-        if in_member:
-            yield _damaged(path, stats, "truncated gzip (unexpected end of file)")
+
+
+def _unpack(f, path, stats, name, new_decoder, error):
+    """.xz or .zst: one decoder per stream (`cat a.xz b.xz` is one valid file, as for gzip members). Output comes in
+    calls of at most MAX_LOST_OUTPUT bytes where the decoder allows it (lzma does), because a call that raises
+    drops its whole output and neither decoder can be copied to replay it the way _inflate_until_damage does."""
+    bounded = name == "xz"
+    decoder, in_stream = new_decoder(), False
+    while raw := f.read(READ_SIZE):
+        stats.bytes_in += len(raw)
+        while raw or bounded and in_stream and not decoder.needs_input and not decoder.eof:
+            if bounded and not in_stream:  # xz allows null-byte padding between streams
+                raw = raw.lstrip(b"\0")
+                if not raw:
+                    break
+            try:
+                block = decoder.decompress(raw, MAX_LOST_OUTPUT) if bounded else decoder.decompress(raw)
+            except error as e:
+                yield _damaged(path, stats, f"corrupt {name} data ({e})")
+                return
+            in_stream, raw = True, b""
+            yield block
+            if getattr(decoder, "eof", False):  # zstandard before 0.15 has no eof: truncation then goes unnoticed
+                raw, decoder, in_stream = decoder.unused_data, new_decoder(), False
+    if in_stream:
+        yield _damaged(path, stats, f"truncated {name} (unexpected end of file)")
+
+
+def _gunzip(f, path, stats):
+    inflate, in_member = zlib.decompressobj(wbits=31), False
+    while raw := f.read(READ_SIZE):
+        stats.bytes_in += len(raw)
+        while raw:
+            saved = inflate.copy()  # ~40 kB per 1 MB read; at damage the read is replayed from here
+            try:
+                block = inflate.decompress(raw)
+            except zlib.error as e:
+                yield _inflate_until_damage(saved, raw)
+                yield _damaged(path, stats, f"corrupt gzip data ({e})")
+                return
+            in_member = True
+            yield block
+            raw = b""
+            if inflate.eof:  # concatenated gzip members (e.g. `cat a.gz b.gz`) are one valid file
+                raw, inflate, in_member = inflate.unused_data, zlib.decompressobj(wbits=31), False
+    if in_member:
+        yield _damaged(path, stats, "truncated gzip (unexpected end of file)")
 
 
 def _inflate_until_damage(inflate, raw, piece=4096):
