@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from trm.atomic import AtomicFile, remove_stale_tmp, tmp_name
 from trm.cli import fail, range_error
-from trm.corpus import SUFFIXES, CorpusStats, expand_inputs, iter_texts
+from trm.corpus import SUFFIXES, CorpusStats, expand_inputs, iter_texts, missing_package
 
 DEFAULT_INPUTS = [f"train_{i}.jsonl.gz" for i in range(11)]  # the procedure's shards, in the working directory
 WRITE_BATCH = 8 << 20  # characters per write: few big writes, bounded memory
@@ -92,7 +92,7 @@ if __name__ == "__main__":
                                      epilog="example:\n  python extract_texts.py --inputs data/train "
                                             "--output train_texts.txt --workers 8")
     parser.add_argument("--inputs", nargs="+", default=DEFAULT_INPUTS,
-                        help="files, directories (searched recursively for *.jsonl.gz, *.jsonl) or globs "
+                        help="files, directories (searched recursively for *.jsonl, *.jsonl.gz, *.jsonl.xz, *.jsonl.zst) or globs "
                              "(default: train_0.jsonl.gz ... train_10.jsonl.gz)")
     parser.add_argument("--output", default="train_texts.txt",
                         help="the text file to write, one document per line (default: %(default)s)")
@@ -118,6 +118,8 @@ if __name__ == "__main__":
     if not files:
         fail(f"no input files found (looked for {' '.join(args.inputs)}; directories are searched for "
              f"{', '.join('*' + s for s in SUFFIXES)}). Check the paths and the working directory ({os.getcwd()}).")
+    if problem := missing_package(files):
+        fail(problem)
     if os.path.exists(args.output):
         for f in files:
             if os.path.samefile(f, args.output):  # the rename at the end would replace the corpus by its own text

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from trm.atomic import AtomicFile, remove_stale_tmp
 from trm.cli import fail, range_error
-from trm.corpus import SUFFIXES, CorpusStats, iter_texts
+from trm.corpus import SUFFIXES, CorpusStats, iter_texts, missing_package
 
 HOLDOUT_EVERY = 200  # without --eval_file, every 200th line is held out of training and measures the tokenizer
 EVAL_MAX_BYTES = 20 << 20  # enough held-out text for stable figures; encoding it takes seconds
@@ -119,7 +119,7 @@ def sentences_for_training(path, keep, max_bytes, holdout, heldout, fed, bar, se
 
 
 def read_eval_file(path):
-    """Held-out text from --eval_file: a .jsonl(.gz) corpus (raw documents) or a text file, one document per line."""
+    """Held-out text from --eval_file: a corpus file (raw documents) or a text file, one document per line."""
     texts, size = [], 0
     if path.endswith(SUFFIXES):
         stream = iter_texts(path, stats=CorpusStats())
@@ -141,6 +141,8 @@ def not_text(path):
         head = f.read(1 << 16)
     if head[:2] == b"\x1f\x8b" or path.endswith(".gz"):
         return "is gzip-compressed"
+    if head[:6] == b"\xfd7zXZ\x00" or head[:4] == b"\x28\xb5\x2f\xfd" or path.endswith((".xz", ".zst")):
+        return "is xz- or zstd-compressed"
     first = head.split(b"\n", 1)[0].strip()
     if first.startswith(b"{") and (first.endswith(b"}") or b'"text"' in first):
         return "is JSON lines (a corpus file)"
@@ -180,7 +182,7 @@ if __name__ == "__main__":
     parser.add_argument("--max_sentence_length", type=int, default=4192,
                         help="bytes; longer sentences are cut, never dropped (default: %(default)s)")
     parser.add_argument("--eval_file", default=None,
-                        help="held-out text (.txt one document per line, or .jsonl.gz) "
+                        help="held-out text (.txt one document per line, or .jsonl[.gz|.xz|.zst]) "
                              f"(default: every {HOLDOUT_EVERY}th line of --input, kept out of training)")
     parser.add_argument("--seed", type=int, default=1234,
                         help="for the line sample and SentencePiece's shuffling (default: %(default)s)")
@@ -202,13 +204,15 @@ if __name__ == "__main__":
         if not os.path.isfile(args.eval_file):
             fail(f"--eval_file {args.eval_file} not found.")
         if not args.eval_file.endswith(SUFFIXES) and (why := not_text(args.eval_file)):
-            fail(f"--eval_file {args.eval_file} {why}: name a corpus file *.jsonl.gz or *.jsonl, or give a text file.")
+            fail(f"--eval_file {args.eval_file} {why}: name a corpus file *.jsonl(.gz/.xz/.zst), or give a text file.")
+        if problem := missing_package([args.eval_file]):
+            fail(problem)
         try:
             eval_texts = read_eval_file(args.eval_file)
         except OSError as e:
             fail(f"cannot read --eval_file {args.eval_file} ({e.strerror}).")
         if not eval_texts:
-            fail(f"--eval_file {args.eval_file} has no readable text to evaluate on (for .jsonl(.gz), documents in "
+            fail(f"--eval_file {args.eval_file} has no readable text to evaluate on (for a corpus file, documents in "
                  f"the 'text' field). Fix the file or leave --eval_file out to hold lines of --input back.")
 
     out_dir = os.path.dirname(os.path.abspath(args.model_prefix))

@@ -1,8 +1,8 @@
-"""Training data: tokenize the JSONL.GZ corpus once into a token cache, then serve packed windows.
+"""Training data: tokenize the JSONL corpus (plain, .gz, .xz or .zst) once into a token cache, then serve packed windows.
 
 Why a cache: tokenizing 1.8 GB of Japanese takes minutes even on many threads, and doing it inside the training loop
 would stall the GPU. The cache is a flat array of token ids (each document as BOS ... EOS) in
-`<save_dir>/token_cache/<key>.bin`, keyed by the files (path, size, mtime), the text field and the exact tokenizer,
+`<save_dir>/token_cache/<key>.bin`, keyed by the files (path, size, mtime: a .xz and a .gz of the same text are two caches), the text field and the exact tokenizer,
 so a changed corpus or tokenizer builds a new one and a resumed run reuses the old one. The sidecar `<key>.bin.json`
 holds the counts and a checksum of the .bin, verified on every load: a cache damaged on disk (truncated, torn, bytes
 changed) is reported and rebuilt, never trained on. One process builds an entry at a time (a lock file); another
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from trm.atomic import AtomicFile, remove_stale_tmp
-from trm.corpus import CorpusStats, iter_texts
+from trm.corpus import CorpusStats, iter_texts, missing_package
 
 
 class DataError(RuntimeError):
@@ -43,6 +43,8 @@ def check_paths(paths, what):
         raise DataError(f"{what} file not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if
                                                                    len(missing) > 1 else "") +
                         f" (working directory: {os.getcwd()})")
+    if problem := missing_package(paths):
+        raise DataError(problem)
 
 
 def cache_key(paths, tokenizer, text_field):
