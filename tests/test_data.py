@@ -69,6 +69,27 @@ def test_missing_file_error_names_the_file(tmp_path):
         check_paths([str(tmp_path / "train_7.jsonl.gz")], "train")
 
 
+def test_an_xz_corpus_gives_the_tokens_of_its_gz_in_a_cache_of_its_own(tmp_path):
+    import lzma
+    tok = Tokenizer("byte")
+    gz = write_jsonl_gz(tmp_path / "a.jsonl.gz", ["吾輩は猫である。", "名前はまだ無い。"])
+    xz = tmp_path / "a.jsonl.xz"
+    xz.write_bytes(lzma.compress(gzip.decompress(open(gz, "rb").read())))
+    cache = str(tmp_path / "c")
+    assert load_tokens([str(xz)], tok, cache, log=lambda m: None).tolist() == \
+        load_tokens([gz], tok, cache, log=lambda m: None).tolist()
+    assert len(list((tmp_path / "c").glob("*.bin"))) == 2  # the key is the file (path, size, mtime), not its text
+
+
+def test_zst_without_zstandard_is_a_data_error(tmp_path):
+    from trm.corpus import _zstd
+    if _zstd() is not None:
+        pytest.skip("zstandard is installed")
+    (tmp_path / "a.jsonl.zst").write_bytes(b"")
+    with pytest.raises(DataError, match="pip install zstandard"):
+        check_paths([str(tmp_path / "a.jsonl.zst")], "train")
+
+
 @pytest.mark.parametrize("N,L,B", [(1000, 16, 4), (1001, 7, 3), (64, 8, 1), (50, 64, 2)])
 def test_every_token_is_a_target_once_per_epoch(N, L, B):
     tokens = np.arange(N)  # token value = its position in the stream

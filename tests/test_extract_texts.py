@@ -138,6 +138,26 @@ def test_damaged_gzip_keeps_what_zcat_keeps(tmp_path):
     assert "crc.jsonl.gz" in r.stderr and "damaged: crc.jsonl.gz: corrupt gzip data" in r.stdout
 
 
+def test_a_folder_of_every_format_is_read_in_shard_order(tmp_path):
+    import lzma
+    data = {i: "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in shard_docs(i)).encode()
+            for i in range(3)}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/train_0.jsonl").write_bytes(data[0])
+    (tmp_path / "in/train_1.jsonl.gz").write_bytes(gzip.compress(data[1]))
+    (tmp_path / "in/train_2.jsonl.xz").write_bytes(lzma.compress(data[2]))
+    r = run(tmp_path, "--inputs", "in", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    want = [t.replace("\n", " ") for i in range(3) for t in shard_docs(i)]
+    assert (tmp_path / "train_texts.txt").read_text(encoding="utf-8").splitlines() == want
+
+
+@pytest.mark.skipif(trm.corpus._zstd() is not None, reason="zstandard is installed")
+def test_zst_without_zstandard_is_a_one_line_error(tmp_path):
+    (tmp_path / "train_0.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    assert_one_line_error(run(tmp_path, "--inputs", "train_0.jsonl.zst"), "train_0.jsonl.zst", "pip install zstandard")
+
+
 # ---- flags and outputs checked before any work ---------------------------------------------------------------------
 
 def test_help_shows_each_default_once_and_ends_with_an_example(tmp_path):

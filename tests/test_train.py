@@ -211,6 +211,17 @@ def test_missing_inputs_are_clear_errors(corpus, tmp_path):
     assert_one_line_error(r, "n_heads", code=2)
 
 
+def test_trains_from_an_xz_shard(corpus, tmp_path):
+    import lzma
+    xz = tmp_path / "train_0.jsonl.xz"
+    xz.write_bytes(lzma.compress(gzip.decompress(Path(corpus["train_0"]).read_bytes())))
+    save_dir = tmp_path / "ck"
+    train(corpus, save_dir, "--train_paths", str(xz), "--max_steps", "3", "--eval_every", "3", "--log_every", "1")
+    losses = [loss for step, kind, loss in logged_losses(save_dir) if kind == "train"]
+    assert len(losses) == 3 and all(loss == loss and loss < 10 for loss in losses)  # finite: NaN != NaN
+    assert list(save_dir.glob("*step_3*.pt"))
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     save = tmp_path / "ck"
