@@ -29,11 +29,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from trm.corpus import SUFFIXES, train_shards  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--run", action="append", required=True, help="NAME=FLAGS, one per configuration (repeatable)")
-p.add_argument("--data_dir", required=True, help="folder with train_*.jsonl.gz and validation_0.jsonl.gz")
+p.add_argument("--data_dir", required=True, help="folder with train_N and validation_0 corpus files (.jsonl[.gz|.xz|.zst])")
 p.add_argument("--sp_model", required=True)
 p.add_argument("--minutes", type=float, default=2.0, help="training budget of every run")
 p.add_argument("--out", default="race_out")
@@ -53,9 +54,10 @@ def gpu_ids():
     return [str(i) for i in range(torch.cuda.device_count())] or ["cpu"]
 
 
-train_paths = sorted((os.path.join(args.data_dir, f) for f in os.listdir(args.data_dir)
-                      if f.startswith("train_") and f.endswith(".jsonl.gz")))
-valid_path = os.path.join(args.data_dir, "validation_0.jsonl.gz")
+train_paths = train_shards(args.data_dir)
+valid_path = next((v for s in SUFFIXES if os.path.isfile(v := os.path.join(args.data_dir, "validation_0" + s))), None)
+if not train_paths or valid_path is None:
+    sys.exit(f"error: --data_dir {args.data_dir} needs train_N and validation_0 files ({', '.join(SUFFIXES)})")
 cache_dir = os.path.join(args.out, "token_cache")
 os.makedirs(args.out, exist_ok=True)
 runs = [spec.split("=", 1) for spec in args.run]
