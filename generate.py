@@ -49,8 +49,8 @@ parser.add_argument("--batch_size", type=int, default=64,
                     help="most samples decoded together; a batch's cache grows with it (default: %(default)s)")
 parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
                     help="the EMA of the weights or the raw ones (default: %(default)s)")
-parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                    help="auto: cuda, then mps, then cpu (default: %(default)s)")
+parser.add_argument("--device", default="auto",
+                    help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: %(default)s)")
 parser.add_argument("--no_cache", action="store_true", help="recompute every token from scratch (slow; for checking)")
 add_depth_flags(parser)
 parser.add_argument("--halt_threshold", type=float, default=None,
