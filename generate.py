@@ -118,6 +118,8 @@ elif args.prompt_file is not None:
             prompts = [line.rstrip("\r\n") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read --prompt_file {args.prompt_file} ({type(e).__name__}: {e})")
+    if not prompts:  # exiting 0 having printed nothing would look like a model that generates nothing
+        fail(f"--prompt_file {args.prompt_file} holds no prompt (only blank lines): write one prompt per line")
 
 if args.halt_threshold is not None and not model.can_halt:
     fail(f"--halt_threshold needs a TRM trained with a halting head (train_trm_lm.py --act_weight > 0); "
