@@ -75,7 +75,7 @@ def main(argv=None):
     p.add_argument("--model_path", required=True, help="a checkpoint written by train_trm_lm.py")
     p.add_argument("--data", nargs="+", required=True, help="JSONL(.GZ) files of held-out documents")
     p.add_argument("--eval_tokens", type=int, default=1_000_000, help="at most this many target tokens")
-    p.add_argument("--seq_len", type=int, default=0, help="window length (0 = the model's max_seq_len, also its largest)")
+    p.add_argument("--seq_len", type=int, default=0, help="window length (0 = the model's max_seq_len, its largest)")
     p.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the EMA or the raw weights")
     p.add_argument("--text_field", default="text", help="JSON field that holds the document")
