@@ -49,8 +49,8 @@ parser.add_argument("--batch_size", type=int, default=64,
                     help="most samples decoded together; a batch's cache grows with it (default: %(default)s)")
 parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
                     help="the EMA of the weights or the raw ones (default: %(default)s)")
-parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                    help="auto: cuda, then mps, then cpu (default: %(default)s)")
+parser.add_argument("--device", default="auto",
+                    help="auto (cuda, then mps, then cpu), cuda, mps or cpu (default: %(default)s)")
 parser.add_argument("--no_cache", action="store_true", help="recompute every token from scratch (slow; for checking)")
 add_depth_flags(parser)
 parser.add_argument("--halt_threshold", type=float, default=None,
@@ -118,6 +118,8 @@ elif args.prompt_file is not None:
             prompts = [line.rstrip("\r\n") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read --prompt_file {args.prompt_file} ({type(e).__name__}: {e})")
+    if not prompts:  # exiting 0 having printed nothing would look like a model that generates nothing
+        fail(f"--prompt_file {args.prompt_file} holds no prompt (only blank lines): write one prompt per line")
 
 if args.halt_threshold is not None and not model.can_halt:
     fail(f"--halt_threshold needs a TRM trained with a halting head (train_trm_lm.py --act_weight > 0); "

@@ -24,7 +24,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from trm.atomic import AtomicFile, remove_stale_tmp
+from trm.atomic import AtomicFile, NotAFileError, remove_stale_tmp
 from trm.cli import fail, range_error
 from trm.corpus import SUFFIXES, CorpusStats, iter_texts, missing_package
 
@@ -217,11 +217,14 @@ if __name__ == "__main__":
 
     out_dir = os.path.dirname(os.path.abspath(args.model_prefix))
     remove_stale_tmp(out_dir, os.path.basename(args.model_prefix))  # what killed runs of this command left
-    try:  # now, not after minutes of training: a directory that refuses the files
-        AtomicFile(args.model_prefix + ".model").discard()
-    except OSError as e:
-        fail(f"cannot write {args.model_prefix}.model: {e.strerror} (in {out_dir}); nothing was trained. "
-             f"Choose a --model_prefix in a directory you can write to.")
+    for out in (args.model_prefix + ".model", args.model_prefix + ".vocab"):
+        try:  # now, not after minutes of training: a directory that refuses the files, an output that is a FIFO
+            AtomicFile(out).discard()
+        except NotAFileError as e:
+            fail(f"cannot write {out}: {e.strerror}; nothing was trained. Remove it or choose another --model_prefix.")
+        except OSError as e:
+            fail(f"cannot write {out}: {e.strerror} (in {out_dir}); nothing was trained. "
+                 f"Choose a --model_prefix in a directory you can write to.")
     t0 = time.time()
     n_lines, n_bytes, n_ends, has_text = count_input(args.input)
     if not has_text:

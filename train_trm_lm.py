@@ -133,6 +133,12 @@ for name in ARCH_FLAGS:  # a resumed run keeps its architecture and window lengt
         log(f"warning: --{name} {given} ignored: the resumed run keeps its checkpoint's {name} {kept} (a new run, "
             f"e.g. with --overwrite, can change it)")
     setattr(args, name, kept)
+if ckpt is not None:  # the window order (and the depth draws) follow the seed: changing it mid-run reshuffles the epoch
+    kept = ckpt["loader"].get("seed", ckpt["args"].get("seed", args.seed))
+    if args.seed != kept and args.seed != p.get_default("seed"):
+        log(f"warning: --seed {args.seed} ignored: the resumed run keeps its checkpoint's seed {kept}, which orders "
+            f"its windows (a new run, e.g. with --overwrite, can change it)")
+    args.seed = kept
 if args.act_weight and not (config.halt_head and config.arch == "trm"):
     fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
 if master:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from trm.atomic import AtomicFile, remove_stale_tmp, tmp_name
+from trm.atomic import AtomicFile, NotAFileError, remove_stale_tmp, tmp_name
 
 
 def test_the_new_file_appears_only_when_the_block_ends(tmp_path):
@@ -46,3 +46,20 @@ def test_only_temporary_files_of_dead_writers_on_this_host_are_removed(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(kept)
     (tmp_path / f"b.txt.tmp.{host}.{dead}").write_bytes(b"x")
     assert remove_stale_tmp(str(tmp_path), prefix="a.") == []  # another output's leftovers are not this one's
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_an_output_that_is_not_a_regular_file_is_refused_before_anything_is_written(tmp_path, kind):
+    path = tmp_path / "out.txt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path = tmp_path / "null"
+        os.symlink("/dev/null", path)  # a link to a device is judged by the device
+    with pytest.raises(NotAFileError, match="not a regular file") as e:
+        AtomicFile(str(path), "w")
+    assert isinstance(e.value, OSError) and e.value.filename == str(path)
+    assert os.listdir(tmp_path) == [path.name]  # no temporary file, and the FIFO/folder/link is left as it was
+    assert os.stat("/dev/null").st_mode & 0o170000 == 0o020000

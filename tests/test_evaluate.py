@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conftest import japanese_lines
+from conftest import assert_one_line_error, japanese_lines
 from trm.data import document_ids, eval_windows
 from trm.evaluate import evaluate
 from trm.model import TRM, TRMConfig
@@ -96,3 +96,13 @@ def test_evaluate_script_runs_from_the_data_folder(tiny_checkpoint, tmp_path):
     help_text = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--help"], capture_output=True, text=True,
                                cwd=tmp_path, env=env, timeout=120).stdout
     assert "example" in help_text and help_text.count("(default: 1000000)") == 1
+
+
+def test_a_window_longer_than_the_model_was_trained_on_is_refused(tiny_checkpoint, tmp_path):
+    data = tmp_path / "validation_0.jsonl.gz"
+    with gzip.open(data, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in japanese_lines(50, seed=1))
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model_path", tiny_checkpoint, "--data", str(data),
+                        "--seq_len", "65"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert_one_line_error(r, "--seq_len 65", "64", code=2)
+    assert r.stdout == ""  # no score printed

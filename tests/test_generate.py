@@ -520,3 +520,11 @@ def test_prompt_file_batches_equal_lengths_and_keeps_the_input_order(tiny, tiny_
         out = list(generate(model, ids, 30, temperature=0, repetition_penalty=2.0, eos_id=tok.eos_id))
         expected += p + tok.decode(ids + out)[len(tok.decode(ids)):] + "\n"
     assert r.stdout == expected
+
+
+def test_a_prompt_file_of_blank_lines_is_one_line(tiny_checkpoint, tmp_path):
+    blank = tmp_path / "prompts.txt"
+    blank.write_text("\n  \n\r\n", encoding="utf-8")
+    r = run_generate("--model_path", tiny_checkpoint, "--prompt_file", blank)
+    assert_refused(r)
+    assert "--prompt_file" in r.stderr and "no prompt" in r.stderr

@@ -522,3 +522,25 @@ def test_help_shows_each_default_once_and_ends_with_an_example(capsys):
     for block in re.split(r"\n  (?=--)", options)[1:]:  # (the first is -h)
         assert block.count("(default") == 1, block
     assert out.rstrip().splitlines()[-3].strip().startswith("python train_trm_lm.py --tokenizer sentencepiece")
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "best.pt", "step_2.pt"])
+def test_a_save_dir_file_that_is_a_fifo_is_refused_before_any_work(corpus, tmp_path, name):
+    save_dir = tmp_path / "ckpt"
+    save_dir.mkdir()
+    os.mkfifo(save_dir / name)
+    r = train(corpus, save_dir, "--max_steps", "2", "--eval_every", "2", check=False)
+    assert_one_line_error(r, "--save_dir", name, "FIFO", code=2)
+    assert "data:" not in r.stdout + r.stderr  # before the corpus is tokenized
+    assert (save_dir / name).is_fifo() and {p.name for p in save_dir.iterdir()} - {".lock"} == {name}
+
+
+def test_resuming_with_another_seed_warns_and_keeps_the_checkpoints_order(corpus, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--max_steps", "8", "--eval_every", "4", "--log_every", "2"]
+    train(corpus, straight, *common)
+    copy_run_until(straight, resumed, 4)
+    r = train(corpus, resumed, *common, "--resume", "auto", "--seed", "8")
+    assert "warning: --seed 8 ignored: the resumed run keeps its checkpoint's seed 7" in r.stdout + r.stderr
+    assert logged_losses(straight) == logged_losses(resumed)
+    assert load_checkpoint(resumed / "final_step_8.pt")["args"]["seed"] == 7

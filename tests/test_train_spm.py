@@ -214,6 +214,16 @@ def test_output_directory_that_cannot_be_written_fails_before_training(tmp_path)
         assert_one_line_error(run(tmp_path, "--model_prefix", prefix), "cannot write", prefix, "nothing was trained")
 
 
+@pytest.mark.parametrize("name", ["ja_trm.model", "ja_trm.vocab"])
+def test_an_output_that_is_a_fifo_is_refused_before_training_and_left_alone(tmp_path, name):
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(30)) + "\n", encoding="utf-8")
+    os.mkfifo(tmp_path / name)
+    r = run(tmp_path, "--vocab_size", "400", "--character_coverage", "1.0", timeout=30)
+    conftest.assert_one_line_error(r, "cannot write", name, "FIFO", "nothing was trained", code=2)
+    assert "sampling" not in r.stdout and sorted(p.name for p in tmp_path.iterdir()) == [name, "train_texts.txt"]
+    assert (tmp_path / name).is_fifo()
+
+
 def test_disk_full_while_writing_the_model_keeps_the_old_one(tmp_path):
     import resource
     import signal

@@ -1,18 +1,43 @@
 """Files that appear whole or not at all: written under a temporary name in the same folder, then renamed over the
 real one, so a crash, a kill or a full disk leaves the old file as it was (or none), never a half-written one.
 
+An existing `path` that is not a regular file (a FIFO, a device such as /dev/null, a directory) is refused before
+anything is written (NotAFileError, an OSError): renaming over it would replace the device or pipe by a plain file
+(as root, `--output /dev/null` would delete the real one), and writing through it would not be atomic.
+
 Every temporary file of the project is named by `tmp_name`: `<name>.tmp.<host>.<pid>`. The host and pid keep two
 writers apart (two trainers on one shared folder, say) and tell `remove_stale_tmp` whether the writer is gone.
 """
+import errno
 import os
 import re
 import socket
+import stat
 
 TMP = re.compile(r"\.tmp\.(?:(.+)\.)?(\d+)$")  # no host: a name from before hosts were added
 
 
 def tmp_name(path):
     return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
+class NotAFileError(OSError):
+    pass
+
+
+KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_target(path):
+    """Raise NotAFileError when `path` exists and is not a regular file (a link is judged by what it points to)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # absent (the usual case), or unreachable: the write itself says what is wrong
+        return
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in KINDS if test(mode)), "not a regular file")
+        raise NotAFileError(errno.EEXIST, f"it is {kind}, not a regular file (refusing to replace it)", path)
 
 
 class AtomicFile:
@@ -23,6 +48,7 @@ class AtomicFile:
     is rebuilt, step 1 is rerun), where waiting for the disk costs seconds and power loss is the only risk."""
 
     def __init__(self, path, mode="wb", durable=True, **open_kwargs):
+        check_target(path)
         self.path, self.tmp, self.durable = path, tmp_name(path), durable
         self.file = open(self.tmp, mode, **open_kwargs)
 

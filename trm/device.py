@@ -1,6 +1,10 @@
 """The one place that decides device and precision, and says why."""
 import torch
 
+from trm.cli import fail
+
+DEVICES = ("auto", "cuda", "mps", "cpu")  # and cuda:N, a GPU by number
+
 
 def pick_device(requested="auto", dtype="auto"):
     """Returns (device, autocast dtype or None, reason). cuda -> mps -> cpu; bf16 autocast on capable GPUs."""
@@ -12,6 +16,9 @@ def pick_device(requested="auto", dtype="auto"):
         else:
             device, why = torch.device("cpu"), "no GPU found"
     else:
+        kind, _, number = requested.partition(":")
+        if kind not in DEVICES[1:] or (number and not (kind == "cuda" and number.isdigit())):
+            fail(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {requested!r}")
         device, why = torch.device(requested), "--device"
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("error: --device cuda was given but torch.cuda.is_available() is False "

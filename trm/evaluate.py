@@ -75,7 +75,7 @@ def main(argv=None):
     p.add_argument("--model_path", required=True, help="a checkpoint written by train_trm_lm.py")
     p.add_argument("--data", nargs="+", required=True, help="JSONL files (plain, .gz, .xz, .zst) of held-out documents")
     p.add_argument("--eval_tokens", type=int, default=1_000_000, help="at most this many target tokens")
-    p.add_argument("--seq_len", type=int, default=0, help="window length (0 = the model's max_seq_len)")
+    p.add_argument("--seq_len", type=int, default=0, help="window length (0 = the model's max_seq_len, its largest)")
     p.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the EMA or the raw weights")
     p.add_argument("--text_field", default="text", help="JSON field that holds the document")
@@ -100,6 +100,11 @@ def main(argv=None):
         model, tokenizer, state = load_model(args.model_path, args.weights)
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.seq_len > model.config.max_seq_len:  # positions it never saw: a score that compares with nothing
+        print(f"error: --seq_len {args.seq_len} is longer than the {model.config.max_seq_len} tokens {args.model_path} "
+              f"was trained on; give --seq_len {model.config.max_seq_len} or less (0 = the model's window)",
+              file=sys.stderr)
         return 2
     model.to(device)
     stats, ids = CorpusStats(), []

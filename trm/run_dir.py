@@ -20,7 +20,7 @@ import time
 
 import torch.distributed as dist
 
-from trm.atomic import AtomicFile, remove_stale_tmp, tmp_name
+from trm.atomic import AtomicFile, NotAFileError, check_target, remove_stale_tmp, tmp_name
 from trm.checkpoint import (CheckpointError, checkpoint_step, list_checkpoints, load_checkpoint, prune_checkpoints,
                             save_checkpoint)
 
@@ -63,6 +63,13 @@ def claim(save_dir):
         lock = open(os.path.join(save_dir, LOCK_FILE), "a+")
     except OSError as e:
         raise SaveDirError(f"cannot write in --save_dir {save_dir} ({e.strerror or e})") from None
+    try:  # now, not at the first save an hour in: a file the run will replace that is a FIFO, a device, a folder
+        for path in [os.path.join(save_dir, name) for name in RUN_FILES] + list_checkpoints(save_dir):
+            check_target(path)
+    except NotAFileError as e:
+        lock.close()
+        raise SaveDirError(f"--save_dir {save_dir} holds {e.filename}: {e.strerror}; remove it or choose another "
+                           f"--save_dir") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -230,6 +237,7 @@ def link_best(save_dir, path):
     """best.pt: the checkpoint with the lowest validation loss so far, as a hard link to its file (no extra disk while
     that file exists, and it outlives the file's pruning); a copy where the filesystem has no hard links."""
     best = os.path.join(save_dir, "best.pt")
+    check_target(best)  # (written by link, not AtomicFile: the same refusal)
     tmp = tmp_name(best)
     try:
         os.link(path, tmp)

@@ -1,0 +1,29 @@
+"""trm/device.py: the one place that picks the device; a --device that names none is one line in every script."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error
+from test_train import TINY, make_corpus
+from trm.device import pick_device
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_is_picked_when_asked():
+    device, amp, why = pick_device("cpu", "auto")
+    assert device.type == "cpu" and amp is None and "--device" in why
+
+
+@pytest.mark.parametrize("script", ["train_trm_lm.py", "evaluate.py", "generate.py"])
+def test_a_device_typo_is_one_line_naming_the_choices(tiny_checkpoint, tmp_path, script):
+    corpus = make_corpus(tmp_path)
+    extra = {"train_trm_lm.py": [*TINY, "--train_paths", corpus["train_0"], "--save_dir", str(tmp_path / "ck")],
+             "evaluate.py": ["--model_path", tiny_checkpoint, "--data", corpus["validation_0"]],
+             "generate.py": ["--model_path", tiny_checkpoint, "--prompt", "猫"]}[script]
+    r = subprocess.run([sys.executable, str(ROOT / script), *extra, "--device", "gpu"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert_one_line_error(r, "--device must be one of auto, cuda, mps, cpu", "'gpu'", code=2)
+    assert not (tmp_path / "ck").exists()  # before the save dir is touched
