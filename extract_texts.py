@@ -17,7 +17,7 @@ import time
 
 from tqdm import tqdm
 
-from trm.atomic import AtomicFile, remove_stale_tmp, tmp_name
+from trm.atomic import AtomicFile, NotAFileError, remove_stale_tmp, tmp_name
 from trm.cli import fail, range_error
 from trm.corpus import SUFFIXES, CorpusStats, expand_inputs, iter_texts, missing_package
 
@@ -137,6 +137,8 @@ if __name__ == "__main__":
         try:  # before any reading: a directory that refuses the file should say so in a second, not after the work
             # renamed into place only when complete; not fsynced: waiting for 1.8 GB to reach the disk costs seconds
             out = AtomicFile(args.output, durable=False)
+        except NotAFileError as e:  # a FIFO, device or folder: never replaced by a file of text
+            fail(f"cannot write {args.output}: {e.strerror}; nothing was read. Choose another --output.")
         except OSError as e:
             fail(f"cannot write {args.output}: {e.strerror} (in {out_dir}); nothing was read. "
                  f"Choose an --output in a directory you can write to.")

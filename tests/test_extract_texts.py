@@ -4,6 +4,7 @@ import json
 import os
 import runpy
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,11 @@ def test_a_killed_runs_leftovers_are_removed_by_the_next_run(tmp_path):
         p.write_text("partial")
     assert run(tmp_path, "--inputs", "a.jsonl.gz").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl.gz", "train_texts.txt"]
+
+
+def test_an_output_that_is_a_fifo_is_refused_and_left_in_place(tmp_path):
+    write_jsonl(tmp_path / "train_0.jsonl.gz", [{"text": t, "meta": {}} for t in shard_docs(0)])
+    os.mkfifo(tmp_path / "out.txt")
+    r = run(tmp_path, "--inputs", "train_0.jsonl.gz", "--output", "out.txt")
+    assert_one_line_error(r, "FIFO", "Choose another --output", code=2)
+    assert stat.S_ISFIFO(os.stat(tmp_path / "out.txt").st_mode)
