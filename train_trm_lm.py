@@ -297,6 +297,7 @@ def judge(result):
 
 
 def collapse_error():
+    saver.wait()  # a write in flight may be the last good checkpoint the message names
     return guard.message(args.lr, last_good_checkpoint(run_dir.saved, guard.last_good_step, args.save_dir))
 
 
