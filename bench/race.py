@@ -3,14 +3,14 @@
     python bench/race.py --data_dir corpus/ --sp_model ja_trm.model --minutes 2 --out race_out \
         --run "trm=--supervision_steps 1 --grad_deep_steps 0 --lr 3e-3" --run "gpt12=--arch gpt --n_layers 12"
 
-Every run is train_trm_lm.py with the shared flags (--batch_size 64 --weight_decay 0.1 --max_minutes M, evaluation
-every --eval_every steps on 262k validation tokens) plus its own. The budget counts the trainer's training time,
-compilation included; evaluation and saving do not count. Every distinct graph is compiled once before the race
-(untimed), so each run finds the inductor cache warm and none pays a cold compile that another does not. When a run ends, its final checkpoint (EMA weights) is scored
-by trm.evaluate on --eval_tokens of validation_0 at its trained depth and at 0.5x and 2x its supervision rounds (deep
-steps for 1-round models). The table also shows the best validation along the run (the trainer's own evaluations),
-since at 30+ epochs a model can be past its best when the clock stops; best.pt, the checkpoint of the best evaluation,
-is scored on the same tokens as the final one.
+Every run is train_trm_lm.py with the shared flags (--batch_size 64 --weight_decay 0.1 --max_minutes M, evaluation every
+--eval_every steps on 262k validation tokens) plus its own. The budget counts the trainer's training time, compilation
+included; evaluation and saving do not count. Every distinct graph is compiled once before the race (untimed), so each
+run finds the inductor cache warm and none pays a cold compile that another does not. When a run ends, its final
+checkpoint (EMA weights) is scored by trm.evaluate on --eval_tokens of validation_0 at its trained depth and at 0.5x and
+2x its supervision rounds (deep steps for 1-round models). The table also shows the best validation along the run (the
+trainer's own evaluations), since at 30+ epochs a model can be past its best when the clock stops; best.pt, the
+checkpoint of the best evaluation, is scored on the same tokens as the final one.
 
 Prints a markdown table, and writes race.json and every run's log under --out.
 """
@@ -34,7 +34,8 @@ from trm.model import TRM, TRMConfig  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--run", action="append", required=True, help="NAME=FLAGS, one per configuration (repeatable)")
-p.add_argument("--data_dir", required=True, help="folder with train_N and validation_0 corpus files (.jsonl[.gz|.xz|.zst])")
+p.add_argument("--data_dir", required=True,
+               help="folder with train_N and validation_0 corpus files (.jsonl[.gz|.xz|.zst])")
 p.add_argument("--sp_model", required=True)
 p.add_argument("--minutes", type=float, default=2.0, help="training budget of every run")
 p.add_argument("--out", default="race_out")
@@ -43,7 +44,8 @@ p.add_argument("--common", default="--batch_size 64 --weight_decay 0.1 --eval_ev
                help="flags every run shares")
 p.add_argument("--eval_tokens", type=int, default=1_000_000)
 p.add_argument("--no_depth", action="store_true", help="score at the trained depth only")
-p.add_argument("--no_warm", action="store_true", help="skip the untimed compile of every distinct graph before the race")
+p.add_argument("--no_warm", action="store_true",
+               help="skip the untimed compile of every distinct graph before the race")
 args = p.parse_args()
 args.out, args.data_dir, args.sp_model = map(os.path.abspath, (args.out, args.data_dir, args.sp_model))
 
@@ -150,7 +152,8 @@ if not args.no_warm:
         warmed[graph_key(flags)] = name
         print(f"warming the compile cache for {name}", flush=True)
         shutil.rmtree(os.path.join(args.out, "_warm"), ignore_errors=True)
-        subprocess.run(trainer_cmd("_warm", flags, ["--max_steps", "20", "--eval_every", "1000000", "--log_every", "10"]),
+        warm = ["--max_steps", "20", "--eval_every", "1000000", "--log_every", "10"]
+        subprocess.run(trainer_cmd("_warm", flags, warm),
                        cwd=ROOT, capture_output=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu_ids()[0]))
 
 todo, rows, lock = queue.Queue(), [], threading.Lock()
@@ -186,8 +189,8 @@ def fmt(v, spec=".4f"):
 print(f"\n{args.minutes:g} minutes each; bits/byte on validation_0 ({args.eval_tokens:,} tokens, EMA) at the end and "
       "of best.pt (the checkpoint of the trainer's best evaluation); best along run = that evaluation itself (its "
       "own, smaller sample)")
-print("| run | params | MFLOP/token | tok/s | steps | bits/byte | best.pt | best along run (step) | 0.5x depth | 2x depth "
-      "| flags |")
+print("| run | params | MFLOP/token | tok/s | steps | bits/byte | best.pt | best along run (step) | 0.5x depth "
+      "| 2x depth | flags |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
     if r.get("error") and r.get("bpb") is None:

@@ -193,6 +193,8 @@ def test_load_model_wraps_config_and_tokenizer_mismatches(tmp_path, tiny_checkpo
     good = torch.load(tiny_checkpoint, weights_only=True)
     good.pop("checksum")  # edited by hand below: saved without one, as older checkpoints were
     cases = {"arch.pt": {**good, "config": {**good["config"], "arch": "rnn"}},          # ValueError from TRMConfig
+             "huge.pt": {**good, "config": {**good["config"], "d_model": 1 << 24}},    # refused before allocating
+             "zero.pt": {**good, "config": {**good["config"], "n_layers": 0}},
              "tok.pt": {**good, "tokenizer": {"kind": "bytes", "proto": [1, 2, 3]}},   # AttributeError: .numpy()
              "keys.pt": {**good, "model": {"w": torch.zeros(1)}, "ema": None}}          # RuntimeError: state dict
     for name, bad in cases.items():

@@ -369,7 +369,7 @@ def test_step0_loss_is_near_ln_vocab(arch, tie, size):
     else:
         vocab, cfg = V, dict(vocab_size=V, d_model=D, n_heads=4, max_seq_len=64)
     torch.manual_seed(0)
-    model = TRM(TRMConfig(arch=arch, tie_embeddings=tie, **cfg)).train()  # default dropout: what step 0 of training sees
+    model = TRM(TRMConfig(arch=arch, tie_embeddings=tie, **cfg)).train()  # default dropout, as at step 0 of training
     idx = torch.randint(0, vocab, (2, 65))
     with torch.no_grad():
         _, loss = model(idx[:, :-1], idx[:, 1:])
@@ -501,7 +501,9 @@ def test_flops_per_token_structure():
 
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4),   # not divisible
                                  dict(d_model=12, n_heads=4),   # odd head size: rotary needs pairs
-                                 dict(arch="rnn")])
+                                 dict(arch="rnn"),
+                                 dict(n_layers=0), dict(d_model=-4), dict(max_seq_len=2.5), dict(dropout=1.0),
+                                 dict(d_model=1 << 20, n_heads=1 << 10)])  # a trillion parameters
 def test_bad_config_raises(bad):
     kw = dict(vocab_size=V, d_model=D, n_heads=4)
     kw.update(bad)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error
-from test_train import ROOT, TINY, copy_run_until, corpus, logged_losses, params, train  # noqa: F401 (corpus: a fixture)
+from test_train import ROOT, TINY, copy_run_until, corpus, logged_losses, params, train  # noqa: F401 (a fixture)
 from trm.checkpoint import load_checkpoint
 from trm.flags import check_flags, trainer_parser
 from trm.model import TRM, TRMConfig
@@ -36,7 +36,8 @@ def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(kw):
     adamw = [names[id(p)] for g in opt.adamw.param_groups for p in g["params"]]
     assert sorted(muon) == sorted(n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2)
     assert sorted(muon + adamw) == sorted(names.values())  # each weight in exactly one optimizer, a tied one once
-    heads = {"embed"} | ({"halt"} if kw.get("halt_head") else set()) | (set() if kw.get("tie_embeddings") else {"lm_head"})
+    heads = {"embed"} | ({"halt"} if kw.get("halt_head") else set())
+    heads |= set() if kw.get("tie_embeddings") else {"lm_head"}
     assert {n.split(".")[0] for n in adamw} == heads
     assert opt.muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
 
@@ -99,8 +100,8 @@ def test_muon_trains_and_resumes_bit_identically(corpus, tmp_path, extra):  # no
         pa, pb = params(a, key), params(b, key)
         assert all(torch.equal(pa[k], pb[k]) for k in pa), key
     oa, ob = load_checkpoint(a)["optimizer"], load_checkpoint(b)["optimizer"]
-    assert oa["muon"]["state"] and all(torch.equal(oa["muon"]["state"][i]["momentum_buffer"],
-                                                   ob["muon"]["state"][i]["momentum_buffer"]) for i in oa["muon"]["state"])
+    muon_a, muon_b = oa["muon"]["state"], ob["muon"]["state"]
+    assert muon_a and all(torch.equal(muon_a[i]["momentum_buffer"], muon_b[i]["momentum_buffer"]) for i in muon_a)
     assert all(torch.equal(oa["adamw"]["state"][i]["exp_avg"], ob["adamw"]["state"][i]["exp_avg"])
                for i in oa["adamw"]["state"])
     assert logged_losses(straight) == logged_losses(resumed)

@@ -68,7 +68,7 @@ def logged_losses(save_dir):
     return [(h["step"], h["kind"], h["loss"]) for h in logged(save_dir)]
 
 def copy_run_until(src, dst, step):
-    """dst as src's save dir looked at `step`: its checkpoint and the metrics logged up to it (a resume test's start)."""
+    """dst as src's save dir was at `step`: its checkpoint and the metrics logged up to it (a resume test's start)."""
     dst.mkdir()
     (dst / f"step_{step}.pt").write_bytes((src / f"step_{step}.pt").read_bytes())
     (dst / "metrics.jsonl").write_text("".join(line for line in (src / "metrics.jsonl").read_text().splitlines(True)

@@ -1,8 +1,10 @@
-"""Training data: tokenize the JSONL corpus (plain, .gz, .xz or .zst) once into a token cache, then serve packed windows.
+"""Training data: tokenize the JSONL corpus (plain, .gz, .xz or .zst) once into a token cache, then serve packed
+windows.
 
 Why a cache: tokenizing 1.8 GB of Japanese takes minutes even on many threads, and doing it inside the training loop
 would stall the GPU. The cache is a flat array of token ids (each document as BOS ... EOS) in
-`<save_dir>/token_cache/<key>.bin`, keyed by the files (path, size, mtime: a .xz and a .gz of the same text are two caches), the text field and the exact tokenizer,
+`<save_dir>/token_cache/<key>.bin`, keyed by the files (path, size, mtime: a .xz and a .gz of the same text are two
+caches), the text field and the exact tokenizer,
 so a changed corpus or tokenizer builds a new one and a resumed run reuses the old one. The sidecar `<key>.bin.json`
 holds the counts and a checksum of the .bin, verified on every load: a cache damaged on disk (truncated, torn, bytes
 changed) is reported and rebuilt, never trained on. One process builds an entry at a time (a lock file); another

@@ -51,7 +51,18 @@ class TRMConfig:
     coda_layers: int = 0        # unshared blocks between each round's answer state and the output head
     step_embed: bool = False    # a learned vector per deep step, added to x in that step's z-updates
 
+    # the most parameters a config may ask for: far above any small recursive model, far below what would stall a
+    # machine allocating it (a checkpoint's config is checked like a flag before any weight is built)
+    MAX_PARAMS = 20_000_000_000
+
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps",
+                     "supervision_steps", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.arch not in ("trm", "gpt"):
             raise ValueError(f"arch must be 'trm' or 'gpt', got {self.arch!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -65,6 +76,12 @@ class TRMConfig:
                              "(a GPT adds n_layers instead)")
         if self.mlp_hidden <= 0:
             self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        blocks = self.n_layers + self.prelude_layers + self.coda_layers
+        D = self.d_model
+        params = 2 * self.vocab_size * D + blocks * (4 * D * D + 3 * D * self.mlp_hidden)
+        if params > self.MAX_PARAMS:
+            raise ValueError(f"this configuration has about {params:,} parameters, more than the "
+                             f"{self.MAX_PARAMS:,} this code builds")
 
     @property
     def recursive(self):
