@@ -26,11 +26,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from trm.checkpoint import CheckpointError
-from trm.cli import fail
+from trm.cli import fail, one_line_when_a_peer_is_lost
 from trm.clock import RunClock
 from trm import depth as depth_schedule
 from trm.data import DataError, PackedLoader, check_paths, eval_windows, load_tokens
-from trm.device import autocast, pick_device
+from trm.device import autocast, autocast_each, pick_device
 from trm.ema import EMA
 from trm.evaluate import evaluate
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, trainer_parser
@@ -74,20 +74,9 @@ def log(msg):
         tqdm.write(msg)  # above the progress bar, when there is one
 
 
-def peer_lost(kind, value, tb):
-    """A collective failed because another process died or quit: one line, rank 0's, instead of a traceback from
-    every rank. A rank that failed for its own reason (fail()) has already said why."""
-    if not (isinstance(value, RuntimeError) and ("gloo" in str(value) or "NCCL" in str(value)
-                                                 or isinstance(value, dist.DistError))):
-        return sys.__excepthook__(kind, value, tb)
-    if master:
-        saved = run_dir.survivor() if "run_dir" in globals() else "no checkpoint of this run was saved yet"
-        print(f"error: another training process stopped (it crashed, was killed or refused to start; its own output "
-              f"says why); {saved}. Continue with the same command plus --resume auto.", file=sys.stderr)
-
-
-if ddp:
-    sys.excepthook = peer_lost
+if ddp:  # a rank that dies ends the run with one line, not a traceback from every other rank
+    one_line_when_a_peer_is_lost(master, lambda: run_dir.survivor() if "run_dir" in globals() else
+                                 "no checkpoint of this run was saved yet")
 
 
 log(f"device: {device} ({device_why})" + (f", {world_size} processes" if ddp else ""))
@@ -127,19 +116,22 @@ try:
                   **{name: getattr(args, name) for name in ARCH_FLAGS})
 except (ValueError, TypeError) as e:
     fail(str(e))
-for name in ARCH_FLAGS:  # a resumed run keeps its architecture and window length; say so when a flag disagrees
-    given, kept = getattr(args, name), getattr(config, name)
+
+
+def keep(name, kept, why=""):
+    """A resumed run keeps its checkpoint's value of a setting; say so when the command line asks for another."""
+    given = getattr(args, name)
     if given != kept and given != p.get_default(name):
-        log(f"warning: --{name} {given} ignored: the resumed run keeps its checkpoint's {name} {kept} (a new run, "
+        log(f"warning: --{name} {given} ignored: the resumed run keeps its checkpoint's {name} {kept}{why} (a new run, "
             f"e.g. with --overwrite, can change it)")
     setattr(args, name, kept)
+
+
+for name in ARCH_FLAGS:  # the architecture and window length
+    keep(name, getattr(config, name))
 if ckpt is not None:  # the window order (and the depth draws) follow the seed: changing it mid-run reshuffles the epoch
-    kept = ckpt["loader"].get("seed", ckpt["args"].get("seed", args.seed))
-    if args.seed != kept and args.seed != p.get_default("seed"):
-        log(f"warning: --seed {args.seed} ignored: the resumed run keeps its checkpoint's seed {kept}, which orders "
-            f"its windows (a new run, e.g. with --overwrite, can change it)")
-    args.seed = kept
-if args.act_weight and not (config.halt_head and config.arch == "trm"):
+    keep("seed", ckpt["loader"].get("seed", ckpt["args"].get("seed", args.seed)), ", which orders its windows")
+if args.act_weight and not (config.halt_head and config.recursive):
     fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
 if master:
     try:
@@ -328,17 +320,6 @@ def next_batch():
     return x.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
-def autocast_rounds(rounds):
-    """The rounds of --sup_update each with each round's forward under autocast, as in the mean rule; the backward and
-    the optimizer step between two rounds run outside it, as there. (A round's forward runs inside next().)"""
-    while True:
-        with autocast(device, amp_dtype):
-            round_loss = next(rounds, None)
-        if round_loss is None:
-            return
-        yield round_loss
-
-
 clock.catch_signals(log, on_abort=saver.abandon)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,7 +340,9 @@ try:
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
             x, targets = next_batch()
             round_losses = []
-            for round_loss in autocast_rounds(raw_model.supervision_rounds(x, targets, **halt_args, **depth)):
+            # each round's forward under autocast, as in the mean rule; backward and optimizer step outside it
+            rounds = raw_model.supervision_rounds(x, targets, **halt_args, **depth)
+            for round_loss in autocast_each(rounds, device, amp_dtype):
                 round_loss.backward()
                 optimizer_step(round_loss)
                 round_losses.append(round_loss.detach())

@@ -63,3 +63,21 @@ def _number(text):
         return int(text)
     except ValueError:
         return float(text)
+
+
+def one_line_when_a_peer_is_lost(master, survivor):
+    """Under torchrun: a collective that fails because another process died or quit ends this one with a single line
+    from rank 0 (survivor() says which checkpoint is intact) instead of a traceback from every rank. A rank that
+    failed for its own reason (fail()) has already said why."""
+    import torch.distributed as dist
+
+    def hook(kind, value, tb):
+        if not (isinstance(value, RuntimeError) and ("gloo" in str(value) or "NCCL" in str(value)
+                                                     or isinstance(value, dist.DistError))):
+            return sys.__excepthook__(kind, value, tb)
+        if master:
+            print(f"error: another training process stopped (it crashed, was killed or refused to start; its own "
+                  f"output says why); {survivor()}. Continue with the same command plus --resume auto.",
+                  file=sys.stderr)
+
+    sys.excepthook = hook

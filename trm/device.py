@@ -21,8 +21,7 @@ def pick_device(requested="auto", dtype="auto"):
             fail(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {requested!r}")
         device, why = torch.device(requested), "--device"
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda was given but torch.cuda.is_available() is False "
-                             "(no GPU, or a CPU-only torch build)")
+            fail("--device cuda was given but torch.cuda.is_available() is False (no GPU, or a CPU-only torch build)")
     if dtype == "auto":
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         amp = torch.bfloat16 if bf16_ok else None
@@ -32,10 +31,21 @@ def pick_device(requested="auto", dtype="auto"):
     elif dtype == "fp32":
         amp, why = None, why + ", fp32 (--dtype)"
     else:
-        raise SystemExit(f"error: --dtype must be auto, bf16 or fp32, got {dtype!r}")
+        fail(f"--dtype must be auto, bf16 or fp32, got {dtype!r}")
     return device, amp, why
 
 
 def autocast(device, amp_dtype):
     """Context manager for the forward pass: bf16 autocast when chosen, otherwise a no-op."""
     return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def autocast_each(steps, device, amp_dtype):
+    """Each next() of the iterator `steps` under autocast, and nothing between two: for a generator whose steps are
+    forward passes and whose caller runs the backward and the optimizer step in between (--sup_update each)."""
+    while True:
+        with autocast(device, amp_dtype):
+            step = next(steps, None)
+        if step is None:
+            return
+        yield step
