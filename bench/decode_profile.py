@@ -30,19 +30,23 @@ p.add_argument("--prompt_len", type=int, default=256)
 p.add_argument("--tokens", type=int, default=64, help="decoding steps profiled (after as many unprofiled)")
 p.add_argument("--batch", type=int, default=1)
 p.add_argument("--no_graph", action="store_true", help="eager decoding steps instead of CUDA-graph replays")
+p.add_argument("--compile", action="store_true", help="torch.compile the decoding step before capturing it")
+p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the weights' and states' type")
 args = p.parse_args()
 if not torch.cuda.is_available():
     sys.exit("error: this profile needs a CUDA GPU")
 
 torch.manual_seed(0)
 model = TRM(TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads)).cuda().eval()
+if args.dtype == "bf16":
+    model = model.to(torch.bfloat16)
 prompts = torch.randint(4, args.vocab_size, (args.batch, args.prompt_len)).tolist()
 
 
 def decode(n):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in generate_batch(model, prompts, n, temperature=0, cuda_graph=not args.no_graph):
+    for _ in generate_batch(model, prompts, n, temperature=0, cuda_graph=not args.no_graph, compile=args.compile):
         pass
     torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -68,7 +72,8 @@ busy_per_token = (busy_us - busy1_us) / args.tokens / 1e6
 shortest = min(e.device_time for e in kernels) / 1e6
 
 print(f"model d_model {args.d_model}, {model.net_calls()} net calls x {model.config.n_layers} blocks per token, "
-      f"batch {args.batch}, prompt {args.prompt_len}, {'eager' if args.no_graph else 'CUDA graph'} steps")
+      f"batch {args.batch}, prompt {args.prompt_len}, {'eager' if args.no_graph else 'CUDA graph'} steps, "
+      f"{args.dtype}{', compiled' if args.compile else ''}")
 print("| per token | wall | kernels | busy (kernel time) | idle (wall - busy) | shortest kernel | launch floor "
       "(kernels x shortest) | tokens/s |")
 print("|---|---|---|---|---|---|---|---|")

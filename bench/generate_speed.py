@@ -35,6 +35,8 @@ parser.add_argument("--max_seq_len", type=int, default=512)
 parser.add_argument("--checkpoint", default=None, help="time this checkpoint (EMA weights) instead of random weights")
 parser.add_argument("--halt_thresholds", nargs="*", type=float, default=[],
                     help="also time adaptive depth at these thresholds (needs a checkpoint with a halting head)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the CUDA-graph decoding step")
+parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the weights' and states' type")
 args = parser.parse_args()
 
 if args.threads:
@@ -49,6 +51,8 @@ else:
     cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
                     max_seq_len=args.max_seq_len)
     model = TRM(cfg).to(device).eval()
+if args.dtype == "bf16":
+    model = model.to(torch.bfloat16)
 prompts = torch.randint(4, cfg.vocab_size, (max(args.batch), args.prompt_len)).tolist()
 
 
@@ -63,7 +67,7 @@ def timed_run(use_cache, new_tokens, batch=1, halt_threshold=None, stats=None):
     t0, c0 = time.perf_counter(), time.process_time()
     first, count = None, 0
     for _ in generate_batch(model, prompts[:batch], new_tokens, temperature=0, use_cache=use_cache,
-                            halt_threshold=halt_threshold, stats=stats):
+                            halt_threshold=halt_threshold, stats=stats, compile=args.compile):
         count += 1
         if first is None:
             first = time.perf_counter() - t0
@@ -84,7 +88,8 @@ name = torch.cuda.get_device_name() if device.type == "cuda" else \
 print(f"# {name}, torch {torch.__version__}; d_model={cfg.d_model} n_heads={cfg.n_heads} n_layers={cfg.n_layers} "
       f"vocab={cfg.vocab_size} depth n={cfg.latent_steps} T={cfg.deep_steps} N_sup={cfg.supervision_steps} "
       f"({model.net_calls() * cfg.n_layers} block calls per token), {model.num_params() / 1e6:.2f}M params; "
-      f"greedy, prompt {args.prompt_len}, new {args.new_tokens} per row")
+      f"greedy, prompt {args.prompt_len}, new {args.new_tokens} per row, {args.dtype}"
+      f"{', compiled step' if args.compile else ''}")
 # tokens per CPU-second: on a shared machine, what one free core would give with --threads 1
 print(f"| {'mode':8} | {'batch':>5} | {'prefill s':>9} | {'total s':>8} | {'tokens/s':>8} | {'decode tokens/s':>15} | "
       f"{'tokens/CPU-s':>12} | rounds per token |")

@@ -43,7 +43,8 @@ def test_kv_cache_equals_full_forward_on_cuda():
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-3  # TF32 matmuls allowed
 
 
-def test_cuda_graph_decoding_step_equals_full_forward():
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decoding_step_equals_full_forward(compile):
     from trm.sampling import GraphedStep
     torch.manual_seed(0)
     model = TRM(tiny()).cuda().eval()
@@ -54,7 +55,7 @@ def test_cuda_graph_decoding_step_equals_full_forward():
         model(x[:, :25], cache=cache)
         static = StaticKVCache(cache)
         static.follow()
-        step = GraphedStep(model, static, {})
+        step = GraphedStep(model, static, {}, compile)
         steps = [step(x[0, t]).clone() for t in range(25, 40)]  # logits of token t, read before the next replay
     assert static.pos.item() == 40
     assert (torch.cat(steps, 1) - full[:, 25:40]).abs().max().item() < 1e-3
@@ -69,6 +70,26 @@ def test_cuda_graph_generation_equals_eager_past_the_window(depth):
     runs = [list(generate(model, prompt, 50, temperature=0, cuda_graph=graph, use_cache=cache, **depth))
             for graph, cache in ((True, True), (False, True), (False, False))]
     assert len(runs[0]) == 50 and runs[0] == runs[1] == runs[2]
+
+
+def test_compiled_graph_step_in_bf16_equals_eager_steps():
+    # the fastest decoding path: bf16 weights, the step compiled and captured; the logits as eager cached steps give
+    from trm.sampling import GraphedStep
+    torch.manual_seed(0)
+    model = TRM(tiny()).cuda().eval().to(torch.bfloat16)
+    x = torch.randint(0, 512, (2, 40), device="cuda")
+    with torch.inference_mode():
+        cache = KVCache(64)
+        model(x[:, :25], cache=cache)
+        eager = [model(x[:, t:t + 1], cache=cache, last_only=True)[0].float() for t in range(25, 40)]
+        cache.reset()
+        model(x[:, :25], cache=cache)
+        static = StaticKVCache(cache)
+        static.follow()
+        step = GraphedStep(model, static, {}, compile=True)
+        graphed = [step(x[:, t]).float() for t in range(25, 40)]
+    for a, b in zip(eager, graphed):
+        assert (a - b).abs().max().item() < 0.05 * a.abs().max().item()  # bf16 rounding, fused differently
 
 
 def test_halting_on_cuda_whole_sequence_equals_token_by_token():

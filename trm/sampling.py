@@ -55,20 +55,29 @@ class GraphedStep:
     token, about a dozen small kernels each, and Python issues them one by one. A replay launches them all at once.
     The cache is a StaticKVCache: the graph reads the position from the device. The graph is captured for the cache's
     batch size: one new token per row.
+
+    compile=True captures the step as torch.compile made it: the small element-wise kernels of each block fused into
+    a few, so the graph launches fewer (the compilation costs tens of seconds once per process and shape).
     """
 
-    def __init__(self, model, cache, depth):
+    def __init__(self, model, cache, depth, compile=False):
         self.token = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.pos.device)
+
+        def step(token):
+            return model(token, cache=cache, last_only=True, **depth)[0]
+
+        if compile:
+            step = torch.compile(step, dynamic=False)
         pos = cache.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # one eager step first: lazy initialization must not happen during capture
-            model(self.token, cache=cache, last_only=True, **depth)
+        with torch.cuda.stream(side):  # one step first: lazy initialization (and compiling) must not happen in capture
+            step(self.token)
         torch.cuda.current_stream().wait_stream(side)
         cache.pos.copy_(pos)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits, _ = model(self.token, cache=cache, last_only=True, **depth)
+            self.logits = step(self.token)
         # neither run counts: they wrote keys/values at the next position, which the first real token overwrites
         cache.pos.copy_(pos)
 
@@ -88,7 +97,7 @@ def generate(model, prompt_ids, max_new_tokens, **kw):
 @torch.inference_mode()  # as a decorator it is entered and left around each step, never held across a yield
 def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k=50, top_p=0.95,
                    repetition_penalty=1.0, eos_id=None, use_cache=True, cuda_graph=True, halt_threshold=None,
-                   stats=None, generator=None, **depth):
+                   stats=None, generator=None, compile=False, **depth):
     """Decode B prompts of one token length together; yield a list of B new token ids per step.
 
     Each row samples on its own (its own repetition-penalty history, its own draw from the shared generator) and
@@ -101,7 +110,8 @@ def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k
     max_seq_len // 2 tokens and the cache is rebuilt from them with one prefill. Halving (rather than sliding one
     token at a time) keeps the rebuilds rare: one prefill per max_seq_len // 2 new tokens.
 
-    On CUDA with the cache, each decoding step is a CUDA-graph replay (cuda_graph=False: plain eager steps).
+    On CUDA with the cache, each decoding step is a CUDA-graph replay (cuda_graph=False: plain eager steps);
+    compile=True compiles that step first (GraphedStep).
     **depth: the test-time depth, TRM.steps's keywords (None or absent: as trained).
 
     halt_threshold (a model trained with a halting head; needs the cache): each new token stops its supervision
@@ -145,7 +155,7 @@ def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k
         if graphed:  # the cache keeps its buffers, so one capture serves every refill
             static = static or StaticKVCache(cache)
             static.follow()
-            step = step or GraphedStep(model, static, depth)
+            step = step or GraphedStep(model, static, depth, compile)
         return logits
 
     if n - start > L:
