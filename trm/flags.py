@@ -99,7 +99,7 @@ def trainer_parser(doc):
                    help="training JSONL.GZ files (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
     p.add_argument("--valid_paths", nargs="*", default=["validation_0.jsonl.gz"],
                    help="validation files; none: no evaluation (default: validation_0.jsonl.gz)")
-    p.add_argument("--text_field", default="text", help="the JSON field holding each document's text")
+    p.add_argument("--text_field", default="text", help="the JSON field (Parquet: column) holding each document's text")
     p.add_argument("--save_dir", default="checkpoints_new",
                    help="checkpoints, metrics.jsonl, training_curves.png; one run's alone (see --overwrite)")
     p.add_argument("--cache_dir", default=None, help="token cache folder (default: token_cache/ beside --save_dir)")
