@@ -23,7 +23,12 @@ $(VENV)/.installed: requirements.txt
 demo: setup  ## steps 1-4 on a generated Japanese corpus, on CPU, in minutes (DATA_DIR=... for a real corpus)
 	PYTHON=$(abspath $(PY)) PYTHONPATH=$(CURDIR) DATA_DIR=$(DATA_DIR) bash demo/run_demo.sh
 
-test: setup  ## the test suite, CPU only (about 6-9 minutes on 2 cores)
+# the optional packages (requirements-test.txt), so that the tests of .zst, .parquet and --tensorboard run, not skip
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+test: setup $(VENV)/.installed-test  ## the test suite, CPU only, with the optional packages (about 6-9 minutes on 2 cores)
 	$(PY) -m pytest -q
 
 # On a GPU machine whose Python already has torch: CUDA, bf16, torch.compile and NCCL tests.

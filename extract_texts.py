@@ -1,4 +1,5 @@
-"""Step 1: gather every document of the JSONL.GZ corpus into one text file for SentencePiece (train_spm.py).
+"""Step 1: gather every document of the corpus (JSONL, compressed or not, or Parquet) into one text file for
+SentencePiece (train_spm.py).
 
     python extract_texts.py                       # train_0.jsonl.gz ... train_10.jsonl.gz here -> train_texts.txt
     python extract_texts.py --inputs data/train --output train_texts.txt --workers 8
@@ -93,11 +94,11 @@ if __name__ == "__main__":
                                             "--output train_texts.txt --workers 8")
     parser.add_argument("--inputs", nargs="+", default=DEFAULT_INPUTS,
                         help="files, directories (searched recursively for *.jsonl, *.jsonl.gz, *.jsonl.xz, "
-                             "*.jsonl.zst) or globs (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
+                             "*.jsonl.zst, *.parquet) or globs (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
     parser.add_argument("--output", default="train_texts.txt",
                         help="the text file to write, one document per line (default: %(default)s)")
     parser.add_argument("--text_field", default="text",
-                        help="JSON field that holds the document (default: %(default)s)")
+                        help="JSON field (Parquet: column) that holds the document (default: %(default)s)")
     # each worker keeps about two cores busy (inflate thread + parse thread), hence half the cores
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // 2),
                         help="processes, parallel over files; output order is input order "

@@ -204,7 +204,8 @@ if __name__ == "__main__":
         if not os.path.isfile(args.eval_file):
             fail(f"--eval_file {args.eval_file} not found.")
         if not args.eval_file.endswith(SUFFIXES) and (why := not_text(args.eval_file)):
-            fail(f"--eval_file {args.eval_file} {why}: name a corpus file *.jsonl(.gz/.xz/.zst), or give a text file.")
+            fail(f"--eval_file {args.eval_file} {why}: name a corpus file *.jsonl(.gz/.xz/.zst) or *.parquet, "
+                 f"or give a text file.")
         if problem := missing_package([args.eval_file]):
             fail(problem)
         try:

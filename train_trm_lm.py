@@ -218,7 +218,7 @@ peak = peak_flops(device)
 # the run's state and the few things the loop does besides stepping: evaluate, save, check, time
 eval_weights = "EMA" if ema is not None else "raw"  # the weights run_eval scores: --ema_decay 0 keeps no EMA
 metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}",
-                     f"validation loss ({eval_weights} weights)")
+                     f"validation loss ({eval_weights} weights)", args.tensorboard)
 if master:
     metrics.start(step if ckpt is not None else None)
 clock = RunClock(ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0,  # --max_minutes counts across resumes
@@ -253,10 +253,11 @@ def save(name, quiet=False):
 
 
 def run_eval():
+    trained = round(clock.seconds(), 2)  # read before scoring: the pause around this call has only just begun
     # a GPU scores small models launch-bound: 64 windows a pass issue a quarter of the kernels of 16 (2 GB of logits)
     result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes,
                       64 if device.type == "cuda" else 16, device, amp_dtype)
-    result.update(step=step, kind="eval", tokens_seen=tokens_seen)
+    result.update(step=step, kind="eval", tokens_seen=tokens_seen, train_seconds=trained)
     metrics.append(result)
     metrics.plot()
     return result
@@ -386,7 +387,8 @@ try:
             seconds_at_log, tokens_at_log, steps_at_log = clock.session_seconds(), tokens_seen, step
             if master:
                 metrics.append({"step": step, "kind": "train", "loss": train_loss, "lr": lr, "tok_s": tok_s,
-                                "tokens_seen": tokens_seen, "epoch": loader.epoch})
+                                "tokens_seen": tokens_seen, "epoch": loader.epoch,
+                                "train_seconds": round(clock.seconds(), 2)})
                 log(f"step {step:>6}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                           f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "") +
                           f" | epoch {loader.epoch:.2f} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")

@@ -12,7 +12,9 @@ checkpoint (EMA weights) is scored by trm.evaluate on --eval_tokens of validatio
 trainer's own evaluations), since at 30+ epochs a model can be past its best when the clock stops; best.pt, the
 checkpoint of the best evaluation, is scored on the same tokens as the final one.
 
-Prints a markdown table, and writes race.json and every run's log under --out.
+Prints a markdown table, and writes race.json, every run's log and race.png under --out: validation bits/byte against
+training minutes, one line per run, so the race is seen at a glance. `--plot_only` redraws race.png from the runs
+already under --out (a race still going, or one stopped early) without racing.
 """
 import argparse
 import json
@@ -33,10 +35,10 @@ from trm.corpus import SUFFIXES, train_shards  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--run", action="append", required=True, help="NAME=FLAGS, one per configuration (repeatable)")
-p.add_argument("--data_dir", required=True,
-               help="folder with train_N and validation_0 corpus files (.jsonl[.gz|.xz|.zst])")
-p.add_argument("--sp_model", required=True)
+p.add_argument("--run", action="append", help="NAME=FLAGS, one per configuration (repeatable; required)")
+p.add_argument("--data_dir", help="folder with train_N and validation_0 corpus files (.jsonl[.gz|.xz|.zst], "
+                                  ".parquet; required)")
+p.add_argument("--sp_model", help="the SentencePiece model (required)")
 p.add_argument("--minutes", type=float, default=2.0, help="training budget of every run")
 p.add_argument("--out", default="race_out")
 p.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: every visible GPU)")
@@ -46,8 +48,49 @@ p.add_argument("--eval_tokens", type=int, default=1_000_000)
 p.add_argument("--no_depth", action="store_true", help="score at the trained depth only")
 p.add_argument("--no_warm", action="store_true",
                help="skip the untimed compile of every distinct graph before the race")
+p.add_argument("--plot_only", action="store_true", help="only redraw race.png from the runs under --out")
 args = p.parse_args()
-args.out, args.data_dir, args.sp_model = map(os.path.abspath, (args.out, args.data_dir, args.sp_model))
+args.out = os.path.abspath(args.out)
+
+
+def plot_race(names):
+    """race.png: each run's validation bits/byte (the trainer's evaluations) against its training minutes, the clock
+    that --max_minutes counts. A run without evaluations yet is named in the printout and left out of the plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in names:
+        path = os.path.join(args.out, name, "metrics.jsonl")
+        evals = [h for h in map(json.loads, open(path)) if h.get("kind") == "eval" and "train_seconds" in h] \
+            if os.path.isfile(path) else []
+        if not evals:
+            print(f"race.png: {name}: no evaluation with train_seconds in {path}", flush=True)
+            continue
+        minutes = [h["train_seconds"] / 60 for h in evals]
+        ax.plot(minutes, [h["bits_per_byte"] for h in evals], "o-", ms=3, lw=1.5, label=name)
+        print(f"race.png: {name}: {len(evals)} evaluations, {evals[-1]['bits_per_byte']:.4f} bits/byte at "
+              f"{minutes[-1]:.2f} min", flush=True)
+    ax.set_xlabel("training minutes (compilation included, evaluation and saving not)")
+    ax.set_ylabel("validation bits/byte")
+    ax.set_title(f"race: {os.path.basename(args.out)}")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "race.png"), dpi=110)
+    plt.close(fig)
+
+
+if args.plot_only:  # the runs are the save dirs under --out; _prep and _warm are not runs
+    if not os.path.isdir(args.out):
+        sys.exit(f"error: --out {args.out} is not a folder of race runs")
+    plot_race(sorted(d for d in os.listdir(args.out) if not d.startswith("_") and
+                     os.path.isfile(os.path.join(args.out, d, "metrics.jsonl"))))
+    sys.exit(0)
+if not (args.run and args.data_dir and args.sp_model):
+    p.error("--run, --data_dir and --sp_model are required (unless --plot_only)")
+args.data_dir, args.sp_model = map(os.path.abspath, (args.data_dir, args.sp_model))
 
 
 def gpu_ids():
@@ -180,6 +223,9 @@ for t in threads:
     t.start()
 for t in threads:
     t.join()
+
+
+plot_race([name for name, _ in runs])
 
 
 def fmt(v, spec=".4f"):

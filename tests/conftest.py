@@ -118,3 +118,15 @@ def training_dtypes(script, args, tmp_path, timeout=300):
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout + r.stderr
     return set(json.loads(out.read_text())), r
+
+
+def without_packages(tmp_path, *names):
+    """An environment for a subprocess in which `import name` fails as if the package were not installed: a module of
+    that name that raises ModuleNotFoundError, first on PYTHONPATH. The optional packages' refusals stay tested where
+    they are installed."""
+    import os
+    hide = tmp_path / "hidden_packages"
+    hide.mkdir(exist_ok=True)
+    for name in names:
+        (hide / f"{name}.py").write_text(f"raise ModuleNotFoundError('{name} hidden by the test', name='{name}')\n")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")]))

@@ -81,13 +81,33 @@ def test_an_xz_corpus_gives_the_tokens_of_its_gz_in_a_cache_of_its_own(tmp_path)
     assert len(list((tmp_path / "c").glob("*.bin"))) == 2  # the key is the file (path, size, mtime), not its text
 
 
-def test_zst_without_zstandard_is_a_data_error(tmp_path):
-    from trm.corpus import _zstd
-    if _zstd() is not None:
-        pytest.skip("zstandard is installed")
-    (tmp_path / "a.jsonl.zst").write_bytes(b"")
-    with pytest.raises(DataError, match="pip install zstandard"):
-        check_paths([str(tmp_path / "a.jsonl.zst")], "train")
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".parquet"])
+def test_zst_and_parquet_corpora_give_the_tokens_of_their_gz(tmp_path, suffix):
+    tok = Tokenizer("byte")
+    texts = ["吾輩は猫である。", "名前はまだ無い。\n改行も一つの文書の内。"]
+    gz = write_jsonl_gz(tmp_path / "a.jsonl.gz", texts)
+    other = tmp_path / f"a{suffix}"
+    if suffix == ".jsonl.zst":
+        zstandard = pytest.importorskip("zstandard", reason="zstandard is not installed (requirements-test.txt)")
+        other.write_bytes(zstandard.ZstdCompressor().compress(gzip.decompress(open(gz, "rb").read())))
+    else:
+        pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (requirements-test.txt)")
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": texts, "meta": ["m", "m"]}), str(other))
+    check_paths([str(other)], "train")
+    cache = str(tmp_path / "c")
+    assert load_tokens([str(other)], tok, cache, log=lambda m: None).tolist() == \
+        load_tokens([gz], tok, cache, log=lambda m: None).tolist()
+
+
+@pytest.mark.parametrize("suffix,package", [(".jsonl.zst", "zstandard"), (".parquet", "pyarrow")])
+def test_a_format_without_its_package_is_a_data_error(tmp_path, monkeypatch, suffix, package):
+    from trm import corpus, parquet
+    monkeypatch.setattr(corpus, "_zstd", lambda: None)  # as on a Python without either package
+    monkeypatch.setattr(parquet, "pyarrow_parquet", lambda: None)
+    (tmp_path / f"a{suffix}").write_bytes(b"")
+    with pytest.raises(DataError, match=f"a{suffix} needs the {package} package.*pip install {package}"):
+        check_paths([str(tmp_path / f"a{suffix}")], "train")
 
 
 @pytest.mark.parametrize("N,L,B", [(1000, 16, 4), (1001, 7, 3), (64, 8, 1), (50, 64, 2)])

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from test_train import ROOT, TINY, copy_run_until, endless_trainer, logged_losses, make_corpus, params
+from test_metrics import scalars
 from trm.checkpoint import load_checkpoint
+from trm.metrics import tensorboard_missing
 
 pytestmark = pytest.mark.slow
 
@@ -70,10 +72,14 @@ def test_only_rank_0_writes_checkpoints_metrics_curves_and_run_json(corpus, tmp_
     (hook / "sitecustomize.py").write_text(RECORDER)
     env = {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "WATCH_DIR": str(save), "WATCH_LOG": str(log)}
+    tensorboard = ["--tensorboard", str(tmp_path / "tb")] if tensorboard_missing() is None else []
     r = torchrun(corpus, save, "--max_steps", "6", "--eval_every", "2", "--log_every", "2", "--keep_last", "1",
-                 port=29541, env=env)
+                 *tensorboard, port=29541, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not log.exists(), log.read_text()
+    if tensorboard:  # one event file (a writer per process would make one each), holding every log step
+        assert len(list((tmp_path / "tb").iterdir())) == 1
+        assert [step for step, _ in scalars(tmp_path / "tb")["train/loss"]] == [2, 4, 6]
     # rank 0 did write them all, once each
     names = {p.name for p in save.iterdir()}
     assert {"metrics.jsonl", "run.json", "best.pt", "final_step_6.pt"} <= names and any(n.endswith(".png")

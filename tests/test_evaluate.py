@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -106,3 +107,19 @@ def test_a_window_longer_than_the_model_was_trained_on_is_refused(tiny_checkpoin
                         "--seq_len", "65"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert_one_line_error(r, "--seq_len 65", "64", code=2)
     assert r.stdout == ""  # no score printed
+
+
+def test_a_parquet_file_scores_as_its_jsonl_twin(tiny_checkpoint, tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (requirements-test.txt)")
+    import pyarrow.parquet as pq
+    from trm.evaluate import main
+    texts = japanese_lines(50, seed=2)
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                                      encoding="utf-8")
+    pq.write_table(pa.table({"body": texts}), str(tmp_path / "v.parquet"), row_group_size=7)
+    scores = []
+    parquet = ["--data", str(tmp_path / "v.parquet"), "--text_field", "body"]
+    for data in (["--data", str(tmp_path / "v.jsonl")], parquet):
+        assert main(["--model_path", tiny_checkpoint, "--eval_tokens", "500", "--device", "cpu", *data]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0]["tokens"] > 0 and scores[0]["loss"] == scores[1]["loss"]

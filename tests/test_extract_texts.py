@@ -13,7 +13,7 @@ import pytest
 
 import trm.corpus
 
-from conftest import assert_one_line_error, help_blocks
+from conftest import assert_one_line_error, help_blocks, without_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "extract_texts.py")
@@ -25,8 +25,9 @@ def write_jsonl(path, lines):
     Path(path).write_bytes(gzip.compress(data))
 
 
-def run(cwd, *args):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+def run(cwd, *args, env=None):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env=env)
 
 
 def shard_docs(i):
@@ -141,22 +142,31 @@ def test_damaged_gzip_keeps_what_zcat_keeps(tmp_path):
 
 def test_a_folder_of_every_format_is_read_in_shard_order(tmp_path):
     import lzma
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (requirements-test.txt)")
+    import pyarrow.parquet as pq
+    zstandard = pytest.importorskip("zstandard", reason="zstandard is not installed (requirements-test.txt)")
     data = {i: "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in shard_docs(i)).encode()
-            for i in range(3)}
+            for i in range(5)}
     (tmp_path / "in").mkdir()
     (tmp_path / "in/train_0.jsonl").write_bytes(data[0])
     (tmp_path / "in/train_1.jsonl.gz").write_bytes(gzip.compress(data[1]))
     (tmp_path / "in/train_2.jsonl.xz").write_bytes(lzma.compress(data[2]))
-    r = run(tmp_path, "--inputs", "in", "--workers", "1")
-    assert r.returncode == 0, r.stderr
-    want = [t.replace("\n", " ") for i in range(3) for t in shard_docs(i)]
-    assert (tmp_path / "train_texts.txt").read_text(encoding="utf-8").splitlines() == want
+    (tmp_path / "in/train_3.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data[3]))
+    pq.write_table(pa.table({"text": shard_docs(4)}), str(tmp_path / "in/train_4.parquet"))
+    for workers in ("1", "2"):
+        r = run(tmp_path, "--inputs", "in", "--workers", workers)
+        assert r.returncode == 0, r.stderr
+        want = [t.replace("\n", " ") for i in range(5) for t in shard_docs(i)]
+        assert (tmp_path / "train_texts.txt").read_text(encoding="utf-8").splitlines() == want
+        assert "5 files, 15 documents" in r.stdout
 
 
-@pytest.mark.skipif(trm.corpus._zstd() is not None, reason="zstandard is installed")
-def test_zst_without_zstandard_is_a_one_line_error(tmp_path):
-    (tmp_path / "train_0.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
-    assert_one_line_error(run(tmp_path, "--inputs", "train_0.jsonl.zst"), "train_0.jsonl.zst", "pip install zstandard")
+@pytest.mark.parametrize("name,package", [("train_0.jsonl.zst", "zstandard"), ("train_0.parquet", "pyarrow")])
+def test_a_format_without_its_package_is_a_one_line_error(tmp_path, name, package):
+    (tmp_path / name).write_bytes(b"\x28\xb5\x2f\xfd")
+    r = run(tmp_path, "--inputs", name, env=without_packages(tmp_path, package))
+    assert_one_line_error(r, name, f"pip install {package}")
+    assert not (tmp_path / "train_texts.txt").exists()
 
 
 # ---- flags and outputs checked before any work ---------------------------------------------------------------------

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, training_dtypes
+from conftest import assert_one_line_error, training_dtypes, without_packages
 from trm.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from trm.metrics import tensorboard_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--tokenizer", "byte", "--d_model", "32", "--n_heads", "2", "--max_seq_len", "32", "--batch_size", "4",
@@ -79,7 +80,8 @@ def copy_run_until(src, dst, step):
 @pytest.mark.slow
 def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
     save = tmp_path / "ck"
-    train(corpus, save, "--max_steps", "12", "--eval_every", "6", "--log_every", "3")
+    tensorboard = ["--tensorboard", str(tmp_path / "tb")] if tensorboard_missing() is None else []
+    train(corpus, save, "--max_steps", "12", "--eval_every", "6", "--log_every", "3", *tensorboard)
     names = sorted(os.listdir(save))
     assert {"step_6.pt", "final_step_12.pt", "metrics.jsonl", "training_curves.png"} <= set(names)
     state = load_checkpoint(save / "final_step_12.pt")  # weights_only=True inside
@@ -93,6 +95,21 @@ def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
     assert state["metrics"]["loss"] == evals[-1]["loss"]  # the final checkpoint carries its evaluation
     # EMA differs from the raw weights and is what the evaluation used
     assert any(not torch.equal(a, b) for a, b in zip(state["model"].values(), state["ema"]["model"].values()))
+    seconds = [h["train_seconds"] for h in logged(save)]  # the x axis of bench/race.py's race.png
+    assert seconds == sorted(seconds) and 0 < seconds[-1] < 300
+    if tensorboard:  # the same numbers as metrics.jsonl, under train/ and eval/
+        from test_metrics import f32, scalars
+        got = scalars(tmp_path / "tb")
+        assert got["train/loss"] == [(h["step"], f32(h["loss"])) for h in logged(save, "train")]
+        assert got["eval/bits_per_byte"] == [(h["step"], f32(h["bits_per_byte"])) for h in evals]
+        assert {"train/lr", "train/tok_s", "eval/loss"} <= set(got)
+
+
+def test_tensorboard_without_its_package_is_one_line_before_any_work(corpus, tmp_path):
+    r = train(corpus, tmp_path / "ck", "--max_steps", "2", "--tensorboard", str(tmp_path / "tb"), check=False,
+              env=without_packages(tmp_path, "tensorboard"))
+    assert_one_line_error(r, "--tensorboard", "pip install tensorboard", code=2)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "tb").exists()
 
 
 @pytest.mark.slow

@@ -91,15 +91,21 @@ def test_no_unknowns_on_rare_kanji_and_newlines_are_one_token(trained):
     assert tok.decode(ids) == text
 
 
-def test_eval_file_jsonl_gz(trained, tmp_path):
+@pytest.mark.parametrize("name", ["validation_0.jsonl.gz", "validation_0.parquet"])
+def test_eval_file_corpus(trained, tmp_path, name):
     d, _ = trained
     texts = corpus_lines(50, seed=9)
-    with gzip.open(tmp_path / "validation_0.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    if name.endswith(".parquet"):
+        pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (requirements-test.txt)")
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": texts}), str(tmp_path / name))
+    else:
+        with gzip.open(tmp_path / name, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
     r = run(d, "--vocab_size", "400", "--character_coverage", "1.0", "--model_prefix", str(tmp_path / "m"),
-            "--eval_file", str(tmp_path / "validation_0.jsonl.gz"))
+            "--eval_file", str(tmp_path / name))
     assert r.returncode == 0, r.stderr
-    assert "validation_0.jsonl.gz: 50 documents" in r.stdout and "unknown rate      0.0000%" in r.stdout
+    assert f"{name}: 50 documents" in r.stdout and "unknown rate      0.0000%" in r.stdout
 
 
 def test_missing_input_points_to_step_1(tmp_path):

@@ -1,5 +1,6 @@
 """Streaming the users' JSONL corpora (llm-jp style {"text": ..., "meta": ...}), one text at a time: .jsonl, .jsonl.gz,
-.jsonl.xz (stdlib lzma) or .jsonl.zst (the optional zstandard package); the file's extension decides.
+.jsonl.xz (stdlib lzma) or .jsonl.zst (the optional zstandard package), and .parquet (the optional pyarrow package;
+trm/parquet.py); the file's extension decides.
 
 extract_texts.py (step 1) and the training data loader (step 3) both read through here, so they agree on which
 documents exist. Bad input never stops a run and never goes unnoticed: a malformed line is skipped and counted
@@ -24,7 +25,7 @@ try:  # ISA-L inflates the same gzip data about twice as fast as zlib (`pip inst
 except (ImportError, AttributeError):
     import zlib
 
-SUFFIXES = (".jsonl.gz", ".jsonl", ".jsonl.xz", ".jsonl.zst", ".json.gz")
+SUFFIXES = (".jsonl.gz", ".jsonl", ".jsonl.xz", ".jsonl.zst", ".json.gz", ".parquet")
 ZSTD_MISSING = "needs the zstandard package to read .zst files: pip install zstandard"
 READ_SIZE = 1 << 20  # compressed bytes per read: big enough that Python's per-call cost vanishes next to inflate
 MAX_EXAMPLES = 5
@@ -107,10 +108,13 @@ def train_shards(folder):
 
 
 def missing_package(paths):
-    """The one-line error for corpus files this Python cannot read (.zst without zstandard), or None."""
-    zst = [p for p in paths if p.endswith(".zst")]
-    if zst and _zstd() is None:
-        return f"{zst[0]} {ZSTD_MISSING}"
+    """The one-line error for corpus files this Python cannot read (.zst without zstandard, .parquet without pyarrow),
+    or None."""
+    from trm.parquet import PYARROW_MISSING, pyarrow_parquet
+    for suffix, present, missing in ((".zst", _zstd, ZSTD_MISSING), (".parquet", pyarrow_parquet, PYARROW_MISSING)):
+        named = [p for p in paths if p.endswith(suffix)]
+        if named and present() is None:
+            return f"{named[0]} {missing}"
     return None
 
 
@@ -253,6 +257,10 @@ def iter_texts(path, text_field="text", stats=None, min_chars=0, as_bytes=False)
     as_bytes=True yields the text as UTF-8 bytes: a writer (extract_texts.py) then skips a decode/encode round trip."""
     stats = stats if stats is not None else CorpusStats()
     stats.files += 1
+    if path.endswith(".parquet"):  # records are rows of a column there, not lines
+        from trm.parquet import parquet_texts
+        yield from parquet_texts(path, text_field, stats, min_chars, as_bytes)
+        return
     pending, lineno = b"", 0
     for block in _read_ahead(_read_blocks(path, stats)):
         if block is None:  # damage: a partial line pending at that point is not a whole record

@@ -1,5 +1,5 @@
-"""Training data: tokenize the JSONL corpus (plain, .gz, .xz or .zst) once into a token cache, then serve packed
-windows.
+"""Training data: tokenize the corpus (JSONL plain, .gz, .xz or .zst, or Parquet) once into a token cache, then serve
+packed windows.
 
 Why a cache: tokenizing 1.8 GB of Japanese takes minutes even on many threads, and doing it inside the training loop
 would stall the GPU. The cache is a flat array of token ids (each document as BOS ... EOS) in

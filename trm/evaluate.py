@@ -73,12 +73,13 @@ def main(argv=None):
         epilog="example (from any folder): python /path/to/project/evaluate.py "
                "--model_path checkpoints_new/final_step_50000.pt --data validation_0.jsonl.gz")
     p.add_argument("--model_path", required=True, help="a checkpoint written by train_trm_lm.py")
-    p.add_argument("--data", nargs="+", required=True, help="JSONL files (plain, .gz, .xz, .zst) of held-out documents")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="JSONL files (plain, .gz, .xz, .zst) or .parquet of held-out documents")
     p.add_argument("--eval_tokens", type=int, default=1_000_000, help="at most this many target tokens")
     p.add_argument("--seq_len", type=int, default=0, help="window length (0 = the model's max_seq_len, its largest)")
     p.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the EMA or the raw weights")
-    p.add_argument("--text_field", default="text", help="JSON field that holds the document")
+    p.add_argument("--text_field", default="text", help="JSON field (Parquet: column) that holds the document")
     p.add_argument("--device", default="auto", help="auto, cuda, cpu, mps (bf16 autocast where the trainer uses it)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype")
     add_depth_flags(p)

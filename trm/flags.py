@@ -7,6 +7,7 @@ trains nothing, a negative --keep_last deletes checkpoints.
 import argparse
 
 from trm.cli import range_error
+from trm.metrics import tensorboard_missing
 
 # the flags that make the architecture: a resumed run keeps the checkpoint's values
 ARCH_FLAGS = ("arch", "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps", "dropout",
@@ -53,6 +54,8 @@ def check_flags(args, world_size=1):
         import torch
         if not hasattr(torch.optim, "Muon"):
             return f"--optimizer muon needs PyTorch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}"
+    if args.tensorboard and (problem := tensorboard_missing()):
+        return problem
     if args.overwrite and args.resume == "auto":
         return "--overwrite starts a new run and --resume auto continues the old one: choose one"
     return None
@@ -99,7 +102,7 @@ def trainer_parser(doc):
                    help="training JSONL.GZ files (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
     p.add_argument("--valid_paths", nargs="*", default=["validation_0.jsonl.gz"],
                    help="validation files; none: no evaluation (default: validation_0.jsonl.gz)")
-    p.add_argument("--text_field", default="text", help="the JSON field holding each document's text")
+    p.add_argument("--text_field", default="text", help="the JSON field (Parquet: column) holding each document's text")
     p.add_argument("--save_dir", default="checkpoints_new",
                    help="checkpoints, metrics.jsonl, training_curves.png; one run's alone (see --overwrite)")
     p.add_argument("--cache_dir", default=None, help="token cache folder (default: token_cache/ beside --save_dir)")
@@ -116,6 +119,9 @@ def trainer_parser(doc):
                    help="evaluate every N steps (the EMA weights; the raw ones with --ema_decay 0)")
     p.add_argument("--eval_tokens", type=int, default=262144, help="validation target tokens per evaluation")
     p.add_argument("--log_every", type=int, default=100, help="a log line every N steps")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write metrics.jsonl's numbers as TensorBoard scalars in DIR (needs the tensorboard "
+                        "package; default: off)")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0 = at every evaluation)")
     p.add_argument("--keep_last", type=int, default=3,
                    help="keep the newest N step_N.pt (0 = keep all); final_step_N.pt, best.pt (lowest validation "

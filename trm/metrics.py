@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON object per log or evaluation step) and the training_curves.png drawn from it."""
+"""metrics.jsonl (one JSON object per log or evaluation step), the training_curves.png drawn from it, and with
+--tensorboard the same numbers as TensorBoard scalars."""
 import json
 import os
 import sys
@@ -18,21 +19,40 @@ def peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+TENSORBOARD_MISSING = "--tensorboard needs the tensorboard package: pip install tensorboard"
+
+
+def tensorboard_missing():
+    """The one-line error for --tensorboard on a Python without the tensorboard package, or None."""
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard imports it only when a writer is made)
+        return None
+    except ImportError:
+        return TENSORBOARD_MISSING
+
+
 class MetricsLog:
-    def __init__(self, save_dir, title, valid_label="validation loss"):
+    def __init__(self, save_dir, title, valid_label="validation loss", tensorboard_dir=None):
         self.path = os.path.join(save_dir, "metrics.jsonl")
         self.curves_path = os.path.join(save_dir, "training_curves.png")
         self.title, self.valid_label = title, valid_label  # of the curves' plot
+        self.tensorboard_dir, self.tensorboard = tensorboard_dir, None
         self.history = []
 
     def start(self, resume_step=None):
         """A fresh run starts an empty log; a resumed one keeps its history up to the resumed step and drops what came
-        after (a later, abandoned stretch would otherwise be logged twice)."""
+        after (a later, abandoned stretch would otherwise be logged twice). Only the process that logs calls this (rank
+        0 under DDP), so only it writes TensorBoard events."""
         self.history = []
         if resume_step is not None and os.path.exists(self.path):
             self.history = [h for h in self.read() if h["step"] <= resume_step]
         with AtomicFile(self.path, "w") as f:  # a crash here leaves the old log, never an empty one
             f.writelines(json.dumps(h) + "\n" for h in self.history)
+        if self.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: TensorBoard hides what an earlier session logged after the resumed step, as the log drops it
+            self.tensorboard = SummaryWriter(self.tensorboard_dir, purge_step=None if resume_step is None else
+                                             resume_step + 1)
 
     def read(self):
         """The entries on file. A line that does not parse (the trainer died in the middle of appending it) is dropped
@@ -55,6 +75,11 @@ class MetricsLog:
         self.history.append(entry)
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
+        if self.tensorboard is not None:  # every number of the entry, as train/loss, eval/bits_per_byte, ...
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
+            self.tensorboard.flush()  # log steps only: cheap, and a killed run's events are on disk
 
     def plot(self):
         import matplotlib

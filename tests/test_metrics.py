@@ -1,0 +1,68 @@
+"""trm/metrics.py: --tensorboard writes the numbers of metrics.jsonl, and a resumed run hides what it replaces."""
+import json
+
+import numpy as np
+import pytest
+
+from trm import metrics
+from trm.metrics import MetricsLog
+
+TRAIN = [{"step": s, "kind": "train", "loss": 5.0 - s / 10, "lr": 1e-3 * s, "tok_s": 1000.0 + s, "tokens_seen": 64 * s,
+          "epoch": s / 40, "train_seconds": 0.5 * s} for s in (2, 4, 6, 8)]
+EVAL = [{"step": s, "kind": "eval", "loss": 4.0 - s / 10, "bits_per_byte": 1.5 - s / 100, "perplexity": 50.0,
+         "halt_accuracy": 0.7, "tokens_seen": 64 * s, "train_seconds": 0.5 * s} for s in (4, 8)]
+
+
+def f32(x):
+    """TensorBoard keeps scalars as float32."""
+    return float(np.float32(x))
+
+
+def scalars(folder):
+    """{tag: [(step, value)]} of the TensorBoard events in `folder`, as TensorBoard shows them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+needs_tensorboard = pytest.mark.skipif(metrics.tensorboard_missing() is not None,
+                                       reason="tensorboard is not installed (requirements-test.txt)")
+
+
+@needs_tensorboard
+def test_every_number_of_metrics_jsonl_becomes_a_scalar(tmp_path):
+    log = MetricsLog(str(tmp_path), "t", tensorboard_dir=str(tmp_path / "tb"))
+    log.start()
+    for entry in sorted(TRAIN + EVAL, key=lambda h: h["step"]):
+        log.append(entry)
+    got = scalars(tmp_path / "tb")
+    assert set(got) == {f"train/{k}" for k in TRAIN[0] if k not in ("step", "kind")} | \
+        {f"eval/{k}" for k in EVAL[0] if k not in ("step", "kind")}
+    assert got["train/loss"] == [(h["step"], f32(h["loss"])) for h in TRAIN]
+    assert got["train/lr"] == [(h["step"], f32(h["lr"])) for h in TRAIN]
+    assert got["eval/bits_per_byte"] == [(h["step"], f32(h["bits_per_byte"])) for h in EVAL]
+    assert got["eval/halt_accuracy"] == [(4, f32(0.7)), (8, f32(0.7))]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [2, 4, 4, 6, 8, 8]
+
+
+@needs_tensorboard
+def test_a_resumed_run_hides_the_steps_it_logs_again(tmp_path):
+    log = MetricsLog(str(tmp_path), "t", tensorboard_dir=str(tmp_path / "tb"))
+    log.start()
+    for entry in TRAIN:  # steps 2..8; the run then resumes from its checkpoint of step 4
+        log.append(entry)
+    log.tensorboard.close()
+    log = MetricsLog(str(tmp_path), "t", tensorboard_dir=str(tmp_path / "tb"))
+    log.start(resume_step=4)
+    log.append(dict(TRAIN[2], loss=9.0))  # step 6 again, another loss
+    assert scalars(tmp_path / "tb")["train/loss"] == [(2, f32(4.8)), (4, f32(4.6)), (6, 9.0)]
+
+
+def test_without_tensorboard_nothing_is_written_and_the_flag_is_refused_in_one_line(tmp_path, monkeypatch):
+    log = MetricsLog(str(tmp_path), "t")
+    log.start()
+    log.append(TRAIN[0])
+    assert log.tensorboard is None and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    monkeypatch.setitem(__import__("sys").modules, "tensorboard", None)  # `import tensorboard` now fails
+    assert metrics.tensorboard_missing() == "--tensorboard needs the tensorboard package: pip install tensorboard"
