@@ -5,8 +5,9 @@
 
 The folder holds model.safetensors (the EMA weights, or --weights raw), config.json (the model's config and the
 training summary), tokenizer.model (the SentencePiece model the run used; none for --tokenizer byte) and README.md,
-a model card. Only what generation needs travels: no optimizer moments, data position or RNG states, so the folder
-is about a third of the checkpoint. Nothing in it is pickled: it loads without running code, in any framework.
+a model card. Only what generation needs travels: one set of weights, no optimizer moments, data position or RNG
+states, so the folder is about a quarter of the checkpoint (which holds the raw weights, their EMA and two Adam
+moments). Nothing in it is pickled: it loads without running code, in any framework.
 
 --model_path may be a save dir: its best.pt, or else its newest checkpoint. An --out that holds anything is refused
 unless --overwrite, which replaces the four files (each atomically) and leaves any other file there alone.
