@@ -157,11 +157,14 @@ def load_model(path, weights="ema", map_location="cpu"):
 
     weights='ema' (the default everywhere) or 'raw'. A checkpoint without an EMA (trained with --ema_decay 0) gives its
     raw weights, with a note on stderr: the callers' own output (generate.py's header, evaluate.py's JSON) names the
-    weights asked for.
+    weights asked for. A folder is a model folder written by export.py (trm/model_folder.py): the same three things.
     """
     from trm.model import TRM, TRMConfig
     from trm.tokenizer import Tokenizer
 
+    if os.path.isdir(path):
+        from trm.model_folder import load_folder
+        return load_folder(path, weights)
     state = load_checkpoint(path, map_location)
     try:
         model = TRM(TRMConfig(**state["config"]))

@@ -72,7 +72,8 @@ def main(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="example (from any folder): python /path/to/project/evaluate.py "
                "--model_path checkpoints_new/final_step_50000.pt --data validation_0.jsonl.gz")
-    p.add_argument("--model_path", required=True, help="a checkpoint written by train_trm_lm.py")
+    p.add_argument("--model_path", required=True,
+                   help="a checkpoint written by train_trm_lm.py, or a folder written by export.py")
     p.add_argument("--data", nargs="+", required=True,
                    help="JSONL files (plain, .gz, .xz, .zst) or .parquet of held-out documents")
     p.add_argument("--eval_tokens", type=int, default=1_000_000, help="at most this many target tokens")
