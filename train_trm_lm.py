@@ -29,7 +29,7 @@ from trm.checkpoint import CheckpointError
 from trm.cli import fail, one_line_when_a_peer_is_lost
 from trm.clock import RunClock
 from trm import depth as depth_schedule
-from trm.data import DataError, PackedLoader, check_paths, eval_windows, load_tokens
+from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_tokens
 from trm.device import autocast, autocast_each, pick_device
 from trm.ema import EMA
 from trm.evaluate import evaluate
@@ -86,10 +86,13 @@ if device.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
+cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.save_dir)), "token_cache")
 try:
     tokenizer = Tokenizer.from_args(args.tokenizer, args.sp_model)
     check_paths(args.train_paths, "train")
     check_paths(args.valid_paths, "valid")
+    if master:  # (the other ranks only read it)
+        check_cache_dir(cache_dir)
 except (TokenizerError, DataError) as e:
     fail(str(e))
 log(f"tokenizer: {args.tokenizer}" + (f" {args.sp_model}" if args.tokenizer == "sentencepiece" else "") +
@@ -136,14 +139,16 @@ if args.act_weight and not (config.halt_head and config.recursive):
 if master:
     try:
         run_id = take_ownership(args.save_dir, ckpt, ckpt_path, args.resume, args.overwrite, log)
-    except (SaveDirError, OSError) as e:
+    except SaveDirError as e:
         fail(str(e))
+    except OSError as e:  # run.json on a full disk: the old one stays (AtomicFile)
+        fail(f"could not write {e.filename or args.save_dir}: {e.strerror or e}; nothing was trained. Free some space "
+             f"(or fix the folder), then run the same command again.", 1)
 L = config.max_seq_len
 tokens_per_step = args.batch_size * L * args.grad_accum * world_size
 halt_args = {"act_weight": args.act_weight, "halt_threshold": args.train_halt_threshold}  # the head and its use
 
 # Rank 0 tokenizes into the cache; the others wait and then map the same files.
-cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.save_dir)), "token_cache")
 threads = args.num_workers or os.cpu_count()
 try:
     for turn in (0, 1) if ddp else (0,):
@@ -154,7 +159,7 @@ try:
         if ddp:
             dist.barrier()
 except DataError as e:
-    fail(str(e))
+    fail(str(e), 1 if isinstance(e, CacheWriteError) else 2)
 loader = PackedLoader(train_tokens, L, args.batch_size, args.seed, rank, world_size)
 val_windows = eval_windows(valid_tokens, L, args.eval_tokens) if valid_tokens is not None else None
 token_bytes = tokenizer.token_bytes()
@@ -217,14 +222,17 @@ peak = peak_flops(device)
 # ----------------------------------------------------------------------------------------------------------------
 # the run's state and the few things the loop does besides stepping: evaluate, save, check, time
 eval_weights = "EMA" if ema is not None else "raw"  # the weights run_eval scores: --ema_decay 0 keeps no EMA
+run_dir = RunDir(args.save_dir, args.keep_last, log, ckpt_path, ckpt.get("best") if ckpt is not None else None)
 metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}",
                      f"validation loss ({eval_weights} weights)")
 if master:
-    metrics.start(step if ckpt is not None else None)
+    try:  # rewritten whole on a resume: a nearly full disk fails here first (the old log stays, AtomicFile)
+        metrics.start(step if ckpt is not None else None)
+    except OSError as e:
+        fail(run_dir.failure(e, metrics.path, step), 1)
 clock = RunClock(ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0,  # --max_minutes counts across resumes
                  args.max_minutes, ddp, master, device)
 save_every = args.save_every or args.eval_every
-run_dir = RunDir(args.save_dir, args.keep_last, log, ckpt_path, ckpt.get("best") if ckpt is not None else None)
 # the loop only copies the state to CPU memory; a background thread writes it (trm/saver.py)
 saver = Saver(run_dir, log, on_error=lambda message: fail(message, 1))
 bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check

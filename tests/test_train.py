@@ -544,3 +544,56 @@ def test_resuming_with_another_seed_warns_and_keeps_the_checkpoints_order(corpus
     assert "warning: --seed 8 ignored: the resumed run keeps its checkpoint's seed 7" in r.stdout + r.stderr
     assert logged_losses(straight) == logged_losses(resumed)
     assert load_checkpoint(resumed / "final_step_8.pt")["args"]["seed"] == 7
+
+
+# ---- a full disk or an unusable folder where the trainer writes (issue 24) ------------------------------------------
+
+# Runs a script (argv[2:]) with files limited to argv[1] bytes: a write past the limit fails with EFBIG, as a write to
+# a full disk fails with ENOSPC (SIGXFSZ ignored, or the kernel would kill the process instead).
+FILE_SIZE_LIMIT = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def train_limited(limit, corpus, save_dir, *extra):
+    cmd = [sys.executable, "-c", FILE_SIZE_LIMIT, str(limit), str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths",
+           corpus["train_0"], corpus["train_1"], "--valid_paths", corpus["validation_0"], "--save_dir", str(save_dir),
+           *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_a_full_disk_while_the_token_cache_builds_is_one_sentence(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    r = train_limited(2000, corpus, tmp_path / "ck", "--max_steps", "2", "--cache_dir", str(cache))
+    assert_one_line_error(r, "token cache", "--cache_dir", code=1)
+    assert not list(cache.glob("*.tmp.*")) and not list((tmp_path / "ck").glob("*.pt"))
+
+
+def test_a_cache_dir_that_cannot_be_one_is_refused_before_any_work(capsys, corpus, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for cache, words in ((blocker, ("--cache_dir", "is a file")), (blocker / "cache", ("--cache_dir", "a_file"))):
+        code, _, err = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths", corpus["validation_0"],
+                                      "--save_dir", str(tmp_path / "ck"),
+                                      "--cache_dir", str(cache))
+        assert code == 2 and "Traceback" not in err, err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and all(w in errors[0] for w in words), err
+        assert not (tmp_path / "ck").exists()  # refused before the save dir was claimed
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_nearly_full_disk_is_one_sentence_and_leaves_nothing_behind(corpus, tmp_path):
+    save, cache = tmp_path / "ck", tmp_path / "cache"
+    train(corpus, save, "--max_steps", "8", "--eval_every", "4", "--log_every", "1", "--cache_dir", cache)
+    before = (save / "metrics.jsonl").read_bytes()
+    assert len(before) > 1000  # the resume rewrites it whole: past the limit below
+    r = train_limited(1000, corpus, save, "--max_steps", "12", "--eval_every", "4", "--log_every", "1",
+                      "--cache_dir", str(cache), "--resume", "auto")
+    assert_one_line_error(r, "metrics.jsonl", f"{save / 'final_step_8.pt'} is intact", "--resume auto", code=1)
+    assert (save / "metrics.jsonl").read_bytes() == before and not list(save.glob("*.tmp.*"))

@@ -38,6 +38,10 @@ class DataError(RuntimeError):
     pass
 
 
+class CacheWriteError(DataError):
+    """The token cache could not be written (disk full, quota): the work failed, the command was fine (exit code 1)."""
+
+
 def check_paths(paths, what):
     """The procedure's troubleshooting case: a missing train/valid file is an error naming the file."""
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -47,6 +51,20 @@ def check_paths(paths, what):
                         f" (working directory: {os.getcwd()})")
     if problem := missing_package(paths):
         raise DataError(problem)
+
+
+def check_cache_dir(cache_dir):
+    """Whether cache_dir can hold the cache, before any work and without creating anything (a refused run leaves no
+    trace): a folder that refuses it should say so in a second, not after the corpus was read. Raises DataError."""
+    folder = os.path.abspath(cache_dir)
+    while not os.path.exists(folder):  # the nearest part that exists is where the folders would be made
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        what = "is a file" if folder == os.path.abspath(cache_dir) else f"is inside {folder}, which is a file"
+        raise DataError(f"--cache_dir {cache_dir} {what}, not a folder; choose another --cache_dir")
+    if not os.access(folder, os.W_OK | os.X_OK):  # (also false on a read-only filesystem, even for root)
+        raise DataError(f"cannot write in --cache_dir {cache_dir} ({folder} is read-only); choose another "
+                        f"--cache_dir (a folder you can write to)")
 
 
 def cache_key(paths, tokenizer, text_field):
@@ -149,19 +167,26 @@ def document_ids(tokenizer, texts, num_threads=None):
 
 def _write_batch(f, tokenizer, texts, dtype, num_threads):
     n = 0
-    for doc in document_ids(tokenizer, texts, num_threads) if texts else ():
-        np.asarray(doc, dtype=dtype).tofile(f)
-        n += len(doc)
+    docs = [np.asarray(doc, dtype=dtype) for doc in document_ids(tokenizer, texts, num_threads)] if texts else []
+    if docs:
+        # f.write, not ndarray.tofile: a full disk then says ENOSPC instead of "OSError: 4096 requested and 0 written"
+        f.write(np.concatenate(docs).tobytes())
+        n = sum(len(doc) for doc in docs)
     return n
 
 
 def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None, desc="tokenizing", log=print):
     """Token ids of the corpus as a read-only memmap, building the cache on first use or when it is damaged."""
-    os.makedirs(cache_dir, exist_ok=True)
-    remove_stale_tmp(cache_dir)
     path = os.path.join(cache_dir, cache_key(paths, tokenizer, text_field) + ".bin")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = open(path + ".lock", "a")
+    except OSError as e:  # (check_cache_dir said so up front; this is the backstop)
+        raise DataError(f"cannot write in --cache_dir {cache_dir} ({e.strerror or e}); choose another --cache_dir") \
+            from None
+    remove_stale_tmp(cache_dir)
     # one builder per entry: a second process (another run on the same corpus) waits here, then finds it built
-    with open(path + ".lock", "a") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta, damage = verify_cache(path)
         if meta is not None:
@@ -170,7 +195,12 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
             if damage:
                 log(f"{desc}: warning: token cache {path} is damaged: {damage}; rebuilding it")
             log(f"{desc}: building token cache {path} from {len(paths)} file(s)")
-            meta = build_token_cache(paths, tokenizer, path, text_field, num_threads, desc)
+            try:
+                meta = build_token_cache(paths, tokenizer, path, text_field, num_threads, desc)
+            except OSError as e:  # disk full, quota, a file-size limit: the partial file is gone (AtomicFile)
+                raise CacheWriteError(f"writing the token cache {path} failed: {e.strerror or e}; nothing else was "
+                                      f"changed. Free some space in {cache_dir} or choose another --cache_dir, then "
+                                      f"run the same command again.") from None
             skipped = sum(meta["skipped"].values())
             log(f"{desc}: {meta['tokens']:,} tokens from {meta['documents']:,} documents in {meta['seconds']:.1f}s"
                 + (f", {skipped:,} malformed lines skipped {meta['skipped']}" if skipped else "")
