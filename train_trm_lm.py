@@ -29,6 +29,7 @@ from trm.checkpoint import CheckpointError
 from trm.cli import fail, one_line_when_a_peer_is_lost
 from trm.clock import RunClock
 from trm import depth as depth_schedule
+from trm.corpus import unique_files
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_tokens
 from trm.device import autocast, autocast_each, pick_device
 from trm.ema import EMA
@@ -74,6 +75,14 @@ def log(msg):
         tqdm.write(msg)  # above the progress bar, when there is one
 
 
+def unique_paths(paths, flag, log):
+    unique, repeated = unique_files(paths or [])
+    if repeated:
+        log(f"warning: --{flag}: {', '.join(p for p, _ in repeated)} named again (the same file as "
+            f"{', '.join(p for _, p in repeated)}); each file is read once")
+    return unique if paths is not None else None
+
+
 if ddp:  # a rank that dies ends the run with one line, not a traceback from every other rank
     one_line_when_a_peer_is_lost(master, lambda: run_dir.survivor() if "run_dir" in globals() else
                                  "no checkpoint of this run was saved yet")
@@ -91,6 +100,8 @@ try:
     tokenizer = Tokenizer.from_args(args.tokenizer, args.sp_model)
     check_paths(args.train_paths, "train")
     check_paths(args.valid_paths, "valid")
+    for name in ("train_paths", "valid_paths"):  # a file named twice would count its documents twice
+        setattr(args, name, unique_paths(getattr(args, name), name, log))
     if master:  # (the other ranks only read it)
         check_cache_dir(cache_dir)
 except (TokenizerError, DataError) as e:

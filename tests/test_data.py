@@ -265,3 +265,13 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
     load_tokens([path], Tokenizer("byte"), str(cache), log=lambda m: None)
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in alive)  # a live builder's, and one of another host (its pid means nothing here)
+
+
+def test_a_path_that_is_no_file_says_what_it_is(tmp_path):
+    (tmp_path / "shards").mkdir()
+    os.mkfifo(tmp_path / "pipe.jsonl.gz")
+    os.symlink("gone.jsonl.gz", tmp_path / "dangling.jsonl.gz")
+    for name, kind in (("shards", "is a directory"), ("pipe.jsonl.gz", "is a FIFO"),
+                       ("dangling.jsonl.gz", "points to nothing"), ("absent.jsonl.gz", "train file not found")):
+        with pytest.raises(DataError, match=kind):
+            check_paths([str(tmp_path / name)], "train")

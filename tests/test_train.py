@@ -597,3 +597,10 @@ def test_a_resume_on_a_nearly_full_disk_is_one_sentence_and_leaves_nothing_behin
                       "--cache_dir", str(cache), "--resume", "auto")
     assert_one_line_error(r, "metrics.jsonl", f"{save / 'final_step_8.pt'} is intact", "--resume auto", code=1)
     assert (save / "metrics.jsonl").read_bytes() == before and not list(save.glob("*.tmp.*"))
+
+
+def test_a_training_file_named_twice_is_read_once(corpus, tmp_path):
+    r = train(corpus, tmp_path / "ck", "--max_steps", "1", "--eval_every", "1", "--train_paths", corpus["train_0"],
+              corpus["train_0"])
+    assert "named again" in r.stdout and "each file is read once" in r.stdout
+    assert load_checkpoint(tmp_path / "ck/final_step_1.pt")["args"]["train_paths"] == [corpus["train_0"]]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from trm.atomic import AtomicFile, remove_stale_tmp
-from trm.corpus import CorpusStats, iter_texts, missing_package
+from trm.corpus import CorpusStats, iter_texts, missing_package, what_it_is
 
 
 class DataError(RuntimeError):
@@ -43,11 +43,16 @@ class CacheWriteError(DataError):
 
 
 def check_paths(paths, what):
-    """The procedure's troubleshooting case: a missing train/valid file is an error naming the file."""
+    """The procedure's troubleshooting case: a missing train/valid file is an error naming the file; a path that is
+    there but no file (a directory, a FIFO, a dangling symbolic link) says what it is."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise DataError(f"{what} file not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if
-                                                                   len(missing) > 1 else "") +
+        kind = what_it_is(missing[0])
+        first = (f"{what} file not found: {missing[0]}" if kind == "missing" else
+                 f"{what} path {missing[0]} is {kind}, not a file" +
+                 (f" (name its files, e.g. {os.path.join(missing[0], 'train_*.jsonl.gz')})" if kind == "a directory"
+                  else ""))
+        raise DataError(first + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
                         f" (working directory: {os.getcwd()})")
     if problem := missing_package(paths):
         raise DataError(problem)
