@@ -101,6 +101,9 @@ except (CheckpointError, TokenizerError) as e:
 except Exception as e:  # torch.load(weights_only=True) ran no code; whatever else went wrong, the file is bad
     fail(f"{args.model_path} could not be loaded ({type(e).__name__}: {str(e).strip()[:160]})")
 if args.sp_model:
+    if not os.path.isfile(args.sp_model):  # (the trainer's own hint names a --tokenizer flag this script has not)
+        fail(f"--sp_model {args.sp_model} not found; leave --sp_model out to use the tokenizer stored in "
+             f"{args.model_path}")
     try:
         given = Tokenizer.from_args("sentencepiece", args.sp_model)
     except TokenizerError as e:

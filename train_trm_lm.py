@@ -39,7 +39,7 @@ from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
 from trm.optim import build_optimizer, describe as describe_optimizer, resume_problem
-from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, take_ownership
+from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resume_advice, take_ownership
 from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
 from trm.tokenizer import Tokenizer, TokenizerError
@@ -85,7 +85,7 @@ def unique_paths(paths, flag, log):
 
 if ddp:  # a rank that dies ends the run with one line, not a traceback from every other rank
     one_line_when_a_peer_is_lost(master, lambda: run_dir.survivor() if "run_dir" in globals() else
-                                 "no checkpoint of this run was saved yet")
+                                 "no checkpoint of this run was saved yet", resume_advice(args.overwrite))
 
 
 log(f"device: {device} ({device_why})" + (f", {world_size} processes" if ddp else ""))
@@ -116,12 +116,16 @@ try:
     lock, ckpt, ckpt_path = open_save_dir(args.save_dir, args.resume, log, ddp, master)
 except (SaveDirError, CheckpointError) as e:
     fail(str(e))
-if args.resume == "auto" and ckpt is None:
-    log(f"--resume auto: no checkpoint in {args.save_dir}, starting from scratch")
-elif ckpt is not None:
+if ckpt is not None:
     log(f"resuming from {ckpt_path} (step {ckpt['step']})")
-    if ckpt.get("tokenizer") and Tokenizer.from_state(ckpt["tokenizer"]).fingerprint() != tokenizer.fingerprint():
-        fail(f"the checkpoint was trained with a different tokenizer than {args.tokenizer} {args.sp_model}")
+    if ckpt.get("tokenizer") and (theirs := Tokenizer.from_state(ckpt["tokenizer"])).fingerprint() != \
+            tokenizer.fingerprint():
+        fail(f"the checkpoint {ckpt_path} was trained with a different tokenizer ("
+             + ("--tokenizer byte" if theirs.kind == "byte" else f"a SentencePiece model of {theirs.vocab_size:,} "
+                                                                 f"pieces")
+             + ") than this command's " + ("--tokenizer byte" if args.tokenizer == "byte" else
+                                          f"--sp_model {args.sp_model} ({tokenizer.vocab_size:,} pieces)")
+             + "; resume with the tokenizer the run started with")
     if problem := resume_problem(ckpt, args.optimizer):
         fail(problem)
 try:
@@ -149,12 +153,14 @@ if args.act_weight and not (config.halt_head and config.recursive):
     fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
 if master:
     try:
-        run_id = take_ownership(args.save_dir, ckpt, ckpt_path, args.resume, args.overwrite, log)
+        run_id = take_ownership(args.save_dir, ckpt, ckpt_path, args.resume, args.overwrite, log, vars(args))
     except SaveDirError as e:
         fail(str(e))
     except OSError as e:  # run.json on a full disk: the old one stays (AtomicFile)
         fail(f"could not write {e.filename or args.save_dir}: {e.strerror or e}; nothing was trained. Free some space "
              f"(or fix the folder), then run the same command again.", 1)
+if args.resume == "auto" and ckpt is None:  # (said only now that the folder is this run's: it really starts)
+    log(f"--resume auto: no checkpoint in {args.save_dir}, starting from scratch")
 L = config.max_seq_len
 tokens_per_step = args.batch_size * L * args.grad_accum * world_size
 halt_args = {"act_weight": args.act_weight, "halt_threshold": args.train_halt_threshold}  # the head and its use
@@ -164,9 +170,10 @@ threads = args.num_workers or os.cpu_count()
 try:
     for turn in (0, 1) if ddp else (0,):
         if (turn == 0) == master:
-            train_tokens = load_tokens(args.train_paths, tokenizer, cache_dir, args.text_field, threads, "train", log)
+            # validation first: a validation file without documents is told in seconds, not after the training corpus
             valid_tokens = (load_tokens(args.valid_paths, tokenizer, cache_dir, args.text_field, threads, "valid", log)
                             if args.valid_paths else None)
+            train_tokens = load_tokens(args.train_paths, tokenizer, cache_dir, args.text_field, threads, "train", log)
         if ddp:
             dist.barrier()
 except DataError as e:
@@ -233,7 +240,8 @@ peak = peak_flops(device)
 # ----------------------------------------------------------------------------------------------------------------
 # the run's state and the few things the loop does besides stepping: evaluate, save, check, time
 eval_weights = "EMA" if ema is not None else "raw"  # the weights run_eval scores: --ema_decay 0 keeps no EMA
-run_dir = RunDir(args.save_dir, args.keep_last, log, ckpt_path, ckpt.get("best") if ckpt is not None else None)
+run_dir = RunDir(args.save_dir, args.keep_last, log, ckpt_path, ckpt.get("best") if ckpt is not None else None,
+                 args.overwrite)
 metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}",
                      f"validation loss ({eval_weights} weights)")
 if master:
@@ -298,7 +306,7 @@ def check_finite():
     if bad.item():
         saver.wait()  # the write in flight decides which checkpoint is the last good one
         fail(f"non-finite loss or gradient before step {step}: stopping without saving; {run_dir.survivor()}. Try a "
-             f"lower --lr or more --warmup_steps" + (", then --resume auto." if run_dir.saved else "."), 3)
+             f"lower --lr or more --warmup_steps" + (f", then {run_dir.advice}." if run_dir.saved else "."), 3)
 
 
 def judge(result):
@@ -459,7 +467,7 @@ if master:
     except OSError as e:
         fail(run_dir.failure(e, args.save_dir, step), 1)
     if interrupted:
-        log(f"interrupted at step {step}: saved {path}; continue with the same command plus --resume auto")
+        log(f"interrupted at step {step}: saved {path}; continue with {run_dir.advice}")
     else:  # this process's minutes; a resumed run adds its earlier sessions' training minutes
         wall, trained = (time.time() - t_process) / 60, clock.session_seconds() / 60
         budget = " (the --max_minutes budget ran out)" if clock.out_of_time() else ""

@@ -528,3 +528,9 @@ def test_a_prompt_file_of_blank_lines_is_one_line(tiny_checkpoint, tmp_path):
     r = run_generate("--model_path", tiny_checkpoint, "--prompt_file", blank)
     assert_refused(r)
     assert "--prompt_file" in r.stderr and "no prompt" in r.stderr
+
+
+def test_a_missing_sp_model_names_no_flag_this_script_lacks(tiny_checkpoint, tmp_path):
+    r = run_generate("--model_path", tiny_checkpoint, "--sp_model", tmp_path / "nope.model", "--prompt", "猫")
+    assert_refused(r, "nope.model", "leave --sp_model out")
+    assert "--tokenizer" not in r.stderr  # generate.py has no such flag

@@ -435,7 +435,7 @@ def test_a_resume_settles_tokenizer_and_architecture_before_the_corpus_is_tokeni
     late = tmp_path / "cache"  # where the corpus would be tokenized: it must not come to that
     r = train(corpus, save, "--resume", "auto", "--tokenizer", "sentencepiece", "--sp_model", tiny_sp_model,
               "--cache_dir", late, check=False)
-    assert_one_line_error(r, "different tokenizer", code=2)
+    assert_one_line_error(r, "different tokenizer (--tokenizer byte)", f"this command's --sp_model {tiny_sp_model}", code=2)
     r = train(corpus, tmp_path / "heads", "--n_heads", "3", "--cache_dir", late, check=False)
     assert_one_line_error(r, "n_heads=3", code=2)
     assert not late.exists()
@@ -604,3 +604,41 @@ def test_a_training_file_named_twice_is_read_once(corpus, tmp_path):
               corpus["train_0"])
     assert "named again" in r.stdout and "each file is read once" in r.stdout
     assert load_checkpoint(tmp_path / "ck/final_step_1.pt")["args"]["train_paths"] == [corpus["train_0"]]
+
+
+# ---- messages that say what is true and what to do next (issue 24) --------------------------------------------------
+
+def test_the_same_command_again_and_overwrites_get_advice_that_works(corpus, tmp_path):
+    save, cache = tmp_path / "ck", tmp_path / "cache"
+    first = ("--max_steps", "2", "--eval_every", "2", "--log_every", "1", "--cache_dir", cache)
+    train(corpus, save, *first)
+    # the same command after a crash: the same run, to be continued, not "another run's checkpoints"
+    r = train(corpus, save, *first, check=False)
+    line = assert_one_line_error(r, "this same command", "plus --resume auto", "--overwrite", code=2)
+    assert "another run" not in line
+    # each --overwrite keeps the replaced run: from the second on, the log says how many and how to delete them
+    r = train(corpus, save, *first, "--overwrite")
+    assert "rm -r" not in r.stdout
+    # the advice after a failure drops --overwrite (with it, --resume auto is refused: "choose one")
+    r = train_limited(100_000, corpus, save, *map(str, first), "--overwrite")  # a checkpoint is 0.8 MB: it fails
+    assert_one_line_error(r, "without --overwrite, plus --resume auto", code=1)
+    assert f"2 such folders" in r.stdout and f"rm -r {save}.replaced-*" in r.stdout
+
+
+def test_resume_auto_says_starting_from_scratch_only_when_it_does(capsys, corpus, tmp_path):
+    save = tmp_path / "ck"
+    save.mkdir()
+    (save / "step_4.pt").write_bytes(b"PK" + bytes(100))  # unreadable: skipped, and then the folder is refused
+    code, out, err = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths", corpus["validation_0"],
+                                    "--save_dir", str(save), "--resume", "auto")
+    assert code == 2 and "no readable checkpoint" in err and "starting from scratch" not in out + err, out + err
+
+
+def test_a_validation_file_without_documents_is_told_before_the_training_corpus_is_tokenized(capsys, corpus,
+                                                                                               tmp_path):
+    empty = tmp_path / "validation_0.jsonl"
+    empty.write_text("not json\n")
+    code, out, err = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths", str(empty),
+                                    "--save_dir", str(tmp_path / "ck"), "--cache_dir", str(tmp_path / "cache"))
+    assert code == 2 and "no readable documents" in err and str(empty) in err, out + err
+    assert "train: building" not in out, out

@@ -65,7 +65,7 @@ def _number(text):
         return float(text)
 
 
-def one_line_when_a_peer_is_lost(master, survivor):
+def one_line_when_a_peer_is_lost(master, survivor, advice="the same command plus --resume auto"):
     """Under torchrun: a collective that fails because another process died or quit ends this one with a single line
     from rank 0 (survivor() says which checkpoint is intact) instead of a traceback from every rank. A rank that
     failed for its own reason (fail()) has already said why."""
@@ -77,7 +77,7 @@ def one_line_when_a_peer_is_lost(master, survivor):
             return sys.__excepthook__(kind, value, tb)
         if master:
             print(f"error: another training process stopped (it crashed, was killed or refused to start; its own "
-                  f"output says why); {survivor()}. Continue with the same command plus --resume auto.",
+                  f"output says why); {survivor()}. Continue with {advice}.",
                   file=sys.stderr)
 
     sys.excepthook = hook
