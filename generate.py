@@ -57,6 +57,8 @@ parser.add_argument("--halt_threshold", type=float, default=None,
                     help="adaptive depth (a model trained with --act_weight): a token stops its supervision rounds "
                          "once the halting head's probability exceeds this (1.0 = never; default: off)")
 args = parser.parse_args()
+if sys.stdout.errors == "strict":  # a terminal without some character (cp932 has no emoji): '?', not a stop mid-stream
+    sys.stdout.reconfigure(errors="replace")
 
 
 def fail(message):

@@ -47,7 +47,9 @@ from trm.tokenizer import Tokenizer, TokenizerError
 p = trainer_parser(__doc__)
 args = p.parse_args()
 t_process = time.time()  # the wall clock of the summary line
-sys.stdout.reconfigure(line_buffering=True)  # log lines reach `> train.log` as they happen, not in 8 KB blocks
+# log lines reach `> train.log` as they happen, not in 8 KB blocks; a file name that is not UTF-8 (or a terminal that is
+# not) prints escaped instead of ending the run
+sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
 
 
 if problem := check_flags(args, int(os.environ.get("WORLD_SIZE", "1"))):

@@ -265,3 +265,11 @@ def test_broken_links_are_skipped_and_a_file_reached_twice_is_read_once(tmp_path
         if inputs != ["data"]:  # (a folder is walked without following its links)
             assert "is read once" in r.stderr
     assert "pipe.jsonl is a FIFO (named pipe)" in r.stderr and "not found" not in r.stderr
+
+
+def test_a_terminal_that_cannot_print_a_file_name_does_not_fail_after_the_work(tmp_path):
+    write_jsonl(tmp_path / "日本語.jsonl.gz", [{"text": "猫"}, b"{broken"])  # the summary names the bad line's file
+    r = subprocess.run([sys.executable, SCRIPT, "--inputs", "日本語.jsonl.gz", "--output", "out.txt"], cwd=tmp_path,
+                       capture_output=True, timeout=60, env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8") == "猫\n" and b"1 malformed JSON" in r.stdout

@@ -534,3 +534,11 @@ def test_a_missing_sp_model_names_no_flag_this_script_lacks(tiny_checkpoint, tmp
     r = run_generate("--model_path", tiny_checkpoint, "--sp_model", tmp_path / "nope.model", "--prompt", "猫")
     assert_refused(r, "nope.model", "leave --sp_model out")
     assert "--tokenizer" not in r.stderr  # generate.py has no such flag
+
+
+def test_a_terminal_without_some_character_gets_a_replacement_not_a_traceback(tiny_checkpoint):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model_path", tiny_checkpoint,
+                        "--prompt", "😀猫", "--max_new_tokens", "5", "--seed", "1"], capture_output=True, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="cp932"), timeout=120)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode("cp932", "replace")
+    assert r.stdout.decode("cp932").startswith("?猫")  # cp932 has no emoji

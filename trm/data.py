@@ -76,7 +76,8 @@ def cache_key(paths, tokenizer, text_field):
     h = hashlib.sha256()
     for p in paths:
         st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        # fsencode: a name in another encoding (a Shift_JIS file name reaches Python as lone surrogates) keeps its bytes
+        h.update(os.fsencode(os.path.abspath(p)) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(f"{text_field}|{tokenizer.fingerprint()}".encode())
     return h.hexdigest()[:20]
 
@@ -114,8 +115,8 @@ def build_token_cache(paths, tokenizer, out_path, text_field="text", num_threads
     meta = {"tokens": n_tokens, "dtype": np.dtype(dtype).name, "documents": stats.documents,
             "skipped": dict(stats.skipped), "errors": stats.errors, "files": [os.path.abspath(p) for p in paths],
             "seconds": round(time.time() - t0, 2), "checksum": file_checksum(out_path)}
-    with AtomicFile(out_path + ".json", "w", durable=False) as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
+    with AtomicFile(out_path + ".json", "w", durable=False, encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)  # ASCII escapes: a file name that is not UTF-8 reads back as it was
     return meta
 
 
