@@ -288,18 +288,23 @@ if __name__ == "__main__":
         texts = read_eval_file(args.input)[:1000]
     if not texts:
         fail(f"no text to evaluate in {where}; the model itself is written.", 1)
-    ids = sp.encode(texts, num_threads=args.num_threads)
-    flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
-    is_byte = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])
-    n_bytes_eval = sum(len(t.encode("utf-8")) for t in texts)
-    n_chars_eval = sum(len(t) for t in texts)
-    sample = texts[:: max(1, len(texts) // 200)]
-    # decode(encode(x)) gives back x as the normalizer rewrote it (NFKC; spaces are '▁' inside the model)
-    same = sum(sp.decode(sp.encode(x)) == sp.normalize(x).replace("\u2581", " ") for x in sample)
-    print(f"vocab size        {sp.get_piece_size():,}")
-    print(f"evaluated on      {where}: {len(texts):,} documents, {n_chars_eval:,} characters")
-    print(f"bytes/token       {n_bytes_eval / len(flat):.3f}")
-    print(f"characters/token  {n_chars_eval / len(flat):.3f}")
-    print(f"unknown rate      {np.mean(flat == UNK_ID):.4%} ({int(np.sum(flat == UNK_ID)):,} of {len(flat):,} tokens)")
-    print(f"byte fallback     {np.mean(is_byte[flat]):.4%} of tokens")
-    print(f"round trip        {same}/{len(sample)} documents decode(encode(x)) == normalized x")
+    try:  # the model is written: Ctrl-C now loses only the figures
+        ids = sp.encode(texts, num_threads=args.num_threads)
+        flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
+        is_byte = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])
+        n_bytes_eval = sum(len(t.encode("utf-8")) for t in texts)
+        n_chars_eval = sum(len(t) for t in texts)
+        sample = texts[:: max(1, len(texts) // 200)]
+        # decode(encode(x)) gives back x as the normalizer rewrote it (NFKC; spaces are '▁' inside the model)
+        same = sum(sp.decode(sp.encode(x)) == sp.normalize(x).replace("\u2581", " ") for x in sample)
+        print(f"vocab size        {sp.get_piece_size():,}")
+        print(f"evaluated on      {where}: {len(texts):,} documents, {n_chars_eval:,} characters")
+        print(f"bytes/token       {n_bytes_eval / len(flat):.3f}")
+        print(f"characters/token  {n_chars_eval / len(flat):.3f}")
+        print(f"unknown rate      {np.mean(flat == UNK_ID):.4%} ({int(np.sum(flat == UNK_ID)):,} of {len(flat):,} tokens)")
+        print(f"byte fallback     {np.mean(is_byte[flat]):.4%} of tokens")
+        print(f"round trip        {same}/{len(sample)} documents decode(encode(x)) == normalized x")
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        fail(f"interrupted during the evaluation; {args.model_prefix}.model and {args.model_prefix}.vocab were "
+             f"already written and are complete.", 130)

@@ -180,6 +180,9 @@ try:
             dist.barrier()
 except DataError as e:
     fail(str(e), 1 if isinstance(e, CacheWriteError) else 2)
+except KeyboardInterrupt:  # (Ctrl-C is the trainer's own only from the loop on: clock.catch_signals)
+    fail(f"interrupted while tokenizing the corpus: nothing was trained and nothing lost (a partial token cache is "
+         f"removed). Run the same command again to start.", 130)
 loader = PackedLoader(train_tokens, L, args.batch_size, args.seed, rank, world_size)
 val_windows = eval_windows(valid_tokens, L, args.eval_tokens) if valid_tokens is not None else None
 token_bytes = tokenizer.token_bytes()
@@ -349,7 +352,19 @@ def next_batch():
     return x.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
-clock.catch_signals(log, on_abort=saver.abandon)
+def abort():
+    """A second Ctrl-C: give up the write in flight and stop now, with one line. Stopping by an exception instead
+    could surface it anywhere, even inside torch.save ('RuntimeError: unexpected pos'), and interpreter shutdown
+    would then wait for or tear down the writer thread."""
+    saver.abandon()
+    print(f"error: interrupted twice: stopped at step {step} without saving it; {run_dir.survivor()}. Continue with "
+          f"{run_dir.advice}.", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)  # no atexit: the abandoned write is not waited for
+
+
+clock.catch_signals(log, on_abort=abort)
 
 # ----------------------------------------------------------------------------------------------------------------
 # training loop

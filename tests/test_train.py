@@ -642,3 +642,25 @@ def test_a_validation_file_without_documents_is_told_before_the_training_corpus_
                                     "--save_dir", str(tmp_path / "ck"), "--cache_dir", str(tmp_path / "cache"))
     assert code == 2 and "no readable documents" in err and str(empty) in err, out + err
     assert "train: building" not in out, out
+
+
+# Ctrl-C (a KeyboardInterrupt) in the middle of tokenizing the corpus into the cache
+CTRL_C_WHILE_TOKENIZING = """
+import runpy, sys
+from trm.tokenizer import Tokenizer
+def interrupted(*a, **k):
+    raise KeyboardInterrupt
+Tokenizer.encode_batch = interrupted
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_the_token_cache_builds_is_one_line(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-c", CTRL_C_WHILE_TOKENIZING, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths",
+           corpus["train_0"], "--valid_paths", corpus["validation_0"], "--save_dir", str(tmp_path / "ck"),
+           "--cache_dir", str(cache), "--max_steps", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, "interrupted while tokenizing", "same command", code=130)
+    assert not list(cache.glob("*.tmp.*")) and not list(cache.glob("*.bin"))

@@ -240,3 +240,24 @@ def test_disk_full_while_writing_the_model_keeps_the_old_one(tmp_path):
                                    code=1)
     assert (tmp_path / "ja_trm.model").read_bytes() == b"old model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ja_trm.model", "train_texts.txt"]
+
+
+# Ctrl-C (a KeyboardInterrupt) at the first encode of the held-out evaluation, after the model was written
+CTRL_C_IN_EVALUATION = """
+import runpy, sys
+import sentencepiece as spm
+def interrupted(*a, **k):
+    raise KeyboardInterrupt
+spm.SentencePieceProcessor.encode = interrupted
+sys.argv = sys.argv[1:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])  # as `python train_spm.py` would
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_the_evaluation_is_one_line_and_keeps_the_model(tmp_path):
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(60)) + "\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-c", CTRL_C_IN_EVALUATION, SCRIPT, "--vocab_size", "400",
+                        "--character_coverage", "1.0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    conftest.assert_one_line_error(r, "interrupted during the evaluation", "ja_trm.model", code=130)
+    assert Tokenizer.from_args("sentencepiece", str(tmp_path / "ja_trm.model")).vocab_size == 400

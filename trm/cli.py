@@ -2,7 +2,7 @@
 
 Exit codes, the same in every script: 2 when the command cannot run as given (a flag out of range, a missing or
 unusable file: fix the command; argparse uses 2 for its own refusals), 1 when the work itself failed (disk full),
-3 when training diverged.
+3 when training diverged, 130 when Ctrl-C stopped it (the shell's code for SIGINT).
 """
 import math
 import re
