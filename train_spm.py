@@ -13,6 +13,7 @@ ones the users' existing models use. The .model and .vocab files appear only whe
 broken across two lines.
 """
 import argparse
+import codecs
 import io
 import os
 import random
@@ -95,6 +96,26 @@ def read_lines(path, bar):
         yield pending
 
 
+REPLACED = {"lines": 0, "bytes": 0}  # invalid UTF-8 met in the lines read (sampled or held out), replaced by U+FFFD
+
+
+def _count_and_replace(e):
+    REPLACED["bytes"] += e.end - e.start
+    return "\ufffd", e.end
+
+
+codecs.register_error("trm_count_replace", _count_and_replace)
+
+
+def decode(raw):
+    """A line as text; invalid UTF-8 becomes U+FFFD, counted in REPLACED (said once training is done)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        REPLACED["lines"] += 1
+        return raw.decode("utf-8", "trm_count_replace")
+
+
 def sentences_for_training(path, keep, max_bytes, holdout, heldout, fed, bar, seed):
     """Pass 2, streamed into the trainer: each line is kept with probability `keep` and cut into sentences.
 
@@ -106,12 +127,12 @@ def sentences_for_training(path, keep, max_bytes, holdout, heldout, fed, bar, se
     for i, raw in enumerate(read_lines(path, bar), 1):
         if holdout and i % HOLDOUT_EVERY == 0:
             if heldout_bytes < EVAL_MAX_BYTES and raw.strip():
-                heldout.append(raw.decode("utf-8", "replace"))
+                heldout.append(decode(raw))
                 heldout_bytes += len(raw)
             continue
         if keep < 1 and rng.random() >= keep:
             continue
-        for piece in split_line(raw.decode("utf-8", "replace"), max_bytes):
+        for piece in split_line(decode(raw), max_bytes):
             fed["sentences"] += 1
             fed["chars"] += len(piece)
             yield piece
@@ -277,6 +298,10 @@ if __name__ == "__main__":
         fail(f"writing {args.model_prefix}.model failed: {e.strerror or e}; {kept}. Free some space or choose "
              f"another --model_prefix.", 1)
     train_seconds = time.time() - t0
+    if REPLACED["lines"]:
+        print(f"warning: {REPLACED['lines']:,} of the lines read held invalid UTF-8 ({REPLACED['bytes']:,} bytes, each "
+              f"replaced by U+FFFD); step 1 writes UTF-8, so {args.input} came from elsewhere or was damaged",
+              file=sys.stderr)
     print(f"trained on {fed['sentences']:,} sentences ({fed['chars']:,} characters) in {train_seconds:.0f} s "
           f"-> {args.model_prefix}.model, {args.model_prefix}.vocab")
 

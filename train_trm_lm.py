@@ -189,6 +189,10 @@ token_bytes = tokenizer.token_bytes()
 log(f"data: {len(train_tokens):,} train tokens = {loader.n_windows:,} windows of {L} "
     f"({loader.n_windows * L / tokens_per_step:,.0f} steps per epoch at {tokens_per_step:,} tokens/step)"
     + (f"; {val_windows.shape[0]} validation windows" if val_windows is not None else ""))
+if len(train_tokens) < L + 1:  # a window then wraps round the circle: the same text several times in one window
+    log(f"warning: the training corpus is {len(train_tokens):,} tokens, less than one window of {L + 1:,}: each window "
+        f"repeats it about {(L + 1) / len(train_tokens):.0f} times. Add text, or train a new run with --max_seq_len "
+        f"{max(1, len(train_tokens) - 1)} or less")
 
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 model = TRM(config).to(device)

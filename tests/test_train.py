@@ -664,3 +664,10 @@ def test_ctrl_c_while_the_token_cache_builds_is_one_line(corpus, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert_one_line_error(r, "interrupted while tokenizing", "same command", code=130)
     assert not list(cache.glob("*.tmp.*")) and not list(cache.glob("*.bin"))
+
+
+def test_a_corpus_shorter_than_one_window_is_pointed_out(corpus, tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "猫です。"}\n', encoding="utf-8")  # 14 tokens, windows of 33
+    r = train(corpus, tmp_path / "ck", "--max_steps", "1", "--eval_every", "1", "--train_paths", str(small))
+    assert "less than one window of 33: each window repeats it about 2 times" in r.stdout, r.stdout

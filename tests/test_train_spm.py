@@ -261,3 +261,13 @@ def test_ctrl_c_during_the_evaluation_is_one_line_and_keeps_the_model(tmp_path):
                         "--character_coverage", "1.0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     conftest.assert_one_line_error(r, "interrupted during the evaluation", "ja_trm.model", code=130)
     assert Tokenizer.from_args("sentencepiece", str(tmp_path / "ja_trm.model")).vocab_size == 400
+
+
+def test_invalid_utf8_is_counted_and_said(tmp_path):
+    lines = [line.encode() for line in corpus_lines(60)]
+    lines[3] = b"\xff\xfe" + lines[3]
+    lines[10] = b"\x83e\x83X\x83g" + lines[10]  # Shift_JIS テスト: its three 0x83 bytes are not UTF-8
+    (tmp_path / "train_texts.txt").write_bytes(b"\n".join(lines) + b"\n")
+    r = run(tmp_path, "--vocab_size", "400", "--character_coverage", "1.0", "--input_sentence_size", "0")
+    assert r.returncode == 0, r.stderr
+    assert "warning: 2 of the lines read held invalid UTF-8 (5 bytes" in r.stderr, r.stderr
