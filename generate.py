@@ -21,7 +21,7 @@ import torch
 
 from trm.checkpoint import CheckpointError, load_model
 from trm.depth import add_depth_flags, depth_flags
-from trm.device import pick_device
+from trm.device import out_of_memory, pick_device
 from trm.sampling import StreamDecoder, generate, generate_batch, prompt_ids
 from trm.tokenizer import Tokenizer, TokenizerError
 
@@ -271,6 +271,13 @@ try:
 except KeyboardInterrupt:
     print(file=sys.stderr)
     sys.exit(130)
+except (MemoryError, RuntimeError) as e:
+    if (more := out_of_memory(e)) is None:
+        raise
+    rows = min(args.batch_size, args.num_samples * len(prompts or [""]))
+    print(file=sys.stderr)
+    fail(f"out of memory decoding {rows:,} samples at once{more}: lower --batch_size (now {args.batch_size:,}; "
+         f"e.g. {max(1, args.batch_size // 8)}); the samples are then decoded in more, smaller batches")
 except BrokenPipeError:  # `generate.py ... | head`: the reader left; say nothing more
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(1)

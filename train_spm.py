@@ -32,6 +32,9 @@ from trm.corpus import SUFFIXES, CorpusStats, iter_texts, missing_package
 HOLDOUT_EVERY = 200  # without --eval_file, every 200th line is held out of training and measures the tokenizer
 EVAL_MAX_BYTES = 20 << 20  # enough held-out text for stable figures; encoding it takes seconds
 READ_SIZE = 16 << 20
+# characters per call of the evaluation's encoder: BPE's memory grows steeply with the input, and one 50 MB one-line
+# document aborted it (std::bad_alloc) under a 2 GB limit, after the model was written
+EVAL_CHUNK = 1 << 16
 
 # A sentence: text up to and including a run of 。！？ and any closing brackets after it (「はい。」 stays whole),
 # or trailing text without an end mark. Leading spaces (step 1's former line breaks) are not part of it.
@@ -314,12 +317,13 @@ if __name__ == "__main__":
     if not texts:
         fail(f"no text to evaluate in {where}; the model itself is written.", 1)
     try:  # the model is written: Ctrl-C now loses only the figures
-        ids = sp.encode(texts, num_threads=args.num_threads)
+        pieces = [t[i:i + EVAL_CHUNK] for t in texts for i in range(0, len(t), EVAL_CHUNK)]
+        ids = sp.encode(pieces, num_threads=args.num_threads)
         flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
         is_byte = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])
         n_bytes_eval = sum(len(t.encode("utf-8")) for t in texts)
         n_chars_eval = sum(len(t) for t in texts)
-        sample = texts[:: max(1, len(texts) // 200)]
+        sample = pieces[:: max(1, len(pieces) // 200)]
         # decode(encode(x)) gives back x as the normalizer rewrote it (NFKC; spaces are '▁' inside the model)
         same = sum(sp.decode(sp.encode(x)) == sp.normalize(x).replace("\u2581", " ") for x in sample)
         print(f"vocab size        {sp.get_piece_size():,}")
@@ -328,7 +332,8 @@ if __name__ == "__main__":
         print(f"characters/token  {n_chars_eval / len(flat):.3f}")
         print(f"unknown rate      {np.mean(flat == UNK_ID):.4%} ({int(np.sum(flat == UNK_ID)):,} of {len(flat):,} tokens)")
         print(f"byte fallback     {np.mean(is_byte[flat]):.4%} of tokens")
-        print(f"round trip        {same}/{len(sample)} documents decode(encode(x)) == normalized x")
+        print(f"round trip        {same}/{len(sample)} documents (or {EVAL_CHUNK:,}-character pieces of long ones) "
+              f"decode(encode(x)) == normalized x")
     except KeyboardInterrupt:
         print(file=sys.stderr)
         fail(f"interrupted during the evaluation; {args.model_prefix}.model and {args.model_prefix}.vocab were "

@@ -31,7 +31,7 @@ from trm.clock import RunClock
 from trm import depth as depth_schedule
 from trm.corpus import unique_files
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_tokens
-from trm.device import autocast, autocast_each, pick_device
+from trm.device import autocast, autocast_each, out_of_memory, pick_device
 from trm.ema import EMA
 from trm.evaluate import evaluate
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, trainer_parser
@@ -463,10 +463,14 @@ try:
             break
 except OSError as e:  # metrics.jsonl or the curves: the same disk as the checkpoints
     fail(run_dir.failure(e, args.save_dir, step), 1)
-except torch.cuda.OutOfMemoryError:
-    fail(f"CUDA out of memory at --batch_size {args.batch_size} --max_seq_len {L} --d_model {config.d_model}. "
-         f"Reduce --batch_size (e.g. 2 or 1; keep the global batch with --grad_accum), --max_seq_len (e.g. 256) or "
-         f"--d_model (e.g. 128).", 1)
+except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError, or the CPU allocator's
+    if (more := out_of_memory(e)) is None:
+        raise
+    saver.wait()  # (a write in flight decides the last good checkpoint)
+    fail(f"{'CUDA' if device.type == 'cuda' else 'CPU'} out of memory at --batch_size {args.batch_size} --max_seq_len "
+         f"{L} --d_model {config.d_model}{more}. Reduce --batch_size (e.g. {max(1, args.batch_size // 4)}; keep the "
+         f"global batch with --grad_accum), --max_seq_len (e.g. {max(16, L // 2)}) or --d_model (e.g. "
+         f"{max(32, config.d_model // 2)}); {run_dir.survivor()}.", 1)
 bar.close()
 
 # ----------------------------------------------------------------------------------------------------------------

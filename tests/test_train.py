@@ -671,3 +671,23 @@ def test_a_corpus_shorter_than_one_window_is_pointed_out(corpus, tmp_path):
     small.write_text('{"text": "猫です。"}\n', encoding="utf-8")  # 14 tokens, windows of 33
     r = train(corpus, tmp_path / "ck", "--max_steps", "1", "--eval_every", "1", "--train_paths", str(small))
     assert "less than one window of 33: each window repeats it about 2 times" in r.stdout, r.stdout
+
+
+# The CPU allocator's failure (a RuntimeError, not MemoryError) in the first training step
+NO_MEMORY = """
+import runpy, sys
+import trm.model
+def forward(*a, **k):
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 21474836480 bytes. Error code 12 (Cannot allocate memory)")
+trm.model.TRM.forward = forward
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_batch_too_big_for_memory_on_cpu_is_one_line_naming_the_flags(corpus, tmp_path):
+    cmd = [sys.executable, "-c", NO_MEMORY, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"],
+           "--valid_paths", corpus["validation_0"], "--save_dir", str(tmp_path / "ck"), "--max_steps", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, "CPU out of memory", "21.5 GB", "--batch_size", code=1)

@@ -271,3 +271,32 @@ def test_invalid_utf8_is_counted_and_said(tmp_path):
     r = run(tmp_path, "--vocab_size", "400", "--character_coverage", "1.0", "--input_sentence_size", "0")
     assert r.returncode == 0, r.stderr
     assert "warning: 2 of the lines read held invalid UTF-8 (5 bytes" in r.stderr, r.stderr
+
+
+# Records the longest text the evaluation's encoder is given (in characters) into argv[1]
+LONGEST_ENCODED = """
+import atexit, runpy, sys
+import sentencepiece as spm
+longest, real = [0], spm.SentencePieceProcessor.encode
+def encode(self, input, *a, **k):
+    longest[0] = max([longest[0]] + [len(t) for t in (input if isinstance(input, list) else [input])])
+    return real(self, input, *a, **k)
+spm.SentencePieceProcessor.encode = encode
+atexit.register(lambda: open(out, "w").write(str(longest[0])))
+out, sys.argv = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_huge_one_line_document_is_evaluated_in_pieces(tmp_path):
+    EVAL_CHUNK = 1 << 16  # train_spm.EVAL_CHUNK
+
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(60)) + "\n", encoding="utf-8")
+    (tmp_path / "huge.txt").write_text("".join(corpus_lines(400)) * 12 + "\n", encoding="utf-8")  # one line
+    assert len((tmp_path / "huge.txt").read_text(encoding="utf-8")) > 3 * EVAL_CHUNK
+    r = subprocess.run([sys.executable, "-c", LONGEST_ENCODED, str(tmp_path / "longest"), SCRIPT, "--vocab_size",
+                        "400", "--character_coverage", "1.0", "--eval_file", "huge.txt"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "1 documents" in r.stdout and 0 < int((tmp_path / "longest").read_text()) <= EVAL_CHUNK
