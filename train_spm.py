@@ -330,7 +330,8 @@ if __name__ == "__main__":
         print(f"evaluated on      {where}: {len(texts):,} documents, {n_chars_eval:,} characters")
         print(f"bytes/token       {n_bytes_eval / len(flat):.3f}")
         print(f"characters/token  {n_chars_eval / len(flat):.3f}")
-        print(f"unknown rate      {np.mean(flat == UNK_ID):.4%} ({int(np.sum(flat == UNK_ID)):,} of {len(flat):,} tokens)")
+        unknown = int(np.sum(flat == UNK_ID))
+        print(f"unknown rate      {unknown / len(flat):.4%} ({unknown:,} of {len(flat):,} tokens)")
         print(f"byte fallback     {np.mean(is_byte[flat]):.4%} of tokens")
         print(f"round trip        {same}/{len(sample)} documents (or {EVAL_CHUNK:,}-character pieces of long ones) "
               f"decode(encode(x)) == normalized x")

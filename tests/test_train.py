@@ -435,7 +435,8 @@ def test_a_resume_settles_tokenizer_and_architecture_before_the_corpus_is_tokeni
     late = tmp_path / "cache"  # where the corpus would be tokenized: it must not come to that
     r = train(corpus, save, "--resume", "auto", "--tokenizer", "sentencepiece", "--sp_model", tiny_sp_model,
               "--cache_dir", late, check=False)
-    assert_one_line_error(r, "different tokenizer (--tokenizer byte)", f"this command's --sp_model {tiny_sp_model}", code=2)
+    assert_one_line_error(r, "different tokenizer (--tokenizer byte)", f"this command's --sp_model {tiny_sp_model}",
+                          code=2)
     r = train(corpus, tmp_path / "heads", "--n_heads", "3", "--cache_dir", late, check=False)
     assert_one_line_error(r, "n_heads=3", code=2)
     assert not late.exists()
@@ -578,8 +579,8 @@ def test_a_cache_dir_that_cannot_be_one_is_refused_before_any_work(capsys, corpu
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     for cache, words in ((blocker, ("--cache_dir", "is a file")), (blocker / "cache", ("--cache_dir", "a_file"))):
-        code, _, err = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths", corpus["validation_0"],
-                                      "--save_dir", str(tmp_path / "ck"),
+        code, _, err = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths",
+                                      corpus["validation_0"], "--save_dir", str(tmp_path / "ck"),
                                       "--cache_dir", str(cache))
         assert code == 2 and "Traceback" not in err, err
         errors = [line for line in err.splitlines() if line.startswith("error: ")]

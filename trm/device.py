@@ -55,9 +55,11 @@ def autocast_each(steps, device, amp_dtype):
 
 def out_of_memory(e):
     """None when `e` is not running out of memory; otherwise what the failed allocation asked for, in words
-    (' (it asked for 12.3 GB more)'), or ''. CPU tensors fail with a RuntimeError from the allocator, not MemoryError."""
+    (' (it asked for 12.3 GB more)'), or ''. CPU tensors fail with a RuntimeError from the allocator, not
+    MemoryError."""
     cuda_oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    if not (isinstance(e, (MemoryError, cuda_oom)) or isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+    cpu_oom = isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    if not (isinstance(e, (MemoryError, cuda_oom)) or cpu_oom):
         return None
     m = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
     if not m:
