@@ -591,12 +591,13 @@ def test_a_cache_dir_that_cannot_be_one_is_refused_before_any_work(capsys, corpu
 @pytest.mark.slow
 def test_a_resume_on_a_nearly_full_disk_is_one_sentence_and_leaves_nothing_behind(corpus, tmp_path):
     save, cache = tmp_path / "ck", tmp_path / "cache"
-    train(corpus, save, "--max_steps", "8", "--eval_every", "4", "--log_every", "1", "--cache_dir", cache)
+    train(corpus, save, "--max_steps", "16", "--eval_every", "8", "--log_every", "1", "--cache_dir", cache)
     before = (save / "metrics.jsonl").read_bytes()
-    assert len(before) > 1000  # the resume rewrites it whole: past the limit below
-    r = train_limited(1000, corpus, save, "--max_steps", "12", "--eval_every", "4", "--log_every", "1",
+    # the resume rewrites metrics.jsonl whole, past the limit below; run.json (the run's arguments) stays under it
+    assert len(before) > 2500 > (save / "run.json").stat().st_size
+    r = train_limited(2500, corpus, save, "--max_steps", "20", "--eval_every", "4", "--log_every", "1",
                       "--cache_dir", str(cache), "--resume", "auto")
-    assert_one_line_error(r, "metrics.jsonl", f"{save / 'final_step_8.pt'} is intact", "--resume auto", code=1)
+    assert_one_line_error(r, "metrics.jsonl", f"{save / 'final_step_16.pt'} is intact", "--resume auto", code=1)
     assert (save / "metrics.jsonl").read_bytes() == before and not list(save.glob("*.tmp.*"))
 
 
