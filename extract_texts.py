@@ -106,6 +106,9 @@ if __name__ == "__main__":
     parser.add_argument("--min_chars", type=int, default=0,
                         help="skip documents shorter than this (default: %(default)s)")
     args = parser.parse_args()
+    # the summary names files: one named in another encoding, or a terminal that is not UTF-8, must not end the run
+    # with a traceback after the output was written
+    sys.stdout.reconfigure(errors="backslashreplace")
 
     if problem := range_error(args, {"workers": "[1, 1024]", "min_chars": "[0, 1000000000]"}):
         fail(problem)

@@ -21,7 +21,7 @@ import torch
 
 from trm.checkpoint import CheckpointError, load_model
 from trm.depth import add_depth_flags, depth_flags
-from trm.device import pick_device
+from trm.device import out_of_memory, pick_device
 from trm.sampling import StreamDecoder, generate, generate_batch, prompt_ids
 from trm.tokenizer import Tokenizer, TokenizerError
 
@@ -58,6 +58,8 @@ parser.add_argument("--halt_threshold", type=float, default=None,
                     help="adaptive depth (a model trained with --act_weight): a token stops its supervision rounds "
                          "once the halting head's probability exceeds this (1.0 = never; default: off)")
 args = parser.parse_args()
+if sys.stdout.errors == "strict":  # a terminal without some character (cp932 has no emoji): '?', not a stop mid-stream
+    sys.stdout.reconfigure(errors="replace")
 
 
 def fail(message):
@@ -102,6 +104,9 @@ except (CheckpointError, TokenizerError) as e:
 except Exception as e:  # torch.load(weights_only=True) ran no code; whatever else went wrong, the file is bad
     fail(f"{args.model_path} could not be loaded ({type(e).__name__}: {str(e).strip()[:160]})")
 if args.sp_model:
+    if not os.path.isfile(args.sp_model):  # (the trainer's own hint names a --tokenizer flag this script has not)
+        fail(f"--sp_model {args.sp_model} not found; leave --sp_model out to use the tokenizer stored in "
+             f"{args.model_path}")
     try:
         given = Tokenizer.from_args("sentencepiece", args.sp_model)
     except TokenizerError as e:
@@ -267,6 +272,13 @@ try:
 except KeyboardInterrupt:
     print(file=sys.stderr)
     sys.exit(130)
+except (MemoryError, RuntimeError) as e:
+    if (more := out_of_memory(e)) is None:
+        raise
+    rows = min(args.batch_size, args.num_samples * len(prompts or [""]))
+    print(file=sys.stderr)
+    fail(f"out of memory decoding {rows:,} samples at once{more}: lower --batch_size (now {args.batch_size:,}; "
+         f"e.g. {max(1, args.batch_size // 8)}); the samples are then decoded in more, smaller batches")
 except BrokenPipeError:  # `generate.py ... | head`: the reader left; say nothing more
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(1)

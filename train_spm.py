@@ -13,6 +13,7 @@ ones the users' existing models use. The .model and .vocab files appear only whe
 broken across two lines.
 """
 import argparse
+import codecs
 import io
 import os
 import random
@@ -31,6 +32,9 @@ from trm.corpus import SUFFIXES, CorpusStats, iter_texts, missing_package
 HOLDOUT_EVERY = 200  # without --eval_file, every 200th line is held out of training and measures the tokenizer
 EVAL_MAX_BYTES = 20 << 20  # enough held-out text for stable figures; encoding it takes seconds
 READ_SIZE = 16 << 20
+# characters per call of the evaluation's encoder: BPE's memory grows steeply with the input, and one 50 MB one-line
+# document aborted it (std::bad_alloc) under a 2 GB limit, after the model was written
+EVAL_CHUNK = 1 << 16
 
 # A sentence: text up to and including a run of 。！？ and any closing brackets after it (「はい。」 stays whole),
 # or trailing text without an end mark. Leading spaces (step 1's former line breaks) are not part of it.
@@ -95,6 +99,26 @@ def read_lines(path, bar):
         yield pending
 
 
+REPLACED = {"lines": 0, "bytes": 0}  # invalid UTF-8 met in the lines read (sampled or held out), replaced by U+FFFD
+
+
+def _count_and_replace(e):
+    REPLACED["bytes"] += e.end - e.start
+    return "\ufffd", e.end
+
+
+codecs.register_error("trm_count_replace", _count_and_replace)
+
+
+def decode(raw):
+    """A line as text; invalid UTF-8 becomes U+FFFD, counted in REPLACED (said once training is done)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        REPLACED["lines"] += 1
+        return raw.decode("utf-8", "trm_count_replace")
+
+
 def sentences_for_training(path, keep, max_bytes, holdout, heldout, fed, bar, seed):
     """Pass 2, streamed into the trainer: each line is kept with probability `keep` and cut into sentences.
 
@@ -106,12 +130,12 @@ def sentences_for_training(path, keep, max_bytes, holdout, heldout, fed, bar, se
     for i, raw in enumerate(read_lines(path, bar), 1):
         if holdout and i % HOLDOUT_EVERY == 0:
             if heldout_bytes < EVAL_MAX_BYTES and raw.strip():
-                heldout.append(raw.decode("utf-8", "replace"))
+                heldout.append(decode(raw))
                 heldout_bytes += len(raw)
             continue
         if keep < 1 and rng.random() >= keep:
             continue
-        for piece in split_line(raw.decode("utf-8", "replace"), max_bytes):
+        for piece in split_line(decode(raw), max_bytes):
             fed["sentences"] += 1
             fed["chars"] += len(piece)
             yield piece
@@ -278,6 +302,10 @@ if __name__ == "__main__":
         fail(f"writing {args.model_prefix}.model failed: {e.strerror or e}; {kept}. Free some space or choose "
              f"another --model_prefix.", 1)
     train_seconds = time.time() - t0
+    if REPLACED["lines"]:
+        print(f"warning: {REPLACED['lines']:,} of the lines read held invalid UTF-8 ({REPLACED['bytes']:,} bytes, each "
+              f"replaced by U+FFFD); step 1 writes UTF-8, so {args.input} came from elsewhere or was damaged",
+              file=sys.stderr)
     print(f"trained on {fed['sentences']:,} sentences ({fed['chars']:,} characters) in {train_seconds:.0f} s "
           f"-> {args.model_prefix}.model, {args.model_prefix}.vocab")
 
@@ -289,18 +317,26 @@ if __name__ == "__main__":
         texts = read_eval_file(args.input)[:1000]
     if not texts:
         fail(f"no text to evaluate in {where}; the model itself is written.", 1)
-    ids = sp.encode(texts, num_threads=args.num_threads)
-    flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
-    is_byte = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])
-    n_bytes_eval = sum(len(t.encode("utf-8")) for t in texts)
-    n_chars_eval = sum(len(t) for t in texts)
-    sample = texts[:: max(1, len(texts) // 200)]
-    # decode(encode(x)) gives back x as the normalizer rewrote it (NFKC; spaces are '▁' inside the model)
-    same = sum(sp.decode(sp.encode(x)) == sp.normalize(x).replace("\u2581", " ") for x in sample)
-    print(f"vocab size        {sp.get_piece_size():,}")
-    print(f"evaluated on      {where}: {len(texts):,} documents, {n_chars_eval:,} characters")
-    print(f"bytes/token       {n_bytes_eval / len(flat):.3f}")
-    print(f"characters/token  {n_chars_eval / len(flat):.3f}")
-    print(f"unknown rate      {np.mean(flat == UNK_ID):.4%} ({int(np.sum(flat == UNK_ID)):,} of {len(flat):,} tokens)")
-    print(f"byte fallback     {np.mean(is_byte[flat]):.4%} of tokens")
-    print(f"round trip        {same}/{len(sample)} documents decode(encode(x)) == normalized x")
+    try:  # the model is written: Ctrl-C now loses only the figures
+        pieces = [t[i:i + EVAL_CHUNK] for t in texts for i in range(0, len(t), EVAL_CHUNK)]
+        ids = sp.encode(pieces, num_threads=args.num_threads)
+        flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])
+        is_byte = np.array([sp.is_byte(i) for i in range(sp.get_piece_size())])
+        n_bytes_eval = sum(len(t.encode("utf-8")) for t in texts)
+        n_chars_eval = sum(len(t) for t in texts)
+        sample = pieces[:: max(1, len(pieces) // 200)]
+        # decode(encode(x)) gives back x as the normalizer rewrote it (NFKC; spaces are '▁' inside the model)
+        same = sum(sp.decode(sp.encode(x)) == sp.normalize(x).replace("\u2581", " ") for x in sample)
+        print(f"vocab size        {sp.get_piece_size():,}")
+        print(f"evaluated on      {where}: {len(texts):,} documents, {n_chars_eval:,} characters")
+        print(f"bytes/token       {n_bytes_eval / len(flat):.3f}")
+        print(f"characters/token  {n_chars_eval / len(flat):.3f}")
+        unknown = int(np.sum(flat == UNK_ID))
+        print(f"unknown rate      {unknown / len(flat):.4%} ({unknown:,} of {len(flat):,} tokens)")
+        print(f"byte fallback     {np.mean(is_byte[flat]):.4%} of tokens")
+        print(f"round trip        {same}/{len(sample)} documents (or {EVAL_CHUNK:,}-character pieces of long ones) "
+              f"decode(encode(x)) == normalized x")
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        fail(f"interrupted during the evaluation; {args.model_prefix}.model and {args.model_prefix}.vocab were "
+             f"already written and are complete.", 130)

@@ -29,8 +29,9 @@ from trm.checkpoint import CheckpointError
 from trm.cli import fail, one_line_when_a_peer_is_lost
 from trm.clock import RunClock
 from trm import depth as depth_schedule
-from trm.data import DataError, PackedLoader, check_paths, eval_windows, load_tokens
-from trm.device import autocast, autocast_each, pick_device
+from trm.corpus import unique_files
+from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_tokens
+from trm.device import autocast, autocast_each, out_of_memory, pick_device
 from trm.ema import EMA
 from trm.evaluate import evaluate
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, trainer_parser
@@ -38,7 +39,7 @@ from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
 from trm.optim import build_optimizer, describe as describe_optimizer, resume_problem
-from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, take_ownership
+from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resume_advice, take_ownership
 from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
 from trm.tokenizer import Tokenizer, TokenizerError
@@ -46,7 +47,9 @@ from trm.tokenizer import Tokenizer, TokenizerError
 p = trainer_parser(__doc__)
 args = p.parse_args()
 t_process = time.time()  # the wall clock of the summary line
-sys.stdout.reconfigure(line_buffering=True)  # log lines reach `> train.log` as they happen, not in 8 KB blocks
+# log lines reach `> train.log` as they happen, not in 8 KB blocks; a file name that is not UTF-8 (or a terminal that is
+# not) prints escaped instead of ending the run
+sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
 
 
 if problem := check_flags(args, int(os.environ.get("WORLD_SIZE", "1"))):
@@ -74,9 +77,17 @@ def log(msg):
         tqdm.write(msg)  # above the progress bar, when there is one
 
 
+def unique_paths(paths, flag, log):
+    unique, repeated = unique_files(paths or [])
+    if repeated:
+        log(f"warning: --{flag}: {', '.join(p for p, _ in repeated)} named again (the same file as "
+            f"{', '.join(p for _, p in repeated)}); each file is read once")
+    return unique if paths is not None else None
+
+
 if ddp:  # a rank that dies ends the run with one line, not a traceback from every other rank
     one_line_when_a_peer_is_lost(master, lambda: run_dir.survivor() if "run_dir" in globals() else
-                                 "no checkpoint of this run was saved yet")
+                                 "no checkpoint of this run was saved yet", resume_advice(args.overwrite))
 
 
 log(f"device: {device} ({device_why})" + (f", {world_size} processes" if ddp else ""))
@@ -86,10 +97,15 @@ if device.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
+cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.save_dir)), "token_cache")
 try:
     tokenizer = Tokenizer.from_args(args.tokenizer, args.sp_model)
     check_paths(args.train_paths, "train")
     check_paths(args.valid_paths, "valid")
+    for name in ("train_paths", "valid_paths"):  # a file named twice would count its documents twice
+        setattr(args, name, unique_paths(getattr(args, name), name, log))
+    if master:  # (the other ranks only read it)
+        check_cache_dir(cache_dir)
 except (TokenizerError, DataError) as e:
     fail(str(e))
 log(f"tokenizer: {args.tokenizer}" + (f" {args.sp_model}" if args.tokenizer == "sentencepiece" else "") +
@@ -102,12 +118,16 @@ try:
     lock, ckpt, ckpt_path = open_save_dir(args.save_dir, args.resume, log, ddp, master)
 except (SaveDirError, CheckpointError) as e:
     fail(str(e))
-if args.resume == "auto" and ckpt is None:
-    log(f"--resume auto: no checkpoint in {args.save_dir}, starting from scratch")
-elif ckpt is not None:
+if ckpt is not None:
     log(f"resuming from {ckpt_path} (step {ckpt['step']})")
-    if ckpt.get("tokenizer") and Tokenizer.from_state(ckpt["tokenizer"]).fingerprint() != tokenizer.fingerprint():
-        fail(f"the checkpoint was trained with a different tokenizer than {args.tokenizer} {args.sp_model}")
+    if ckpt.get("tokenizer") and (theirs := Tokenizer.from_state(ckpt["tokenizer"])).fingerprint() != \
+            tokenizer.fingerprint():
+        fail(f"the checkpoint {ckpt_path} was trained with a different tokenizer ("
+             + ("--tokenizer byte" if theirs.kind == "byte" else f"a SentencePiece model of {theirs.vocab_size:,} "
+                                                                 f"pieces")
+             + ") than this command's " + ("--tokenizer byte" if args.tokenizer == "byte" else
+                                          f"--sp_model {args.sp_model} ({tokenizer.vocab_size:,} pieces)")
+             + "; resume with the tokenizer the run started with")
     if problem := resume_problem(ckpt, args.optimizer):
         fail(problem)
 try:
@@ -135,32 +155,44 @@ if args.act_weight and not (config.halt_head and config.recursive):
     fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
 if master:
     try:
-        run_id = take_ownership(args.save_dir, ckpt, ckpt_path, args.resume, args.overwrite, log)
-    except (SaveDirError, OSError) as e:
+        run_id = take_ownership(args.save_dir, ckpt, ckpt_path, args.resume, args.overwrite, log, vars(args))
+    except SaveDirError as e:
         fail(str(e))
+    except OSError as e:  # run.json on a full disk: the old one stays (AtomicFile)
+        fail(f"could not write {e.filename or args.save_dir}: {e.strerror or e}; nothing was trained. Free some space "
+             f"(or fix the folder), then run the same command again.", 1)
+if args.resume == "auto" and ckpt is None:  # (said only now that the folder is this run's: it really starts)
+    log(f"--resume auto: no checkpoint in {args.save_dir}, starting from scratch")
 L = config.max_seq_len
 tokens_per_step = args.batch_size * L * args.grad_accum * world_size
 halt_args = {"act_weight": args.act_weight, "halt_threshold": args.train_halt_threshold}  # the head and its use
 
 # Rank 0 tokenizes into the cache; the others wait and then map the same files.
-cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.save_dir)), "token_cache")
 threads = args.num_workers or os.cpu_count()
 try:
     for turn in (0, 1) if ddp else (0,):
         if (turn == 0) == master:
-            train_tokens = load_tokens(args.train_paths, tokenizer, cache_dir, args.text_field, threads, "train", log)
+            # validation first: a validation file without documents is told in seconds, not after the training corpus
             valid_tokens = (load_tokens(args.valid_paths, tokenizer, cache_dir, args.text_field, threads, "valid", log)
                             if args.valid_paths else None)
+            train_tokens = load_tokens(args.train_paths, tokenizer, cache_dir, args.text_field, threads, "train", log)
         if ddp:
             dist.barrier()
 except DataError as e:
-    fail(str(e))
+    fail(str(e), 1 if isinstance(e, CacheWriteError) else 2)
+except KeyboardInterrupt:  # (Ctrl-C is the trainer's own only from the loop on: clock.catch_signals)
+    fail(f"interrupted while tokenizing the corpus: nothing was trained and nothing lost (a partial token cache is "
+         f"removed). Run the same command again to start.", 130)
 loader = PackedLoader(train_tokens, L, args.batch_size, args.seed, rank, world_size)
 val_windows = eval_windows(valid_tokens, L, args.eval_tokens) if valid_tokens is not None else None
 token_bytes = tokenizer.token_bytes()
 log(f"data: {len(train_tokens):,} train tokens = {loader.n_windows:,} windows of {L} "
     f"({loader.n_windows * L / tokens_per_step:,.0f} steps per epoch at {tokens_per_step:,} tokens/step)"
     + (f"; {val_windows.shape[0]} validation windows" if val_windows is not None else ""))
+if len(train_tokens) < L + 1:  # a window then wraps round the circle: the same text several times in one window
+    log(f"warning: the training corpus is {len(train_tokens):,} tokens, less than one window of {L + 1:,}: each window "
+        f"repeats it about {(L + 1) / len(train_tokens):.0f} times. Add text, or train a new run with --max_seq_len "
+        f"{max(1, len(train_tokens) - 1)} or less")
 
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 model = TRM(config).to(device)
@@ -217,14 +249,18 @@ peak = peak_flops(device)
 # ----------------------------------------------------------------------------------------------------------------
 # the run's state and the few things the loop does besides stepping: evaluate, save, check, time
 eval_weights = "EMA" if ema is not None else "raw"  # the weights run_eval scores: --ema_decay 0 keeps no EMA
+run_dir = RunDir(args.save_dir, args.keep_last, log, ckpt_path, ckpt.get("best") if ckpt is not None else None,
+                 args.overwrite)
 metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_layers={config.n_layers}",
                      f"validation loss ({eval_weights} weights)", args.tensorboard)
 if master:
-    metrics.start(step if ckpt is not None else None)
+    try:  # rewritten whole on a resume: a nearly full disk fails here first (the old log stays, AtomicFile)
+        metrics.start(step if ckpt is not None else None)
+    except OSError as e:
+        fail(run_dir.failure(e, metrics.path, step), 1)
 clock = RunClock(ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0,  # --max_minutes counts across resumes
                  args.max_minutes, ddp, master, device)
 save_every = args.save_every or args.eval_every
-run_dir = RunDir(args.save_dir, args.keep_last, log, ckpt_path, ckpt.get("best") if ckpt is not None else None)
 # the loop only copies the state to CPU memory; a background thread writes it (trm/saver.py)
 saver = Saver(run_dir, log, on_error=lambda message: fail(message, 1))
 bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
@@ -280,7 +316,7 @@ def check_finite():
     if bad.item():
         saver.wait()  # the write in flight decides which checkpoint is the last good one
         fail(f"non-finite loss or gradient before step {step}: stopping without saving; {run_dir.survivor()}. Try a "
-             f"lower --lr or more --warmup_steps" + (", then --resume auto." if run_dir.saved else "."), 3)
+             f"lower --lr or more --warmup_steps" + (f", then {run_dir.advice}." if run_dir.saved else "."), 3)
 
 
 def judge(result):
@@ -321,7 +357,19 @@ def next_batch():
     return x.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
-clock.catch_signals(log, on_abort=saver.abandon)
+def abort():
+    """A second Ctrl-C: give up the write in flight and stop now, with one line. Stopping by an exception instead
+    could surface it anywhere, even inside torch.save ('RuntimeError: unexpected pos'), and interpreter shutdown
+    would then wait for or tear down the writer thread."""
+    saver.abandon()
+    print(f"error: interrupted twice: stopped at step {step} without saving it; {run_dir.survivor()}. Continue with "
+          f"{run_dir.advice}.", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)  # no atexit: the abandoned write is not waited for
+
+
+clock.catch_signals(log, on_abort=abort)
 
 # ----------------------------------------------------------------------------------------------------------------
 # training loop
@@ -417,10 +465,14 @@ try:
             break
 except OSError as e:  # metrics.jsonl or the curves: the same disk as the checkpoints
     fail(run_dir.failure(e, args.save_dir, step), 1)
-except torch.cuda.OutOfMemoryError:
-    fail(f"CUDA out of memory at --batch_size {args.batch_size} --max_seq_len {L} --d_model {config.d_model}. "
-         f"Reduce --batch_size (e.g. 2 or 1; keep the global batch with --grad_accum), --max_seq_len (e.g. 256) or "
-         f"--d_model (e.g. 128).", 1)
+except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError, or the CPU allocator's
+    if (more := out_of_memory(e)) is None:
+        raise
+    saver.wait()  # (a write in flight decides the last good checkpoint)
+    fail(f"{'CUDA' if device.type == 'cuda' else 'CPU'} out of memory at --batch_size {args.batch_size} --max_seq_len "
+         f"{L} --d_model {config.d_model}{more}. Reduce --batch_size (e.g. {max(1, args.batch_size // 4)}; keep the "
+         f"global batch with --grad_accum), --max_seq_len (e.g. {max(16, L // 2)}) or --d_model (e.g. "
+         f"{max(32, config.d_model // 2)}); {run_dir.survivor()}.", 1)
 bar.close()
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,7 +494,7 @@ if master:
     except OSError as e:
         fail(run_dir.failure(e, args.save_dir, step), 1)
     if interrupted:
-        log(f"interrupted at step {step}: saved {path}; continue with the same command plus --resume auto")
+        log(f"interrupted at step {step}: saved {path}; continue with {run_dir.advice}")
     else:  # this process's minutes; a resumed run adds its earlier sessions' training minutes
         wall, trained = (time.time() - t_process) / 60, clock.session_seconds() / 60
         budget = " (the --max_minutes budget ran out)" if clock.out_of_time() else ""

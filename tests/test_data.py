@@ -285,3 +285,24 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
     load_tokens([path], Tokenizer("byte"), str(cache), log=lambda m: None)
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in alive)  # a live builder's, and one of another host (its pid means nothing here)
+
+
+def test_a_path_that_is_no_file_says_what_it_is(tmp_path):
+    (tmp_path / "shards").mkdir()
+    os.mkfifo(tmp_path / "pipe.jsonl.gz")
+    os.symlink("gone.jsonl.gz", tmp_path / "dangling.jsonl.gz")
+    for name, kind in (("shards", "is a directory"), ("pipe.jsonl.gz", "is a FIFO"),
+                       ("dangling.jsonl.gz", "points to nothing"), ("absent.jsonl.gz", "train file not found")):
+        with pytest.raises(DataError, match=kind):
+            check_paths([str(tmp_path / name)], "train")
+
+
+def test_a_file_named_in_another_encoding_builds_and_reuses_its_cache(tmp_path):
+    name = os.fsdecode("テスト.jsonl".encode("shift_jis"))  # not UTF-8: Python holds it with lone surrogates
+    path = tmp_path / name
+    path.write_text('{"text": "猫が好きです。"}\n', encoding="utf-8")
+    lines = []
+    for _ in range(2):
+        tokens = load_tokens([str(path)], Tokenizer.from_args("byte"), str(tmp_path / "cache"), log=lines.append)
+        assert len(tokens) == len("猫が好きです。".encode()) + 2
+    assert "building" in lines[0] and "building" not in lines[-1]  # the second run reads the cache it built

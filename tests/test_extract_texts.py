@@ -254,3 +254,32 @@ def test_an_output_that_is_a_fifo_is_refused_and_left_in_place(tmp_path):
     r = run(tmp_path, "--inputs", "train_0.jsonl.gz", "--output", "out.txt")
     assert_one_line_error(r, "FIFO", "Choose another --output", code=2)
     assert stat.S_ISFIFO(os.stat(tmp_path / "out.txt").st_mode)
+
+
+# ---- links, FIFOs and files named twice among the inputs (issue 24) ------------------------------------------------
+
+def test_broken_links_are_skipped_and_a_file_reached_twice_is_read_once(tmp_path):
+    data = tmp_path / "data"
+    (data / "d").mkdir(parents=True)
+    write_jsonl(data / "d/train_0.jsonl.gz", [{"text": t} for t in shard_docs(0)])
+    os.symlink("nowhere.jsonl.gz", data / "d/dangling.jsonl.gz")
+    os.symlink("self.jsonl.gz", data / "d/self.jsonl.gz")  # a link to itself: a loop
+    os.symlink("..", data / "d/loop")  # a folder loop: a recursive glob goes round it until the path is too long
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    for inputs in (["data"], ["data/**/*.jsonl.gz"], ["data/d/train_0.jsonl.gz", "data", "pipe.jsonl"]):
+        r = run(tmp_path, "--inputs", *inputs, "--output", "out.txt")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "1 files, 3 documents" in r.stdout, (inputs, r.stdout)
+        assert "dangling.jsonl.gz is a symbolic link that points to nothing" in r.stderr
+        assert "self.jsonl.gz is a symbolic link loop" in r.stderr
+        if inputs != ["data"]:  # (a folder is walked without following its links)
+            assert "is read once" in r.stderr
+    assert "pipe.jsonl is a FIFO (named pipe)" in r.stderr and "not found" not in r.stderr
+
+
+def test_a_terminal_that_cannot_print_a_file_name_does_not_fail_after_the_work(tmp_path):
+    write_jsonl(tmp_path / "日本語.jsonl.gz", [{"text": "猫"}, b"{broken"])  # the summary names the bad line's file
+    r = subprocess.run([sys.executable, SCRIPT, "--inputs", "日本語.jsonl.gz", "--output", "out.txt"], cwd=tmp_path,
+                       capture_output=True, timeout=60, env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8") == "猫\n" and b"1 malformed JSON" in r.stdout

@@ -528,3 +528,40 @@ def test_a_prompt_file_of_blank_lines_is_one_line(tiny_checkpoint, tmp_path):
     r = run_generate("--model_path", tiny_checkpoint, "--prompt_file", blank)
     assert_refused(r)
     assert "--prompt_file" in r.stderr and "no prompt" in r.stderr
+
+
+def test_a_missing_sp_model_names_no_flag_this_script_lacks(tiny_checkpoint, tmp_path):
+    r = run_generate("--model_path", tiny_checkpoint, "--sp_model", tmp_path / "nope.model", "--prompt", "猫")
+    assert_refused(r, "nope.model", "leave --sp_model out")
+    assert "--tokenizer" not in r.stderr  # generate.py has no such flag
+
+
+def test_a_terminal_without_some_character_gets_a_replacement_not_a_traceback(tiny_checkpoint):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model_path", tiny_checkpoint,
+                        "--prompt", "😀猫", "--max_new_tokens", "5", "--seed", "1"], capture_output=True, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="cp932"), timeout=120)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode("cp932", "replace")
+    assert r.stdout.decode("cp932").startswith("?猫")  # cp932 has no emoji
+
+
+# The CPU allocator's failure (a RuntimeError, not MemoryError) as the first batched decoding step meets it
+NO_MEMORY = """
+import runpy, sys
+import trm.sampling
+def generate_batch(*a, **k):
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 21474836480 bytes. Error code 12 (Cannot allocate memory)")
+    yield
+trm.sampling.generate_batch = generate_batch
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_out_of_memory_names_the_flag_to_lower(tiny_checkpoint):
+    r = subprocess.run([sys.executable, "-c", NO_MEMORY, os.path.join(ROOT, "generate.py"), "--model_path",
+                        tiny_checkpoint, "--prompt", "猫", "--num_samples", "10000", "--batch_size", "10000"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    from conftest import assert_one_line_error
+    line = assert_one_line_error(r, code=2)
+    assert "out of memory" in line and "21.5 GB" in line and "--batch_size (now 10,000" in line, line

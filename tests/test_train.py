@@ -452,7 +452,8 @@ def test_a_resume_settles_tokenizer_and_architecture_before_the_corpus_is_tokeni
     late = tmp_path / "cache"  # where the corpus would be tokenized: it must not come to that
     r = train(corpus, save, "--resume", "auto", "--tokenizer", "sentencepiece", "--sp_model", tiny_sp_model,
               "--cache_dir", late, check=False)
-    assert_one_line_error(r, "different tokenizer", code=2)
+    assert_one_line_error(r, "different tokenizer (--tokenizer byte)", f"this command's --sp_model {tiny_sp_model}",
+                          code=2)
     r = train(corpus, tmp_path / "heads", "--n_heads", "3", "--cache_dir", late, check=False)
     assert_one_line_error(r, "n_heads=3", code=2)
     assert not late.exists()
@@ -561,3 +562,151 @@ def test_resuming_with_another_seed_warns_and_keeps_the_checkpoints_order(corpus
     assert "warning: --seed 8 ignored: the resumed run keeps its checkpoint's seed 7" in r.stdout + r.stderr
     assert logged_losses(straight) == logged_losses(resumed)
     assert load_checkpoint(resumed / "final_step_8.pt")["args"]["seed"] == 7
+
+
+# ---- a full disk or an unusable folder where the trainer writes (issue 24) ------------------------------------------
+
+# Runs a script (argv[2:]) with files limited to argv[1] bytes: a write past the limit fails with EFBIG, as a write to
+# a full disk fails with ENOSPC (SIGXFSZ ignored, or the kernel would kill the process instead).
+FILE_SIZE_LIMIT = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def train_limited(limit, corpus, save_dir, *extra):
+    cmd = [sys.executable, "-c", FILE_SIZE_LIMIT, str(limit), str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths",
+           corpus["train_0"], corpus["train_1"], "--valid_paths", corpus["validation_0"], "--save_dir", str(save_dir),
+           *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_a_full_disk_while_the_token_cache_builds_is_one_sentence(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    r = train_limited(2000, corpus, tmp_path / "ck", "--max_steps", "2", "--cache_dir", str(cache))
+    assert_one_line_error(r, "token cache", "--cache_dir", code=1)
+    assert not list(cache.glob("*.tmp.*")) and not list((tmp_path / "ck").glob("*.pt"))
+
+
+def test_a_cache_dir_that_cannot_be_one_is_refused_before_any_work(capsys, corpus, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for cache, words in ((blocker, ("--cache_dir", "is a file")), (blocker / "cache", ("--cache_dir", "a_file"))):
+        code, _, err = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths",
+                                      corpus["validation_0"], "--save_dir", str(tmp_path / "ck"),
+                                      "--cache_dir", str(cache))
+        assert code == 2 and "Traceback" not in err, err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and all(w in errors[0] for w in words), err
+        assert not (tmp_path / "ck").exists()  # refused before the save dir was claimed
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_nearly_full_disk_is_one_sentence_and_leaves_nothing_behind(corpus, tmp_path):
+    save, cache = tmp_path / "ck", tmp_path / "cache"
+    train(corpus, save, "--max_steps", "16", "--eval_every", "8", "--log_every", "1", "--cache_dir", cache)
+    before = (save / "metrics.jsonl").read_bytes()
+    # the resume rewrites metrics.jsonl whole, past the limit below; run.json (the run's arguments) stays under it
+    assert len(before) > 2500 > (save / "run.json").stat().st_size
+    r = train_limited(2500, corpus, save, "--max_steps", "20", "--eval_every", "4", "--log_every", "1",
+                      "--cache_dir", str(cache), "--resume", "auto")
+    assert_one_line_error(r, "metrics.jsonl", f"{save / 'final_step_16.pt'} is intact", "--resume auto", code=1)
+    assert (save / "metrics.jsonl").read_bytes() == before and not list(save.glob("*.tmp.*"))
+
+
+def test_a_training_file_named_twice_is_read_once(corpus, tmp_path):
+    r = train(corpus, tmp_path / "ck", "--max_steps", "1", "--eval_every", "1", "--train_paths", corpus["train_0"],
+              corpus["train_0"])
+    assert "named again" in r.stdout and "each file is read once" in r.stdout
+    assert load_checkpoint(tmp_path / "ck/final_step_1.pt")["args"]["train_paths"] == [corpus["train_0"]]
+
+
+# ---- messages that say what is true and what to do next (issue 24) --------------------------------------------------
+
+def test_the_same_command_again_and_overwrites_get_advice_that_works(corpus, tmp_path):
+    save, cache = tmp_path / "ck", tmp_path / "cache"
+    first = ("--max_steps", "2", "--eval_every", "2", "--log_every", "1", "--cache_dir", cache)
+    train(corpus, save, *first)
+    # the same command after a crash: the same run, to be continued, not "another run's checkpoints"
+    r = train(corpus, save, *first, check=False)
+    line = assert_one_line_error(r, "this same command", "plus --resume auto", "--overwrite", code=2)
+    assert "another run" not in line
+    # each --overwrite keeps the replaced run: from the second on, the log says how many and how to delete them
+    r = train(corpus, save, *first, "--overwrite")
+    assert "rm -r" not in r.stdout
+    # the advice after a failure drops --overwrite (with it, --resume auto is refused: "choose one")
+    r = train_limited(100_000, corpus, save, *map(str, first), "--overwrite")  # a checkpoint is 0.8 MB: it fails
+    assert_one_line_error(r, "without --overwrite, plus --resume auto", code=1)
+    assert f"2 such folders" in r.stdout and f"rm -r {save}.replaced-*" in r.stdout
+
+
+def test_resume_auto_says_starting_from_scratch_only_when_it_does(capsys, corpus, tmp_path):
+    save = tmp_path / "ck"
+    save.mkdir()
+    (save / "step_4.pt").write_bytes(b"PK" + bytes(100))  # unreadable: skipped, and then the folder is refused
+    code, out, err = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths", corpus["validation_0"],
+                                    "--save_dir", str(save), "--resume", "auto")
+    assert code == 2 and "no readable checkpoint" in err and "starting from scratch" not in out + err, out + err
+
+
+def test_a_validation_file_without_documents_is_told_before_the_training_corpus_is_tokenized(capsys, corpus,
+                                                                                               tmp_path):
+    empty = tmp_path / "validation_0.jsonl"
+    empty.write_text("not json\n")
+    code, out, err = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths", str(empty),
+                                    "--save_dir", str(tmp_path / "ck"), "--cache_dir", str(tmp_path / "cache"))
+    assert code == 2 and "no readable documents" in err and str(empty) in err, out + err
+    assert "train: building" not in out, out
+
+
+# Ctrl-C (a KeyboardInterrupt) in the middle of tokenizing the corpus into the cache
+CTRL_C_WHILE_TOKENIZING = """
+import runpy, sys
+from trm.tokenizer import Tokenizer
+def interrupted(*a, **k):
+    raise KeyboardInterrupt
+Tokenizer.encode_batch = interrupted
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_the_token_cache_builds_is_one_line(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-c", CTRL_C_WHILE_TOKENIZING, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths",
+           corpus["train_0"], "--valid_paths", corpus["validation_0"], "--save_dir", str(tmp_path / "ck"),
+           "--cache_dir", str(cache), "--max_steps", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, "interrupted while tokenizing", "same command", code=130)
+    assert not list(cache.glob("*.tmp.*")) and not list(cache.glob("*.bin"))
+
+
+def test_a_corpus_shorter_than_one_window_is_pointed_out(corpus, tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "猫です。"}\n', encoding="utf-8")  # 14 tokens, windows of 33
+    r = train(corpus, tmp_path / "ck", "--max_steps", "1", "--eval_every", "1", "--train_paths", str(small))
+    assert "less than one window of 33: each window repeats it about 2 times" in r.stdout, r.stdout
+
+
+# The CPU allocator's failure (a RuntimeError, not MemoryError) in the first training step
+NO_MEMORY = """
+import runpy, sys
+import trm.model
+def forward(*a, **k):
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 21474836480 bytes. Error code 12 (Cannot allocate memory)")
+trm.model.TRM.forward = forward
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_batch_too_big_for_memory_on_cpu_is_one_line_naming_the_flags(corpus, tmp_path):
+    cmd = [sys.executable, "-c", NO_MEMORY, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"],
+           "--valid_paths", corpus["validation_0"], "--save_dir", str(tmp_path / "ck"), "--max_steps", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(r, "CPU out of memory", "21.5 GB", "--batch_size", code=1)

@@ -246,3 +246,63 @@ def test_disk_full_while_writing_the_model_keeps_the_old_one(tmp_path):
                                    code=1)
     assert (tmp_path / "ja_trm.model").read_bytes() == b"old model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ja_trm.model", "train_texts.txt"]
+
+
+# Ctrl-C (a KeyboardInterrupt) at the first encode of the held-out evaluation, after the model was written
+CTRL_C_IN_EVALUATION = """
+import runpy, sys
+import sentencepiece as spm
+def interrupted(*a, **k):
+    raise KeyboardInterrupt
+spm.SentencePieceProcessor.encode = interrupted
+sys.argv = sys.argv[1:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])  # as `python train_spm.py` would
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_the_evaluation_is_one_line_and_keeps_the_model(tmp_path):
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(60)) + "\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-c", CTRL_C_IN_EVALUATION, SCRIPT, "--vocab_size", "400",
+                        "--character_coverage", "1.0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    conftest.assert_one_line_error(r, "interrupted during the evaluation", "ja_trm.model", code=130)
+    assert Tokenizer.from_args("sentencepiece", str(tmp_path / "ja_trm.model")).vocab_size == 400
+
+
+def test_invalid_utf8_is_counted_and_said(tmp_path):
+    lines = [line.encode() for line in corpus_lines(60)]
+    lines[3] = b"\xff\xfe" + lines[3]
+    lines[10] = b"\x83e\x83X\x83g" + lines[10]  # Shift_JIS テスト: its three 0x83 bytes are not UTF-8
+    (tmp_path / "train_texts.txt").write_bytes(b"\n".join(lines) + b"\n")
+    r = run(tmp_path, "--vocab_size", "400", "--character_coverage", "1.0", "--input_sentence_size", "0")
+    assert r.returncode == 0, r.stderr
+    assert "warning: 2 of the lines read held invalid UTF-8 (5 bytes" in r.stderr, r.stderr
+
+
+# Records the longest text the evaluation's encoder is given (in characters) into argv[1]
+LONGEST_ENCODED = """
+import atexit, runpy, sys
+import sentencepiece as spm
+longest, real = [0], spm.SentencePieceProcessor.encode
+def encode(self, input, *a, **k):
+    longest[0] = max([longest[0]] + [len(t) for t in (input if isinstance(input, list) else [input])])
+    return real(self, input, *a, **k)
+spm.SentencePieceProcessor.encode = encode
+atexit.register(lambda: open(out, "w").write(str(longest[0])))
+out, sys.argv = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_huge_one_line_document_is_evaluated_in_pieces(tmp_path):
+    EVAL_CHUNK = 1 << 16  # train_spm.EVAL_CHUNK
+
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(60)) + "\n", encoding="utf-8")
+    (tmp_path / "huge.txt").write_text("".join(corpus_lines(400)) * 12 + "\n", encoding="utf-8")  # one line
+    assert len((tmp_path / "huge.txt").read_text(encoding="utf-8")) > 3 * EVAL_CHUNK
+    r = subprocess.run([sys.executable, "-c", LONGEST_ENCODED, str(tmp_path / "longest"), SCRIPT, "--vocab_size",
+                        "400", "--character_coverage", "1.0", "--eval_file", "huge.txt"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "1 documents" in r.stdout and 0 < int((tmp_path / "longest").read_text()) <= EVAL_CHUNK

@@ -2,7 +2,7 @@
 
 Exit codes, the same in every script: 2 when the command cannot run as given (a flag out of range, a missing or
 unusable file: fix the command; argparse uses 2 for its own refusals), 1 when the work itself failed (disk full),
-3 when training diverged.
+3 when training diverged, 130 when Ctrl-C stopped it (the shell's code for SIGINT).
 """
 import math
 import re
@@ -65,7 +65,7 @@ def _number(text):
         return float(text)
 
 
-def one_line_when_a_peer_is_lost(master, survivor):
+def one_line_when_a_peer_is_lost(master, survivor, advice="the same command plus --resume auto"):
     """Under torchrun: a collective that fails because another process died or quit ends this one with a single line
     from rank 0 (survivor() says which checkpoint is intact) instead of a traceback from every rank. A rank that
     failed for its own reason (fail()) has already said why."""
@@ -77,7 +77,7 @@ def one_line_when_a_peer_is_lost(master, survivor):
             return sys.__excepthook__(kind, value, tb)
         if master:
             print(f"error: another training process stopped (it crashed, was killed or refused to start; its own "
-                  f"output says why); {survivor()}. Continue with the same command plus --resume auto.",
+                  f"output says why); {survivor()}. Continue with {advice}.",
                   file=sys.stderr)
 
     sys.excepthook = hook

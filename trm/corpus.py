@@ -10,12 +10,14 @@ data in one keeps the whole lines of what was decompressed before the error, les
 """
 import collections
 import dataclasses
+import errno
 import glob
 import json
 import lzma
 import os
 import queue
 import re
+import stat
 import sys
 import threading
 
@@ -82,9 +84,12 @@ def expand_inputs(patterns):
     """Files named by `patterns` (files, directories searched recursively, globs), and the patterns that matched
     nothing.
 
-    Plain files keep the order given; each glob or directory contributes its matches in natural sort order.
+    Plain files keep the order given; each glob or directory contributes its matches in natural sort order. A path
+    that is no file to read (a dangling or looping symbolic link, a FIFO) is skipped with a warning saying what it is,
+    and a file reached twice (named twice, or again through a symbolic link: a recursive glob through a link loop
+    reaches one file dozens of times) is read once, with one warning.
     """
-    files, missing = [], []
+    found, missing = [], []
     for pattern in patterns:
         if glob.has_magic(pattern):
             matches = []
@@ -93,11 +98,58 @@ def expand_inputs(patterns):
         elif os.path.isdir(pattern):
             matches = _search_dir(pattern)
         else:
-            matches = [pattern] if os.path.isfile(pattern) else []
-        files += matches
+            matches = [pattern] if os.path.lexists(pattern) else []
+        found += matches
         if not matches:
             missing.append(pattern)
+    found, repeated = unique_files(found)
+    if repeated:
+        again, first = repeated[0]
+        print(f"warning: {len(repeated)} path(s) lead to a file already listed (the same file named twice, or reached "
+              f"again through a symbolic link), e.g. " + (f"{again} is {first}" if again != first else
+                                                          f"{again} named twice") + "; each file is read once",
+              file=sys.stderr)
+    files = []
+    for path in found:
+        if os.path.isfile(path):
+            files.append(path)
+        else:
+            print(f"warning: {path} is {what_it_is(path)}, not a file to read; skipping", file=sys.stderr)
     return files, missing
+
+
+def unique_files(paths):
+    """(paths without the ones that lead to a file already listed, [(repeated path, the path it repeats)]): the same
+    file read twice would count its documents twice. Files are compared by their resolved path; of the names that
+    reach one file, the shortest stands for it (not train.jsonl.gz's twentieth trip through a link loop)."""
+    where, unique, repeated = {}, [], []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in where:
+            where[real] = len(unique)
+            unique.append(path)
+            continue
+        kept = unique[where[real]]
+        if len(path) < len(kept):
+            unique[where[real]], path, kept = path, kept, path
+        repeated.append((path, kept))
+    return unique, repeated
+
+
+def what_it_is(path):
+    """What `path` is when it is not a regular file: 'a directory', 'a FIFO (named pipe)', 'a symbolic link that
+    points to nothing (nowhere.jsonl.gz)', 'a symbolic link loop'... or 'missing'."""
+    from trm.atomic import KINDS
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if os.path.islink(path):
+            if e.errno == errno.ELOOP:
+                return "a symbolic link loop"
+            return f"a symbolic link that points to nothing ({os.readlink(path)})"
+        return "missing" if e.errno == errno.ENOENT else f"unreadable ({e.strerror})"
+    return next((name for test, name in KINDS if test(mode)), "not a regular file" if not stat.S_ISREG(mode)
+                else "a file")
 
 
 def train_shards(folder):

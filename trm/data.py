@@ -31,29 +31,53 @@ import numpy as np
 import torch
 
 from trm.atomic import AtomicFile, remove_stale_tmp
-from trm.corpus import CorpusStats, iter_texts, missing_package
+from trm.corpus import CorpusStats, iter_texts, missing_package, what_it_is
 
 
 class DataError(RuntimeError):
     pass
 
 
+class CacheWriteError(DataError):
+    """The token cache could not be written (disk full, quota): the work failed, the command was fine (exit code 1)."""
+
+
 def check_paths(paths, what):
-    """The procedure's troubleshooting case: a missing train/valid file is an error naming the file."""
+    """The procedure's troubleshooting case: a missing train/valid file is an error naming the file; a path that is
+    there but no file (a directory, a FIFO, a dangling symbolic link) says what it is."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise DataError(f"{what} file not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if
-                                                                   len(missing) > 1 else "") +
+        kind = what_it_is(missing[0])
+        first = (f"{what} file not found: {missing[0]}" if kind == "missing" else
+                 f"{what} path {missing[0]} is {kind}, not a file" +
+                 (f" (name its files, e.g. {os.path.join(missing[0], 'train_*.jsonl.gz')})" if kind == "a directory"
+                  else ""))
+        raise DataError(first + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") +
                         f" (working directory: {os.getcwd()})")
     if problem := missing_package(paths):
         raise DataError(problem)
+
+
+def check_cache_dir(cache_dir):
+    """Whether cache_dir can hold the cache, before any work and without creating anything (a refused run leaves no
+    trace): a folder that refuses it should say so in a second, not after the corpus was read. Raises DataError."""
+    folder = os.path.abspath(cache_dir)
+    while not os.path.exists(folder):  # the nearest part that exists is where the folders would be made
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        what = "is a file" if folder == os.path.abspath(cache_dir) else f"is inside {folder}, which is a file"
+        raise DataError(f"--cache_dir {cache_dir} {what}, not a folder; choose another --cache_dir")
+    if not os.access(folder, os.W_OK | os.X_OK):  # (also false on a read-only filesystem, even for root)
+        raise DataError(f"cannot write in --cache_dir {cache_dir} ({folder} is read-only); choose another "
+                        f"--cache_dir (a folder you can write to)")
 
 
 def cache_key(paths, tokenizer, text_field):
     h = hashlib.sha256()
     for p in paths:
         st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        # fsencode: a name in another encoding (a Shift_JIS file name reaches Python as lone surrogates) keeps its bytes
+        h.update(os.fsencode(os.path.abspath(p)) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(f"{text_field}|{tokenizer.fingerprint()}".encode())
     return h.hexdigest()[:20]
 
@@ -91,8 +115,8 @@ def build_token_cache(paths, tokenizer, out_path, text_field="text", num_threads
     meta = {"tokens": n_tokens, "dtype": np.dtype(dtype).name, "documents": stats.documents,
             "skipped": dict(stats.skipped), "errors": stats.errors, "files": [os.path.abspath(p) for p in paths],
             "seconds": round(time.time() - t0, 2), "checksum": file_checksum(out_path)}
-    with AtomicFile(out_path + ".json", "w", durable=False) as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
+    with AtomicFile(out_path + ".json", "w", durable=False, encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)  # ASCII escapes: a file name that is not UTF-8 reads back as it was
     return meta
 
 
@@ -149,19 +173,26 @@ def document_ids(tokenizer, texts, num_threads=None):
 
 def _write_batch(f, tokenizer, texts, dtype, num_threads):
     n = 0
-    for doc in document_ids(tokenizer, texts, num_threads) if texts else ():
-        np.asarray(doc, dtype=dtype).tofile(f)
-        n += len(doc)
+    docs = [np.asarray(doc, dtype=dtype) for doc in document_ids(tokenizer, texts, num_threads)] if texts else []
+    if docs:
+        # f.write, not ndarray.tofile: a full disk then says ENOSPC instead of "OSError: 4096 requested and 0 written"
+        f.write(np.concatenate(docs).tobytes())
+        n = sum(len(doc) for doc in docs)
     return n
 
 
 def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None, desc="tokenizing", log=print):
     """Token ids of the corpus as a read-only memmap, building the cache on first use or when it is damaged."""
-    os.makedirs(cache_dir, exist_ok=True)
-    remove_stale_tmp(cache_dir)
     path = os.path.join(cache_dir, cache_key(paths, tokenizer, text_field) + ".bin")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = open(path + ".lock", "a")
+    except OSError as e:  # (check_cache_dir said so up front; this is the backstop)
+        raise DataError(f"cannot write in --cache_dir {cache_dir} ({e.strerror or e}); choose another --cache_dir") \
+            from None
+    remove_stale_tmp(cache_dir)
     # one builder per entry: a second process (another run on the same corpus) waits here, then finds it built
-    with open(path + ".lock", "a") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta, damage = verify_cache(path)
         if meta is not None:
@@ -170,7 +201,12 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
             if damage:
                 log(f"{desc}: warning: token cache {path} is damaged: {damage}; rebuilding it")
             log(f"{desc}: building token cache {path} from {len(paths)} file(s)")
-            meta = build_token_cache(paths, tokenizer, path, text_field, num_threads, desc)
+            try:
+                meta = build_token_cache(paths, tokenizer, path, text_field, num_threads, desc)
+            except OSError as e:  # disk full, quota, a file-size limit: the partial file is gone (AtomicFile)
+                raise CacheWriteError(f"writing the token cache {path} failed: {e.strerror or e}; nothing else was "
+                                      f"changed. Free some space in {cache_dir} or choose another --cache_dir, then "
+                                      f"run the same command again.") from None
             skipped = sum(meta["skipped"].values())
             log(f"{desc}: {meta['tokens']:,} tokens from {meta['documents']:,} documents in {meta['seconds']:.1f}s"
                 + (f", {skipped:,} malformed lines skipped {meta['skipped']}" if skipped else "")

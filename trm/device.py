@@ -1,4 +1,6 @@
 """The one place that decides device and precision, and says why."""
+import re
+
 import torch
 
 from trm.cli import fail
@@ -49,3 +51,17 @@ def autocast_each(steps, device, amp_dtype):
         if step is None:
             return
         yield step
+
+
+def out_of_memory(e):
+    """None when `e` is not running out of memory; otherwise what the failed allocation asked for, in words
+    (' (it asked for 12.3 GB more)'), or ''. CPU tensors fail with a RuntimeError from the allocator, not
+    MemoryError."""
+    cuda_oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    cpu_oom = isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    if not (isinstance(e, (MemoryError, cuda_oom)) or cpu_oom):
+        return None
+    m = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
+    if not m:
+        return ""
+    return f" (it asked for {int(m[1]) / 1e9:,.1f} GB more)" if m[1] else f" (it asked for {m[2]} more)"

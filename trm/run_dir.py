@@ -34,6 +34,12 @@ class SaveDirError(RuntimeError):
     pass
 
 
+def resume_advice(overwrite=False):
+    """How to continue a run: its command plus --resume auto, less --overwrite (the two refuse each other)."""
+    return "the same command without --overwrite, plus --resume auto" if overwrite else \
+        "the same command plus --resume auto"
+
+
 def open_save_dir(save_dir, resume, log, ddp=False, master=True):
     """Rank 0 claims save_dir, clears what killed trainers left there and finds the checkpoint to resume; the other
     ranks load the one it found. Returns (lock or None, checkpoint or None, its path or None)."""
@@ -87,12 +93,18 @@ def claim(save_dir):
     return lock
 
 
-def read_run_id(save_dir):
+def read_run(save_dir):
+    """run.json as a dict ({} when absent or unreadable)."""
     try:
         with open(os.path.join(save_dir, RUN_FILE)) as f:
-            return json.load(f)["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+            run = json.load(f)
+        return run if isinstance(run, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def read_run_id(save_dir):
+    return read_run(save_dir).get("run_id")
 
 
 def load_resumable(path):
@@ -127,11 +139,12 @@ def find_checkpoint(save_dir, resume, log):
     return None, None
 
 
-def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log):
+def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log, command=None):
     """Make save_dir this run's and return the run id: refuse a folder that holds another run's checkpoints (unless
     `overwrite`: its files are moved to a sibling folder), and after an explicit resume from an earlier checkpoint of
     this folder, move the later ones aside (into abandoned_after_step_N/), so that --resume auto continues this
-    stretch and not the abandoned one. Raises SaveDirError."""
+    stretch and not the abandoned one. command: the run's arguments, kept in run.json so that the same command run
+    again after a crash is recognised as the same run. Raises SaveDirError."""
     here = list_checkpoints(save_dir)
     inside = ckpt_path is not None and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), save_dir)
     run_id = (ckpt.get("run_id") if ckpt is not None else None) or new_run_id()
@@ -140,10 +153,14 @@ def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log):
                            f"--overwrite, or copy it elsewhere first")
     theirs = here and not inside and not (ckpt is not None and read_run_id(save_dir) == run_id)
     if theirs and not overwrite:
+        same = resume != "auto" and command is not None and read_run(save_dir).get("command") == same_command(command)
         found = (f"no readable checkpoint of its run (see the warnings above), only {os.path.basename(here[0])}"
-                 if resume == "auto" else f"another run's checkpoints (newest {os.path.basename(here[0])})")
+                 if resume == "auto" else
+                 f"the checkpoints of an earlier run of this same command (newest {os.path.basename(here[0])}), which "
+                 f"stopped before its end" if same else
+                 f"another run's checkpoints (newest {os.path.basename(here[0])})")
         raise SaveDirError(f"--save_dir {save_dir} holds {found}; " +
-                           ("continue it with --resume auto, or " if resume != "auto" else "") +
+                           ("continue it with the same command plus --resume auto, or " if resume != "auto" else "") +
                            f"start over with --overwrite (moves its files to {os.path.normpath(save_dir)}"
                            f".replaced-<time>/)")
     if overwrite:
@@ -151,6 +168,10 @@ def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log):
         if moved:
             log(f"--overwrite: moved the previous run's {len(moved)} files ({_size(dest) / 1e9:.2f} GB) to {dest}/ "
                 f"(delete it when you no longer need it)")
+            if len(earlier := glob.glob(glob.escape(os.path.normpath(save_dir)) + ".replaced-*")) > 1:
+                log(f"note: each --overwrite keeps the run it replaces: {len(earlier)} such folders now hold "
+                    f"{sum(map(_size, earlier)) / 1e9:.2f} GB; `rm -r {os.path.normpath(save_dir)}.replaced-*` "
+                    f"deletes them all")
     elif inside and resume != "auto":  # (later files that auto skipped are damaged or another run's: left alone)
         later = [p for p in here if checkpoint_step(p) > ckpt["step"]]
         if later:
@@ -161,8 +182,16 @@ def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log):
             log(f"resuming at step {ckpt['step']}: moved the {len(later)} later checkpoints "
                 f"({', '.join(os.path.basename(p) for p in later[:3])}{', ...' if len(later) > 3 else ''}) to {dest}/")
     with AtomicFile(os.path.join(save_dir, RUN_FILE), "w") as f:
-        json.dump({"run_id": run_id, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        json.dump({"run_id": run_id, "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "command": same_command(command) if command is not None else None}, f)
     return run_id
+
+
+def same_command(args):
+    """The arguments that make a run, as run.json keeps them: all but --resume and --overwrite, which only say how to
+    start it."""
+    return json.loads(json.dumps({k: v for k, v in sorted(args.items()) if k not in ("resume", "overwrite")},
+                                 default=str))
 
 
 def new_run_id():
@@ -197,8 +226,9 @@ class RunDir:
     """The checkpoints this run writes: each one whole or not at all, best.pt on the lowest validation loss, older
     step files pruned (never the one just written), and a failure told with what survived it."""
 
-    def __init__(self, save_dir, keep_last, log, resumed_from=None, best=None):
+    def __init__(self, save_dir, keep_last, log, resumed_from=None, best=None, overwrite=False):
         self.save_dir, self.keep_last, self.log = save_dir, keep_last, log
+        self.advice = resume_advice(overwrite)
         self.saved = [resumed_from] if resumed_from else []  # the newest is what a crash leaves
         self.best = dict(best or {})  # {"loss", "step"} of best.pt
 
@@ -230,7 +260,7 @@ class RunDir:
         why = (f"could not write {getattr(e, 'filename', None) or path}: {e.strerror}"
                if isinstance(e, OSError) and e.strerror else str(e).split(";")[0])
         return (f"{why}. Stopped at step {step}; {self.survivor()}. Free some space (or fix the folder), then continue "
-                f"with --resume auto.")
+                f"with {self.advice}.")
 
 
 def link_best(save_dir, path):
