@@ -10,8 +10,9 @@ import torch
 from conftest import assert_one_line_error
 from test_train import ROOT, TINY, copy_run_until, corpus, logged_losses, params, train  # noqa: F401 (a fixture)
 from trm.checkpoint import load_checkpoint
-from trm.flags import check_flags, trainer_parser
+from trm.flags import trainer_parser
 from trm.model import TRM, TRMConfig
+from trm.muon import Muon, orthogonalize
 from trm.optim import MuonAdamW, build_optimizer
 
 MUON = ["--optimizer", "muon"]
@@ -39,7 +40,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(kw):
     heads = {"embed"} | ({"halt"} if kw.get("halt_head") else set())
     heads |= set() if kw.get("tie_embeddings") else {"lm_head"}
     assert {n.split(".")[0] for n in adamw} == heads
-    assert opt.muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+    assert isinstance(opt.muon, Muon)  # trm/muon.py: the scaling of match_rms_adamw, tested against torch's below
 
 
 def test_adamw_is_built_as_before_the_flag():
@@ -76,10 +77,44 @@ def test_the_schedule_drives_both_and_the_state_round_trips():
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
 
 
-def test_muon_on_a_torch_without_it_is_one_line(monkeypatch):
-    monkeypatch.delattr(torch.optim, "Muon")
-    assert "--optimizer muon needs PyTorch >= 2.9" in check_flags(flags(*MUON))
-    assert check_flags(flags()) is None
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch >= 2.9")
+def test_batched_muon_steps_as_torch_muon_and_reads_its_state():
+    # trm/muon.py is torch.optim.Muon(adjust_lr_fn="match_rms_adamw") with the matrices of one shape stacked: the
+    # same weights after several steps (up to bf16 rounding in another kernel order), the same state layout
+    torch.manual_seed(0)
+    shapes = [(24, 16), (16, 24), (24, 16), (16, 16), (40, 16), (24, 16)]  # tall, wide, square; repeated shapes
+    ours = [torch.nn.Parameter(torch.randn(s) / 4) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5)
+    a = Muon(ours, **kw)
+    b = torch.optim.Muon(theirs, adjust_lr_fn="match_rms_adamw", **kw)
+    for step in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for opt, params in ((a, ours), (b, theirs)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        moved = max((p - q).abs().max().item() for p, q in zip(ours, theirs))
+        assert moved < 2e-3, (step, moved)  # an update moves a weight by ~0.02 here: far more than this
+        if step == 1:  # ours reads torch's state (a copy: loading keeps the very tensors) and goes on as before
+            a.load_state_dict(copy.deepcopy(b.state_dict()))
+    with pytest.raises(ValueError, match="matrices only"):
+        Muon([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+
+
+def test_orthogonalize_flattens_the_spectrum():
+    # what Muon is for: whatever the update's singular values, the step's are all near 1 (Keller Jordan's
+    # coefficients aim at ~[0.7, 1.2] in 5 steps, not exactly 1)
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(32, 32))
+    V, _ = torch.linalg.qr(torch.randn(48, 48))
+    S = torch.logspace(-1, 1, 32)  # a condition number of 100
+    wide = U @ torch.diag(S) @ V[:32]
+    for G in (wide, wide.T):
+        X = orthogonalize(G[None], 5)[0].float()
+        assert X.shape == G.shape
+        s = torch.linalg.svdvals(X)
+        assert s.min() > 0.5 and s.max() < 1.3, s
 
 
 # ---- the trainer ----------------------------------------------------------------------------------------------------

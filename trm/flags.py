@@ -50,10 +50,6 @@ def check_flags(args, world_size=1):
         return "--sup_update each runs one process without --grad_accum (its optimizer steps inside the forward pass)"
     if args.train_halt_threshold is not None and not args.act_weight:
         return "--train_halt_threshold needs --act_weight > 0"
-    if args.optimizer == "muon":
-        import torch
-        if not hasattr(torch.optim, "Muon"):
-            return f"--optimizer muon needs PyTorch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}"
     if args.tensorboard and (problem := tensorboard_missing()):
         return problem
     if args.overwrite and args.resume == "auto":
@@ -162,7 +158,7 @@ def trainer_parser(doc):
     p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"],
                    help="after warm-up: decay to 10%% of --lr, or constant")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
-                   help="muon: torch.optim.Muon (PyTorch >= 2.9) for the blocks' weight matrices, AdamW for the "
+                   help="muon: Muon (trm/muon.py) for the blocks' weight matrices, AdamW for the "
                         "embedding, the heads and the vectors. Muon scales its step per matrix to AdamW's update size "
                         "(adjust_lr_fn match_rms_adamw), so the same --lr and --weight_decay are a sensible start")
     p.add_argument("--weight_decay", type=float, default=0.01, help="weight decay of the weight matrices")

@@ -1,19 +1,21 @@
 """The optimizer: AdamW for every weight (the default), or Muon for the hidden matrices with AdamW for the rest.
 
-Muon (torch.optim.Muon, PyTorch >= 2.9) replaces each update of a hidden weight matrix by its nearest semi-orthogonal
-matrix (a few Newton-Schulz iterations on the momentum), so every direction of the matrix moves at the same rate. It
-is meant for the matrices inside the blocks (attention qkv/proj, the MLP); the embedding, the output head, the halting
-head and every vector stay with AdamW, as in the Muon paper and the Parameter Golf records.
+Muon (trm/muon.py) replaces each update of a hidden weight matrix by its nearest semi-orthogonal matrix (a few
+Newton-Schulz iterations on the momentum), so every direction of the matrix moves at the same rate. It is meant for
+the matrices inside the blocks (attention qkv/proj, the MLP); the embedding, the output head, the halting head and
+every vector stay with AdamW, as in the Muon paper and the Parameter Golf records.
 
-One --lr for both: Muon scales its step per matrix with Moonshot's rule (adjust_lr_fn="match_rms_adamw",
-0.2 * sqrt(max(rows, cols))), which gives its updates the RMS of a typical AdamW update at the same learning rate
-("Muon is Scalable for LLM Training", arXiv 2502.16982), so a learning rate (and weight decay, which Muon applies
-like AdamW's, lr * wd) tuned for AdamW is a sensible start for Muon. Keller Jordan's "original" rule would need a
-learning rate of its own, 0.2 * sqrt(d_model) times AdamW's for a square matrix (3.2x at d_model 256), and a second
-flag. Both optimizers follow the trainer's one schedule.
+One --lr for both: Muon scales its step per matrix with Moonshot's rule (0.2 * sqrt(max(rows, cols))), which gives its
+updates the RMS of a typical AdamW update at the same learning rate ("Muon is Scalable for LLM Training",
+arXiv 2502.16982), so a learning rate (and weight decay, which Muon applies like AdamW's, lr * wd) tuned for AdamW is a
+sensible start for Muon. Keller Jordan's "original" rule would need a learning rate of its own, 0.2 * sqrt(d_model)
+times AdamW's for a square matrix (3.2x at d_model 256), and a second flag. Both optimizers follow the trainer's one
+schedule.
 """
 import torch
 from torch import nn
+
+from trm.muon import Muon
 
 BETAS = (0.9, 0.95)
 
@@ -43,8 +45,7 @@ def build_optimizer(model, args, device):
     hidden = hidden_matrices(model)
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    muon = torch.optim.Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
-                            ns_steps=5, adjust_lr_fn="match_rms_adamw")
+    muon = Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True, ns_steps=5)
     return MuonAdamW(muon, adamw(rest, args, device))
 
 

@@ -1,0 +1,74 @@
+"""One Muon step over a model's hidden matrices: torch.optim.Muon (a matrix at a time) against trm/muon.py (a shape at
+a time), and AdamW for scale.
+
+    python bench/muon_step.py                                  # this CPU, the 12-layer GPT of the races
+    python bench/muon_step.py --device cuda --arch trm --d_model 384 --n_heads 6 --n_layers 2
+
+Prints milliseconds per optimizer step (median of --steps, after warm-up) for each optimizer and, on CUDA, the kernels
+one step launches. Random gradients: the time does not depend on them.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from trm.model import TRM, TRMConfig  # noqa: E402
+from trm.muon import Muon  # noqa: E402
+from trm.optim import hidden_matrices  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--device", default="cpu")
+p.add_argument("--arch", default="gpt")
+p.add_argument("--d_model", type=int, default=256)
+p.add_argument("--n_heads", type=int, default=4)
+p.add_argument("--n_layers", type=int, default=12)
+p.add_argument("--steps", type=int, default=20)
+args = p.parse_args()
+
+device = torch.device(args.device)
+model = TRM(TRMConfig(vocab_size=16000, arch=args.arch, d_model=args.d_model, n_heads=args.n_heads,
+                      n_layers=args.n_layers)).to(device)
+weights = hidden_matrices(model)
+shapes = sorted({tuple(w.shape) for w in weights})
+print(f"# {args.arch} d_model {args.d_model} x {args.n_layers} layers: {len(weights)} hidden matrices in "
+      f"{len(shapes)} shapes {shapes}, {sum(w.numel() for w in weights):,} parameters, {device}")
+
+optimizers = {"AdamW (fused on CUDA)": lambda: torch.optim.AdamW(weights, lr=1e-3, fused=device.type == "cuda"),
+              "trm.muon.Muon": lambda: Muon(weights, lr=1e-3, weight_decay=0.1)}
+if hasattr(torch.optim, "Muon"):
+    optimizers["torch.optim.Muon"] = lambda: torch.optim.Muon(weights, lr=1e-3, weight_decay=0.1,
+                                                              adjust_lr_fn="match_rms_adamw")
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+print("| optimizer | ms per step | kernels per step |")
+print("|---|---|---|")
+for name, build in optimizers.items():
+    opt = build()
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    for _ in range(3):
+        opt.step()
+    times = []
+    for _ in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        opt.step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    kernels = "-"
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            opt.step()
+            sync()
+        kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"| {name} | {1e3 * statistics.median(times):.2f} | {kernels} |", flush=True)

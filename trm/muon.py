@@ -1,0 +1,73 @@
+"""Muon, stepping every matrix of one shape together.
+
+The update is torch.optim.Muon's with adjust_lr_fn="match_rms_adamw" (the same momentum buffers, Newton-Schulz
+coefficients and bf16 arithmetic), so the two give the same weights up to rounding and read each other's state
+(tests/test_optim.py). What differs is how many kernels a step launches. torch.optim.Muon orthogonalizes one matrix at a
+time, about twenty small kernels each; a 12-layer GPT has 48 hidden matrices, and on an H200 its training ran at 0.67M
+tokens/s with Muon against 1.9M with AdamW (BENCHMARKS.md). A model's hidden matrices come in four shapes (qkv, proj,
+gate_up, down), so here each shape is one batched Newton-Schulz over a stack, and the momentum and the weight updates
+are foreach calls over all of them: the same arithmetic in a few dozen launches, however deep the model.
+"""
+import math
+from collections import defaultdict
+
+import torch
+
+# Keller Jordan's quintic coefficients, as torch.optim.Muon uses: they push every singular value towards ~1 in 5 steps
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+EPS = 1e-7
+
+
+def orthogonalize(G, steps=5):
+    """The nearest semi-orthogonal matrix (approximately: singular values in ~[0.7, 1.2]) to each matrix of the stack
+    G [S, rows, cols], by Newton-Schulz iterations in bf16."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.bfloat16()
+    tall = G.size(1) > G.size(2)
+    if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
+        X = X.mT
+    X = X / X.norm(dim=(1, 2), keepdim=True).clamp(min=EPS)  # spectral norm <= Frobenius norm = 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weights: Nesterov momentum, then each update replaced by its orthogonalization, scaled by
+    0.2 sqrt(max(rows, cols)) so that its RMS is a typical AdamW update's at the same learning rate (Moonshot's rule,
+    arXiv 2502.16982). Weight decay as AdamW's: the weight shrinks by lr x weight_decay each step."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon steps matrices only, got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            momentum, lr = group["momentum"], group["lr"]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            by_shape = defaultdict(list)
+            for i, p in enumerate(params):
+                by_shape[tuple(p.shape)].append(i)
+            for shape, index in by_shape.items():
+                ortho = orthogonalize(torch.stack([updates[i] for i in index]), group["ns_steps"])
+                torch._foreach_add_([params[i] for i in index], list(ortho.unbind(0)),
+                                    alpha=-lr * 0.2 * math.sqrt(max(shape)))
