@@ -90,12 +90,12 @@ def test_batched_muon_steps_as_torch_muon_and_reads_its_state():
     b = torch.optim.Muon(theirs, adjust_lr_fn="match_rms_adamw", **kw)
     for step in range(4):
         grads = [torch.randn(s) for s in shapes]
-        for opt, params in ((a, ours), (b, theirs)):
-            for p, g in zip(params, grads):
+        for opt, weights in ((a, ours), (b, theirs)):
+            for p, g in zip(weights, grads):
                 p.grad = g.clone()
             opt.step()
         moved = max((p - q).abs().max().item() for p, q in zip(ours, theirs))
-        assert moved < 2e-3, (step, moved)  # an update moves a weight by ~0.02 here: far more than this
+        assert moved < 1e-4, (step, moved)  # a step moves a weight by ~0.01 here; bf16 rounding, ~1e-5 at most
         if step == 1:  # ours reads torch's state (a copy: loading keeps the very tensors) and goes on as before
             a.load_state_dict(copy.deepcopy(b.state_dict()))
     with pytest.raises(ValueError, match="matrices only"):
