@@ -320,6 +320,11 @@ def test_seed_command_streams_the_greedy_continuation(tiny, tiny_checkpoint, tin
                       "--temperature", 0, "--supervision_steps", 1)
     assert r2.returncode == r3.returncode == 0
     assert r2.stdout == r3.stdout and r2.stdout.startswith(PROMPT)
+    # --compile is for CUDA-graph steps; on a CPU it says so and decodes as before
+    r4 = run_generate("--model_path", tiny_checkpoint, "--prompt", PROMPT, "--max_new_tokens", 100,
+                      "--temperature", 0, "--supervision_steps", 1, "--compile", "--device", "cpu")
+    assert r4.returncode == 0 and r4.stdout == r3.stdout
+    assert "--compile applies to the CUDA-graph decoding steps" in r4.stderr
 
 
 def test_procedure_command_as_written(tiny_checkpoint, tiny_sp_model):
