@@ -14,6 +14,7 @@ mean of the rounds' losses. y and z are detached between rounds, so this equals 
 learning rate, with no measured gain for language modeling here; see README).
 """
 import contextlib
+import gc
 import math
 import os
 import random
@@ -181,8 +182,8 @@ try:
 except DataError as e:
     fail(str(e), 1 if isinstance(e, CacheWriteError) else 2)
 except KeyboardInterrupt:  # (Ctrl-C is the trainer's own only from the loop on: clock.catch_signals)
-    fail(f"interrupted while tokenizing the corpus: nothing was trained and nothing lost (a partial token cache is "
-         f"removed). Run the same command again to start.", 130)
+    fail("interrupted while tokenizing the corpus: nothing was trained and nothing lost (a partial token cache is "
+         "removed). Run the same command again to start.", 130)
 loader = PackedLoader(train_tokens, L, args.batch_size, args.seed, rank, world_size)
 val_windows = eval_windows(valid_tokens, L, args.eval_tokens) if valid_tokens is not None else None
 token_bytes = tokenizer.token_bytes()
@@ -511,4 +512,9 @@ if ddp:
     # the others wait for rank 0's evaluation and save: a process group torn down on one side only can abort the
     # other (seen with gloo: "terminate called without an active exception", and torchrun then kills rank 0)
     dist.barrier()
+    # The DDP wrapper holds the process group and its last work, tensors included: freed now, while the interpreter
+    # is whole, not during its finalization, where gloo's threads releasing them can abort the process (SIGABRT,
+    # the same message; seen once in CI on rank 1 after a complete run)
+    del model
+    gc.collect()
     dist.destroy_process_group()

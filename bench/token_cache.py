@@ -7,7 +7,6 @@ installed), so the formats are compared on the same documents. Each build starts
 format: the first also warms the page cache); the reload is what a resumed run pays, the checksum included.
 """
 import argparse
-import gzip
 import json
 import os
 import shutil

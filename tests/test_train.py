@@ -641,7 +641,7 @@ def test_the_same_command_again_and_overwrites_get_advice_that_works(corpus, tmp
     # the advice after a failure drops --overwrite (with it, --resume auto is refused: "choose one")
     r = train_limited(100_000, corpus, save, *map(str, first), "--overwrite")  # a checkpoint is 0.8 MB: it fails
     assert_one_line_error(r, "without --overwrite, plus --resume auto", code=1)
-    assert f"2 such folders" in r.stdout and f"rm -r {save}.replaced-*" in r.stdout
+    assert "2 such folders" in r.stdout and f"rm -r {save}.replaced-*" in r.stdout
 
 
 def test_resume_auto_says_starting_from_scratch_only_when_it_does(capsys, corpus, tmp_path):
