@@ -160,7 +160,7 @@ def trainer_parser(doc):
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
                    help="muon: Muon (trm/muon.py) for the blocks' weight matrices, AdamW for the "
                         "embedding, the heads and the vectors. Muon scales its step per matrix to AdamW's update size "
-                        "(adjust_lr_fn match_rms_adamw), so the same --lr and --weight_decay are a sensible start")
+                        "(Moonshot's rule), so the same --lr and --weight_decay are a sensible start")
     p.add_argument("--weight_decay", type=float, default=0.01, help="weight decay of the weight matrices")
     p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up to --lr over N steps")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
