@@ -39,7 +39,8 @@ from trm.flags import ARCH_FLAGS, check_flags, choose_compile, trainer_parser
 from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
-from trm.optim import build_optimizer, describe as describe_optimizer, resume_problem
+from trm.optim import build_optimizer, describe as describe_optimizer
+from trm.resume import resume_error, restore, rng_state
 from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resume_advice, take_ownership
 from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
@@ -121,15 +122,7 @@ except (SaveDirError, CheckpointError) as e:
     fail(str(e))
 if ckpt is not None:
     log(f"resuming from {ckpt_path} (step {ckpt['step']})")
-    if ckpt.get("tokenizer") and (theirs := Tokenizer.from_state(ckpt["tokenizer"])).fingerprint() != \
-            tokenizer.fingerprint():
-        fail(f"the checkpoint {ckpt_path} was trained with a different tokenizer ("
-             + ("--tokenizer byte" if theirs.kind == "byte" else f"a SentencePiece model of {theirs.vocab_size:,} "
-                                                                 f"pieces")
-             + ") than this command's " + ("--tokenizer byte" if args.tokenizer == "byte" else
-                                          f"--sp_model {args.sp_model} ({tokenizer.vocab_size:,} pieces)")
-             + "; resume with the tokenizer the run started with")
-    if problem := resume_problem(ckpt, args.optimizer):
+    if problem := resume_error(ckpt, ckpt_path, tokenizer, args):
         fail(problem)
 try:
     config = TRMConfig(**ckpt["config"]) if ckpt is not None else \
@@ -209,16 +202,7 @@ if master and (warning := disk_warning(args.save_dir, shutil.disk_usage(args.sav
     log(f"warning: {warning}")
 step, tokens_seen, last_eval = 0, 0, None
 if ckpt is not None:
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ema is not None and ckpt.get("ema") is not None:
-        ema.load_state_dict(ckpt["ema"])
-    loader.load_state_dict(ckpt["loader"])
-    step, tokens_seen, last_eval = ckpt["step"], ckpt["tokens_seen"], ckpt.get("metrics")
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and ckpt["rng"].get("cuda"):
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    random.setstate(ckpt["rng"]["python"])
+    step, tokens_seen, last_eval = restore(ckpt, model, optimizer, ema, loader, device)
     if ddp:
         torch.manual_seed(args.seed + 1000 * rank + step)  # distinct dropout per rank after a resume too
 else:
@@ -278,8 +262,7 @@ def checkpoint_state():
     return {"config": config.to_dict(), "model": raw_model.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
             "step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "rng": rng_state(device),
             "args": vars(args), "tokenizer": tokenizer.to_state(), "metrics": last_eval,
             "train_seconds": clock.seconds(), "run_id": run_id}
 
