@@ -159,7 +159,7 @@ print(f"{args.model_path}: step {state.get('step', '?')}, {model.num_params() / 
 # ---- generate --------------------------------------------------------------------------------------------------
 sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id, use_cache=not args.no_cache,
-                halt_threshold=args.halt_threshold, generator=generator, compile=args.compile and graphed, **depth)
+                halt_threshold=args.halt_threshold, generator=generator, compile=args.compile, **depth)
 
 
 def batches(prompts):

@@ -78,7 +78,7 @@ class StaticKVCache:
             raise ValueError("a fixed-shape cache continues a prefill: the KVCache is still empty")
         self.cache = cache
         k = next(iter(cache.slots.values()))[0]
-        self.batch_size = k.size(0)
+        self.batch_size, self.dtype = k.size(0), k.dtype
         self.pos = torch.zeros(1, dtype=torch.long, device=k.device)
         self.at = torch.zeros_like(self.pos)  # the current pass's position
         self.positions = torch.arange(cache.max_len, device=k.device)
@@ -93,7 +93,8 @@ class StaticKVCache:
         self.at.copy_(self.pos)
         self.pos += 1
         # keys stored so far and this token's own: 0 there, -inf beyond, added to every call's scores of this pass
-        self.bias = torch.zeros((), device=self.at.device).masked_fill(self.positions > self.at, float("-inf"))
+        self.bias = torch.zeros((), dtype=self.dtype, device=self.at.device).masked_fill(self.positions > self.at,
+                                                                                           float("-inf"))
         return self.at
 
     def attend(self, key, q, k, v):
@@ -104,6 +105,6 @@ class StaticKVCache:
         # kernel that spreads one query over B x H blocks only: 60 us a call on an H200, 60% of a decoding step
         # (bench/decode_profile.py, BENCHMARKS.md).
         B, H, _, hd = q.shape
-        scores = torch.baddbmm(self.bias.to(q.dtype).expand(B * H, 1, -1), q.reshape(B * H, 1, hd),
+        scores = torch.baddbmm(self.bias.expand(B * H, 1, -1), q.reshape(B * H, 1, hd),
                                ks.view(B * H, -1, hd).transpose(1, 2), alpha=hd ** -0.5)
         return torch.bmm(scores.softmax(dim=-1), vs.view(B * H, -1, hd)).view(B, H, 1, hd)
