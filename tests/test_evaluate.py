@@ -41,6 +41,30 @@ def test_bits_per_byte_is_the_loss_over_the_bytes_the_targets_stand_for(tiny_sp_
     assert math.isclose(r["perplexity"], math.exp(r["loss"]), rel_tol=1e-6)
 
 
+def test_the_sums_kept_on_the_device_equal_the_scores_of_each_batch_added_up(tiny_sp_model):
+    # evaluate() reads its sums once at the end; a plain loop that reads each batch's score gives the same numbers
+    tok = Tokenizer.from_args("sentencepiece", tiny_sp_model)
+    ids = [i for doc in document_ids(tok, japanese_lines(60, seed=4)) for i in doc]
+    windows = eval_windows(np.array(ids), 24, 10_000)
+    torch.manual_seed(0)
+    model = TRM(TRMConfig(vocab_size=tok.vocab_size, d_model=32, n_heads=2, max_seq_len=24, dropout=0.0,
+                          supervision_steps=2, halt_head=True))
+    r = evaluate(model, windows, tok.token_bytes(), batch_size=5)
+    nats, n_bytes, halt_right = 0.0, 0, 0
+    with torch.no_grad():
+        for w in windows.split(5):
+            targets = w[:, 1:]
+            logits, _ = model(w[:, :-1])
+            nats += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
+            n_bytes += int(tok.token_bytes()[targets.numpy()].sum())
+            for y in model.rounds(w[:, :-1]):
+                halt_right += ((model.halt(y).squeeze(-1) > 0) == (model.head(y).argmax(-1) == targets)).sum().item()
+    assert len(windows) % 5 and r["tokens"] == windows[:, 1:].numel() and r["bytes"] == n_bytes
+    assert math.isclose(r["loss"], nats / r["tokens"], rel_tol=1e-9)
+    assert math.isclose(r["bits_per_byte"], nats / math.log(2) / n_bytes, rel_tol=1e-9)
+    assert r["halt_accuracy"] == halt_right / (r["tokens"] * 2)
+
+
 def test_evaluate_command_prints_one_json_object(tiny_checkpoint, tmp_path):
     data = tmp_path / "validation_0.jsonl.gz"
     with gzip.open(data, "wt", encoding="utf-8") as f:

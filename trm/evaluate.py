@@ -32,24 +32,28 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     was_training = model.training
     model.eval()
     token_bytes = torch.as_tensor(token_bytes, device=device)
+    windows = windows.to(device)  # once: a copy per batch from pageable memory would wait for the device each time
     head_accuracy = model.can_halt and halt_threshold is None
     N_sup = model.n_rounds(**depth)
-    nats, n_tokens, n_bytes, halt_right, rounds_run = 0.0, 0, 0, 0, 0
+    # the sums stay on the device and are read once at the end (an .item() per batch would wait for the device each
+    # time); nats in float64, but float32 on MPS, which has no float64
+    nats = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    n_bytes, halt_right, rounds_run = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+    n_tokens = 0
     for i in range(0, len(windows), batch_size):
-        w = windows[i:i + batch_size].to(device, non_blocking=True)
-        idx, targets = w[:, :-1], w[:, 1:]
+        idx, targets = windows[i:i + batch_size, :-1], windows[i:i + batch_size, 1:]
         with autocast(device, amp_dtype):
             for y, running in model.scored_rounds(idx, None, halt_threshold, **depth):
-                rounds_run += int(running.sum()) if running is not None else targets.numel()
+                rounds_run += running.sum() if running is not None else targets.numel()
                 if head_accuracy:
                     stop = model.halt(y).squeeze(-1) > 0
-                    halt_right += int((stop == (model.head(y).argmax(-1) == targets)).sum())
+                    halt_right += (stop == (model.head(y).argmax(-1) == targets)).sum()
             logits = model.head(y)
-        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                reduction="sum").item()
+        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
         n_tokens += targets.numel()
-        n_bytes += int(token_bytes[targets].sum().item())
+        n_bytes += token_bytes[targets].sum()
     model.train(was_training)
+    nats, n_bytes, halt_right, rounds_run = nats.item(), int(n_bytes), int(halt_right), int(rounds_run)
     loss = nats / n_tokens
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
               "bits_per_byte": nats / math.log(2) / max(n_bytes, 1), "tokens": n_tokens, "bytes": n_bytes}
