@@ -473,8 +473,7 @@ if master:
                     fail(collapse_error(), 3)
             path = save(f"step_{step}.pt" if interrupted else f"final_step_{step}.pt", quiet=True)
             saver.close()
-            if not interrupted and val_windows is None:
-                metrics.plot()
+            metrics.plot(force=True)  # the curves are redrawn at most once a minute: the last one holds everything
     except OSError as e:
         fail(run_dir.failure(e, args.save_dir, step), 1)
     if interrupted:

@@ -66,3 +66,33 @@ def test_without_tensorboard_nothing_is_written_and_the_flag_is_refused_in_one_l
     assert log.tensorboard is None and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
     monkeypatch.setitem(__import__("sys").modules, "tensorboard", None)  # `import tensorboard` now fails
     assert metrics.tensorboard_missing() == "--tensorboard needs the tensorboard package: pip install tensorboard"
+
+
+def test_the_curves_are_redrawn_at_most_once_a_minute_and_whenever_forced(tmp_path, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    log = MetricsLog(str(tmp_path), "t")
+    log.start()
+    drawn = []  # the entries each drawing held
+    monkeypatch.setattr(log, "draw", lambda: drawn.append(len(log.history)))
+
+    def after(seconds, entry=None, force=False):
+        now[0] += seconds
+        if entry is not None:
+            log.append(entry)
+        log.plot(force)
+
+    after(0, TRAIN[0])                 # the first drawing at once
+    after(30, TRAIN[1])                # half a minute later: not yet
+    after(29.9, EVAL[0])
+    assert drawn == [1]
+    after(0.1, TRAIN[2])               # a minute after the last drawing
+    after(0.1, force=True)             # forced, but nothing new to draw
+    after(0.1, TRAIN[3], force=True)   # the end of a run: drawn whatever the time
+    assert drawn == [1, 4, 5]
+    monkeypatch.undo()
+    log.plot(force=True)  # (nothing new: drawn already)
+    assert not (tmp_path / "training_curves.png").exists()
+    log.append(EVAL[1])
+    log.plot(force=True)
+    assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"

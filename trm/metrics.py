@@ -1,8 +1,10 @@
 """metrics.jsonl (one JSON object per log or evaluation step), the training_curves.png drawn from it, and with
 --tensorboard the same numbers as TensorBoard scalars."""
 import json
+import math
 import os
 import sys
+import time
 
 import torch
 
@@ -18,6 +20,10 @@ def peak_flops(device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
+
+# a redraw of the curves takes 0.14-0.2 s on this CPU with a 50,000-step run's history (BENCHMARKS.md): after each of
+# the procedure's 100 evaluations that was 15-21 s of the run; at most once a minute it is at most 12 s an hour
+PLOT_EVERY = 60.0  # seconds
 
 TENSORBOARD_MISSING = "--tensorboard needs the tensorboard package: pip install tensorboard"
 
@@ -38,6 +44,7 @@ class MetricsLog:
         self.title, self.valid_label = title, valid_label  # of the curves' plot
         self.tensorboard_dir, self.tensorboard = tensorboard_dir, None
         self.history = []
+        self.drawn, self.drawn_at = 0, -math.inf  # entries in the last drawing, and when it was drawn
 
     def start(self, resume_step=None):
         """A fresh run starts an empty log; a resumed one keeps its history up to the resumed step and drops what came
@@ -81,7 +88,16 @@ class MetricsLog:
                     self.tensorboard.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
             self.tensorboard.flush()  # log steps only: cheap, and a killed run's events are on disk
 
-    def plot(self):
+    def plot(self, force=False):
+        """Redraw the curves when there is something new, at most once every PLOT_EVERY seconds unless forced (the end
+        of a run, so that the last drawing holds everything)."""
+        now = time.monotonic()
+        if len(self.history) == self.drawn or not force and now - self.drawn_at < PLOT_EVERY:
+            return
+        self.drawn, self.drawn_at = len(self.history), now
+        self.draw()
+
+    def draw(self):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
