@@ -426,7 +426,7 @@ try:
                           f" | epoch {loader.epoch:.2f} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
         if master and val_windows is not None and step % args.eval_every == 0 and step < args.max_steps:
             trained = clock.session_seconds() - seconds_at_eval
-            with clock.pause():  # evaluation time is neither training throughput nor --max_minutes
+            with clock.pause("evaluating"):  # evaluation time is neither training throughput nor --max_minutes
                 last_eval = r = run_eval()
             seconds_at_eval = clock.session_seconds()
             log(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
@@ -443,7 +443,7 @@ try:
         if step % save_every == 0 and step < args.max_steps:
             check_finite()
             if master and not (guard is not None and guard.suspect):  # an evaluation clears the weights first
-                with clock.pause():
+                with clock.pause("saving"):
                     save(f"step_{step}.pt")
         if clock.should_stop(step):
             break
@@ -465,12 +465,13 @@ check_finite()
 interrupted = clock.stop_requested
 if master:
     try:
-        with clock.pause():
-            if not interrupted and val_windows is not None:
+        if not interrupted and val_windows is not None:
+            with clock.pause("evaluating"):
                 last_eval = run_eval()
-                judge(last_eval)
-                if guard is not None and guard.collapsed:
-                    fail(collapse_error(), 3)
+            judge(last_eval)
+            if guard is not None and guard.collapsed:
+                fail(collapse_error(), 3)
+        with clock.pause("saving"):
             path = save(f"step_{step}.pt" if interrupted else f"final_step_{step}.pt", quiet=True)
             saver.close()
             metrics.plot(force=True)  # the curves are redrawn at most once a minute: the last one holds everything
@@ -485,6 +486,7 @@ if master:
                    f"({step - start_step} in this session: {wall:.1f} min, {trained:.1f} of them training; "
                    f"{clock.seconds() / 60:.1f} min of training in all)")
         log(f"done: {step} steps{budget} {session}, {tokens_seen:,} tokens; final checkpoint {path}")
+    log(clock.summary(time.time() - t_process))
     if last_eval and not interrupted:
         log(f"validation ({eval_weights} weights): loss {last_eval['loss']:.4f}, perplexity "
             f"{last_eval['perplexity']:.1f}, {last_eval['bits_per_byte']:.4f} bits/byte" +

@@ -7,6 +7,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -519,10 +520,19 @@ def test_warnings_that_save_a_run(capsys, tmp_path):
 @pytest.mark.slow
 def test_the_summary_line_adds_up_and_a_costly_evaluation_is_pointed_out(corpus, tmp_path):
     save = tmp_path / "ck"
+    t = time.time()
     r = train(corpus, save, "--max_steps", "4", "--eval_every", "1", "--eval_tokens", "4096", "--log_every", "2")
+    t = time.time() - t
     wall, trained = map(float, re.search(r"done: 4 steps in ([\d.]+) min \(([\d.]+) of them training\)",
                                          r.stdout).groups())
     assert trained <= wall
+    # where the seconds went: steps 1-3 and the end each evaluate and save
+    m = re.search(r"time: ([\d.]+) s training, ([\d.]+) s evaluating \(4 evaluations\), ([\d.]+) s saving \(4 "
+                  r"checkpoints: the loop's stalls and the last write\), ([\d.]+) s other \(start-up, data\)", r.stdout)
+    assert m, r.stdout
+    seconds = [float(x) for x in m.groups()]
+    assert all(x > 0 for x in seconds) and sum(seconds) <= t + 0.2  # (each rounded to 0.05 s)
+    assert abs(seconds[0] / 60 - trained) < 0.06
     assert r.stdout.count("note: an evaluation takes") == 1 and "--eval_tokens (now 4,096)" in r.stdout
     state = load_checkpoint(save / "final_step_4.pt")
     state["train_seconds"] = 600.0  # ten minutes of training in earlier sessions

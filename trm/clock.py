@@ -4,6 +4,7 @@ those seconds are counted against, and the other reason to stop early, Ctrl-C or
 Under DDP every rank must use the same lr and leave the loop at the same step, so the budget's progress and a stop
 request are agreed on (rank 0's clock, any rank's signal) every `agree_every` steps rather than read locally.
 """
+import collections
 import contextlib
 import signal
 import time
@@ -17,13 +18,14 @@ class RunClock:
         self.seconds_before = seconds_before  # training seconds of earlier sessions (from the checkpoint)
         self.budget = 60 * max_minutes        # seconds; 0 = no budget
         self.ddp, self.master, self.device, self.agree_every = ddp, master, device, agree_every
-        self.t_start = time.time()
-        self.paused = self.last_pause = 0.0
+        self.start()
+        self.last_pause = 0.0
         self.stop_requested = None  # the name of the signal received
         self.budget_frac = seconds_before / self.budget if self.budget else 0.0  # the same on every rank
 
     def start(self):
         self.t_start, self.paused = time.time(), 0.0
+        self.spent, self.pauses = collections.Counter(), collections.Counter()  # seconds and pauses, by what for
 
     def session_seconds(self):
         return time.time() - self.t_start - self.paused
@@ -38,14 +40,26 @@ class RunClock:
         return self.budget_frac >= 1
 
     @contextlib.contextmanager
-    def pause(self):
-        """Time spent inside does not count as training (nor against --max_minutes, nor in tok/s)."""
+    def pause(self, what="other"):
+        """Time spent inside does not count as training (nor against --max_minutes, nor in tok/s); it is summed by
+        `what` ("evaluating", "saving") for the summary."""
         t = time.time()
         try:
             yield
         finally:
             self.last_pause = time.time() - t
             self.paused += self.last_pause
+            self.spent[what] += self.last_pause
+            self.pauses[what] += 1
+
+    def summary(self, wall):
+        """Where the session's wall seconds went, in one line: training (its first steps compile), evaluating, saving,
+        and the rest (start-up, reading and tokenizing the corpus)."""
+        train, evaluating, saving = self.session_seconds(), self.spent["evaluating"], self.spent["saving"]
+        n_eval, n_save = self.pauses["evaluating"], self.pauses["saving"]
+        return (f"time: {train:.1f} s training, {evaluating:.1f} s evaluating ({n_eval} evaluation{'s' * (n_eval != 1)}"
+                f"), {saving:.1f} s saving ({n_save} checkpoint{'s' * (n_save != 1)}: the loop's stalls and the last "
+                f"write), {wall - train - evaluating - saving:.1f} s other (start-up, data)")
 
     def catch_signals(self, log, on_abort=None):
         """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once, calling on_abort
