@@ -253,7 +253,7 @@ loss_sum = torch.zeros((), device=device)
 loss_count = 0
 guarded = args.collapse_guard == "on" and val_windows is not None  # the same on every rank; rank 0 judges
 guard = CollapseGuard(unigram_entropy(train_tokens, tokenizer.vocab_size), args.warmup_steps,
-                      run_dir.best.get("loss"), step) if guarded and master else None
+                      run_dir.best.get("loss"), step, tokens_seen=tokens_seen) if guarded and master else None
 if guard is not None:
     log(f"collapse guard: {guard.describe()}")
 
