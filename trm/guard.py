@@ -99,8 +99,10 @@ class CollapseGuard:
 
     def _where(self, loss, best):
         if not math.isfinite(loss) or loss >= self.level:
+            # a first evaluation has no trend: a slow but healthy run (the procedure's batch 4 at step 500) is there too
+            trend = "not falling" if math.isfinite(best) else "not yet known to be falling (a first evaluation)"
             return (f"at or above the unigram level ({self.unigram:.3f} nats/token, the training tokens' unigram "
-                    f"entropy) and not falling")
+                    f"entropy) and {trend}")
         return (f"more than halfway back from its best {best:.4f} to the unigram level ({self.unigram:.3f} nats/token, "
                 f"the training tokens' unigram entropy)")
 
