@@ -6,6 +6,11 @@ a time), and AdamW for scale.
 
 Prints milliseconds per optimizer step (median of --steps, after warm-up) for each optimizer and, on CUDA, the kernels
 one step launches. Random gradients: the time does not depend on them.
+
+--compiled adds trm.muon.Muon with its step compiled by torch.compile (default mode, and "reduce-overhead", which
+replays it as a CUDA graph on a GPU): on an H200 the GPT-12's 174 launches from Python cost more host time than the
+GPU spends on them, so a compiled step is the candidate fix (BENCHMARKS.md, Round 2, third session). The warm-up
+steps compile; a variant that fails prints its error in its row.
 """
 import argparse
 import os
@@ -27,6 +32,7 @@ p.add_argument("--d_model", type=int, default=256)
 p.add_argument("--n_heads", type=int, default=4)
 p.add_argument("--n_layers", type=int, default=12)
 p.add_argument("--steps", type=int, default=20)
+p.add_argument("--compiled", action="store_true", help="also time trm.muon.Muon with a compiled step")
 args = p.parse_args()
 
 device = torch.device(args.device)
@@ -44,15 +50,27 @@ if hasattr(torch.optim, "Muon"):
                                                               adjust_lr_fn="match_rms_adamw")
 
 
+class CompiledStep:
+    """An optimizer whose step() is torch.compile'd (in `mode`); the rest is the optimizer's."""
+
+    def __init__(self, optimizer, mode=None):
+        self.step = torch.compile(optimizer.step, mode=mode)
+
+
+if args.compiled:
+    optimizers["trm.muon.Muon, step compiled"] = lambda: CompiledStep(Muon(weights, lr=1e-3, weight_decay=0.1))
+    if device.type == "cuda":
+        optimizers["trm.muon.Muon, step compiled, CUDA graph"] = lambda: CompiledStep(
+            Muon(weights, lr=1e-3, weight_decay=0.1), "reduce-overhead")
+
+
 def sync():
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-print("| optimizer | ms per step | kernels per step |")
-print("|---|---|---|")
-for name, build in optimizers.items():
-    opt = build()
+def measure(opt):
+    """(median ms per step, kernels per step or "-")."""
     for w in weights:
         w.grad = torch.randn_like(w)
     for _ in range(3):
@@ -71,4 +89,14 @@ for name, build in optimizers.items():
             opt.step()
             sync()
         kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    print(f"| {name} | {1e3 * statistics.median(times):.2f} | {kernels} |", flush=True)
+    return f"{1e3 * statistics.median(times):.2f}", kernels
+
+
+print("| optimizer | ms per step | kernels per step |")
+print("|---|---|---|")
+for name, build in optimizers.items():
+    try:
+        ms, kernels = measure(build())
+    except Exception as e:  # a compiled variant this torch cannot build: its row says why, the others still run
+        ms, kernels = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", "-"
+    print(f"| {name} | {ms} | {kernels} |", flush=True)
