@@ -305,8 +305,8 @@ def check_finite():
 
 def judge(result):
     """The collapse guard's verdict on an evaluation (rank 0)."""
-    if guard is not None and (warning := guard.observe(step, tokens_seen, result["loss"])):
-        log(f"warning: {warning}")
+    if guard is not None and (line := guard.observe(step, tokens_seen, result["loss"])):
+        log(line if line.startswith("note") else f"warning: {line}")
 
 
 def collapse_error():

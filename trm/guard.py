@@ -77,13 +77,20 @@ class CollapseGuard:
         return self.best < self.level and loss >= self.best + GIVE_BACK * (self.unigram - self.best)
 
     def observe(self, step, tokens_seen, loss):
-        """Judge one evaluation. Returns a warning line for the first bad one, else None."""
+        """Judge one evaluation. Returns a line for the first bad one (a warning; a note when it is the run's first
+        evaluation, which has no trend yet), else None."""
         bad = self.is_bad(step, tokens_seen, loss)
         self.tokens_at_last = tokens_seen
         self.bad = self.bad + [(step, loss)] if bad else []
         if not bad:
             self.last_good_step = step
         best_before, self.best = self.best, min(self.best, loss)
+        if len(self.bad) == 1 and not math.isfinite(best_before) and math.isfinite(loss):
+            # a first evaluation: a slow start (the procedure's batch 4 at step 500) looks the same as a collapse
+            return (f"note: step {step}: the validation loss {loss:.4f} is still at the unigram level "
+                    f"({self.unigram:.3f} nats/token, the training tokens' unigram entropy). A slow start is normal "
+                    f"and falls by the next evaluation; a collapse stays: the run stops if the next evaluation has "
+                    f"not fallen, and this checkpoint is not saved")
         if len(self.bad) == 1:
             return (f"step {step}: the validation loss {loss:.4f} is {self._where(loss, best_before)}: this checkpoint "
                     f"is not saved, and the run stops if the next evaluation agrees")
@@ -99,10 +106,8 @@ class CollapseGuard:
 
     def _where(self, loss, best):
         if not math.isfinite(loss) or loss >= self.level:
-            # a first evaluation has no trend: a slow but healthy run (the procedure's batch 4 at step 500) is there too
-            trend = "not falling" if math.isfinite(best) else "not yet known to be falling (a first evaluation)"
             return (f"at or above the unigram level ({self.unigram:.3f} nats/token, the training tokens' unigram "
-                    f"entropy) and {trend}")
+                    f"entropy) and not falling")
         return (f"more than halfway back from its best {best:.4f} to the unigram level ({self.unigram:.3f} nats/token, "
                 f"the training tokens' unigram entropy)")
 
