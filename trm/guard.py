@@ -61,8 +61,8 @@ class CollapseGuard:
     def describe(self):
         return (f"unigram level {self.unigram:.3f} nats/token (the training tokens' unigram entropy); after step "
                 f"{self.warmup_steps:,} and {self.min_tokens:,} tokens, two evaluations in a row at >= "
-                f"{self.level:.3f} and not falling ({STILL_FALLING:g} nats or more per million tokens), or halfway back "
-                f"there from the best, stop the run")
+                f"{self.level:.3f} and not falling by {STILL_FALLING:g} nats per million tokens, or halfway back there "
+                f"from the best, stop the run")
 
     def is_bad(self, step, tokens_seen, loss):
         if step < self.warmup_steps or tokens_seen < self.min_tokens:
