@@ -53,6 +53,14 @@ args = p.parse_args()
 args.out = os.path.abspath(args.out)
 
 
+def speed(trains):
+    """Tokens/s of a run's log windows: (median, slowest, fastest), the first window left out (it holds compilation)
+    when there are others. The spread shows a run whose speed wandered (a host-bound step: the GPT-12 with Muon ran
+    at 1.48-1.97M tokens/s from one run to the next, BENCHMARKS.md), which the median alone hides."""
+    speeds = sorted(h["tok_s"] for h in (trains[1:] if len(trains) > 1 else trains) if "tok_s" in h)
+    return (speeds[len(speeds) // 2], speeds[0], speeds[-1]) if speeds else (0, 0, 0)
+
+
 def plot_race(names):
     """race.png: each run's validation bits/byte (the trainer's evaluations) against its training minutes, the clock
     that --max_minutes counts. A run without evaluations yet is named in the printout and left out of the plot."""
@@ -62,15 +70,17 @@ def plot_race(names):
     fig, ax = plt.subplots(figsize=(8, 5))
     for name in names:
         path = os.path.join(args.out, name, "metrics.jsonl")
-        evals = [h for h in map(json.loads, open(path)) if h.get("kind") == "eval" and "train_seconds" in h] \
-            if os.path.isfile(path) else []
+        history = list(map(json.loads, open(path))) if os.path.isfile(path) else []
+        evals = [h for h in history if h.get("kind") == "eval" and "train_seconds" in h]
         if not evals:
             print(f"race.png: {name}: no evaluation with train_seconds in {path}", flush=True)
             continue
         minutes = [h["train_seconds"] / 60 for h in evals]
         ax.plot(minutes, [h["bits_per_byte"] for h in evals], "o-", ms=3, lw=1.5, label=name)
+        median, slowest, fastest = speed([h for h in history if h.get("kind") == "train"])
         print(f"race.png: {name}: {len(evals)} evaluations, {evals[-1]['bits_per_byte']:.4f} bits/byte at "
-              f"{minutes[-1]:.2f} min", flush=True)
+              f"{minutes[-1]:.2f} min, {median / 1e6:.2f}M tokens/s ({slowest / 1e6:.2f}-{fastest / 1e6:.2f}M)",
+              flush=True)
     ax.set_xlabel("training minutes (compilation included, evaluation and saving not)")
     ax.set_ylabel("validation bits/byte")
     ax.set_title(f"race: {os.path.basename(args.out)}")
@@ -146,8 +156,8 @@ def race(name, flags, gpu):
     trains = [h for h in history if h["kind"] == "train"]
     best = min(evals, key=lambda h: h["bits_per_byte"])
     row.update(steps=max(h["step"] for h in history), best_val=best["bits_per_byte"], best_step=best["step"],
-               last_val=evals[-1]["bits_per_byte"],
-               tok_s=sorted(h["tok_s"] for h in trains)[len(trains) // 2] if trains else 0)
+               last_val=evals[-1]["bits_per_byte"])
+    row["tok_s"], row["tok_s_min"], row["tok_s_max"] = speed(trains)
     ckpt = os.path.join(save_dir, finals[0])
     trained = score(name, ckpt, env)
     row.update(params=trained.get("params"), bpb=trained.get("bits_per_byte"), error=trained.get("error"))
@@ -235,14 +245,16 @@ def fmt(v, spec=".4f"):
 print(f"\n{args.minutes:g} minutes each; bits/byte on validation_0 ({args.eval_tokens:,} tokens, EMA) at the end and "
       "of best.pt (the checkpoint of the trainer's best evaluation); best along run = that evaluation itself (its "
       "own, smaller sample)")
-print("| run | params | MFLOP/token | tok/s | steps | bits/byte | best.pt | best along run (step) | 0.5x depth "
+print("| run | params | MFLOP/token | tok/s (slowest-fastest log window) | steps | bits/byte | best.pt | "
+      "best along run (step) | 0.5x depth "
       "| 2x depth | flags |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
     if r.get("error") and r.get("bpb") is None:
         print(f"| {r['name']} | failed: {r['error'][-120:]!r} ||||||||| `{r['flags']}` |")
         continue
-    print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['mflop_per_token']:.0f} | {r['tok_s'] / 1e6:.2f}M | "
+    print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['mflop_per_token']:.0f} | {r['tok_s'] / 1e6:.2f}M "
+          f"({r['tok_s_min'] / 1e6:.2f}-{r['tok_s_max'] / 1e6:.2f}M) | "
           f"{r['steps']:,} | {fmt(r['bpb'])} | {fmt(r.get('bpb_best'))} | {fmt(r['best_val'])} ({r['best_step']:,}) | "
           f"{fmt(r.get('bpb_half'))} | "
           f"{fmt(r.get('bpb_double'))} | `{r['flags']}` |")

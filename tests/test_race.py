@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def fake_run(out, name, evals, train_lines=2):
     """A save dir as the trainer leaves it: metrics.jsonl with train entries and (seconds, bits/byte) evaluations."""
     (out / name).mkdir(parents=True)
-    entries = [{"step": i, "kind": "train", "loss": 3.0, "train_seconds": 10.0 * i} for i in range(1, train_lines + 1)]
+    entries = [{"step": i, "kind": "train", "loss": 3.0, "train_seconds": 10.0 * i, "tok_s": 1e6 * i}
+               for i in range(1, train_lines + 1)]
     entries += [{"step": 100 * i, "kind": "eval", "loss": 2.0, "bits_per_byte": bpb, "train_seconds": seconds}
                 for i, (seconds, bpb) in enumerate(evals, 1)]
     (out / name / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
@@ -18,7 +19,7 @@ def fake_run(out, name, evals, train_lines=2):
 
 def test_plot_only_draws_one_line_per_run_from_their_metrics(tmp_path):
     out = tmp_path / "race_out"
-    fake_run(out, "trm", [(30, 1.60), (60, 1.45), (120, 1.38)])
+    fake_run(out, "trm", [(30, 1.60), (60, 1.45), (120, 1.38)], train_lines=5)
     fake_run(out, "gpt12", [(45, 1.55), (118.8, 1.35)])
     fake_run(out, "crashed", [])  # died before its first evaluation
     fake_run(out, "_prep", [(1, 9.0)])  # the token-cache run, not a contestant
@@ -27,8 +28,9 @@ def test_plot_only_draws_one_line_per_run_from_their_metrics(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines == ["race.png: crashed: no evaluation with train_seconds in " + str(out / "crashed/metrics.jsonl"),
-                     "race.png: gpt12: 2 evaluations, 1.3500 bits/byte at 1.98 min",
-                     "race.png: trm: 3 evaluations, 1.3800 bits/byte at 2.00 min"]
+                     # tokens/s: the median and range of the log windows after the first (which compiles)
+                     "race.png: gpt12: 2 evaluations, 1.3500 bits/byte at 1.98 min, 2.00M tokens/s (2.00-2.00M)",
+                     "race.png: trm: 3 evaluations, 1.3800 bits/byte at 2.00 min, 4.00M tokens/s (2.00-5.00M)"]
     assert (out / "race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
