@@ -69,5 +69,7 @@ class Muon(torch.optim.Optimizer):
                 by_shape[tuple(p.shape)].append(i)
             for shape, index in by_shape.items():
                 ortho = orthogonalize(torch.stack([updates[i] for i in index]), group["ns_steps"])
-                torch._foreach_add_([params[i] for i in index], list(ortho.unbind(0)),
+                # in the weights' dtype first: a foreach add of bf16 into fp32 falls back to one kernel per matrix (48
+                # for a 12-layer GPT); cast once, it is one launch per shape, and the same arithmetic
+                torch._foreach_add_([params[i] for i in index], list(ortho.to(params[index[0]].dtype).unbind(0)),
                                     alpha=-lr * 0.2 * math.sqrt(max(shape)))
