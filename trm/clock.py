@@ -24,11 +24,11 @@ class RunClock:
         self.budget_frac = seconds_before / self.budget if self.budget else 0.0  # the same on every rank
 
     def start(self):
-        self.t_start, self.paused = time.time(), 0.0
+        self.t_start = time.time()
         self.spent, self.pauses = collections.Counter(), collections.Counter()  # seconds and pauses, by what for
 
     def session_seconds(self):
-        return time.time() - self.t_start - self.paused
+        return time.time() - self.t_start - sum(self.spent.values())
 
     def seconds(self):
         return self.seconds_before + self.session_seconds()
@@ -48,7 +48,6 @@ class RunClock:
             yield
         finally:
             self.last_pause = time.time() - t
-            self.paused += self.last_pause
             self.spent[what] += self.last_pause
             self.pauses[what] += 1
 
