@@ -7,8 +7,8 @@ a time), and AdamW for scale.
 Prints milliseconds per optimizer step (median of --steps, after warm-up) for each optimizer and, on CUDA, the kernels
 one step launches. Random gradients: the time does not depend on them.
 
---compiled adds trm.muon.Muon with its step compiled by torch.compile (default mode, and "reduce-overhead", which
-replays it as a CUDA graph on a GPU): on an H200 the GPT-12's 174 launches from Python cost more host time than the
+--compiled adds trm.muon.Muon compiled as the trainer does under --compile (Muon.compile(): default mode, the rate a
+device tensor), and its whole step compiled in "reduce-overhead" mode, which replays it as a CUDA graph on a GPU: on an H200 the GPT-12's 174 launches from Python cost more host time than the
 GPU spends on them, so a compiled step is the candidate fix (BENCHMARKS.md, Round 2, third session). The warm-up
 steps compile; a variant that fails prints its error in its row.
 """
@@ -58,7 +58,7 @@ class CompiledStep:
 
 
 if args.compiled:
-    optimizers["trm.muon.Muon, step compiled"] = lambda: CompiledStep(Muon(weights, lr=1e-3, weight_decay=0.1))
+    optimizers["trm.muon.Muon, compiled as the trainer does"] = lambda: Muon(weights, lr=1e-3, weight_decay=0.1).compile()
     if device.type == "cuda":
         optimizers["trm.muon.Muon, step compiled, CUDA graph"] = lambda: CompiledStep(
             Muon(weights, lr=1e-3, weight_decay=0.1), "reduce-overhead")

@@ -86,7 +86,7 @@ def test_batched_muon_steps_as_torch_muon_and_reads_its_state():
     ours = [torch.nn.Parameter(torch.randn(s) / 4) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5)
-    a = Muon(ours, **kw)
+    a = Muon(ours, **kw, ns_dtype=torch.bfloat16)  # torch's precision (on a CPU ours would iterate in fp32)
     b = torch.optim.Muon(theirs, adjust_lr_fn="match_rms_adamw", **kw)
     for step in range(4):
         grads = [torch.randn(s) for s in shapes]
@@ -100,6 +100,34 @@ def test_batched_muon_steps_as_torch_muon_and_reads_its_state():
             a.load_state_dict(copy.deepcopy(b.state_dict()))
     with pytest.raises(ValueError, match="matrices only"):
         Muon([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+
+
+def test_compiled_muon_follows_the_schedule_without_recompiling():
+    # compile() is for the GPU's host time (one fused step instead of ~170 launches); the rate changes every step,
+    # so it must reach the graph as data: a recompile per step would be slow and, past dynamo's cache limit, silently
+    # eager. Compiled kernels sum in another order, so the two agree to rounding, not bit for bit.
+    import torch._dynamo
+    torch.manual_seed(0)
+    shapes = [(24, 16), (16, 24), (24, 16), (40, 16)]
+    eager = [torch.nn.Parameter(torch.randn(s) / 4) for s in shapes]
+    compiled = [torch.nn.Parameter(p.detach().clone()) for p in eager]
+    start = [p.detach().clone() for p in eager]
+    a, b = Muon(eager, lr=0.02, weight_decay=0.1), Muon(compiled, lr=0.02, weight_decay=0.1).compile()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(4):
+            grads = [torch.randn(s) for s in shapes]
+            for opt, weights in ((a, eager), (b, compiled)):
+                for group in opt.param_groups:
+                    group["lr"] = 0.02 * (step + 1)
+                for p, g in zip(weights, grads):
+                    p.grad = g.clone()
+                opt.step()
+    for p, q, s in zip(eager, compiled, start):
+        moved = (p - s).abs().max().item()
+        assert moved > 0.05  # four steps of the schedule, not one
+        assert (p - q).abs().max().item() < 1e-4 * moved  # fp32 on a CPU: ~1e-6 of the movement, measured
+    for i in range(len(shapes)):  # the momentum is fp32 arithmetic on the same gradients: equal to rounding
+        torch.testing.assert_close(a.state[eager[i]]["momentum_buffer"], b.state[compiled[i]]["momentum_buffer"])
 
 
 def test_orthogonalize_flattens_the_spectrum():

@@ -1,8 +1,8 @@
 """Muon, stepping every matrix of one shape together.
 
 The update is torch.optim.Muon's with adjust_lr_fn="match_rms_adamw" (the same momentum buffers, Newton-Schulz
-coefficients and bf16 arithmetic), so the two give the same weights up to rounding and read each other's state
-(tests/test_optim.py). What differs is how many kernels a step launches. torch.optim.Muon orthogonalizes one matrix at a
+coefficients and, on a GPU, bf16 arithmetic), so the two give the same weights up to rounding and read each other's
+state (tests/test_optim.py). What differs is how many kernels a step launches. torch.optim.Muon orthogonalizes one matrix at a
 time, about twenty small kernels each; a 12-layer GPT has 48 hidden matrices, and on an H200 its training ran at 0.67M
 tokens/s with Muon against 1.9M with AdamW (BENCHMARKS.md). A model's hidden matrices come in four shapes (qkv, proj,
 gate_up, down), so here each shape is one batched Newton-Schulz over a stack, and the momentum and the weight updates
@@ -18,11 +18,14 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 EPS = 1e-7
 
 
-def orthogonalize(G, steps=5):
+def orthogonalize(G, steps=5, dtype=None):
     """The nearest semi-orthogonal matrix (approximately: singular values in ~[0.7, 1.2]) to each matrix of the stack
-    G [S, rows, cols], by Newton-Schulz iterations in bf16."""
+    G [S, rows, cols], by Newton-Schulz iterations in `dtype`; by default bf16 on a GPU (as torch.optim.Muon), fp32 on a
+    CPU: CPUs without
+    native bf16 products take a reference path there, 20 s a step for a 12-layer GPT's matrices on an AVX2 EPYC
+    against 0.6 s in fp32 (bench/muon_step.py)."""
     a, b, c = NS_COEFFICIENTS
-    X = G.bfloat16()
+    X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
     tall = G.size(1) > G.size(2)
     if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
         X = X.mT
@@ -34,18 +37,46 @@ def orthogonalize(G, steps=5):
     return X.mT if tall else X
 
 
+def update(params, grads, bufs, lr, weight_decay, momentum, nesterov, ns_steps, shapes, ns_dtype=None):
+    """One Muon step of a parameter group, in place. shapes: (shape, indices into params) for each shape. lr is a
+    float, or a 0-d tensor on the weights' device when this function is compiled (a float would be baked into the
+    graph, and the schedule's new rate every step would recompile it)."""
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    updates = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+    torch._foreach_mul_(params, 1 - lr * weight_decay)
+    for shape, index in shapes:
+        ortho = orthogonalize(torch.stack([updates[i] for i in index]), ns_steps, ns_dtype)
+        # in the weights' dtype first: a foreach add of bf16 into fp32 falls back to one kernel per matrix (48
+        # for a 12-layer GPT); cast once, it is one launch per shape, and the same arithmetic
+        ortho = list(ortho.to(params[index[0]].dtype).unbind(0))
+        scale = -lr * 0.2 * math.sqrt(max(shape))
+        if isinstance(scale, torch.Tensor):  # (foreach's alpha takes a number only)
+            ortho = torch._foreach_mul(ortho, scale)
+            scale = 1.0
+        torch._foreach_add_([params[i] for i in index], ortho, alpha=scale)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D weights: Nesterov momentum, then each update replaced by its orthogonalization, scaled by
     0.2 sqrt(max(rows, cols)) so that its RMS is a typical AdamW update's at the same learning rate (Moonshot's rule,
-    arXiv 2502.16982). Weight decay as AdamW's: the weight shrinks by lr x weight_decay each step."""
+    arXiv 2502.16982). Weight decay as AdamW's: the weight shrinks by lr x weight_decay each step.
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5):
+    compile() compiles the step with torch.compile: a few fused kernels instead of ~170 launches from Python for a
+    12-layer GPT, whose training on an H200 is otherwise near host-bound (BENCHMARKS.md, Round 2)."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
                     raise ValueError(f"Muon steps matrices only, got a parameter of shape {tuple(p.shape)}")
+        self.ns_dtype = ns_dtype  # None: orthogonalize()'s choice for the device
+        self._update, self._lr = update, None
+
+    def compile(self):
+        self._update = torch.compile(update)
+        return self
 
     @torch.no_grad()
     def step(self):
@@ -53,23 +84,20 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
             bufs = []
             for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
-            momentum, lr = group["momentum"], group["lr"]
-            torch._foreach_lerp_(bufs, grads, 1 - momentum)
-            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
             by_shape = defaultdict(list)
             for i, p in enumerate(params):
                 by_shape[tuple(p.shape)].append(i)
-            for shape, index in by_shape.items():
-                ortho = orthogonalize(torch.stack([updates[i] for i in index]), group["ns_steps"])
-                # in the weights' dtype first: a foreach add of bf16 into fp32 falls back to one kernel per matrix (48
-                # for a 12-layer GPT); cast once, it is one launch per shape, and the same arithmetic
-                torch._foreach_add_([params[i] for i in index], list(ortho.to(params[index[0]].dtype).unbind(0)),
-                                    alpha=-lr * 0.2 * math.sqrt(max(shape)))
+            lr = group["lr"]
+            if self._update is not update:  # compiled: the rate as a device tensor, set without a host sync
+                if self._lr is None:
+                    self._lr = torch.zeros((), device=params[0].device)
+                lr = self._lr.fill_(lr)
+            shapes = tuple((shape, tuple(index)) for shape, index in by_shape.items())
+            self._update(params, [p.grad for p in params], bufs, lr, group["weight_decay"], group["momentum"],
+                         group["nesterov"], group["ns_steps"], shapes, self.ns_dtype)
