@@ -8,9 +8,8 @@ Prints milliseconds per optimizer step (median of --steps, after warm-up) for ea
 one step launches. Random gradients: the time does not depend on them.
 
 --compiled adds trm.muon.Muon compiled as the trainer does under --compile (Muon.compile(): default mode, the rate a
-device tensor), and its whole step compiled in "reduce-overhead" mode, which replays it as a CUDA graph on a GPU: on an H200 the GPT-12's 174 launches from Python cost more host time than the
-GPU spends on them, so a compiled step is the candidate fix (BENCHMARKS.md, Round 2, third session). The warm-up
-steps compile; a variant that fails prints its error in its row.
+device tensor); the warm-up steps compile. A CUDA-graph variant ("reduce-overhead") was tried on an H200 and dropped:
+inductor skips CUDA graphs for a step that mutates its inputs, and the process then crashed (BENCHMARKS.md).
 """
 import argparse
 import os
@@ -50,18 +49,9 @@ if hasattr(torch.optim, "Muon"):
                                                               adjust_lr_fn="match_rms_adamw")
 
 
-class CompiledStep:
-    """An optimizer whose step() is torch.compile'd (in `mode`); the rest is the optimizer's."""
-
-    def __init__(self, optimizer, mode=None):
-        self.step = torch.compile(optimizer.step, mode=mode)
-
-
 if args.compiled:
-    optimizers["trm.muon.Muon, compiled as the trainer does"] = lambda: Muon(weights, lr=1e-3, weight_decay=0.1).compile()
-    if device.type == "cuda":
-        optimizers["trm.muon.Muon, step compiled, CUDA graph"] = lambda: CompiledStep(
-            Muon(weights, lr=1e-3, weight_decay=0.1), "reduce-overhead")
+    optimizers["trm.muon.Muon, compiled as the trainer does"] = lambda: Muon(weights, lr=1e-3,
+                                                                             weight_decay=0.1).compile()
 
 
 def sync():

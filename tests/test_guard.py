@@ -54,6 +54,17 @@ def test_a_healthy_run_is_never_stopped(curve):
 PROCEDURE = [8.3462, 8.2574, 8.0704, 7.9170, 7.7833, 7.6917, 7.6263, 7.5698]
 
 
+# The same command for 10,000 steps on two aozora-xl shards (unigram entropy 7.908), on an H200 at commit a8e2115: the
+# schedule decays to 3e-5 and the loss flattens at 0.90 u; a level of 0.9 u stopped it at its final evaluation.
+PROCEDURE_10K = [8.3286, 8.2251, 8.0342, 7.8782, 7.7448, 7.6150, 7.4960, 7.4083, 7.3449, 7.2942, 7.2642, 7.2334,
+                 7.2117, 7.1934, 7.1799, 7.1658, 7.1454, 7.1332, 7.1314, 7.1316]
+
+
+def test_a_healthy_run_flattening_at_the_end_of_its_schedule_is_not_stopped():
+    step, warnings = run(PROCEDURE_10K, u=7.908)
+    assert step is None and len(warnings) == 1 and warnings[0].startswith("note: step 500")
+
+
 @pytest.mark.parametrize("every", [500, 100, 20])
 def test_a_slow_run_above_the_unigram_level_is_not_stopped_however_often_it_is_evaluated(every):
     # the same descent seen every `every` steps: the drop per evaluation shrinks with them, the rate per token not
