@@ -30,7 +30,8 @@ from trm.checkpoint import checkpoint_step
 # A collapsed model predicts token frequencies and lands at or above u: measured at 1.03 u and 1.06 u (the GPT-12 at
 # 3e-3, and at 4e-3 with Muon in a 5-minute race). A healthy slow run can sit near 0.9 u for long: the procedure's own
 # command (batch 4, --lr 3e-4) was at 0.90 u after 9,000 steps, its rate decayed to 3e-5 and falling by 0.002 nats per
-# million tokens, and a level of 0.9 u stopped it at its last evaluation, without its final checkpoint (H200, 2026-12-02)
+# million tokens, and a level of 0.9 u stopped it at its last evaluation, without its final checkpoint (H200,
+# 2026-12-02)
 UNIGRAM_SHARE = 0.97
 GIVE_BACK = 0.5
 STILL_FALLING = 0.005  # nats per million training tokens: 1/10 of the slowest healthy run measured, 100x a collapse's
