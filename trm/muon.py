@@ -3,10 +3,11 @@
 The update is torch.optim.Muon's with adjust_lr_fn="match_rms_adamw" (the same momentum buffers, Newton-Schulz
 coefficients and, on a GPU, bf16 arithmetic), so the two give the same weights up to rounding and read each other's
 state (tests/test_optim.py). What differs is how many kernels a step launches. torch.optim.Muon orthogonalizes one
-matrix at a time, about twenty small kernels each; a 12-layer GPT has 48 hidden matrices, and on an H200 its training ran at 0.67M
-tokens/s with Muon against 1.9M with AdamW (BENCHMARKS.md). A model's hidden matrices come in four shapes (qkv, proj,
-gate_up, down), so here each shape is one batched Newton-Schulz over a stack, and the momentum and the weight updates
-are foreach calls over all of them: the same arithmetic in a few dozen launches, however deep the model.
+matrix at a time, about twenty small kernels each; a 12-layer GPT has 48 hidden matrices, and on an H200 its training
+ran at 0.67M tokens/s with Muon against 1.9M with AdamW (BENCHMARKS.md). A model's hidden matrices come in four shapes
+(qkv, proj, gate_up, down), so here each shape is one batched Newton-Schulz over a stack, and the momentum and the
+weight updates are foreach calls over all of them: the same arithmetic in a few dozen launches, however deep the
+model.
 """
 import math
 from collections import defaultdict
