@@ -73,10 +73,10 @@ class Muon(torch.optim.Optimizer):
                 if p.dim() != 2:
                     raise ValueError(f"Muon steps matrices only, got a parameter of shape {tuple(p.shape)}")
         self.ns_dtype = ns_dtype  # None: orthogonalize()'s choice for the device
-        self._update, self._lr = update, None
+        self.compiled, self._update, self._lr = False, update, None
 
     def compile(self):
-        self._update = torch.compile(update)
+        self.compiled, self._update = True, torch.compile(update)
         return self
 
     @torch.no_grad()
@@ -95,7 +95,7 @@ class Muon(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 by_shape[tuple(p.shape)].append(i)
             lr = group["lr"]
-            if self._update is not update:  # compiled: the rate as a device tensor, set without a host sync
+            if self.compiled:  # the rate as a device tensor, set without a host sync
                 if self._lr is None:
                     self._lr = torch.zeros((), device=params[0].device)
                 lr = self._lr.fill_(lr)
