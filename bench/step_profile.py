@@ -1,32 +1,51 @@
-"""Where the time of one training step goes: forward, backward, optimizer, EMA; and the top operators.
+"""Where the time of one training step goes: forward, backward, optimizer, EMA; the whole step as the trainer runs it
+(no sync inside), and on a GPU whether that step is bound by its math or by the host launching its kernels.
 
     python bench/step_profile.py                              # seed architecture, batch 4 x 512, this CPU
-    python bench/step_profile.py --batch_size 64 --device cuda
+    python bench/step_profile.py --batch_size 64 --device cuda --compile on
+    python bench/step_profile.py --batch_size 64 --device cuda --arch gpt --n_layers 12 --optimizer muon \
+        --qk_norm --zero_init --compile graphs
 
-Random tokens (speed does not depend on them). Prints a table of phase times (median of --steps) and the
-torch.profiler operator summary of one step.
+Random tokens (speed does not depend on them). Prints the phase times (each phase synced, median of --steps), then the
+whole step unsynchronized as in the trainer's loop: ms, tokens/s, MFU. On CUDA, one profiled run of --steps whole
+steps gives the kernels per step, busy (the sum of their durations) and idle (wall - busy): a step whose idle share is
+large is host-bound, the GPU waiting for Python to launch kernels (CUDA graphs or fewer, fused kernels help); a busy
+one is bound by its math, and the top kernels say where. The 12-layer GPT with Muon ran at 1.25-1.94M tokens/s from one
+log window to the next in a race while the TRM held 1.43M (BENCHMARKS.md, Round 2, fourth session): this says why.
+--compile as the trainer's: off (default here, as before the flag), on (torch.compile), graphs (with CUDA graphs).
 """
 import argparse
 import os
+import statistics
 import sys
 import time
+from collections import defaultdict
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trm.device import autocast, pick_device  # noqa: E402
 from trm.ema import EMA  # noqa: E402
+from trm.metrics import peak_flops  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
+from trm.optim import build_optimizer  # noqa: E402
 
-p = argparse.ArgumentParser()
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--device", default="auto")
 p.add_argument("--batch_size", type=int, default=4)
 p.add_argument("--max_seq_len", type=int, default=512)
 p.add_argument("--d_model", type=int, default=256)
 p.add_argument("--n_heads", type=int, default=4)
 p.add_argument("--n_layers", type=int, default=2)
+p.add_argument("--supervision_steps", type=int, default=2)
+p.add_argument("--grad_deep_steps", type=int, default=1)
 p.add_argument("--vocab_size", type=int, default=16000)
 p.add_argument("--arch", default="trm")
+p.add_argument("--qk_norm", action="store_true")
+p.add_argument("--zero_init", action="store_true")
+p.add_argument("--dropout", type=float, default=0.1, help="the seed's; the races train with 0")
+p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
+p.add_argument("--compile", choices=("off", "on", "graphs"), default="off")
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--threads", type=int, default=0)
 args = p.parse_args()
@@ -35,11 +54,22 @@ if args.threads:
 
 device, amp, why = pick_device(args.device)
 cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
-                max_seq_len=args.max_seq_len, arch=args.arch)
-model = TRM(cfg).to(device)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-ema = EMA(model, 0.995)
+                max_seq_len=args.max_seq_len, arch=args.arch, supervision_steps=args.supervision_steps,
+                grad_deep_steps=args.grad_deep_steps, qk_norm=args.qk_norm, zero_init=args.zero_init,
+                dropout=args.dropout)
+raw = TRM(cfg).to(device)
+# the trainer's optimizer, rate and weight decay of the races (the step's time does not depend on them)
+opt = build_optimizer(raw, argparse.Namespace(optimizer=args.optimizer, lr=1e-3, weight_decay=0.1), device)
+ema = EMA(raw, 0.995)
+graphs = args.compile == "graphs" and device.type == "cuda"
+model = raw
+if args.compile != "off":  # as the trainer does under --compile: the model, and Muon's step
+    model = torch.compile(raw, mode="reduce-overhead" if graphs else None)
+    if args.optimizer == "muon":
+        opt.muon.compile()
 x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.max_seq_len), device=device)
+tokens = args.batch_size * args.max_seq_len
+flops = raw.flops_per_token(args.max_seq_len) * tokens
 
 
 def sync():
@@ -47,44 +77,87 @@ def sync():
         torch.cuda.synchronize()
 
 
-def step(times):
-    t0 = time.perf_counter()
+def step(times=None):
+    """One training step as the trainer's loop takes it; with `times`, synced after each phase and timed."""
+    mark = time.perf_counter
+    t0 = mark()
+    if graphs:
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast(device, amp):
         _, loss = model(x, x)
-    sync()
-    t1 = time.perf_counter()
+    if times is not None:
+        sync()
+    t1 = mark()
     loss.backward()
-    sync()
-    t2 = time.perf_counter()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if times is not None:
+        sync()
+    t2 = mark()
+    torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    sync()
-    t3 = time.perf_counter()
-    ema.update(model)
-    sync()
-    t4 = time.perf_counter()
-    for k, v in zip(("forward", "backward", "optimizer", "ema"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-        times.setdefault(k, []).append(v)
+    if times is not None:
+        sync()
+    t3 = mark()
+    ema.update(raw)
+    if times is not None:
+        sync()
+        for k, v in zip(("forward", "backward", "optimizer", "ema"), (t1 - t0, t2 - t1, t3 - t2, mark() - t3)):
+            times.setdefault(k, []).append(v)
 
 
-step({})  # warm-up
+for _ in range(3):  # warm-up: compilation, CUDA graph capture, allocator
+    step()
+sync()
 times = {}
 for _ in range(args.steps):
     step(times)
-med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+med = {k: statistics.median(v) for k, v in times.items()}
 total = sum(med.values())
-tokens = args.batch_size * args.max_seq_len
 print(f"# {device} ({why}), torch {torch.__version__}, threads {torch.get_num_threads()}; {cfg.arch} d_model "
       f"{cfg.d_model} n_layers {cfg.n_layers} vocab {cfg.vocab_size}, batch {args.batch_size} x {args.max_seq_len}, "
-      f"{model.flops_per_token(args.max_seq_len) / 1e6:.1f} MFLOP/token")
-print(f"{'phase':<10} {'ms':>9} {'share':>7}")
+      f"{raw.flops_per_token(args.max_seq_len) / 1e6:.1f} MFLOP/token, {args.optimizer}, --compile {args.compile}")
+print(f"{'phase':<10} {'ms':>9} {'share':>7}   (each phase synced)")
 for k, v in med.items():
     print(f"{k:<10} {1000 * v:>9.1f} {100 * v / total:>6.1f}%")
-print(f"{'step':<10} {1000 * total:>9.1f}  -> {tokens / total:,.0f} tokens/s, "
-      f"{model.flops_per_token(args.max_seq_len) * tokens / total / 1e9:.1f} GFLOP/s")
+print(f"{'step':<10} {1000 * total:>9.1f}  -> {tokens / total:,.0f} tokens/s, {flops / total / 1e9:.1f} GFLOP/s")
 
-with torch.profiler.profile() as prof:
-    step({})
-print(prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
-                                row_limit=12))
+
+def whole_steps(n):
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+wall = statistics.median(whole_steps(args.steps) for _ in range(3))
+peak = peak_flops(device)
+print(f"\nwhole step, no sync inside (median of 3 x {args.steps}): {1000 * wall:.2f} ms, {tokens / wall:,.0f} tokens/s"
+      + (f", MFU {100 * flops / wall / peak:.1f}%" if peak else ""))
+
+if device.type == "cuda":
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        profiled = whole_steps(args.steps)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    busy = sum(e.device_time for e in kernels) / 1e6 / args.steps
+    idle = max(wall - busy, 0.0)
+    print(f"profiled: {1000 * profiled:.2f} ms a step (the profiler's own cost included), "
+          f"{len(kernels) / args.steps:.0f} kernels, busy {1000 * busy:.2f} ms, idle {1000 * idle:.2f} ms of the "
+          f"unprofiled {1000 * wall:.2f} ({100 * idle / wall:.0f}%): "
+          + ("host-bound" if idle > 0.2 * wall else "bound by its kernels"))
+    by_name = defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.device_time
+    busy_us = sum(us for _, us in by_name.values())
+    print("\n| kernel | calls per step | us per call | share of busy |")
+    print("|---|---|---|---|")
+    for name, (calls, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"| {name[:90]} | {calls / args.steps:.1f} | {us / calls:.1f} | {100 * us / busy_us:.1f}% |")
+else:
+    with torch.profiler.profile() as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
