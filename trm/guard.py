@@ -111,8 +111,8 @@ class CollapseGuard:
 
     def _where(self, loss, best):
         if not math.isfinite(loss) or loss >= self.level:
-            return (f"at the unigram level ({self.unigram:.3f} nats/token, the training tokens' unigram entropy) or "
-                    f"above, within {1 - UNIGRAM_SHARE:.0%}, and not falling")
+            return (f"within {1 - UNIGRAM_SHARE:.0%} of the unigram level ({self.unigram:.3f} nats/token, the training "
+                    f"tokens' unigram entropy) or above it, and not falling")
         return (f"more than halfway back from its best {best:.4f} to the unigram level ({self.unigram:.3f} nats/token, "
                 f"the training tokens' unigram entropy)")
 
