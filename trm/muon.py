@@ -22,9 +22,8 @@ EPS = 1e-7
 def orthogonalize(G, steps=5, dtype=None):
     """The nearest semi-orthogonal matrix (approximately: singular values in ~[0.7, 1.2]) to each matrix of the stack
     G [S, rows, cols], by Newton-Schulz iterations in `dtype`; by default bf16 on a GPU (as torch.optim.Muon), fp32 on a
-    CPU: CPUs without
-    native bf16 products take a reference path there, 20 s a step for a 12-layer GPT's matrices on an AVX2 EPYC
-    against 0.6 s in fp32 (bench/muon_step.py)."""
+    CPU: a CPU without native bf16 products takes a reference path for them, 22 s a step for a 12-layer GPT's matrices
+    on an AVX2 EPYC against 0.6 s in fp32 (bench/muon_step.py, BENCHMARKS.md)."""
     a, b, c = NS_COEFFICIENTS
     X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
     tall = G.size(1) > G.size(2)
