@@ -61,6 +61,16 @@ def speed(trains):
     return (speeds[len(speeds) // 2], speeds[0], speeds[-1]) if speeds else (0, 0, 0)
 
 
+def at_minutes(evals):
+    """The run's bits/byte at each whole training minute it reached: its latest evaluation at or before the minute (a
+    3 s margin for the last one, which the budget ends a moment early). Runs compared minute by minute are compared at
+    equal wall-clock, even when one of them was cut short."""
+    last = evals[-1]["train_seconds"]
+    marks = range(1, int((last + 3) // 60) + 1)
+    return [(m, max((h for h in evals if h["train_seconds"] <= 60 * m + 3), key=lambda h: h["train_seconds"],
+                    default=None)) for m in marks]
+
+
 def plot_race(names):
     """race.png: each run's validation bits/byte (the trainer's evaluations) against its training minutes, the clock
     that --max_minutes counts. A run without evaluations yet is named in the printout and left out of the plot."""
@@ -78,9 +88,12 @@ def plot_race(names):
         minutes = [h["train_seconds"] / 60 for h in evals]
         ax.plot(minutes, [h["bits_per_byte"] for h in evals], "o-", ms=3, lw=1.5, label=name)
         median, slowest, fastest = speed([h for h in history if h.get("kind") == "train"])
+        marks = at_minutes(evals)
+        along = (f"; at {' / '.join(str(m) for m, _ in marks)} min: " +
+                 " / ".join(f"{h['bits_per_byte']:.4f}" if h else "-" for _, h in marks)) if marks else ""
         print(f"race.png: {name}: {len(evals)} evaluations, {evals[-1]['bits_per_byte']:.4f} bits/byte at "
-              f"{minutes[-1]:.2f} min, {median / 1e6:.2f}M tokens/s ({slowest / 1e6:.2f}-{fastest / 1e6:.2f}M)",
-              flush=True)
+              f"{minutes[-1]:.2f} min, {median / 1e6:.2f}M tokens/s ({slowest / 1e6:.2f}-{fastest / 1e6:.2f}M)"
+              + along, flush=True)
     ax.set_xlabel("training minutes (compilation included, evaluation and saving not)")
     ax.set_ylabel("validation bits/byte")
     ax.set_title(f"race: {os.path.basename(args.out)}")

@@ -28,10 +28,26 @@ def test_plot_only_draws_one_line_per_run_from_their_metrics(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines == ["race.png: crashed: no evaluation with train_seconds in " + str(out / "crashed/metrics.jsonl"),
-                     # tokens/s: the median and range of the log windows after the first (which compiles)
-                     "race.png: gpt12: 2 evaluations, 1.3500 bits/byte at 1.98 min, 2.00M tokens/s (2.00-2.00M)",
-                     "race.png: trm: 3 evaluations, 1.3800 bits/byte at 2.00 min, 4.00M tokens/s (2.00-5.00M)"]
+                     # tokens/s: the median and range of the log windows after the first (which compiles); then
+                     # the latest evaluation at or before each whole minute, for comparisons at equal wall-clock
+                     "race.png: gpt12: 2 evaluations, 1.3500 bits/byte at 1.98 min, 2.00M tokens/s (2.00-2.00M); "
+                     "at 1 / 2 min: 1.5500 / 1.3500",
+                     "race.png: trm: 3 evaluations, 1.3800 bits/byte at 2.00 min, 4.00M tokens/s (2.00-5.00M); "
+                     "at 1 / 2 min: 1.4500 / 1.3800"]
     assert (out / "race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_cut_short_is_compared_only_at_the_minutes_it_reached(tmp_path):
+    # the device budget ended a 5-minute run at 4.85 training minutes: minutes 1-4 are comparable, minute 5 is not
+    out = tmp_path / "race_out"
+    fake_run(out, "cut", [(50, 1.30), (110, 1.20), (170, 1.16), (235, 1.149), (291, 1.141)])
+    fake_run(out, "late", [(70, 1.40), (130, 1.25)])  # no evaluation in its first minute
+    r = subprocess.run([sys.executable, str(ROOT / "bench/race.py"), "--plot_only", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cut, late = r.stdout.splitlines()
+    assert cut.endswith("at 1 / 2 / 3 / 4 min: 1.3000 / 1.2000 / 1.1600 / 1.1490") and "1.1410 bits/byte at 4.85" in cut
+    assert late.endswith("at 1 / 2 min: - / 1.4000")
 
 
 def test_plot_only_without_results_says_so(tmp_path):
