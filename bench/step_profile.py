@@ -79,30 +79,29 @@ def sync():
 
 def step(times=None):
     """One training step as the trainer's loop takes it; with `times`, synced after each phase and timed."""
-    mark = time.perf_counter
-    t0 = mark()
+    stamps = [time.perf_counter()]
+
+    def lap():  # the end of a phase, when timing phases
+        if times is not None:
+            sync()
+            stamps.append(time.perf_counter())
+
     if graphs:
         torch.compiler.cudagraph_mark_step_begin()
     with autocast(device, amp):
         _, loss = model(x, x)
-    if times is not None:
-        sync()
-    t1 = mark()
+    lap()
     loss.backward()
-    if times is not None:
-        sync()
-    t2 = mark()
+    lap()
     torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if times is not None:
-        sync()
-    t3 = mark()
+    lap()
     ema.update(raw)
+    lap()
     if times is not None:
-        sync()
-        for k, v in zip(("forward", "backward", "optimizer", "ema"), (t1 - t0, t2 - t1, t3 - t2, mark() - t3)):
-            times.setdefault(k, []).append(v)
+        for k, t0, t1 in zip(("forward", "backward", "optimizer", "ema"), stamps, stamps[1:]):
+            times.setdefault(k, []).append(t1 - t0)
 
 
 for _ in range(3):  # warm-up: compilation, CUDA graph capture, allocator
