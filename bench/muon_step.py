@@ -7,8 +7,9 @@ a time), and AdamW for scale.
 Prints milliseconds per optimizer step (median of --steps, after warm-up) for each optimizer and, on CUDA, the kernels
 one step launches. Random gradients: the time does not depend on them.
 
---compiled adds trm.muon.Muon compiled as the trainer does under --compile (Muon.compile(): default mode, the rate a
-device tensor); the warm-up steps compile. A CUDA-graph variant ("reduce-overhead") was tried on an H200 and dropped:
+trm.muon.Muon is timed both ways: a stack per shape (four Newton-Schulz calls, its choice on a CPU) and one padded
+stack (one call, its choice on a GPU). --compiled adds both compiled as the trainer does under --compile
+(Muon.compile(): default mode, the rate a device tensor); the warm-up steps compile. A CUDA-graph variant ("reduce-overhead") was tried on an H200 and dropped:
 inductor skips CUDA graphs for a step that mutates its inputs, and the process then crashed (BENCHMARKS.md).
 """
 import argparse
@@ -43,15 +44,17 @@ print(f"# {args.arch} d_model {args.d_model} x {args.n_layers} layers: {len(weig
       f"{len(shapes)} shapes {shapes}, {sum(w.numel() for w in weights):,} parameters, {device}")
 
 optimizers = {"AdamW (fused on CUDA)": lambda: torch.optim.AdamW(weights, lr=1e-3, fused=device.type == "cuda"),
-              "trm.muon.Muon": lambda: Muon(weights, lr=1e-3, weight_decay=0.1)}
+              "trm.muon.Muon, a stack per shape": lambda: Muon(weights, lr=1e-3, weight_decay=0.1, one_stack=False),
+              "trm.muon.Muon, one padded stack": lambda: Muon(weights, lr=1e-3, weight_decay=0.1, one_stack=True)}
 if hasattr(torch.optim, "Muon"):
     optimizers["torch.optim.Muon"] = lambda: torch.optim.Muon(weights, lr=1e-3, weight_decay=0.1,
                                                               adjust_lr_fn="match_rms_adamw")
 
 
 if args.compiled:
-    optimizers["trm.muon.Muon, compiled as the trainer does"] = lambda: Muon(weights, lr=1e-3,
-                                                                             weight_decay=0.1).compile()
+    for stacks, one in (("a stack per shape", False), ("one padded stack", True)):
+        optimizers[f"trm.muon.Muon, {stacks}, compiled as the trainer does"] = \
+            lambda one=one: Muon(weights, lr=1e-3, weight_decay=0.1, one_stack=one).compile()
 
 
 def sync():

@@ -12,7 +12,7 @@ from test_train import ROOT, TINY, copy_run_until, corpus, logged_losses, params
 from trm.checkpoint import load_checkpoint
 from trm.flags import trainer_parser
 from trm.model import TRM, TRMConfig
-from trm.muon import Muon, orthogonalize
+from trm.muon import Muon, orthogonalize, orthogonalize_shapes
 from trm.optim import MuonAdamW, build_optimizer
 
 MUON = ["--optimizer", "muon"]
@@ -102,17 +102,50 @@ def test_batched_muon_steps_as_torch_muon_and_reads_its_state():
         Muon([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
 
 
-def test_compiled_muon_follows_the_schedule_without_recompiling():
+def test_one_padded_stack_steps_as_one_stack_per_shape(monkeypatch):
+    # on a GPU, shapes that share their shorter side (d_model, in the blocks) are padded into one stack: one
+    # Newton-Schulz instead of one per shape. The zero padding must change nothing but rounding, tall shapes included
+    import trm.muon
+    torch.manual_seed(0)
+    shapes = [(24, 16), (16, 40), (24, 16), (16, 16), (24, 32), (40, 16)]  # short side 16 (four shapes) and 24
+    calls = []
+    real = trm.muon.orthogonalize
+    monkeypatch.setattr(trm.muon, "orthogonalize", lambda G, *a: calls.append(tuple(G.shape)) or real(G, *a))
+    apart = [torch.nn.Parameter(torch.randn(s) / 4) for s in shapes]
+    stacked = [torch.nn.Parameter(p.detach().clone()) for p in apart]
+    start = [p.detach().clone() for p in apart]
+    a = Muon(apart, lr=0.02, weight_decay=0.1, one_stack=False)
+    b = Muon(stacked, lr=0.02, weight_decay=0.1, one_stack=True)
+    for step in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for opt, weights in ((a, apart), (b, stacked)):
+            calls.clear()
+            for p, g in zip(weights, grads):
+                p.grad = g.clone()
+            opt.step()
+        assert sorted(calls) == [(1, 24, 32), (5, 16, 40)]  # b's step: two calls, the narrower shapes padded to 40
+    for p, q, s in zip(apart, stacked, start):
+        moved = (p - s).abs().max().item()
+        assert moved > 0.01
+        assert (p - q).abs().max().item() < 1e-5 * moved  # fp32 on a CPU: other sums' order, nothing more
+    with pytest.raises(ValueError, match="one shorter side"):
+        orthogonalize_shapes([torch.zeros(1, 16, 24), torch.zeros(1, 8, 24)])
+
+
+@pytest.mark.parametrize("one_stack", [False, True], ids=["stack_per_shape", "one_padded_stack"])
+def test_compiled_muon_follows_the_schedule_without_recompiling(one_stack):
     # compile() is for the GPU's host time (one fused step instead of ~170 launches); the rate changes every step,
     # so it must reach the graph as data: a recompile per step would be slow and, past dynamo's cache limit, silently
     # eager. Compiled kernels sum in another order, so the two agree to rounding, not bit for bit.
     import torch._dynamo
+    torch._dynamo.reset()  # another case's graph of the same function is not a recompile of this one's
     torch.manual_seed(0)
     shapes = [(24, 16), (16, 24), (24, 16), (40, 16)]
     eager = [torch.nn.Parameter(torch.randn(s) / 4) for s in shapes]
     compiled = [torch.nn.Parameter(p.detach().clone()) for p in eager]
     start = [p.detach().clone() for p in eager]
-    a, b = Muon(eager, lr=0.02, weight_decay=0.1), Muon(compiled, lr=0.02, weight_decay=0.1).compile()
+    a = Muon(eager, lr=0.02, weight_decay=0.1, one_stack=False)
+    b = Muon(compiled, lr=0.02, weight_decay=0.1, one_stack=one_stack).compile()  # (on a GPU, one stack)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for step in range(4):
             grads = [torch.randn(s) for s in shapes]

@@ -1,4 +1,4 @@
-"""Muon, stepping every matrix of one shape together.
+"""Muon, stepping every matrix of one shape together (on a GPU, of every shape).
 
 The update is torch.optim.Muon's with adjust_lr_fn="match_rms_adamw" (the same momentum buffers, Newton-Schulz
 coefficients and, on a GPU, bf16 arithmetic), so the two give the same weights up to rounding and read each other's
@@ -8,11 +8,21 @@ ran at 0.67M tokens/s with Muon against 1.9M with AdamW (BENCHMARKS.md). A model
 (qkv, proj, gate_up, down), so here each shape is one batched Newton-Schulz over a stack, and the momentum and the
 weight updates are foreach calls over all of them: the same arithmetic in a few dozen launches, however deep the
 model.
+
+On a GPU the four shapes go further, into one stack: they all have d_model on one side, so turned wide and
+zero-padded to the widest they make one [S, d_model, widest] stack, and one Newton-Schulz instead of four. Padding is
+exact: every iteration multiplies X by its own Gram matrix X X^T, which the zero columns leave unchanged, so [X 0]
+maps to [NS(X) 0]. It costs ~1.8x the products' FLOPs. On a CPU the FLOPs are what costs (the 12-layer GPT's step:
+1.29 s padded against 0.57 s, bench/muon_step.py), so there the shapes stay apart. On an H200 the compiled step took
+about the same time for the TRM-384's 8 matrices as for the GPT-12's 48 (3.2 and 3.9 ms, 120 kernels each): launches
+and latency, not FLOPs, so one Newton-Schulz (~18 kernels) instead of four should save ~50 of them. Not yet timed on
+a GPU: `python bench/muon_step.py --device cuda --compiled` times both ways.
 """
 import math
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
 # Keller Jordan's quintic coefficients, as torch.optim.Muon uses: they push every singular value towards ~1 in 5 steps
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -37,23 +47,43 @@ def orthogonalize(G, steps=5, dtype=None):
     return X.mT if tall else X
 
 
-def update(params, grads, bufs, lr, weight_decay, momentum, nesterov, ns_steps, shapes, ns_dtype=None):
-    """One Muon step of a parameter group, in place. shapes: (shape, indices into params) for each shape. lr is a
-    float, or a 0-d tensor on the weights' device when this function is compiled (a float would be baked into the
-    graph, and the schedule's new rate every step would recompile it)."""
+def orthogonalize_shapes(stacks, steps=5, dtype=None):
+    """orthogonalize() of several stacks [S_k, rows_k, cols_k] whose matrices share their shorter side, as one stack:
+    each turned wide and zero-padded on the right to the widest, the result cut back (exact: see the module's
+    docstring)."""
+    if len(stacks) == 1:
+        return [orthogonalize(stacks[0], steps, dtype)]
+    wide = [G.mT if G.size(1) > G.size(2) else G for G in stacks]
+    if len({G.size(1) for G in wide}) != 1:
+        raise ValueError(f"one padded stack needs one shorter side, got {[tuple(G.shape[1:]) for G in stacks]}")
+    n = max(G.size(2) for G in wide)
+    X = orthogonalize(torch.cat([F.pad(G, (0, n - G.size(2))) for G in wide]), steps, dtype)
+    out = []
+    for G, W, part in zip(stacks, wide, X.split([G.size(0) for G in stacks])):
+        part = part[:, :, :W.size(2)]
+        out.append(part.mT if W is not G else part)
+    return out
+
+
+def update(params, grads, bufs, lr, weight_decay, momentum, nesterov, ns_steps, groups, ns_dtype=None):
+    """One Muon step of a parameter group, in place. groups: for each Newton-Schulz call, the (shape, indices into
+    params) it orthogonalizes, several shapes sharing their shorter side or one. lr is a float, or a 0-d tensor on the
+    weights' device when this function is compiled (a float would be baked into the graph, and the schedule's new
+    rate every step would recompile it)."""
     torch._foreach_lerp_(bufs, grads, 1 - momentum)
     updates = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
     torch._foreach_mul_(params, 1 - lr * weight_decay)
-    for shape, index in shapes:
-        ortho = orthogonalize(torch.stack([updates[i] for i in index]), ns_steps, ns_dtype)
-        # in the weights' dtype first: a foreach add of bf16 into fp32 falls back to one kernel per matrix (48
-        # for a 12-layer GPT); cast once, it is one launch per shape, and the same arithmetic
-        ortho = list(ortho.to(params[index[0]].dtype).unbind(0))
-        scale = -lr * 0.2 * math.sqrt(max(shape))
-        if isinstance(scale, torch.Tensor):  # (foreach's alpha takes a number only)
-            ortho = torch._foreach_mul(ortho, scale)
-            scale = 1.0
-        torch._foreach_add_([params[i] for i in index], ortho, alpha=scale)
+    for group in groups:
+        stacks = [torch.stack([updates[i] for i in index]) for _, index in group]
+        for (shape, index), ortho in zip(group, orthogonalize_shapes(stacks, ns_steps, ns_dtype)):
+            # in the weights' dtype first: a foreach add of bf16 into fp32 falls back to one kernel per matrix (48
+            # for a 12-layer GPT); cast once, it is one launch per shape, and the same arithmetic
+            ortho = list(ortho.to(params[index[0]].dtype).unbind(0))
+            scale = -lr * 0.2 * math.sqrt(max(shape))
+            if isinstance(scale, torch.Tensor):  # (foreach's alpha takes a number only)
+                ortho = torch._foreach_mul(ortho, scale)
+                scale = 1.0
+            torch._foreach_add_([params[i] for i in index], ortho, alpha=scale)
 
 
 class Muon(torch.optim.Optimizer):
@@ -62,9 +92,12 @@ class Muon(torch.optim.Optimizer):
     arXiv 2502.16982). Weight decay as AdamW's: the weight shrinks by lr x weight_decay each step.
 
     compile() compiles the step with torch.compile: a few fused kernels instead of ~170 launches from Python for a
-    12-layer GPT, whose training on an H200 is otherwise near host-bound (BENCHMARKS.md, Round 2)."""
+    12-layer GPT, whose training on an H200 is otherwise near host-bound (BENCHMARKS.md, Round 2).
+    one_stack: orthogonalize the shapes that share their shorter side as one padded stack (module docstring); None
+    (default) does so on a GPU only."""
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None,
+                 one_stack=None):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps))
         for group in self.param_groups:
@@ -72,6 +105,7 @@ class Muon(torch.optim.Optimizer):
                 if p.dim() != 2:
                     raise ValueError(f"Muon steps matrices only, got a parameter of shape {tuple(p.shape)}")
         self.ns_dtype = ns_dtype  # None: orthogonalize()'s choice for the device
+        self.one_stack = one_stack  # shapes sharing their shorter side in one padded stack; None: on a GPU only
         self.compiled, self._update, self._lr = False, update, None
 
     def compile(self):
@@ -98,6 +132,9 @@ class Muon(torch.optim.Optimizer):
                 if self._lr is None:
                     self._lr = torch.zeros((), device=params[0].device)
                 lr = self._lr.fill_(lr)
-            shapes = tuple((shape, tuple(index)) for shape, index in by_shape.items())
+            one_stack = params[0].is_cuda if self.one_stack is None else self.one_stack
+            groups = defaultdict(list)  # one Newton-Schulz call each
+            for shape, index in by_shape.items():
+                groups[min(shape) if one_stack else shape].append((shape, tuple(index)))
             self._update(params, [p.grad for p in params], bufs, lr, group["weight_decay"], group["momentum"],
-                         group["nesterov"], group["ns_steps"], shapes, self.ns_dtype)
+                         group["nesterov"], group["ns_steps"], tuple(map(tuple, groups.values())), self.ns_dtype)
