@@ -59,9 +59,9 @@ def orthogonalize_shapes(stacks, steps=5, dtype=None):
     n = max(G.size(2) for G in wide)
     X = orthogonalize(torch.cat([F.pad(G, (0, n - G.size(2))) for G in wide]), steps, dtype)
     out = []
-    for G, W, part in zip(stacks, wide, X.split([G.size(0) for G in stacks])):
-        part = part[:, :, :W.size(2)]
-        out.append(part.mT if W is not G else part)
+    for G, part in zip(stacks, X.split([G.size(0) for G in stacks])):
+        part = part[:, :, :max(G.shape[1:])]  # the padding cut off
+        out.append(part.mT if G.size(1) > G.size(2) else part)
     return out
 
 
