@@ -9,8 +9,9 @@ one step launches. Random gradients: the time does not depend on them.
 
 trm.muon.Muon is timed both ways: a stack per shape (four Newton-Schulz calls, its choice on a CPU) and one padded
 stack (one call, its choice on a GPU). --compiled adds both compiled as the trainer does under --compile
-(Muon.compile(): default mode, the rate a device tensor); the warm-up steps compile. A CUDA-graph variant ("reduce-overhead") was tried on an H200 and dropped:
-inductor skips CUDA graphs for a step that mutates its inputs, and the process then crashed (BENCHMARKS.md).
+(Muon.compile(): default mode, the rate a device tensor); the warm-up steps compile. A CUDA-graph variant
+("reduce-overhead") was tried on an H200 and dropped: inductor skips CUDA graphs for a step that mutates its inputs,
+and the process then crashed (BENCHMARKS.md).
 """
 import argparse
 import os
