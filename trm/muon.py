@@ -124,17 +124,16 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
-            by_shape = defaultdict(list)
+            one_stack = params[0].is_cuda if self.one_stack is None else self.one_stack
+            calls = defaultdict(lambda: defaultdict(list))  # one Newton-Schulz call: {shape: indices into params}
             for i, p in enumerate(params):
-                by_shape[tuple(p.shape)].append(i)
+                shape = tuple(p.shape)
+                calls[min(shape) if one_stack else shape][shape].append(i)
+            groups = tuple(tuple((shape, tuple(index)) for shape, index in call.items()) for call in calls.values())
             lr = group["lr"]
             if self.compiled:  # the rate as a device tensor, set without a host sync
                 if self._lr is None:
                     self._lr = torch.zeros((), device=params[0].device)
                 lr = self._lr.fill_(lr)
-            one_stack = params[0].is_cuda if self.one_stack is None else self.one_stack
-            groups = defaultdict(list)  # one Newton-Schulz call each
-            for shape, index in by_shape.items():
-                groups[min(shape) if one_stack else shape].append((shape, tuple(index)))
             self._update(params, [p.grad for p in params], bufs, lr, group["weight_decay"], group["momentum"],
-                         group["nesterov"], group["ns_steps"], tuple(map(tuple, groups.values())), self.ns_dtype)
+                         group["nesterov"], group["ns_steps"], groups, self.ns_dtype)
