@@ -5,6 +5,7 @@
     python bench/step_profile.py --batch_size 64 --device cuda --compile on
     python bench/step_profile.py --batch_size 64 --device cuda --arch gpt --n_layers 12 --optimizer muon \
         --qk_norm --zero_init --compile graphs
+    python bench/step_profile.py --device cuda --compile graphs --loop_steps 3000 --save_every 500   # the procedure's
 
 Random tokens (speed does not depend on them). Prints the phase times (each phase synced, median of --steps), then the
 whole step unsynchronized as in the trainer's loop: ms, tokens/s, MFU. On CUDA, one profiled run of --steps whole
@@ -13,22 +14,30 @@ large is host-bound, the GPU waiting for Python to launch kernels (CUDA graphs o
 one is bound by its math, and the top kernels say where. The 12-layer GPT with Muon ran at 1.25-1.94M tokens/s from one
 log window to the next in a race while the TRM held 1.43M (BENCHMARKS.md, Round 2, fourth session): this says why.
 --compile as the trainer's: off (default here, as before the flag), on (torch.compile), graphs (with CUDA graphs).
+--loop_steps N then times N steps as the trainer's loop takes them, without and with its background checkpoints: the
+difference from the whole step above is what the loop costs besides the math.
 """
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from trm.data import PackedLoader  # noqa: E402
 from trm.device import autocast, pick_device  # noqa: E402
 from trm.ema import EMA  # noqa: E402
 from trm.metrics import peak_flops  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
 from trm.optim import build_optimizer  # noqa: E402
+from trm.run_dir import RunDir  # noqa: E402
+from trm.saver import Saver  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--device", default="auto")
@@ -48,6 +57,10 @@ p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
 p.add_argument("--compile", choices=("off", "on", "graphs"), default="off")
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--threads", type=int, default=0)
+p.add_argument("--loop_steps", type=int, default=0,
+               help="also time N steps taken as the trainer's loop takes them (a fresh pinned batch, the rate set, "
+                    "the finite check, the loss sum), then the same with a checkpoint every --save_every steps")
+p.add_argument("--save_every", type=int, default=100)
 args = p.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -134,6 +147,61 @@ wall = statistics.median(whole_steps(args.steps) for _ in range(3))
 peak = peak_flops(device)
 print(f"\nwhole step, no sync inside (median of 3 x {args.steps}): {1000 * wall:.2f} ms, {tokens / wall:,.0f} tokens/s"
       + (f", MFU {100 * flops / wall / peak:.1f}%" if peak else ""))
+
+if args.loop_steps:
+    # The trainer's loop (train_trm_lm.py) does a little more each step than step() above, and saves in the background
+    # every so often. At the procedure's batch 4 the step is ~3 ms on an H200, so each of these can show: on the GPU
+    # the step above ran at 642k tokens/s and the trainer's logged windows at 450-585k (BENCHMARKS.md).
+    loader = PackedLoader(np.random.default_rng(0).integers(0, cfg.vocab_size, 4_000_000, dtype=np.uint16),
+                          args.max_seq_len, args.batch_size)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    loss_sum = torch.zeros((), device=device)
+    save_dir = tempfile.mkdtemp(prefix="step_profile_")
+    saver = Saver(RunDir(save_dir, keep_last=2, log=lambda line: None), log=lambda line: None)
+
+    def loop_step(n):
+        xb, yb = loader.next_batch()
+        if device.type == "cuda":  # as the trainer's next_batch: pinned, so the copies are asynchronous
+            xb, yb = xb.pin_memory(), yb.pin_memory()
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * (1 - n / args.loop_steps)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(device, amp):
+            _, loss = model(xb, yb)
+        loss.backward()
+        loss_sum.add_(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        bad.logical_or_(~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(raw)
+        saver.poll()
+
+    def timed_loop(save_every):
+        stalls = 0.0
+        sync()
+        t0 = time.perf_counter()
+        for n in range(args.loop_steps):
+            loop_step(n)
+            if save_every and (n + 1) % save_every == 0:
+                t = time.perf_counter()  # the trainer's "saving" pause: the copy into pinned memory, not the write
+                saver.save({"model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                            "step": n + 1}, f"step_{n + 1}.pt", quiet=True)
+                stalls += time.perf_counter() - t
+        sync()
+        return time.perf_counter() - t0, stalls
+
+    timed_loop(0)  # warm-up: the new input shapes and strides, pinned buffers
+    for save_every in (0, args.save_every):
+        seconds, stalls = timed_loop(save_every)
+        trained = seconds - stalls
+        print(f"the trainer's loop, {args.loop_steps} steps" +
+              (f", a checkpoint every {save_every} ({stalls:.2f} s of copying excluded)" if save_every else "") +
+              f": {1000 * trained / args.loop_steps:.2f} ms a step, {tokens * args.loop_steps / trained:,.0f} tokens/s")
+    saver.close()
+    shutil.rmtree(save_dir, ignore_errors=True)
 
 if device.type == "cuda":
     from torch.profiler import ProfilerActivity, profile
