@@ -27,7 +27,9 @@ VARIANTS = {
     "prelude": dict(prelude_layers=1),
     "coda": dict(coda_layers=2),
     "step_embed": dict(step_embed=True),
-    "all": dict(qk_norm=True, zero_init=True, logit_softcap=2.0, prelude_layers=1, coda_layers=1, step_embed=True),
+    "tied": dict(tie_embeddings=True),
+    "all": dict(qk_norm=True, zero_init=True, logit_softcap=2.0, prelude_layers=1, coda_layers=1, step_embed=True,
+                tie_embeddings=True),
 }
 
 
@@ -181,16 +183,18 @@ def test_the_trainer_builds_saves_and_resumes_a_variant(tmp_path):
     from test_train import TINY, make_corpus
     corpus = make_corpus(tmp_path)
     flags = ["--qk_norm", "--zero_init", "--logit_softcap", "15", "--prelude_layers", "1", "--coda_layers", "1",
-             "--step_embed", "--supervision_steps", "1"]
+             "--step_embed", "--tie_embeddings", "--supervision_steps", "1"]
     cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], "--valid_paths",
            corpus["validation_0"], "--save_dir", str(tmp_path / "ck"), "--eval_every", "4", "--log_every", "2"]
     r = subprocess.run(cmd + flags + ["--max_steps", "4"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     model = load_model(str(tmp_path / "ck" / "final_step_4.pt"))[0]
     c = model.config
-    assert (c.qk_norm, c.zero_init, c.logit_softcap, c.prelude_layers, c.coda_layers, c.step_embed) == \
-        (True, True, 15.0, 1, 1, True)
+    assert (c.qk_norm, c.zero_init, c.logit_softcap, c.prelude_layers, c.coda_layers, c.step_embed,
+            c.tie_embeddings) == (True, True, 15.0, 1, 1, True, True)
     assert model.step_embed.abs().sum() > 0  # it trained
+    assert model.lm_head.weight is model.embed.weight  # tied again when loaded, not two copies
     r = subprocess.run(cmd + ["--max_steps", "6", "--resume", "auto"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert load_model(str(tmp_path / "ck" / "final_step_6.pt"))[0].config.prelude_layers == 1
+    resumed = load_model(str(tmp_path / "ck" / "final_step_6.pt"))[0]  # the command line no longer asks for them
+    assert resumed.config.prelude_layers == 1 and resumed.lm_head.weight is resumed.embed.weight

@@ -12,7 +12,7 @@ from trm.metrics import tensorboard_missing
 # the flags that make the architecture: a resumed run keeps the checkpoint's values
 ARCH_FLAGS = ("arch", "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps", "dropout",
               "max_seq_len", "grad_deep_steps", "single_stream", "qk_norm", "zero_init", "logit_softcap",
-              "prelude_layers", "coda_layers", "step_embed")
+              "prelude_layers", "coda_layers", "step_embed", "tie_embeddings")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -137,6 +137,9 @@ def trainer_parser(doc):
     p.add_argument("--deep_steps", type=int, default=2, help="T: latent recursions per deep recursion")
     p.add_argument("--supervision_steps", type=int, default=2, help="N_sup: deep supervision rounds, each with a loss")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
+    p.add_argument("--tie_embeddings", action="store_true",
+                   help="one matrix for the token embedding and the output head: at a 16k vocabulary that is "
+                        "vocab x d_model parameters fewer (4.1M at d_model 256), counted once")
     p.add_argument("--grad_deep_steps", type=int, default=1,
                    help="deep steps per supervision round that backpropagate, the last ones (the paper: 1; 0 = all)")
     p.add_argument("--single_stream", action="store_true",
