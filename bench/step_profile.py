@@ -5,7 +5,7 @@
     python bench/step_profile.py --batch_size 64 --device cuda --compile on
     python bench/step_profile.py --batch_size 64 --device cuda --arch gpt --n_layers 12 --optimizer muon \
         --qk_norm --zero_init --compile graphs
-    python bench/step_profile.py --device cuda --compile graphs --loop_steps 3000 --save_every 500  # batch 4, as trained
+    python bench/step_profile.py --device cuda --compile graphs --loop_steps 3000 --save_every 500   # the loop
 
 Random tokens (speed does not depend on them). Prints the phase times (each phase synced, median of --steps), then the
 whole step unsynchronized as in the trainer's loop: ms, tokens/s, MFU. On CUDA, one profiled run of --steps whole
