@@ -190,10 +190,9 @@ if len(train_tokens) < L + 1:  # a window then wraps round the circle: the same 
 
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 model = TRM(config).to(device)
-calls = model.net_calls()
 log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without "
-    f"embeddings), {calls} net call{'s' if calls != 1 else ''} per token, {model.flops_per_token(L) / 1e6:.1f} MFLOP "
-    f"per training token")
+    f"embeddings), {model.net_calls()} net call{'s' * (model.net_calls() != 1)} per token, "
+    f"{model.flops_per_token(L) / 1e6:.1f} MFLOP per training token")
 optimizer = build_optimizer(model, args, device)
 log(f"optimizer: {describe_optimizer(optimizer)}")
 ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
