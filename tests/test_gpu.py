@@ -131,7 +131,9 @@ def _trainer(tmp_path, *extra, launcher=()):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("mode,extra", [("on", ()), ("graphs", ()), ("on", ("--act_weight", "0.1"))])
+@pytest.mark.parametrize("mode,extra", [("on", ()), ("graphs", ()), ("on", ("--act_weight", "0.1")),
+                                        ("graphs", ("--tie_embeddings", "--optimizer", "muon", "--qk_norm")),
+                                        ("graphs", ("--arch", "gpt", "--n_layers", "3", "--tie_embeddings"))])
 def test_trainer_runs_compiled_on_cuda(tmp_path, mode, extra):
     r = _trainer(tmp_path, "--save_dir", str(tmp_path / "ck"), "--max_steps", "20", "--compile", mode, *extra,
                  launcher=(sys.executable,))
