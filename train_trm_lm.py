@@ -30,9 +30,9 @@ from trm.checkpoint import CheckpointError
 from trm.cli import fail, one_line_when_a_peer_is_lost
 from trm.clock import RunClock
 from trm import depth as depth_schedule
-from trm.corpus import unique_files
-from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_tokens
-from trm.device import autocast, autocast_each, out_of_memory, pick_device
+from trm.corpus import unique_paths
+from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
+from trm.device import autocast, autocast_each, out_of_memory, pick_device, start_processes
 from trm.ema import EMA
 from trm.evaluate import evaluate
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, trainer_parser
@@ -40,7 +40,7 @@ from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
 from trm.optim import build_optimizer, describe as describe_optimizer
-from trm.resume import resume_error, restore, rng_state
+from trm.resume import keep_checkpoint_settings, resume_error, restore, rng_state
 from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resume_advice, take_ownership
 from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
@@ -59,32 +59,14 @@ if problem := check_flags(args, int(os.environ.get("WORLD_SIZE", "1"))):
 
 # ----------------------------------------------------------------------------------------------------------------
 # setup: processes, device, tokenizer, the checkpoint to resume, the configuration, data, model, optimizer
-world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-ddp, master = world_size > 1, rank == 0
-
 device, amp_dtype, device_why = pick_device(args.device, args.dtype)
-if ddp:
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    # told its device, NCCL binds each rank to its GPU at once instead of guessing from the global rank (which can
-    # hang when ranks map to GPUs unevenly, as across nodes)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+world_size, rank, device = start_processes(device)
+ddp, master = world_size > 1, rank == 0
 
 
 def log(msg):
     if master:
         tqdm.write(msg)  # above the progress bar, when there is one
-
-
-def unique_paths(paths, flag, log):
-    unique, repeated = unique_files(paths or [])
-    if repeated:
-        log(f"warning: --{flag}: {', '.join(p for p, _ in repeated)} named again (the same file as "
-            f"{', '.join(p for _, p in repeated)}); each file is read once")
-    return unique if paths is not None else None
 
 
 if ddp:  # a rank that dies ends the run with one line, not a traceback from every other rank
@@ -131,20 +113,7 @@ try:
 except (ValueError, TypeError) as e:
     fail(str(e))
 
-
-def keep(name, kept, why=""):
-    """A resumed run keeps its checkpoint's value of a setting; say so when the command line asks for another."""
-    given = getattr(args, name)
-    if given != kept and given != p.get_default(name):
-        log(f"warning: --{name} {given} ignored: the resumed run keeps its checkpoint's {name} {kept}{why} (a new run, "
-            f"e.g. with --overwrite, can change it)")
-    setattr(args, name, kept)
-
-
-for name in ARCH_FLAGS:  # the architecture and window length
-    keep(name, getattr(config, name))
-if ckpt is not None:  # the window order (and the depth draws) follow the seed: changing it mid-run reshuffles the epoch
-    keep("seed", ckpt["loader"].get("seed", ckpt["args"].get("seed", args.seed)), ", which orders its windows")
+keep_checkpoint_settings(args, p, config, ckpt, log)
 if args.act_weight and not (config.halt_head and config.recursive):
     fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
 if master:
@@ -161,17 +130,9 @@ L = config.max_seq_len
 tokens_per_step = args.batch_size * L * args.grad_accum * world_size
 halt_args = {"act_weight": args.act_weight, "halt_threshold": args.train_halt_threshold}  # the head and its use
 
-# Rank 0 tokenizes into the cache; the others wait and then map the same files.
-threads = args.num_workers or os.cpu_count()
 try:
-    for turn in (0, 1) if ddp else (0,):
-        if (turn == 0) == master:
-            # validation first: a validation file without documents is told in seconds, not after the training corpus
-            valid_tokens = (load_tokens(args.valid_paths, tokenizer, cache_dir, args.text_field, threads, "valid", log)
-                            if args.valid_paths else None)
-            train_tokens = load_tokens(args.train_paths, tokenizer, cache_dir, args.text_field, threads, "train", log)
-        if ddp:
-            dist.barrier()
+    train_tokens, valid_tokens = load_corpora(args.train_paths, args.valid_paths, tokenizer, cache_dir,
+                                              args.text_field, args.num_workers or os.cpu_count(), log, ddp, master)
 except DataError as e:
     fail(str(e), 1 if isinstance(e, CacheWriteError) else 2)
 except KeyboardInterrupt:  # (Ctrl-C is the trainer's own only from the loop on: clock.catch_signals)
@@ -219,7 +180,7 @@ log(f"compile: {why}")
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     # the buffers (initial states, rotary tables) are constants: no need to broadcast them every forward
-    model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 if use_compile:
     # compiled after DDP so that the compiler splits the graph at gradient buckets and overlaps the all-reduce;
     # CUDA graphs replay a whole step's kernels with one launch: small batches are launch-bound, not math-bound
@@ -481,13 +442,9 @@ if master:
         fail(run_dir.failure(e, args.save_dir, step), 1)
     if interrupted:
         log(f"interrupted at step {step}: saved {path}; continue with {run_dir.advice}")
-    else:  # this process's minutes; a resumed run adds its earlier sessions' training minutes
-        wall, trained = (time.time() - t_process) / 60, clock.session_seconds() / 60
-        budget = " (the --max_minutes budget ran out)" if clock.out_of_time() else ""
-        session = (f"in {wall:.1f} min ({trained:.1f} of them training)" if ckpt is None else
-                   f"({step - start_step} in this session: {wall:.1f} min, {trained:.1f} of them training; "
-                   f"{clock.seconds() / 60:.1f} min of training in all)")
-        log(f"done: {step} steps{budget} {session}, {tokens_seen:,} tokens; final checkpoint {path}")
+    else:
+        log(f"done: {step} steps{clock.minutes(time.time() - t_process, step - start_step, ckpt is not None)}, "
+            f"{tokens_seen:,} tokens; final checkpoint {path}")
     log(clock.summary(time.time() - t_process))
     if last_eval and not interrupted:
         log(f"validation ({eval_weights} weights): loss {last_eval['loss']:.4f}, perplexity "

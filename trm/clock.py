@@ -51,6 +51,16 @@ class RunClock:
             self.spent[what] += self.last_pause
             self.pauses[what] += 1
 
+    def minutes(self, wall, steps, resumed):
+        """How a finished run spent its minutes, for its last line: this process's, and for a resumed run its
+        `steps` in this session and the training minutes of every session."""
+        budget = " (the --max_minutes budget ran out)" if self.out_of_time() else ""
+        wall, trained = wall / 60, self.session_seconds() / 60
+        if not resumed:
+            return f"{budget} in {wall:.1f} min ({trained:.1f} of them training)"
+        return (f"{budget} ({steps} in this session: {wall:.1f} min, {trained:.1f} of them training; "
+                f"{self.seconds() / 60:.1f} min of training in all)")
+
     def summary(self, wall):
         """Where the session's wall seconds went, in one line: training (its first steps compile), evaluating, saving,
         and the rest (start-up, reading and tokenizing the corpus)."""

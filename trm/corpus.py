@@ -136,6 +136,15 @@ def unique_files(paths):
     return unique, repeated
 
 
+def unique_paths(paths, flag, log):
+    """A flag's paths (or None) without the repeats unique_files finds, each repeat told in one warning."""
+    unique, repeated = unique_files(paths or [])
+    if repeated:
+        log(f"warning: --{flag}: {', '.join(p for p, _ in repeated)} named again (the same file as "
+            f"{', '.join(p for _, p in repeated)}); each file is read once")
+    return unique if paths is not None else None
+
+
 def what_it_is(path):
     """What `path` is when it is not a regular file: 'a directory', 'a FIFO (named pipe)', 'a symbolic link that
     points to nothing (nowhere.jsonl.gz)', 'a symbolic link loop'... or 'missing'."""

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from trm.atomic import AtomicFile, remove_stale_tmp
 from trm.corpus import CorpusStats, iter_texts, missing_package, what_it_is
@@ -179,6 +180,20 @@ def _write_batch(f, tokenizer, texts, dtype, num_threads):
         f.write(np.concatenate(docs).tobytes())
         n = sum(len(doc) for doc in docs)
     return n
+
+
+def load_corpora(train_paths, valid_paths, tokenizer, cache_dir, text_field, num_threads, log, ddp=False, master=True):
+    """(train, validation or None) token memmaps of a run. Under DDP rank 0 tokenizes into the cache while the others
+    wait, then they map the same files."""
+    for turn in (0, 1) if ddp else (0,):
+        if (turn == 0) == master:
+            # validation first: a validation file without documents is told in seconds, not after the training corpus
+            valid = load_tokens(valid_paths, tokenizer, cache_dir, text_field, num_threads, "valid", log) \
+                if valid_paths else None
+            train = load_tokens(train_paths, tokenizer, cache_dir, text_field, num_threads, "train", log)
+        if ddp:
+            dist.barrier()
+    return train, valid
 
 
 def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None, desc="tokenizing", log=print):

@@ -1,7 +1,9 @@
 """The one place that decides device and precision, and says why."""
+import os
 import re
 
 import torch
+import torch.distributed as dist
 
 from trm.cli import fail
 
@@ -35,6 +37,21 @@ def pick_device(requested="auto", dtype="auto"):
     else:
         fail(f"--dtype must be auto, bf16 or fp32, got {dtype!r}")
     return device, amp, why
+
+
+def start_processes(device):
+    """(world_size, rank, device) of this process: under torchrun the process group is started and a GPU rank gets
+    its local GPU; alone, (1, 0, device)."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        # told its device, NCCL binds each rank to its GPU at once instead of guessing from the global rank (which
+        # can hang when ranks map to GPUs unevenly, as across nodes)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return world_size, rank, device
 
 
 def autocast(device, amp_dtype):

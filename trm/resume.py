@@ -8,6 +8,7 @@ import random
 
 import torch
 
+from trm.flags import ARCH_FLAGS
 from trm.optim import resume_problem
 from trm.tokenizer import Tokenizer
 
@@ -24,6 +25,23 @@ def resume_error(ckpt, ckpt_path, tokenizer, args):
         return (f"the checkpoint {ckpt_path} was trained with a different tokenizer ({trained}) than this command's "
                 f"{given}; resume with the tokenizer the run started with")
     return resume_problem(ckpt, args.optimizer)
+
+
+def keep_checkpoint_settings(args, parser, config, ckpt, log):
+    """A resumed run keeps its checkpoint's architecture, window length and seed (which orders its windows and depth
+    draws: another would reshuffle the epoch mid-run). `args` takes them; a command line that asks for others is told
+    so, in a warning per setting."""
+    def keep(name, kept, why=""):
+        given = getattr(args, name)
+        if given != kept and given != parser.get_default(name):
+            log(f"warning: --{name} {given} ignored: the resumed run keeps its checkpoint's {name} {kept}{why} (a new "
+                f"run, e.g. with --overwrite, can change it)")
+        setattr(args, name, kept)
+
+    for name in ARCH_FLAGS:
+        keep(name, getattr(config, name))
+    if ckpt is not None:
+        keep("seed", ckpt["loader"].get("seed", ckpt["args"].get("seed", args.seed)), ", which orders its windows")
 
 
 def rng_state(device):
