@@ -13,8 +13,8 @@ trainer's own evaluations), since at 30+ epochs a model can be past its best whe
 checkpoint of the best evaluation, is scored on the same tokens as the final one.
 
 Prints a markdown table, and writes race.json, every run's log and race.png under --out: validation bits/byte against
-training minutes, one line per run, so the race is seen at a glance. `--plot_only` redraws race.png from the runs
-already under --out (a race still going, or one stopped early) without racing.
+training minutes and against training tokens, one line per run, so the race is seen at a glance. `--plot_only`
+redraws race.png from the runs already under --out (a race still going, or one stopped early) without racing.
 """
 import argparse
 import json
@@ -71,13 +71,25 @@ def at_minutes(evals):
                     default=None)) for m in marks]
 
 
+def at_tokens(evals, marks):
+    """The run's bits/byte at each of the token marks: its latest evaluation at or before the mark, or None."""
+    return [max((h for h in evals if h["tokens_seen"] <= mark), key=lambda h: h["tokens_seen"], default=None)
+            for mark in marks]
+
+
 def plot_race(names):
     """race.png: each run's validation bits/byte (the trainer's evaluations) against its training minutes, the clock
-    that --max_minutes counts. A run without evaluations yet is named in the printout and left out of the plot."""
+    that --max_minutes counts, and against the tokens it had trained on. A run without evaluations yet is named in
+    the printout and left out of the plot.
+
+    Printed per run: the minute marks (equal wall-clock), then, on a second line, the marks at 1/8, 1/4, 1/2 and all
+    of the tokens the shortest run saw (equal data: a model that is slower per token but better per token shows here,
+    where the minute marks hide it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    runs = {}
     for name in names:
         path = os.path.join(args.out, name, "metrics.jsonl")
         history = list(map(json.loads, open(path))) if os.path.isfile(path) else []
@@ -85,8 +97,14 @@ def plot_race(names):
         if not evals:
             print(f"race.png: {name}: no evaluation with train_seconds in {path}", flush=True)
             continue
+        runs[name] = history, evals
+    counted = [evals for _, evals in runs.values() if all("tokens_seen" in h for h in evals)]
+    fewest = min((evals[-1]["tokens_seen"] for evals in counted), default=0)
+    token_marks = [fewest // 8, fewest // 4, fewest // 2, fewest] if fewest else []
+    for name, (history, evals) in runs.items():
         minutes = [h["train_seconds"] / 60 for h in evals]
-        ax.plot(minutes, [h["bits_per_byte"] for h in evals], "o-", ms=3, lw=1.5, label=name)
+        bpb = [h["bits_per_byte"] for h in evals]
+        by_time.plot(minutes, bpb, "o-", ms=3, lw=1.5, label=name)
         median, slowest, fastest = speed([h for h in history if h.get("kind") == "train"])
         marks = at_minutes(evals)
         along = (f"; at {' / '.join(str(m) for m, _ in marks)} min: " +
@@ -94,12 +112,19 @@ def plot_race(names):
         print(f"race.png: {name}: {len(evals)} evaluations, {evals[-1]['bits_per_byte']:.4f} bits/byte at "
               f"{minutes[-1]:.2f} min, {median / 1e6:.2f}M tokens/s ({slowest / 1e6:.2f}-{fastest / 1e6:.2f}M)"
               + along, flush=True)
-    ax.set_xlabel("training minutes (compilation included, evaluation and saving not)")
-    ax.set_ylabel("validation bits/byte")
-    ax.set_title(f"race: {os.path.basename(args.out)}")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
+        if token_marks and all("tokens_seen" in h for h in evals):
+            by_tokens.plot([h["tokens_seen"] / 1e6 for h in evals], bpb, "o-", ms=3, lw=1.5, label=name)
+            print(f"race.png: {name}: at {' / '.join(f'{m / 1e6:.0f}M' for m in token_marks)} tokens: " +
+                  " / ".join(f"{h['bits_per_byte']:.4f}" if h else "-" for h in at_tokens(evals, token_marks)),
+                  flush=True)
+    by_time.set_xlabel("training minutes (compilation included, evaluation and saving not)")
+    by_time.set_ylabel("validation bits/byte")
+    by_tokens.set_xlabel("training tokens (millions)")
+    fig.suptitle(f"race: {os.path.basename(args.out)}")
+    for ax in (by_time, by_tokens):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "race.png"), dpi=110)
     plt.close(fig)

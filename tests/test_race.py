@@ -1,4 +1,5 @@
-"""bench/race.py's race.png, drawn from fake results (no race is run): one line per run, minutes against bits/byte."""
+"""bench/race.py's race.png, drawn from fake results (no race is run): one line per run, bits/byte against minutes
+and against tokens."""
 import json
 import subprocess
 import sys
@@ -7,12 +8,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fake_run(out, name, evals, train_lines=2):
-    """A save dir as the trainer leaves it: metrics.jsonl with train entries and (seconds, bits/byte) evaluations."""
+def fake_run(out, name, evals, train_lines=2, tokens_per_eval=None):
+    """A save dir as the trainer leaves it: metrics.jsonl with train entries and (seconds, bits/byte) evaluations,
+    the i-th after i x tokens_per_eval training tokens (none counted: the metrics of an older trainer)."""
     (out / name).mkdir(parents=True)
     entries = [{"step": i, "kind": "train", "loss": 3.0, "train_seconds": 10.0 * i, "tok_s": 1e6 * i}
                for i in range(1, train_lines + 1)]
-    entries += [{"step": 100 * i, "kind": "eval", "loss": 2.0, "bits_per_byte": bpb, "train_seconds": seconds}
+    entries += [{"step": 100 * i, "kind": "eval", "loss": 2.0, "bits_per_byte": bpb, "train_seconds": seconds,
+                 **({"tokens_seen": i * tokens_per_eval} if tokens_per_eval else {})}
                 for i, (seconds, bpb) in enumerate(evals, 1)]
     (out / name / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
 
@@ -57,3 +60,19 @@ def test_plot_only_without_results_says_so(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench/race.py"), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--run, --data_dir and --sp_model are required" in r.stderr
+
+
+def test_runs_are_also_compared_at_equal_tokens_up_to_the_shortest_run(tmp_path):
+    # a slow model that is better per token, against a fast one: level at 2 minutes, apart at equal tokens
+    out = tmp_path / "race_out"
+    fake_run(out, "slow", [(30, 1.50), (60, 1.40), (90, 1.30), (120, 1.25)], tokens_per_eval=10_000_000)
+    fake_run(out, "fast", [(15 * i, 1.65 - 0.05 * i) for i in range(1, 9)], tokens_per_eval=10_000_000)  # 2x tok/s
+    r = subprocess.run([sys.executable, str(ROOT / "bench/race.py"), "--plot_only", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    fast_time, fast_tokens, slow_time, slow_tokens = r.stdout.splitlines()
+    assert slow_time.endswith("at 1 / 2 min: 1.4000 / 1.2500") and fast_time.endswith("at 1 / 2 min: 1.4500 / 1.2500")
+    # the marks are 1/8, 1/4, 1/2 and all of the 40M tokens the slow run saw; each run's latest evaluation at or
+    # before a mark, "-" before its first
+    assert slow_tokens == "race.png: slow: at 5M / 10M / 20M / 40M tokens: - / 1.5000 / 1.4000 / 1.2500"
+    assert fast_tokens == "race.png: fast: at 5M / 10M / 20M / 40M tokens: - / 1.6000 / 1.5500 / 1.4500"
