@@ -116,8 +116,18 @@ def test_checksum_covers_values_and_resaving_a_loaded_checkpoint_works(tmp_path)
 
 
 def test_missing_path_and_directory(tmp_path):
-    refused(tmp_path / "missing.pt", "not found")
+    refused(tmp_path / "missing.pt", "not found", "has no checkpoints")
     refused(tmp_path, "not a file")
+
+
+def test_a_missing_checkpoint_names_the_ones_beside_it(tmp_path):
+    # the procedure's command names final_step_50000.pt; a run stopped by --max_minutes wrote another final step
+    for name in ("step_500.pt", "step_1000.pt", "final_step_1234.pt", "best.pt"):
+        (tmp_path / name).write_bytes(b"")
+    message = refused(tmp_path / "final_step_50000.pt", "not found")
+    assert message.endswith(f"; {tmp_path} has final_step_1234.pt, best.pt, step_1000.pt"), message
+    message = refused(tmp_path / "no_such_folder" / "final_step_50000.pt", "not found")
+    assert " has " not in message, message  # no folder, nothing to list: the plain sentence
 
 
 def test_text_file(tmp_path):

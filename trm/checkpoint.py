@@ -76,7 +76,7 @@ def checksum(state):
 def load_checkpoint(path, map_location="cpu"):
     """Load and validate a checkpoint; every failure is a CheckpointError with a one-line reason."""
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}" + _what_is_there(os.path.dirname(path) or "."))
     if not os.path.isfile(path):
         raise CheckpointError(f"not a file: {path}")
     if os.path.getsize(path) == 0:
@@ -107,6 +107,18 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with it (a changed "
                               f"byte on disk or in a copy); use another checkpoint or copy it again")
     return state
+
+
+def _what_is_there(folder):
+    """The checkpoints beside a path that is not there: the procedure's command names final_step_50000.pt, which a run
+    stopped by --max_minutes or Ctrl-C, or resumed with other --max_steps, never wrote."""
+    if not os.path.isdir(folder):
+        return ""
+    paths = list_checkpoints(folder)
+    names = [os.path.basename(p) for p in paths if os.path.basename(p).startswith("final_")]
+    names += ["best.pt"] * os.path.exists(os.path.join(folder, "best.pt"))
+    names += [os.path.basename(p) for p in paths if os.path.basename(p).startswith("step_")][:1]  # the newest
+    return f"; {folder} has {', '.join(names)}" if names else f"; {folder} has no checkpoints"
 
 
 def _first_line(e):
