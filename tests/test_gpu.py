@@ -133,7 +133,9 @@ def _trainer(tmp_path, *extra, launcher=()):
 
 @pytest.mark.parametrize("mode,extra", [("on", ()), ("graphs", ()), ("on", ("--act_weight", "0.1")),
                                         ("graphs", ("--tie_embeddings", "--optimizer", "muon", "--qk_norm")),
-                                        ("graphs", ("--arch", "gpt", "--n_layers", "3", "--tie_embeddings"))])
+                                        ("graphs", ("--arch", "gpt", "--n_layers", "3", "--tie_embeddings")),
+                                        ("on", ("--prelude_layers", "1", "--coda_layers", "1", "--step_embed",
+                                                "--tie_embeddings", "--optimizer", "muon", "--qk_norm"))])
 def test_trainer_runs_compiled_on_cuda(tmp_path, mode, extra):
     r = _trainer(tmp_path, "--save_dir", str(tmp_path / "ck"), "--max_steps", "20", "--compile", mode, *extra,
                  launcher=(sys.executable,))
