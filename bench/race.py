@@ -114,7 +114,7 @@ def plot_race(names):
               + along, flush=True)
         if token_marks and all("tokens_seen" in h for h in evals):
             by_tokens.plot([h["tokens_seen"] / 1e6 for h in evals], bpb, "o-", ms=3, lw=1.5, label=name)
-            print(f"race.png: {name}: at {' / '.join(f'{m / 1e6:.0f}M' for m in token_marks)} tokens: " +
+            print(f"race.png: {name}: at {' / '.join(f'{m / 1e6:.3g}M' for m in token_marks)} tokens: " +
                   " / ".join(f"{h['bits_per_byte']:.4f}" if h else "-" for h in at_tokens(evals, token_marks)),
                   flush=True)
     by_time.set_xlabel("training minutes (compilation included, evaluation and saving not)")

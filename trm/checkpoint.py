@@ -116,7 +116,8 @@ def _what_is_there(folder):
         return ""
     paths = list_checkpoints(folder)
     names = [os.path.basename(p) for p in paths if os.path.basename(p).startswith("final_")]
-    names += ["best.pt"] * os.path.exists(os.path.join(folder, "best.pt"))
+    if os.path.exists(os.path.join(folder, "best.pt")):
+        names.append("best.pt")
     names += [os.path.basename(p) for p in paths if os.path.basename(p).startswith("step_")][:1]  # the newest
     return f"; {folder} has {', '.join(names)}" if names else f"; {folder} has no checkpoints"
 
