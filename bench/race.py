@@ -98,8 +98,8 @@ def plot_race(names):
             print(f"race.png: {name}: no evaluation with train_seconds in {path}", flush=True)
             continue
         runs[name] = history, evals
-    counted = [evals for _, evals in runs.values() if all("tokens_seen" in h for h in evals)]
-    fewest = min((evals[-1]["tokens_seen"] for evals in counted), default=0)
+    counted = {name for name, (_, evals) in runs.items() if all("tokens_seen" in h for h in evals)}  # (older logs)
+    fewest = min((runs[name][1][-1]["tokens_seen"] for name in counted), default=0)
     token_marks = [fewest // 8, fewest // 4, fewest // 2, fewest] if fewest else []
     for name, (history, evals) in runs.items():
         minutes = [h["train_seconds"] / 60 for h in evals]
@@ -112,7 +112,7 @@ def plot_race(names):
         print(f"race.png: {name}: {len(evals)} evaluations, {evals[-1]['bits_per_byte']:.4f} bits/byte at "
               f"{minutes[-1]:.2f} min, {median / 1e6:.2f}M tokens/s ({slowest / 1e6:.2f}-{fastest / 1e6:.2f}M)"
               + along, flush=True)
-        if token_marks and all("tokens_seen" in h for h in evals):
+        if token_marks and name in counted:
             by_tokens.plot([h["tokens_seen"] / 1e6 for h in evals], bpb, "o-", ms=3, lw=1.5, label=name)
             print(f"race.png: {name}: at {' / '.join(f'{m / 1e6:.3g}M' for m in token_marks)} tokens: " +
                   " / ".join(f"{h['bits_per_byte']:.4f}" if h else "-" for h in at_tokens(evals, token_marks)),
