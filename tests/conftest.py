@@ -1,4 +1,5 @@
-"""Fixtures shared by the tests: a tiny SentencePiece model and a tiny checkpoint that uses it, built in tmp dirs."""
+"""Fixtures shared by the tests: a tiny SentencePiece model, a tiny checkpoint that uses it and a tiny JSONL.GZ corpus,
+built in tmp dirs."""
 import io
 import random
 
@@ -15,6 +16,14 @@ RARE = "鬱蒼とした薔薇"
 def japanese_lines(n=2000, seed=0):
     rng = random.Random(seed)
     return ["".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two small train shards and a validation file in the users' format (trainer_run.make_corpus), per module."""
+    from trainer_run import make_corpus
+
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="session")

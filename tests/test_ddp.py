@@ -13,17 +13,12 @@ import time
 import pytest
 import torch
 
-from test_train import ROOT, TINY, copy_run_until, endless_trainer, logged_losses, make_corpus, params
 from test_metrics import scalars
+from trainer_run import ROOT, TINY, copy_run_until, endless_trainer, logged_losses, params
 from trm.checkpoint import load_checkpoint
 from trm.metrics import tensorboard_missing
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 # Every rank but 0 records, outside the save dir, each file it opens for writing or renames inside it.

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error
-from test_train import TINY, make_corpus
+from trainer_run import TINY, make_corpus
 from trm.device import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]

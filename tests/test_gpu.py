@@ -122,7 +122,7 @@ def test_bf16_training_step_learns():
 
 
 def _trainer(tmp_path, *extra, launcher=()):
-    from tests.test_train import TINY, make_corpus
+    from tests.trainer_run import TINY, make_corpus
     corpus = make_corpus(tmp_path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [*launcher, os.path.join(root, "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"],
@@ -165,7 +165,7 @@ def test_nccl_two_gpus_match_one_gpu(tmp_path):
 def test_both_update_rules_train_in_bf16_on_cuda(tmp_path, rule):
     # --sup_update each steps the optimizer between rounds, outside the mean rule's forward: it once ran in fp32 here
     from conftest import training_dtypes
-    from tests.test_train import ROOT, TINY, make_corpus
+    from tests.trainer_run import ROOT, TINY, make_corpus
     corpus = make_corpus(tmp_path)
     dtypes, r = training_dtypes(ROOT / "train_trm_lm.py", [
         *TINY, "--train_paths", corpus["train_0"], "--valid_paths", "--max_steps", "2", "--log_every", "1",

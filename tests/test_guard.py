@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_train import ROOT, TINY, corpus, train  # noqa: F401 (corpus: the module's fixture)
+from trainer_run import ROOT, TINY, train
 from trm.checkpoint import load_checkpoint
 from trm.guard import MIN_TOKENS, CollapseGuard, last_good_checkpoint, unigram_entropy
 

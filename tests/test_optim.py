@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error
-from test_train import ROOT, TINY, copy_run_until, corpus, logged_losses, params, train  # noqa: F401 (a fixture)
+from trainer_run import ROOT, TINY, copy_run_until, logged_losses, params, train
 from trm.checkpoint import load_checkpoint
 from trm.flags import trainer_parser
 from trm.model import TRM, TRMConfig

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from test_train import ROOT, TINY, logged_losses, make_corpus
+from trainer_run import ROOT, TINY, logged_losses
 from trm import run_dir as run_dir_module
 from trm.checkpoint import load_checkpoint
 from trm.ema import EMA
@@ -245,11 +245,6 @@ torch.save = save
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def trainer_cmd(corpus, save_dir, *extra, stalled=False):

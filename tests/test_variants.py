@@ -180,7 +180,7 @@ def test_variants_need_the_recursion():
 
 @pytest.mark.slow
 def test_the_trainer_builds_saves_and_resumes_a_variant(tmp_path):
-    from test_train import TINY, make_corpus
+    from trainer_run import TINY, make_corpus
     corpus = make_corpus(tmp_path)
     flags = ["--qk_norm", "--zero_init", "--logit_softcap", "15", "--prelude_layers", "1", "--coda_layers", "1",
              "--step_embed", "--tie_embeddings", "--supervision_steps", "1"]
