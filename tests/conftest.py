@@ -19,6 +19,18 @@ def japanese_lines(n=2000, seed=0):
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (pytestmark = pytest.mark.usefixtures("one_thread")): tiny
+    matmuls gain nothing from threads, and on a busy 2-core machine OpenMP spin-waits made such modules 10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Two small train shards and a validation file in the users' format (trainer_run.make_corpus), per module."""
     from trainer_run import make_corpus
@@ -67,6 +79,27 @@ def tiny_checkpoint(tmp_path_factory, tiny_sp_model):
 
     path = tmp_path_factory.mktemp("ckpt") / "final_step_0.pt"
     make_checkpoint(path, Tokenizer.from_args("sentencepiece", tiny_sp_model))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def halting_checkpoint(tmp_path_factory, tiny_sp_model):
+    """A tiny_checkpoint with a halting head that says "stop" for about half the tokens after round 1."""
+    import torch
+
+    from trm.checkpoint import save_checkpoint
+    from trm.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("halt") / "final_step_0.pt"
+    model = make_checkpoint(path, Tokenizer.from_args("sentencepiece", tiny_sp_model), halt_head=True,
+                            supervision_steps=3)
+    with torch.no_grad():
+        model.halt.weight.normal_(std=1.0, generator=torch.Generator().manual_seed(0))
+        q = model.halt(next(model.rounds(torch.arange(4, 68).view(1, -1)))).flatten()
+        model.halt.bias.fill_(-q.median())
+    state = torch.load(path, weights_only=True)
+    state["model"] = state["ema"]["model"] = model.state_dict()
+    save_checkpoint(state, str(path))
     return str(path)
 
 

@@ -4,18 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_model import round_losses, tiny, tokens
+from test_model import round_losses
+from tiny_model import tiny, tokens
 from trm import halting
 from trm.halting import decode_adaptive
 from trm.kv_cache import KVCache
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add synchronization on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def halting_model(seed=0, **overrides):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, training_dtypes, without_packages
-from trainer_run import ROOT, TINY, copy_run_until, endless_trainer, logged, logged_losses, params, run_in_process, train
+from trainer_run import (ROOT, TINY, copy_run_until, endless_trainer, logged, logged_losses, params, run_in_process,
+                         train)
 from trm.checkpoint import load_checkpoint, save_checkpoint
 from trm.metrics import tensorboard_missing
 

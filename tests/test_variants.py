@@ -17,6 +17,8 @@ from trm.halting import decode_adaptive
 from trm.kv_cache import KVCache, StaticKVCache
 from trm.model import NO_CACHE, TRM, TRMConfig, rms_norm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
+
 V, D = 64, 32
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,14 +33,6 @@ VARIANTS = {
     "all": dict(qk_norm=True, zero_init=True, logit_softcap=2.0, prelude_layers=1, coda_layers=1, step_embed=True,
                 tie_embeddings=True),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls gain nothing from threads on a busy machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(seed=0, **overrides):
