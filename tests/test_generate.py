@@ -129,7 +129,7 @@ def test_malicious_checkpoint_is_refused_without_running_its_payload(tmp_path):
 @pytest.mark.slow
 def test_bad_files_are_refused_with_one_line(tmp_path):
     rand = tmp_path / "random.pt"
-    rand.write_bytes(os.urandom(4096))
+    rand.write_bytes(b"\x80\x66" + os.urandom(4094))  # a pickle's first opcode, then noise (torch warns about it)
     plain = tmp_path / "plain.pt"
     torch.save({"model": {"w": torch.zeros(2)}}, plain)
     text = tmp_path / "notes.pt"

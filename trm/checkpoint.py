@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 
 import torch
@@ -82,7 +83,13 @@ def load_checkpoint(path, map_location="cpu"):
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        # random bytes that begin with a pickle's first opcode make torch warn about the protocol before it fails:
+        # a failed load's warnings are dropped (the one-line error says it all), a good load's are passed on
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except pickle.UnpicklingError as e:
         # weights_only refuses any global it does not know, i.e. anything that could execute code while loading;
         # other unpickling errors (an unknown opcode in random bytes) only mean the file is not a checkpoint
