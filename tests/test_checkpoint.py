@@ -163,6 +163,21 @@ def test_random_bytes_that_begin_like_a_pickle_give_the_error_alone(tmp_path, re
     assert not recwarn.list, [str(w.message) for w in recwarn.list]
 
 
+def test_a_good_load_passes_torchs_warnings_on(tmp_path, monkeypatch):
+    path = tmp_path / "step_1.pt"
+    save_checkpoint(state(1), str(path))
+    real_load = torch.load
+
+    def load(*a, **k):
+        import warnings
+        warnings.warn("a note from torch.load", UserWarning)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.warns(UserWarning, match="a note from torch.load"):
+        assert load_checkpoint(str(path))["step"] == 1
+
+
 def test_plain_dict_without_marker(tmp_path):
     path = tmp_path / "plain.pt"
     torch.save({"model": {"w": torch.zeros(2)}}, path)

@@ -88,8 +88,6 @@ def load_checkpoint(path, map_location="cpu"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             state = torch.load(path, map_location=map_location, weights_only=True)
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except pickle.UnpicklingError as e:
         # weights_only refuses any global it does not know, i.e. anything that could execute code while loading;
         # other unpickling errors (an unknown opcode in random bytes) only mean the file is not a checkpoint
@@ -105,6 +103,8 @@ def load_checkpoint(path, map_location="cpu"):
         # IndexError) is the unpickler tripping over bytes that are not a pickle
         raise CheckpointError(f"{path} is unreadable or not a PyTorch checkpoint "
                               f"({type(e).__name__}: {_first_line(e)})") from None
+    for w in caught:  # outside the try: a warning made an error by the caller's filters is not "unreadable"
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
     if state.get("version", 0) > VERSION:
