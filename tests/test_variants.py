@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_model import D, V, tiny, tokens
 from trm import halting
 from trm.checkpoint import load_model
 from trm.halting import decode_adaptive
 from trm.kv_cache import KVCache, StaticKVCache
-from trm.model import NO_CACHE, TRM, TRMConfig, rms_norm
+from trm.model import NO_CACHE, TRMConfig, rms_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
-V, D = 64, 32
 ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = {
@@ -35,14 +35,6 @@ VARIANTS = {
 }
 
 
-def tiny(seed=0, **overrides):
-    kw = dict(vocab_size=V, d_model=D, n_heads=4, n_layers=2, latent_steps=2, deep_steps=2, supervision_steps=2,
-              dropout=0.0, max_seq_len=32)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return TRM(TRMConfig(**kw)).eval()
-
-
 def trained_looking(model):
     """Zero-initialised weights and step vectors would make some checks pass trivially: give them values."""
     g = torch.Generator().manual_seed(3)
@@ -51,10 +43,6 @@ def trained_looking(model):
             if not p.abs().sum():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
-
-
-def tokens(B, T, seed=1):
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
