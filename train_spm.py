@@ -202,14 +202,17 @@ if __name__ == "__main__":
     parser.add_argument("--input_sentence_size", type=int, default=2_000_000,
                         help="sentences sampled for training; bounds time and memory; 0 = all (default: %(default)s)")
     parser.add_argument("--num_threads", type=int, default=os.cpu_count() or 1,
-                        help="SentencePiece's threads (default: %(default)s, the cores)")
+                        help="SentencePiece's threads (default: %(default)s, the cores). With more than one, two "
+                             "runs on the same input can differ in a few pieces (BENCHMARKS.md: 160 of 16,000); "
+                             "1 gives the same model every run")
     parser.add_argument("--max_sentence_length", type=int, default=4192,
                         help="bytes; longer sentences are cut, never dropped (default: %(default)s)")
     parser.add_argument("--eval_file", default=None,
                         help="held-out text (.txt one document per line, or .jsonl[.gz|.xz|.zst]) "
                              f"(default: every {HOLDOUT_EVERY}th line of --input, kept out of training)")
     parser.add_argument("--seed", type=int, default=1234,
-                        help="for the line sample and SentencePiece's shuffling (default: %(default)s)")
+                        help="for the line sample and SentencePiece's shuffling (default: %(default)s; the same "
+                             "model every run needs --num_threads 1 too)")
     args = parser.parse_args()
 
     # every number against the range SentencePiece accepts (or a sane one), before minutes of work

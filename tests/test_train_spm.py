@@ -306,3 +306,15 @@ def test_a_huge_one_line_document_is_evaluated_in_pieces(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "1 documents" in r.stdout and 0 < int((tmp_path / "longest").read_text()) <= EVAL_CHUNK
+
+
+def test_one_thread_gives_the_same_model_every_run(tmp_path):
+    # several threads may not (BENCHMARKS.md: 160 of 16,000 pieces differed between two runs); the help promises this
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(seed=3)) + "\n", encoding="utf-8")
+    models = []
+    for prefix in ("a", "b"):
+        r = run(tmp_path, "--vocab_size", "400", "--character_coverage", "1.0", "--num_threads", "1",
+                "--model_prefix", prefix)
+        assert r.returncode == 0, r.stderr
+        models.append((tmp_path / f"{prefix}.model").read_bytes())
+    assert models[0] == models[1]
