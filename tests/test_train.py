@@ -18,13 +18,14 @@ from trainer_run import (ROOT, TINY, copy_run_until, endless_trainer, logged, lo
                          train)
 from trm.checkpoint import load_checkpoint, save_checkpoint
 from trm.metrics import tensorboard_missing
+from trm.tokenizer import Tokenizer
 
 
 @pytest.mark.slow
 def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
     save = tmp_path / "ck"
     tensorboard = ["--tensorboard", str(tmp_path / "tb")] if tensorboard_missing() is None else []
-    train(corpus, save, "--max_steps", "12", "--eval_every", "6", "--log_every", "3", *tensorboard)
+    r = train(corpus, save, "--max_steps", "12", "--eval_every", "6", "--log_every", "3", *tensorboard)
     names = sorted(os.listdir(save))
     assert {"step_6.pt", "final_step_12.pt", "metrics.jsonl", "training_curves.png"} <= set(names)
     state = load_checkpoint(save / "final_step_12.pt")  # weights_only=True inside
@@ -32,6 +33,9 @@ def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
         assert key in state, key
     assert state["step"] == 12 and state["tokens_seen"] == 12 * 4 * 32
     assert state["args"]["d_model"] == 32
+    # the log names the exact vocabulary, so runs on two draws of one tokenizer are told apart (BENCHMARKS.md)
+    tok = Tokenizer.from_state(state["tokenizer"])
+    assert f"vocab {tok.vocab_size:,}, fingerprint {tok.fingerprint()}" in r.stdout
     assert [h["step"] for h in logged(save, "train")] == [3, 6, 9, 12]
     evals = logged(save, "eval")
     assert [h["step"] for h in evals] == [6, 12] and all(0 < h["bits_per_byte"] < 8 for h in evals)
