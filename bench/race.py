@@ -12,7 +12,8 @@ checkpoint (EMA weights) is scored by trm.evaluate on --eval_tokens of validatio
 trainer's own evaluations), since at 30+ epochs a model can be past its best when the clock stops; best.pt, the
 checkpoint of the best evaluation, is scored on the same tokens as the final one.
 
-Prints a markdown table, and writes race.json, every run's log and race.png under --out: validation bits/byte against
+Prints a markdown table and the tokenizer's fingerprint (rows compare exactly only on one tokenizer: two trainings of
+ja_trm.model on several threads differ), and writes race.json, every run's log and race.png under --out: validation bits/byte against
 training minutes and against training tokens, one line per run, so the race is seen at a glance. `--plot_only`
 redraws race.png from the runs already under --out (a race still going, or one stopped early) without racing.
 """
@@ -33,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from trm.corpus import SUFFIXES, train_shards  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
+from trm.tokenizer import Tokenizer  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--run", action="append", help="NAME=FLAGS, one per configuration (repeatable; required)")
@@ -202,7 +204,9 @@ def race(name, flags, gpu):
     best_ckpt = os.path.join(save_dir, "best.pt")  # the trainer keeps the checkpoint of its best evaluation
     if os.path.exists(best_ckpt):
         row["bpb_best"] = score(name, best_ckpt, env).get("bits_per_byte")
-    cfg = torch.load(ckpt, map_location="cpu", weights_only=True)["config"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cfg = state["config"]
+    row["tokenizer"] = Tokenizer.from_state(state["tokenizer"]).fingerprint()  # which draw of ja_trm.model it used
     row["mflop_per_token"] = TRM(TRMConfig(**cfg)).flops_per_token() / 1e6
     if not args.no_depth and cfg["arch"] == "trm":
         key = "supervision_steps" if cfg["supervision_steps"] > 1 else "deep_steps"
@@ -296,3 +300,6 @@ for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
           f"{r['steps']:,} | {fmt(r['bpb'])} | {fmt(r.get('bpb_best'))} | {fmt(r['best_val'])} ({r['best_step']:,}) | "
           f"{fmt(r.get('bpb_half'))} | "
           f"{fmt(r.get('bpb_double'))} | `{r['flags']}` |")
+# Two trainings of one tokenizer can differ (SentencePiece on several threads; BENCHMARKS.md), and with them the
+# scores: a race's rows compare exactly only when they share this fingerprint.
+print("\ntokenizer fingerprint: " + ", ".join(sorted({r["tokenizer"] for r in rows if "tokenizer" in r})))

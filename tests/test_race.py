@@ -1,9 +1,14 @@
-"""bench/race.py's race.png, drawn from fake results (no race is run): one line per run, bits/byte against minutes
-and against tokens."""
+"""bench/race.py: race.png drawn from fake results (one line per run, bits/byte against minutes and against tokens),
+and one whole race of two tiny models on the CPU."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from trm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,3 +81,27 @@ def test_runs_are_also_compared_at_equal_tokens_up_to_the_shortest_run(tmp_path)
     # before a mark, "-" before its first
     assert slow_tokens == "race.png: slow: at 5M / 10M / 20M / 40M tokens: - / 1.5000 / 1.4000 / 1.2500"
     assert fast_tokens == "race.png: fast: at 5M / 10M / 20M / 40M tokens: - / 1.6000 / 1.5500 / 1.4500"
+
+
+@pytest.mark.slow
+def test_a_race_on_cpu_scores_every_run_and_names_the_tokenizer(corpus, tiny_sp_model, tmp_path):
+    # the whole race, as on the GPU but tiny: token cache, two timed runs, their scoring, the table and race.png
+    out = tmp_path / "race"
+    tiny = "--d_model 32 --n_heads 2 --max_seq_len 32 --device cpu --compile off --dropout 0"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/race.py"), "--data_dir", str(Path(corpus["train_0"]).parent),
+                        "--sp_model", tiny_sp_model, "--minutes", "0.03", "--out", str(out), "--no_warm",
+                        "--no_depth", "--eval_tokens", "2000",
+                        "--common", "--batch_size 4 --eval_every 20 --log_every 5 --eval_tokens 256 --warmup_steps 5",
+                        "--run", f"trm={tiny}", "--run", f"gpt=--arch gpt --n_layers 2 {tiny}"],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {row["name"]: row for row in json.loads((out / "race.json").read_text())}
+    assert set(rows) == {"trm", "gpt"}
+    fingerprint = Tokenizer.from_args("sentencepiece", tiny_sp_model).fingerprint()
+    for name, row in rows.items():
+        assert row["rc"] == 0 and row["steps"] > 0 and row.get("error") is None, row
+        assert 0 < row["bpb"] < 16 and 0 < row["bpb_best"] < 16, row
+        assert row["tokenizer"] == fingerprint
+        assert any(line.startswith(f"| {name} | ") for line in r.stdout.splitlines())
+    assert r.stdout.rstrip().endswith(f"tokenizer fingerprint: {fingerprint}")
+    assert (out / "race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
