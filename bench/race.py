@@ -13,9 +13,10 @@ trainer's own evaluations), since at 30+ epochs a model can be past its best whe
 checkpoint of the best evaluation, is scored on the same tokens as the final one.
 
 Prints a markdown table and the tokenizer's fingerprint (rows compare exactly only on one tokenizer: two trainings of
-ja_trm.model on several threads differ), and writes race.json, every run's log and race.png under --out: validation bits/byte against
-training minutes and against training tokens, one line per run, so the race is seen at a glance. `--plot_only`
-redraws race.png from the runs already under --out (a race still going, or one stopped early) without racing.
+ja_trm.model on several threads differ), and writes race.json, every run's log and race.png under --out: validation
+bits/byte against training minutes and against training tokens, one line per run, so the race is seen at a glance.
+`--plot_only` redraws race.png from the runs already under --out (a race still going, or one stopped early) without
+racing.
 """
 import argparse
 import json
