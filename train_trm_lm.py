@@ -93,7 +93,7 @@ try:
 except (TokenizerError, DataError) as e:
     fail(str(e))
 log(f"tokenizer: {args.tokenizer}" + (f" {args.sp_model}" if args.tokenizer == "sentencepiece" else "") +
-    f", vocab {tokenizer.vocab_size:,}, fingerprint {tokenizer.fingerprint()}")  # tells two draws of one corpus apart
+    f", vocab {tokenizer.vocab_size:,}, fingerprint {tokenizer.fingerprint()}")  # tells two trainings of one tokenizer apart
 
 # The save dir is this run's alone (trm/run_dir.py): rank 0 locks it, removes partial files of killed trainers and
 # picks the checkpoint to resume; all of it, and the configuration, is settled before the corpus is tokenized.
