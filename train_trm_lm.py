@@ -92,8 +92,9 @@ try:
         check_cache_dir(cache_dir)
 except (TokenizerError, DataError) as e:
     fail(str(e))
+# the fingerprint tells two trainings of one tokenizer apart (they can differ: train_spm.py --num_threads)
 log(f"tokenizer: {args.tokenizer}" + (f" {args.sp_model}" if args.tokenizer == "sentencepiece" else "") +
-    f", vocab {tokenizer.vocab_size:,}, fingerprint {tokenizer.fingerprint()}")  # tells two trainings of one tokenizer apart
+    f", vocab {tokenizer.vocab_size:,}, fingerprint {tokenizer.fingerprint()}")
 
 # The save dir is this run's alone (trm/run_dir.py): rank 0 locks it, removes partial files of killed trainers and
 # picks the checkpoint to resume; all of it, and the configuration, is settled before the corpus is tokenized.
