@@ -92,7 +92,6 @@ try:
         check_cache_dir(cache_dir)
 except (TokenizerError, DataError) as e:
     fail(str(e))
-# the fingerprint tells two trainings of one tokenizer apart (they can differ: train_spm.py --num_threads)
 log(f"tokenizer: {args.tokenizer}" + (f" {args.sp_model}" if args.tokenizer == "sentencepiece" else "") +
     f", vocab {tokenizer.vocab_size:,}, fingerprint {tokenizer.fingerprint()}")
 

@@ -301,6 +301,5 @@ for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
           f"{r['steps']:,} | {fmt(r['bpb'])} | {fmt(r.get('bpb_best'))} | {fmt(r['best_val'])} ({r['best_step']:,}) | "
           f"{fmt(r.get('bpb_half'))} | "
           f"{fmt(r.get('bpb_double'))} | `{r['flags']}` |")
-# Two trainings of one tokenizer can differ (SentencePiece on several threads; BENCHMARKS.md), and with them the
-# scores: a race's rows compare exactly only when they share this fingerprint.
-print("\ntokenizer fingerprint: " + ", ".join(sorted({r["tokenizer"] for r in rows if "tokenizer" in r})))
+if fingerprints := sorted({r["tokenizer"] for r in rows if "tokenizer" in r}):  # (see the docstring)
+    print("\ntokenizer fingerprint: " + ", ".join(fingerprints))

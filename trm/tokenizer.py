@@ -72,7 +72,8 @@ class Tokenizer:
         return cls(state["kind"], state["proto"].numpy().tobytes())
 
     def fingerprint(self):
-        """Stable id of the exact vocabulary, for token-cache keys and checkpoint compatibility checks."""
+        """Stable id of the exact vocabulary, for token-cache keys, checkpoint compatibility checks and the logs (two
+        trainings of one ja_trm.model on several threads differ: train_spm.py --num_threads)."""
         return hashlib.sha256(self.kind.encode() + self.proto).hexdigest()[:16]
 
     # encode / decode -------------------------------------------------------------------------------------
