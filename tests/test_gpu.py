@@ -43,11 +43,16 @@ def test_kv_cache_equals_full_forward_on_cuda():
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-3  # TF32 matmuls allowed
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_decoding_step_equals_full_forward(compile):
+@pytest.mark.parametrize("compile,kw", [(False, {}), (True, {}), (True, dict(adapter_rank=2, step_embed=True))],
+                         ids=["eager", "compiled", "compiled-adapters"])
+def test_cuda_graph_decoding_step_equals_full_forward(compile, kw):
     from trm.sampling import GraphedStep
     torch.manual_seed(0)
-    model = TRM(tiny()).cuda().eval()
+    model = TRM(tiny(**kw)).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # adapters' B and step vectors start at zero: give them values
+            if not p.abs().sum():
+                p.normal_(std=0.3)
     x = torch.randint(0, 512, (1, 40), device="cuda")
     with torch.inference_mode():
         full, _ = model(x)
@@ -135,7 +140,9 @@ def _trainer(tmp_path, *extra, launcher=()):
                                         ("graphs", ("--tie_embeddings", "--optimizer", "muon", "--qk_norm")),
                                         ("graphs", ("--arch", "gpt", "--n_layers", "3", "--tie_embeddings")),
                                         ("on", ("--prelude_layers", "1", "--coda_layers", "1", "--step_embed",
-                                                "--tie_embeddings", "--optimizer", "muon", "--qk_norm"))])
+                                                "--adapter_rank", "2", "--tie_embeddings", "--optimizer", "muon",
+                                                "--qk_norm"))],
+                         ids=["on", "graphs", "on-halting", "graphs-muon", "graphs-gpt", "on-hybrid-adapters"])
 def test_trainer_runs_compiled_on_cuda(tmp_path, mode, extra):
     r = _trainer(tmp_path, "--save_dir", str(tmp_path / "ck"), "--max_steps", "20", "--compile", mode, *extra,
                  launcher=(sys.executable,))

@@ -1,7 +1,7 @@
 """The stabilizers and hybrid-depth variants of trm/model.py keep every contract of the seed model.
 
 QK-norm, zero-initialised output projections, a logit soft-cap, unshared prelude and coda blocks around the recursion,
-and a learned vector per deep step: each must leak no future token, decode from the KV cache (incremental, fixed-shape,
+a learned vector per deep step and low-rank adapters per net call: each must leak no future token, decode from the KV cache (incremental, fixed-shape,
 adaptive) exactly as the full forward computes, and start where its docstring says it starts.
 """
 import subprocess
@@ -29,9 +29,11 @@ VARIANTS = {
     "prelude": dict(prelude_layers=1),
     "coda": dict(coda_layers=2),
     "step_embed": dict(step_embed=True),
+    "adapters": dict(adapter_rank=2),
+    "adapters_single": dict(adapter_rank=2, single_stream=True),
     "tied": dict(tie_embeddings=True),
     "all": dict(qk_norm=True, zero_init=True, logit_softcap=2.0, prelude_layers=1, coda_layers=1, step_embed=True,
-                tie_embeddings=True),
+                adapter_rank=2, tie_embeddings=True),
 }
 
 
@@ -119,6 +121,48 @@ def test_step_vectors_past_the_trained_depth_reuse_the_last_one():
     assert not torch.equal(model.at_step(x, 0), model.at_step(x, 1))
 
 
+def test_adapters_start_as_the_plain_recursion_and_each_call_has_its_own():
+    plain, adapted = tiny(), tiny(adapter_rank=2)
+    for name, p in plain.named_parameters():  # the adapters are drawn last: every other weight is the same
+        assert torch.equal(p, adapted.get_parameter(name)), name
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        assert torch.equal(plain(idx)[0], adapted(idx)[0])  # B = 0: no delta yet
+        trained_looking(adapted)
+        assert (plain(idx)[0] - adapted(idx)[0]).abs().max() > 1e-3  # and a trained delta changes the output
+    n, T = adapted.config.latent_steps, adapted.config.deep_steps
+    trained = [adapted.adapter_call(t, i, n) for t in range(T) for i in range(n + 1)]
+    assert trained == list(range(adapted.config.net_calls_per_step))  # one adapter per call, all of them used
+    assert adapted.adapters[0]["qkv_a"].shape == (T * (n + 1), D, 2)
+
+
+def test_adapters_past_the_trained_depth_repeat_the_calls_they_resemble():
+    model = tiny(adapter_rank=2, latent_steps=2, deep_steps=2)  # calls per deep step: z, z, y
+    assert [model.adapter_call(0, i, 4) for i in range(5)] == [0, 1, 1, 1, 2]  # more z-updates: the last z's
+    assert [model.adapter_call(5, i, 1) for i in range(2)] == [3, 5]  # fewer: still the y-update's for y
+    assert tiny().adapter_call(0, 0, 2) is None
+
+
+def test_adapter_parameters_and_flops_are_counted():
+    base, adapted = tiny(), tiny(adapter_rank=2)
+    c = base.config
+    per_call_and_layer = 2 * (8 * D + 3 * c.mlp_hidden)  # A and B of qkv, proj, gate_up, down at rank 2
+    assert adapted.num_params() - base.num_params() == c.n_layers * adapted.config.net_calls_per_step * \
+        per_call_and_layer
+    assert adapted.flops_per_token(32) > base.flops_per_token(32)
+    with pytest.raises(ValueError, match="need arch='trm'"):
+        TRMConfig(arch="gpt", adapter_rank=2)
+
+
+def test_adapters_train_with_adamw_under_muon():
+    from argparse import Namespace
+    from trm.optim import build_optimizer
+    model = tiny(adapter_rank=2)
+    opt = build_optimizer(model, Namespace(optimizer="muon", lr=1e-3, weight_decay=0.1), torch.device("cpu"))
+    in_adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    assert all(id(p) in in_adamw for p in model.adapters.parameters())
+
+
 def test_softcap_bounds_every_logit_and_the_sampling_head_agrees():
     model = trained_looking(tiny(logit_softcap=2.0))
     with torch.no_grad():
@@ -165,16 +209,16 @@ def test_the_trainer_builds_saves_and_resumes_a_variant(tmp_path):
     from trainer_run import TINY, make_corpus
     corpus = make_corpus(tmp_path)
     flags = ["--qk_norm", "--zero_init", "--logit_softcap", "15", "--prelude_layers", "1", "--coda_layers", "1",
-             "--step_embed", "--tie_embeddings", "--supervision_steps", "1"]
+             "--step_embed", "--adapter_rank", "2", "--tie_embeddings", "--supervision_steps", "1"]
     cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], "--valid_paths",
            corpus["validation_0"], "--save_dir", str(tmp_path / "ck"), "--eval_every", "4", "--log_every", "2"]
     r = subprocess.run(cmd + flags + ["--max_steps", "4"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     model = load_model(str(tmp_path / "ck" / "final_step_4.pt"))[0]
     c = model.config
-    assert (c.qk_norm, c.zero_init, c.logit_softcap, c.prelude_layers, c.coda_layers, c.step_embed,
-            c.tie_embeddings) == (True, True, 15.0, 1, 1, True, True)
-    assert model.step_embed.abs().sum() > 0  # it trained
+    assert (c.qk_norm, c.zero_init, c.logit_softcap, c.prelude_layers, c.coda_layers, c.step_embed, c.adapter_rank,
+            c.tie_embeddings) == (True, True, 15.0, 1, 1, True, 2, True)
+    assert model.step_embed.abs().sum() > 0 and model.adapters[0]["down_b"].abs().sum() > 0  # they trained
     assert model.lm_head.weight is model.embed.weight  # tied again when loaded, not two copies
     r = subprocess.run(cmd + ["--max_steps", "6", "--resume", "auto"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -28,6 +28,7 @@ class TRMConfig:
     prelude_layers: int = 0     # unshared blocks on the embedded tokens before the recursion (x = prelude(embed))
     coda_layers: int = 0        # unshared blocks between each round's answer state and the output head
     step_embed: bool = False    # a learned vector per deep step, added to x in that step's z-updates
+    adapter_rank: int = 0       # a rank-r delta per net call on every matrix of the shared net; 0 = off
 
     # the most parameters a config may ask for: far above any small recursive model, far below what would stall a
     # machine allocating it (a checkpoint's config is checked like a flag before any weight is built)
@@ -47,16 +48,17 @@ class TRMConfig:
             raise ValueError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
         if self.grad_deep_steps < 0:
             raise ValueError(f"grad_deep_steps must be >= 0 (0 = every deep step), got {self.grad_deep_steps}")
-        if min(self.prelude_layers, self.coda_layers) < 0 or self.logit_softcap < 0:
-            raise ValueError("prelude_layers, coda_layers and logit_softcap must be >= 0")
-        if self.arch != "trm" and (self.prelude_layers or self.coda_layers or self.step_embed):
-            raise ValueError("prelude_layers, coda_layers and step_embed wrap the recursion: they need arch='trm' "
-                             "(a GPT adds n_layers instead)")
+        if min(self.prelude_layers, self.coda_layers, self.adapter_rank) < 0 or self.logit_softcap < 0:
+            raise ValueError("prelude_layers, coda_layers, adapter_rank and logit_softcap must be >= 0")
+        if self.arch != "trm" and (self.prelude_layers or self.coda_layers or self.step_embed or self.adapter_rank):
+            raise ValueError("prelude_layers, coda_layers, step_embed and adapter_rank wrap the recursion: they need "
+                             "arch='trm' (a GPT adds n_layers instead)")
         if self.mlp_hidden <= 0:
             self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
         blocks = self.n_layers + self.prelude_layers + self.coda_layers
         D = self.d_model
-        params = 2 * self.vocab_size * D + blocks * (4 * D * D + 3 * D * self.mlp_hidden)
+        params = (2 * self.vocab_size * D + blocks * (4 * D * D + 3 * D * self.mlp_hidden)
+                  + self.n_layers * self.net_calls_per_step * self.adapter_rank * (8 * D + 3 * self.mlp_hidden))
         if params > self.MAX_PARAMS:
             raise ValueError(f"this configuration has about {params:,} parameters, more than the "
                              f"{self.MAX_PARAMS:,} this code builds")
@@ -64,6 +66,11 @@ class TRMConfig:
     @property
     def recursive(self):
         return self.arch == "trm"
+
+    @property
+    def net_calls_per_step(self):
+        """Net calls of one deep recursion at the trained depth: one adapter each (trm/model.py)."""
+        return self.deep_steps * (self.latent_steps + 1)
 
     def to_dict(self):
         return asdict(self)

@@ -12,7 +12,7 @@ from trm.metrics import tensorboard_missing
 # the flags that make the architecture: a resumed run keeps the checkpoint's values
 ARCH_FLAGS = ("arch", "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps", "dropout",
               "max_seq_len", "grad_deep_steps", "single_stream", "qk_norm", "zero_init", "logit_softcap",
-              "prelude_layers", "coda_layers", "step_embed", "tie_embeddings")
+              "prelude_layers", "coda_layers", "step_embed", "adapter_rank", "tie_embeddings")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -29,6 +29,7 @@ RANGES = {  # flag: its range (trm/cli.py's notation), or (its range, what a val
     **{name: "[0, inf)" for name in ("warmup_steps", "save_every", "keep_last", "num_workers", "seed")},
     "grad_deep_steps": ("[0, inf)", "0 = all"),
     **{name: "[0, inf)" for name in ("prelude_layers", "coda_layers")},
+    "adapter_rank": ("[0, inf)", "0 = off"),
     "logit_softcap": ("[0, inf)", "0 = off"),
     "lr": "(0, inf)",
     "weight_decay": "[0, inf)",
@@ -155,6 +156,9 @@ def trainer_parser(doc):
                    help="--arch trm: unshared blocks between each round's answer state and the output head")
     p.add_argument("--step_embed", action="store_true",
                    help="--arch trm: a learned vector per deep step, added to the tokens in that step's z-updates")
+    p.add_argument("--adapter_rank", type=int, default=0,
+                   help="--arch trm: a rank-R delta on every matrix of the shared blocks, one per net call of a deep "
+                        "recursion, so the calls need not compute alike (trained with AdamW; 0 = off)")
     # optimizer
     p.add_argument("--lr", type=float, default=3e-4,
                    help="peak learning rate (of both optimizers with --optimizer muon: see there)")

@@ -60,6 +60,15 @@ class Slot:
 NO_CACHE = Slot()
 
 
+def linear(layer, h, adapter, name):
+    """layer(h), plus this net call's low-rank delta (h A) B when the call has adapters (TRM.adapter)."""
+    out = layer(h)
+    if adapter is None:
+        return out
+    params, call = adapter
+    return out + (h @ params[name + "_a"][call]) @ params[name + "_b"][call]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -68,13 +77,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, h, cos, sin, slot):
+    def forward(self, h, cos, sin, slot, adapter=None):
         B, T, D = h.shape
-        qkv = self.qkv(h).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear(self.qkv, h, adapter, "qkv").view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         qk = rms_norm(qkv[:2]) if self.qk_norm else qkv[:2]  # per head: |q.k| <= head_dim, however large the weights
         q, k = rotary(qk, cos, sin).unbind(0)  # q and k in one call: half the small ops per token
         out = slot.attend(q, k, qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+        return linear(self.proj, out.transpose(1, 2).reshape(B, T, D), adapter, "proj")
 
 
 class SwiGLU(nn.Module):
@@ -83,9 +92,9 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
 
-    def forward(self, h):
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+    def forward(self, h, adapter=None):
+        gate, up = linear(self.gate_up, h, adapter, "gate_up").chunk(2, dim=-1)
+        return linear(self.down, F.silu(gate) * up, adapter, "down")
 
 
 class Block(nn.Module):
@@ -96,9 +105,9 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h, cos, sin, slot):
-        h = rms_norm(h + self.drop(self.attn(h, cos, sin, slot)))
-        return rms_norm(h + self.drop(self.mlp(h)))
+    def forward(self, h, cos, sin, slot, adapter=None):
+        h = rms_norm(h + self.drop(self.attn(h, cos, sin, slot, adapter)))
+        return rms_norm(h + self.drop(self.mlp(h, adapter)))
 
 
 class TRM(nn.Module):
@@ -113,6 +122,11 @@ class TRM(nn.Module):
         # Per-iteration conditioning (MeSH, arXiv 2510.07739; Relaxed Recursive Transformers): the shared net learns
         # which deep step it is in. Zero at the start, so the model starts as the plain recursion.
         self.step_embed = nn.Parameter(torch.zeros(cfg.deep_steps, cfg.d_model)) if cfg.step_embed else None
+        # Per-call adapters (Relaxed Recursive Transformers, arXiv 2410.20672): every matrix W of the shared net gets
+        # a rank-r delta A_c B_c of its own for each net call c of a deep recursion (rounds share them, as they share
+        # the step vectors), so the calls need not all compute alike. B starts at zero: so does the delta.
+        self.adapters = nn.ModuleList(self._adapter_params(cfg) for _ in range(cfg.n_layers)) \
+            if cfg.adapter_rank else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -134,9 +148,19 @@ class TRM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
 
+    @staticmethod
+    def _adapter_params(cfg):
+        calls, r, D, H = cfg.net_calls_per_step, cfg.adapter_rank, cfg.d_model, cfg.mlp_hidden
+        shapes = {"qkv": (D, 3 * D), "proj": (D, D), "gate_up": (D, 2 * H), "down": (H, D)}
+        params = {}
+        for name, (n_in, n_out) in shapes.items():
+            params[name + "_a"] = nn.Parameter(torch.empty(calls, n_in, r))  # _init_weights
+            params[name + "_b"] = nn.Parameter(torch.zeros(calls, r, n_out))
+        return nn.ParameterDict(params)
+
     def _init_weights(self):
         for name, p in self.named_parameters():
-            if name.startswith("halt.") or name == "step_embed":
+            if name.startswith(("halt.", "adapters.")) or name == "step_embed":
                 continue  # below; step_embed stays zero
             elif self.config.zero_init and name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 nn.init.zeros_(p)  # the block adds nothing to its input at step 0; post-norm keeps it unit-scale
@@ -153,6 +177,11 @@ class TRM(nn.Module):
         if self.halt is not None:
             nn.init.zeros_(self.halt.weight)
             nn.init.constant_(self.halt.bias, -5.0)
+        if self.adapters is not None:  # last, so every other weight is the plain model's of the same seed
+            for params in self.adapters:
+                for name, p in params.items():
+                    if name.endswith("_a"):
+                        nn.init.normal_(p, std=1.0 / math.sqrt(p.size(1)))
 
     # ---- what this model can do, its depth and size ------------------------------------------------------------
     @property
@@ -216,6 +245,7 @@ class TRM(nn.Module):
         calls = n + 1
         block = per_call // c.n_layers
         unshared = 3 * block * (c.prelude_layers + N_sup * c.coda_layers)  # both always backpropagate
+        per_call += c.n_layers * 2 * c.adapter_rank * (8 * c.d_model + 3 * c.mlp_hidden)  # (h A) B on 4 matrices
         return unshared + N_sup * ((T_deep - with_grad) * calls * per_call + 3 * with_grad * calls * per_call
                                    + 3 * head)
 
@@ -240,28 +270,41 @@ class TRM(nn.Module):
         return x * self.embed_scale if self.embed_scale != 1.0 else x
 
     # ---- the recursion ------------------------------------------------------------------------------------
-    def net(self, h, rope, slot=NO_CACHE):
+    def net(self, h, rope, slot=NO_CACHE, call=None):
+        """The shared blocks; call (TRM.adapter_call) picks the adapters of this net call, when the model has them."""
         for layer, block in enumerate(self.blocks):
-            h = block(h, *rope, slot[layer])
+            adapter = None if self.adapters is None or call is None else (self.adapters[layer], call)
+            h = block(h, *rope, slot[layer], adapter)
         return h
 
-    def latent_recursion(self, x, y, z, n, rope, slot=NO_CACHE):
+    def latent_recursion(self, x, y, z, n, rope, slot=NO_CACHE, t=0):
+        """One latent recursion, the t-th of its deep recursion (t picks the net calls' adapters)."""
         if self.config.single_stream:  # one state, the same n + 1 net calls (a variant: arXiv 2603.08082)
             for i in range(n + 1):
-                z = self.net(x + z, rope, slot[i])
+                z = self.net(x + z, rope, slot[i], self.adapter_call(t, i, n))
             return z, z
         for i in range(n):
-            z = self.net(x + y + z, rope, slot[i])  # refine the latent reasoning state
-        y = self.net(y + z, rope, slot[n])          # then the answer, from the latent state alone
+            z = self.net(x + y + z, rope, slot[i], self.adapter_call(t, i, n))  # refine the latent reasoning state
+        y = self.net(y + z, rope, slot[n], self.adapter_call(t, n, n))  # then the answer, from the latent state alone
         return y, z
+
+    def adapter_call(self, t, i, n):
+        """The adapter index of net call i (of n + 1) in deep step t: its own within the trained depth. Past it, the
+        last trained deep step's, and the last trained z-update's for a z-update, the y-update's for the y-update (a
+        deeper recursion repeats the trained calls it resembles, as at_step repeats the last step vector)."""
+        if self.adapters is None:
+            return None
+        c = self.config
+        i = c.latent_steps if i == n else min(i, c.latent_steps - 1)
+        return min(t, c.deep_steps - 1) * (c.latent_steps + 1) + i
 
     def deep_recursion(self, x, y, z, n, T_deep, rope, slot=NO_CACHE):
         with_grad = self._grad_deep_steps(T_deep)
         with torch.no_grad():
             for t in range(T_deep - with_grad):
-                y, z = self.latent_recursion(self.at_step(x, t), y, z, n, rope, slot[t])
+                y, z = self.latent_recursion(self.at_step(x, t), y, z, n, rope, slot[t], t)
         for t in range(T_deep - with_grad, T_deep):  # the paper backpropagates through the last deep step only
-            y, z = self.latent_recursion(self.at_step(x, t), y, z, n, rope, slot[t])
+            y, z = self.latent_recursion(self.at_step(x, t), y, z, n, rope, slot[t], t)
         return y, z
 
     def at_step(self, x, t):

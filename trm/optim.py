@@ -3,7 +3,9 @@
 Muon (trm/muon.py) replaces each update of a hidden weight matrix by its nearest semi-orthogonal matrix (a few
 Newton-Schulz iterations on the momentum), so every direction of the matrix moves at the same rate. It is meant for
 the matrices inside the blocks (attention qkv/proj, the MLP); the embedding, the output head, the halting head and
-every vector stay with AdamW, as in the Muon paper and the Parameter Golf records.
+every vector stay with AdamW, as in the Muon paper and the Parameter Golf records. So do the per-call adapters
+(--adapter_rank): each [calls, in, rank] stack holds several rank-r factors, which Muon's orthogonalisation of one
+matrix would mix.
 
 One --lr for both: Muon scales its step per matrix with Moonshot's rule (0.2 * sqrt(max(rows, cols))), which gives its
 updates the RMS of a typical AdamW update at the same learning rate ("Muon is Scalable for LLM Training",
@@ -97,5 +99,5 @@ def describe(optimizer):
         return "AdamW"
     count = lambda opt: sum(p.numel() for g in opt.param_groups for p in g["params"])  # noqa: E731
     n_muon = sum(len(g["params"]) for g in optimizer.muon.param_groups)
-    return (f"Muon for {n_muon} hidden matrices ({count(optimizer.muon):,} parameters), AdamW for the embedding, heads "
-            f"and vectors ({count(optimizer.adamw):,})")
+    return (f"Muon for {n_muon} hidden matrices ({count(optimizer.muon):,} parameters), AdamW for the embedding, heads, "
+            f"vectors and adapters ({count(optimizer.adamw):,})")
