@@ -61,7 +61,7 @@ NO_CACHE = Slot()
 
 
 def linear(layer, h, adapter, name):
-    """layer(h), plus this net call's low-rank delta (h A) B when the call has adapters (TRM.adapter)."""
+    """layer(h), plus this net call's low-rank delta (h A) B when the call has adapters (TRM.net)."""
     out = layer(h)
     if adapter is None:
         return out
