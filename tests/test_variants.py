@@ -16,7 +16,7 @@ from trm import halting
 from trm.checkpoint import load_model
 from trm.halting import decode_adaptive
 from trm.kv_cache import KVCache, StaticKVCache
-from trm.model import NO_CACHE, TRMConfig, rms_norm
+from trm.model import NO_CACHE, TRMConfig, linear, rms_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
@@ -149,9 +149,20 @@ def test_adapter_parameters_and_flops_are_counted():
     per_call_and_layer = 2 * (8 * D + 3 * c.mlp_hidden)  # A and B of qkv, proj, gate_up, down at rank 2
     assert adapted.num_params() - base.num_params() == c.n_layers * adapted.config.net_calls_per_step * \
         per_call_and_layer
-    assert adapted.flops_per_token(32) > base.flops_per_token(32)
+    assert adapted.flops_per_token(32) == base.flops_per_token(32)  # merged into the weights: nothing per token
     with pytest.raises(ValueError, match="need arch='trm'"):
         TRMConfig(arch="gpt", adapter_rank=2)
+
+
+def test_a_delta_merged_into_the_weight_equals_the_thin_matmuls():
+    """Training merges A B into W (many rows), decoding multiplies (h A) B (few rows): the same layer either way."""
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(D, 3 * D, bias=False)
+    a, b = torch.randn(2, D, 2, generator=g), torch.randn(2, 2, 3 * D, generator=g)
+    for rows in (1, 2, 4 * D):  # the switch is at D * 3D / (D + 3D) = 0.75 D rows
+        h = torch.randn(rows, D, generator=g)
+        want = h @ layer.weight.T + (h @ a[1]) @ b[1]
+        torch.testing.assert_close(linear(layer, h, ({"qkv_a": a, "qkv_b": b}, 1), "qkv"), want)
 
 
 def test_adapters_train_with_adamw_under_muon():

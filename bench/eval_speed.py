@@ -1,0 +1,78 @@
+"""How long one of the trainer's evaluations takes, by windows per batch, and on a GPU what bounds it.
+
+    python bench/eval_speed.py                                   # the procedure's model and evaluation, this CPU
+    python bench/eval_speed.py --device cuda --batch_sizes 16 64 128 256
+
+The procedure's run spends ~11% of its wall time evaluating (BENCHMARKS.md, "The procedure's run on the GPU"): 512
+windows of 512 tokens every 500 steps, scored by trm.evaluate.evaluate at 64 windows a batch on CUDA, in eager mode.
+This times that call as the trainer makes it (the procedure's model, random weights and tokens: its speed does not
+depend on them), median of --reps after one untimed call, for each batch size. On CUDA one profiled call per batch
+size gives the kernels, busy (the sum of their durations) and idle (wall - busy): a large idle share means the host
+launching kernels bounds it (larger batches through the recursion would help), a small one that its math does (the
+16k head and its loss: then chunks or a fused loss would).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from trm.device import pick_device  # noqa: E402
+from trm.evaluate import evaluate  # noqa: E402
+from trm.model import TRM, TRMConfig  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--device", default="auto")
+p.add_argument("--windows", type=int, default=512, help="the trainer's: --eval_tokens 262144 / --max_seq_len")
+p.add_argument("--max_seq_len", type=int, default=512)
+p.add_argument("--vocab_size", type=int, default=16000)
+p.add_argument("--d_model", type=int, default=256)
+p.add_argument("--n_heads", type=int, default=4)
+p.add_argument("--batch_sizes", type=int, nargs="+", default=[16, 64])
+p.add_argument("--reps", type=int, default=5)
+args = p.parse_args()
+
+device, amp, why = pick_device(args.device)
+print(f"device: {device} ({why})")
+cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, max_seq_len=args.max_seq_len)
+model = TRM(cfg).to(device)
+g = torch.Generator().manual_seed(0)
+windows = torch.randint(0, cfg.vocab_size, (args.windows, args.max_seq_len + 1), generator=g)
+token_bytes = torch.randint(1, 4, (cfg.vocab_size,), generator=g)
+tokens = args.windows * args.max_seq_len
+print(f"model: {model.num_params():,} parameters; {args.windows} windows of {args.max_seq_len} tokens an evaluation")
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def one_eval(batch_size):
+    t = time.perf_counter()
+    evaluate(model, windows, token_bytes, batch_size, device, amp)  # reads its sums: ends synced
+    return time.perf_counter() - t
+
+
+print("\n| windows a batch | ms an evaluation (min-max) | tokens/s | kernels | busy ms | idle |")
+print("|---|---|---|---|---|---|")
+for batch_size in args.batch_sizes:
+    one_eval(batch_size)  # allocations, cuBLAS's choices
+    times = [one_eval(batch_size) for _ in range(args.reps)]
+    wall = statistics.median(times)
+    profiled = ""
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            one_eval(batch_size)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+        busy = sum(e.device_time for e in kernels) / 1e6
+        profiled = f"{len(kernels):,} | {1000 * busy:.1f} | {100 * max(wall - busy, 0.0) / wall:.0f}%"
+    else:
+        profiled = " |  | "
+    print(f"| {batch_size} | {1000 * wall:.1f} ({1000 * min(times):.1f}-{1000 * max(times):.1f}) | "
+          f"{tokens / wall:,.0f} | {profiled} |", flush=True)
