@@ -16,7 +16,8 @@ from trm import halting
 from trm.checkpoint import load_model
 from trm.halting import decode_adaptive
 from trm.kv_cache import KVCache, StaticKVCache
-from trm.model import NO_CACHE, TRMConfig, linear, rms_norm
+from trm.adapters import linear
+from trm.model import NO_CACHE, TRMConfig, rms_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 

@@ -69,7 +69,7 @@ class TRMConfig:
 
     @property
     def net_calls_per_step(self):
-        """Net calls of one deep recursion at the trained depth: one adapter each (trm/model.py)."""
+        """Net calls of one deep recursion at the trained depth: one adapter each (trm/adapters.py)."""
         return self.deep_steps * (self.latent_steps + 1)
 
     def to_dict(self):

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trm import halting
+from trm.adapters import adapter_params, call_index, init_a, linear
 from trm.config import TRMConfig
 
 
@@ -58,21 +59,6 @@ class Slot:
 
 
 NO_CACHE = Slot()
-
-
-def linear(layer, h, adapter, name):
-    """layer(h), with this net call's low-rank delta A B added to its weight when the call has adapters (TRM.net).
-    Over many rows (training, prefill) the delta is merged into the weight first: one weight-sized product per call
-    instead of two thin matmuls and an add that read and write every row's activations (those cost the TRM-384 30%
-    of its training speed on an H200 at rank 4). Over few rows (decoding) the thin matmuls are the cheaper."""
-    if adapter is None:
-        return layer(h)
-    params, call = adapter
-    a, b = params[name + "_a"][call], params[name + "_b"][call]
-    n_in, n_out = a.size(0), b.size(1)
-    if h.numel() // n_in * (n_in + n_out) < n_in * n_out:  # rows * r * (in + out) < in * r * out multiply-adds
-        return layer(h) + (h @ a) @ b
-    return F.linear(h, layer.weight + (a @ b).mT)
 
 
 class Attention(nn.Module):
@@ -128,10 +114,8 @@ class TRM(nn.Module):
         # Per-iteration conditioning (MeSH, arXiv 2510.07739; Relaxed Recursive Transformers): the shared net learns
         # which deep step it is in. Zero at the start, so the model starts as the plain recursion.
         self.step_embed = nn.Parameter(torch.zeros(cfg.deep_steps, cfg.d_model)) if cfg.step_embed else None
-        # Per-call adapters (Relaxed Recursive Transformers, arXiv 2410.20672): every matrix W of the shared net gets
-        # a rank-r delta A_c B_c of its own for each net call c of a deep recursion (rounds share them, as they share
-        # the step vectors), so the calls need not all compute alike. B starts at zero: so does the delta.
-        self.adapters = nn.ModuleList(self._adapter_params(cfg) for _ in range(cfg.n_layers)) \
+        # Per-call adapters (trm/adapters.py): a low-rank delta per net call on every matrix of the shared net
+        self.adapters = nn.ModuleList(adapter_params(cfg) for _ in range(cfg.n_layers)) \
             if cfg.adapter_rank else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -154,16 +138,6 @@ class TRM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
 
-    @staticmethod
-    def _adapter_params(cfg):
-        calls, r, D, H = cfg.net_calls_per_step, cfg.adapter_rank, cfg.d_model, cfg.mlp_hidden
-        shapes = {"qkv": (D, 3 * D), "proj": (D, D), "gate_up": (D, 2 * H), "down": (H, D)}
-        params = {}
-        for name, (n_in, n_out) in shapes.items():
-            params[name + "_a"] = nn.Parameter(torch.empty(calls, n_in, r))  # _init_weights
-            params[name + "_b"] = nn.Parameter(torch.zeros(calls, r, n_out))
-        return nn.ParameterDict(params)
-
     def _init_weights(self):
         for name, p in self.named_parameters():
             if name.startswith(("halt.", "adapters.")) or name == "step_embed":
@@ -185,9 +159,7 @@ class TRM(nn.Module):
             nn.init.constant_(self.halt.bias, -5.0)
         if self.adapters is not None:  # last, so every other weight is the plain model's of the same seed
             for params in self.adapters:
-                for name, p in params.items():
-                    if name.endswith("_a"):
-                        nn.init.normal_(p, std=1.0 / math.sqrt(p.size(1)))
+                init_a(params)
 
     # ---- what this model can do, its depth and size ------------------------------------------------------------
     @property
@@ -295,14 +267,8 @@ class TRM(nn.Module):
         return y, z
 
     def adapter_call(self, t, i, n):
-        """The adapter index of net call i (of n + 1) in deep step t: its own within the trained depth. Past it, the
-        last trained deep step's, and the last trained z-update's for a z-update, the y-update's for the y-update (a
-        deeper recursion repeats the trained calls it resembles, as at_step repeats the last step vector)."""
-        if self.adapters is None:
-            return None
-        c = self.config
-        i = c.latent_steps if i == n else min(i, c.latent_steps - 1)
-        return min(t, c.deep_steps - 1) * (c.latent_steps + 1) + i
+        """The adapter index of net call i (of n + 1) in deep step t (trm/adapters.py), None without adapters."""
+        return None if self.adapters is None else call_index(self.config, t, i, n)
 
     def deep_recursion(self, x, y, z, n, T_deep, rope, slot=NO_CACHE):
         with_grad = self._grad_deep_steps(T_deep)
