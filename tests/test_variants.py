@@ -156,14 +156,22 @@ def test_adapter_parameters_and_flops_are_counted():
 
 
 def test_a_delta_merged_into_the_weight_equals_the_thin_matmuls():
-    """Training merges A B into W (many rows), decoding multiplies (h A) B (few rows): the same layer either way."""
+    """Training merges A B into W (many rows), decoding multiplies (h A) B (few rows): the same layer either way, and
+    the same gradients for W, A and B."""
     g = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(D, 3 * D, bias=False)
-    a, b = torch.randn(2, D, 2, generator=g), torch.randn(2, 2, 3 * D, generator=g)
+    f64 = dict(generator=g, dtype=torch.float64)  # the two orders of summation agree to ~1e-4 in float32
+    layer = torch.nn.Linear(D, 3 * D, bias=False, dtype=torch.float64)
+    a = torch.randn(2, D, 2, **f64).requires_grad_()
+    b = torch.randn(2, 2, 3 * D, **f64).requires_grad_()
     for rows in (1, 2, 4 * D):  # the switch is at D * 3D / (D + 3D) = 0.75 D rows
-        h = torch.randn(rows, D, generator=g)
-        want = h @ layer.weight.T + (h @ a[1]) @ b[1]
-        torch.testing.assert_close(linear(layer, h, ({"qkv_a": a, "qkv_b": b}, 1), "qkv"), want)
+        h = torch.randn(rows, D, **f64)
+        weights = torch.randn(rows, 3 * D, **f64)  # a loss that weighs every output differently
+        grads = []
+        for out in (linear(layer, h, ({"qkv_a": a, "qkv_b": b}, 1), "qkv"), h @ layer.weight.T + (h @ a[1]) @ b[1]):
+            grads.append(torch.autograd.grad((out * weights).sum(), (layer.weight, a, b)) + (out.detach(),))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want)
+        assert grads[0][1][0].abs().sum() == 0 and grads[0][1][1].abs().sum() > 0  # call 0's adapter: untouched
 
 
 def test_adapters_train_with_adamw_under_muon():
