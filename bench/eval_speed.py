@@ -1,7 +1,8 @@
 """How long one of the trainer's evaluations takes, by windows per batch, and on a GPU what bounds it.
 
     python bench/eval_speed.py                                   # the procedure's model and evaluation, this CPU
-    python bench/eval_speed.py --device cuda --batch_sizes 16 64 128 256
+    python bench/eval_speed.py --device cuda --batch_sizes 16 64 128 256 512
+    python bench/eval_speed.py --device cuda --batch_sizes 64 128 256 512 --head_windows 64   # the head in chunks
 
 The procedure's run spends ~11% of its wall time evaluating (BENCHMARKS.md, "The procedure's run on the GPU"): 512
 windows of 512 tokens every 500 steps, scored by trm.evaluate.evaluate at 64 windows a batch on CUDA, in eager mode.
@@ -9,7 +10,8 @@ This times that call as the trainer makes it (the procedure's model, random weig
 depend on them), median of --reps after one untimed call, for each batch size. On CUDA one profiled call per batch
 size gives the kernels, busy (the sum of their durations) and idle (wall - busy): a large idle share means the host
 launching kernels bounds it (larger batches through the recursion would help), a small one that its math does (the
-16k head and its loss: then chunks or a fused loss would).
+16k head and its loss). --head_windows N runs the head and its loss N windows at a time, as evaluate() can, so that a
+large batch keeps a small batch's logits (2 GB in float32 for 64 windows of 512 at 16k).
 """
 import argparse
 import os
@@ -32,6 +34,7 @@ p.add_argument("--vocab_size", type=int, default=16000)
 p.add_argument("--d_model", type=int, default=256)
 p.add_argument("--n_heads", type=int, default=4)
 p.add_argument("--batch_sizes", type=int, nargs="+", default=[16, 64])
+p.add_argument("--head_windows", type=int, default=None, help="windows per pass of the head (default: the batch)")
 p.add_argument("--reps", type=int, default=5)
 args = p.parse_args()
 
@@ -53,10 +56,11 @@ def sync():
 
 def one_eval(batch_size):
     t = time.perf_counter()
-    evaluate(model, windows, token_bytes, batch_size, device, amp)  # reads its sums: ends synced
+    evaluate(model, windows, token_bytes, batch_size, device, amp, head_windows=args.head_windows)  # ends synced
     return time.perf_counter() - t
 
 
+print(f"\nthe head over {args.head_windows or 'all the'} windows at a time")
 print("\n| windows a batch | ms an evaluation (min-max) | tokens/s | kernels | busy ms | idle |")
 print("|---|---|---|---|---|---|")
 for batch_size in args.batch_sizes:

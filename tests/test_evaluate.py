@@ -63,6 +63,10 @@ def test_the_sums_kept_on_the_device_equal_the_scores_of_each_batch_added_up(tin
     assert math.isclose(r["loss"], nats / r["tokens"], rel_tol=1e-9)
     assert math.isclose(r["bits_per_byte"], nats / math.log(2) / n_bytes, rel_tol=1e-9)
     assert r["halt_accuracy"] == halt_right / (r["tokens"] * 2)
+    # the head in chunks of 2 windows (a large batch with a small batch's logits): the same scores
+    chunked = evaluate(model, windows, tok.token_bytes(), batch_size=5, head_windows=2)
+    assert chunked["halt_accuracy"] == r["halt_accuracy"] and chunked["bytes"] == r["bytes"]
+    assert math.isclose(chunked["loss"], r["loss"], rel_tol=1e-6)  # each chunk's sum is float32: rounding
 
 
 def test_evaluate_command_prints_one_json_object(tiny_checkpoint, tmp_path):

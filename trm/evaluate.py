@@ -19,8 +19,13 @@ from trm.device import autocast
 
 
 @torch.no_grad()
-def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype=None, halt_threshold=None, **depth):
+def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype=None, halt_threshold=None,
+             head_windows=None, **depth):
     """Score fixed windows [n, L + 1] with the model's final-round logits. Returns a dict of plain floats/ints.
+
+    batch_size windows go through the recursion together, and the head and its loss take head_windows of them at a
+    time (None: all): a batch's logits are [windows, L, vocab] in float32, 2 GB for 64 windows of 512 at 16k, so a
+    larger batch (fewer kernel launches through the recursion) can keep the logits of a small one.
 
     halt_threshold (a model with a halting head): score the way adaptive generation runs, every token stopping its
     supervision rounds once the head's probability exceeds it (trm/halting.py computes over whole windows what
@@ -40,6 +45,13 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     nats = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     n_bytes, halt_right, rounds_run = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
     n_tokens = 0
+    head_windows = head_windows or batch_size
+
+    def head_chunks(y, targets):  # (logits, their targets, their slice) head_windows windows at a time
+        for j in range(0, len(y), head_windows):
+            part = slice(j, j + head_windows)
+            yield model.head(y[part]), targets[part], part
+
     for i in range(0, len(windows), batch_size):
         idx, targets = windows[i:i + batch_size, :-1], windows[i:i + batch_size, 1:]
         with autocast(device, amp_dtype):
@@ -47,9 +59,10 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
                 rounds_run += running.sum() if running is not None else targets.numel()
                 if head_accuracy:
                     stop = model.halt(y).squeeze(-1) > 0
-                    halt_right += (stop == (model.head(y).argmax(-1) == targets)).sum()
-            logits = model.head(y)
-        nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+                    for logits, t, part in head_chunks(y, targets):
+                        halt_right += (stop[part] == (logits.argmax(-1) == t)).sum()
+            for logits, t, _ in head_chunks(y, targets):
+                nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), t.reshape(-1), reduction="sum")
         n_tokens += targets.numel()
         n_bytes += token_bytes[targets].sum()
     model.train(was_training)
