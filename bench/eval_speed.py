@@ -49,11 +49,6 @@ tokens = args.windows * args.max_seq_len
 print(f"model: {model.num_params():,} parameters; {args.windows} windows of {args.max_seq_len} tokens an evaluation")
 
 
-def sync():
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def one_eval(batch_size):
     t = time.perf_counter()
     evaluate(model, windows, token_bytes, batch_size, device, amp, head_windows=args.head_windows)  # ends synced
@@ -67,7 +62,7 @@ for batch_size in args.batch_sizes:
     one_eval(batch_size)  # allocations, cuBLAS's choices
     times = [one_eval(batch_size) for _ in range(args.reps)]
     wall = statistics.median(times)
-    profiled = ""
+    profiled = " |  | "  # (no profile on a CPU)
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -76,7 +71,5 @@ for batch_size in args.batch_sizes:
                    and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
         busy = sum(e.device_time for e in kernels) / 1e6
         profiled = f"{len(kernels):,} | {1000 * busy:.1f} | {100 * max(wall - busy, 0.0) / wall:.0f}%"
-    else:
-        profiled = " |  | "
     print(f"| {batch_size} | {1000 * wall:.1f} ({1000 * min(times):.1f}-{1000 * max(times):.1f}) | "
           f"{tokens / wall:,.0f} | {profiled} |", flush=True)

@@ -13,10 +13,10 @@ import torch
 
 from tiny_model import D, V, tiny, tokens
 from trm import halting
+from trm.adapters import linear
 from trm.checkpoint import load_model
 from trm.halting import decode_adaptive
 from trm.kv_cache import KVCache, StaticKVCache
-from trm.adapters import linear
 from trm.model import NO_CACHE, TRMConfig, rms_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)

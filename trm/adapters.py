@@ -39,7 +39,7 @@ def call_index(cfg, t, i, n):
 
 
 def linear(layer, h, adapter, name):
-    """layer(h), with this net call's delta A B added to its weight when the call has adapters ((params, call) or None).
+    """layer(h), with this net call's delta A B added to its weight when it has adapters (adapter: (params, call)).
     Over many rows (training, prefill) the delta is merged into the weight first: one weight-sized product per call
     instead of two thin matmuls and an add that read and write every row's activations (those cost the TRM-384 30%
     of its training speed on an H200 at rank 4). Over few rows (decoding) the thin matmuls are the cheaper."""
@@ -50,4 +50,4 @@ def linear(layer, h, adapter, name):
     n_in, n_out = a.size(0), b.size(1)
     if h.numel() // n_in * (n_in + n_out) < n_in * n_out:  # rows * R * (in + out) < in * R * out multiply-adds
         return layer(h) + (h @ a) @ b
-    return F.linear(h, layer.weight + (a @ b).mT)
+    return F.linear(h, layer.weight + (a @ b).mT, layer.bias)
