@@ -6,6 +6,9 @@
     python bench/step_profile.py --batch_size 64 --device cuda --arch gpt --n_layers 12 --optimizer muon \
         --qk_norm --zero_init --compile graphs
     python bench/step_profile.py --device cuda --compile graphs --loop_steps 3000 --save_every 500   # the loop
+    python bench/step_profile.py --device cuda --batch_size 64 --dropout 0 --compile on --d_model 384 --n_heads 6 \
+        --latent_steps 1 --supervision_steps 1 --grad_deep_steps 0 --tie_embeddings --optimizer muon --qk_norm \
+        --zero_init --adapter_rank 4                                                          # the adapters' cost
 
 Random tokens (speed does not depend on them). Prints the phase times (each phase synced, median of --steps), then the
 whole step unsynchronized as in the trainer's loop: ms, tokens/s, MFU. On CUDA, one profiled run of --steps whole
@@ -48,6 +51,9 @@ p.add_argument("--n_heads", type=int, default=4)
 p.add_argument("--n_layers", type=int, default=2)
 p.add_argument("--supervision_steps", type=int, default=2)
 p.add_argument("--grad_deep_steps", type=int, default=1)
+p.add_argument("--latent_steps", type=int, default=2)
+p.add_argument("--tie_embeddings", action="store_true")
+p.add_argument("--adapter_rank", type=int, default=0, help="per-call adapters (trm/adapters.py)")
 p.add_argument("--vocab_size", type=int, default=16000)
 p.add_argument("--arch", default="trm")
 p.add_argument("--qk_norm", action="store_true")
@@ -69,7 +75,8 @@ device, amp, why = pick_device(args.device)
 cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
                 max_seq_len=args.max_seq_len, arch=args.arch, supervision_steps=args.supervision_steps,
                 grad_deep_steps=args.grad_deep_steps, qk_norm=args.qk_norm, zero_init=args.zero_init,
-                dropout=args.dropout)
+                dropout=args.dropout, latent_steps=args.latent_steps, tie_embeddings=args.tie_embeddings,
+                adapter_rank=args.adapter_rank)
 raw = TRM(cfg).to(device)
 # the trainer's optimizer, rate and weight decay of the races (the step's time does not depend on them)
 opt = build_optimizer(raw, argparse.Namespace(optimizer=args.optimizer, lr=1e-3, weight_decay=0.1), device)
