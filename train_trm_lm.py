@@ -35,7 +35,7 @@ from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, 
 from trm.device import autocast, autocast_each, out_of_memory, pick_device, start_processes
 from trm.ema import EMA
 from trm.evaluate import evaluate
-from trm.flags import ARCH_FLAGS, check_flags, choose_compile, trainer_parser
+from trm.flags import ARCH_FLAGS, check_flags, choose_compile, not_compilable, trainer_parser
 from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
@@ -171,11 +171,7 @@ else:
     random.seed(args.seed + rank)
 
 raw_model = model  # what gets saved, evaluated and sampled; never the compiled or DDP wrapper
-not_compilable = ("--sup_update each steps the optimizer inside the forward pass" if args.sup_update == "each" else
-                  "--random_depth makes a new graph for every depth drawn" if args.random_depth == "all" else
-                  "--train_halt_threshold stops tokens depending on the data" if args.train_halt_threshold is not None
-                  else None)
-use_compile, cuda_graphs, why = choose_compile(args.compile, device.type, args.batch_size * L, not_compilable)
+use_compile, cuda_graphs, why = choose_compile(args.compile, device.type, args.batch_size * L, not_compilable(args))
 log(f"compile: {why}")
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP

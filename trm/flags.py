@@ -64,6 +64,17 @@ def check_flags(args, world_size=1):
 GRAPH_TOKENS = 8192
 
 
+def not_compilable(args):
+    """Why the trainer's flags make a step that torch.compile cannot take whole, or None."""
+    if args.sup_update == "each":
+        return "--sup_update each steps the optimizer inside the forward pass"
+    if args.random_depth == "all":
+        return "--random_depth makes a new graph for every depth drawn"
+    if args.train_halt_threshold is not None:
+        return "--train_halt_threshold stops tokens depending on the data"
+    return None
+
+
 def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable=None):
     """(torch.compile?, CUDA graphs?, why) for --compile auto|on|off|graphs. not_compilable: why this run's step cannot
     be compiled (e.g. an optimizer step inside the forward pass), or None."""
