@@ -233,9 +233,11 @@ def save(name, quiet=False):
 
 def run_eval():
     trained = round(clock.seconds(), 2)  # read before scoring: the pause around this call has only just begun
-    # a GPU scores small models launch-bound: 64 windows a pass issue a quarter of the kernels of 16 (2 GB of logits)
+    # a GPU scores small models launch-bound: 256 windows through the recursion at a time, the head and its loss 64 at
+    # a time (their logits: 2 GB in float32), took 176 ms against 191-208 at 64 and 637 at 16 (bench/eval_speed.py)
+    cuda = device.type == "cuda"
     result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes,
-                      64 if device.type == "cuda" else 16, device, amp_dtype)
+                      256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None)
     result.update(step=step, kind="eval", tokens_seen=tokens_seen, train_seconds=trained)
     metrics.append(result)
     metrics.plot()
