@@ -130,6 +130,28 @@ def test_a_byte_tokenizer_model_with_tied_embeddings_needs_no_tokenizer_file(tmp
     assert "[b + 4 for b in" in (tmp_path / "bytes" / "README.md").read_text(encoding="utf-8")
 
 
+def test_the_recommended_models_variants_export_and_score_as_the_checkpoint(tmp_path):
+    """README's recommended commands: tied embeddings, QK-norm, zero-init output projections, rank-4 adapters per call.
+    The zero-started weights get values first, so that a lost adapter or projection would change the logits."""
+    tokenizer = Tokenizer("byte")
+    config = dict(tie_embeddings=True, qk_norm=True, zero_init=True, adapter_rank=4, latent_steps=1,
+                  supervision_steps=1)
+    make_checkpoint(tmp_path / "step_0.pt", tokenizer, **config)
+    state = load_checkpoint(str(tmp_path / "step_0.pt"))
+    torch.manual_seed(2)
+    zero = [k for k, v in state["model"].items() if v.is_floating_point() and not v.abs().sum()]
+    assert any("adapter" in k for k in zero) and any("proj" in k for k in zero), zero  # both really zero-started
+    weights = {k: torch.randn_like(v) * 0.2 if k in zero else v for k, v in state["model"].items()}
+    state.update(model=weights, ema={**state["ema"], "model": weights})
+    save_checkpoint(state, str(tmp_path / "step_0.pt"))
+    export("--model_path", tmp_path / "step_0.pt", "--out", tmp_path / "folder")
+    checkpoint, folder = load_model(str(tmp_path / "step_0.pt"))[0], load_model(str(tmp_path / "folder"))[0]
+    assert folder.config.to_dict() == checkpoint.config.to_dict()
+    ids = torch.tensor([[2, *tokenizer.encode("猫は見る")]])
+    with torch.no_grad():
+        assert torch.equal(folder(ids)[0], checkpoint(ids)[0])
+
+
 def test_an_out_folder_with_files_is_refused_unless_overwrite(trained, tmp_path):
     path, _, _ = trained
     (tmp_path / "busy").mkdir()
