@@ -42,7 +42,8 @@ def linear(layer, h, adapter, name):
     """layer(h), with this net call's delta A B added to its weight when it has adapters (adapter: (params, call)).
     Over many rows (training, prefill) the delta is merged into the weight first: one weight-sized product per call
     instead of two thin matmuls and an add that read and write every row's activations (those cost the TRM-384 30%
-    of its training speed on an H200 at rank 4). Over few rows (decoding) the thin matmuls are the cheaper."""
+    of its training speed on an H200 at rank 4; merged, the step costs 5% more than without adapters, BENCHMARKS.md).
+    Over few rows (decoding) the thin matmuls are the cheaper."""
     if adapter is None:
         return layer(h)
     params, call = adapter
