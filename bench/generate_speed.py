@@ -3,6 +3,8 @@
     python bench/generate_speed.py                       # this CPU
     python bench/generate_speed.py --device cuda         # a GPU machine
     python bench/generate_speed.py --device cuda --modes cache --batch 1 8 64   # batched (generate.py --num_samples)
+    python bench/generate_speed.py --modes cache --d_model 384 --n_heads 6 --latent_steps 1 --supervision_steps 1 \
+        --tie_embeddings --qk_norm --adapter_rank 4          # README's recommended model (0: without the adapters)
     python bench/generate_speed.py --checkpoint halt_each/final_step_600.pt --prompt_len 32 --modes cache \
         --halt_thresholds 1.0 0.5 0.0                    # adaptive depth: a checkpoint with a halting head
 
@@ -32,6 +34,11 @@ parser.add_argument("--d_model", type=int, default=256)
 parser.add_argument("--n_heads", type=int, default=4)
 parser.add_argument("--vocab_size", type=int, default=16000)
 parser.add_argument("--max_seq_len", type=int, default=512)
+parser.add_argument("--latent_steps", type=int, default=2)
+parser.add_argument("--supervision_steps", type=int, default=2)
+parser.add_argument("--tie_embeddings", action="store_true")
+parser.add_argument("--qk_norm", action="store_true")
+parser.add_argument("--adapter_rank", type=int, default=0, help="per-call adapters: decoding takes their thin path")
 parser.add_argument("--checkpoint", default=None, help="time this checkpoint (EMA weights) instead of random weights")
 parser.add_argument("--halt_thresholds", nargs="*", type=float, default=[],
                     help="also time adaptive depth at these thresholds (needs a checkpoint with a halting head)")
@@ -49,7 +56,9 @@ if args.checkpoint:
     cfg = model.config
 else:
     cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
-                    max_seq_len=args.max_seq_len)
+                    max_seq_len=args.max_seq_len, latent_steps=args.latent_steps,
+                    supervision_steps=args.supervision_steps, tie_embeddings=args.tie_embeddings,
+                    qk_norm=args.qk_norm, adapter_rank=args.adapter_rank)
     model = TRM(cfg).to(device).eval()
 if args.dtype == "bf16":
     model = model.to(torch.bfloat16)
