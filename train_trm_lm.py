@@ -233,8 +233,8 @@ def save(name, quiet=False):
 
 def run_eval():
     trained = round(clock.seconds(), 2)  # read before scoring: the pause around this call has only just begun
-    # a GPU scores small models launch-bound: 256 windows through the recursion at a time, the head and its loss 64 at
-    # a time (their logits: 2 GB in float32), took 176 ms against 191-208 at 64 and 637 at 16 (bench/eval_speed.py)
+    # on a GPU few windows a pass are launch-bound (16: 637 ms, 69% idle); 256 through the recursion, the head and its
+    # loss 64 at a time (their logits: 2 GB in float32), took 176 ms against 191-208 at 64 (bench/eval_speed.py, H200)
     cuda = device.type == "cuda"
     result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes,
                       256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None)
