@@ -43,9 +43,12 @@ def test_kv_cache_equals_full_forward_on_cuda():
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-3  # TF32 matmuls allowed
 
 
-@pytest.mark.parametrize("compile,kw", [(False, {}), (True, {}), (True, dict(adapter_rank=2, step_embed=True))],
-                         ids=["eager", "compiled", "compiled-adapters"])
-def test_cuda_graph_decoding_step_equals_full_forward(compile, kw):
+@pytest.mark.parametrize("compile,kw,merge", [(False, {}, False), (True, {}, False),
+                                               (True, dict(adapter_rank=2, step_embed=True), False),
+                                               (True, dict(adapter_rank=2, step_embed=True), True)],
+                         ids=["eager", "compiled", "compiled-adapters", "compiled-adapters-merged"])
+def test_cuda_graph_decoding_step_equals_full_forward(compile, kw, merge):
+    from trm.adapters import merge_all
     from trm.sampling import GraphedStep
     torch.manual_seed(0)
     model = TRM(tiny(**kw)).cuda().eval()
@@ -60,17 +63,24 @@ def test_cuda_graph_decoding_step_equals_full_forward(compile, kw):
         model(x[:, :25], cache=cache)
         static = StaticKVCache(cache)
         static.follow()
+        if merge:  # as generate_batch decodes; the full forward above took the per-call path
+            model.merged_adapters = merge_all(model)
         step = GraphedStep(model, static, {}, compile)
         steps = [step(x[0, t]).clone() for t in range(25, 40)]  # logits of token t, read before the next replay
     assert static.pos.item() == 40
     assert (torch.cat(steps, 1) - full[:, 25:40]).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("depth", [{}, dict(supervision_steps=3)])
-def test_cuda_graph_generation_equals_eager_past_the_window(depth):
+@pytest.mark.parametrize("depth,kw", [({}, {}), (dict(supervision_steps=3), {}), ({}, dict(adapter_rank=2))],
+                         ids=["trained", "deeper", "adapters"])
+def test_cuda_graph_generation_equals_eager_past_the_window(depth, kw):
     from trm.sampling import generate
     torch.manual_seed(0)
-    model = TRM(tiny(max_seq_len=32)).cuda().eval()
+    model = TRM(tiny(max_seq_len=32, **kw)).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # adapters' B start at zero: give them values
+            if not p.abs().sum():
+                p.normal_(std=0.3)
     prompt = list(range(5, 25))
     runs = [list(generate(model, prompt, 50, temperature=0, cuda_graph=graph, use_cache=cache, **depth))
             for graph, cache in ((True, True), (False, True), (False, False))]

@@ -13,11 +13,12 @@ import torch
 
 from tiny_model import D, V, tiny, tokens
 from trm import halting
-from trm.adapters import linear
+from trm.adapters import linear, merge_all
 from trm.checkpoint import load_model
 from trm.halting import decode_adaptive
 from trm.kv_cache import KVCache, StaticKVCache
 from trm.model import NO_CACHE, TRMConfig, rms_norm
+from trm.sampling import generate_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
@@ -172,6 +173,52 @@ def test_a_delta_merged_into_the_weight_equals_the_thin_matmuls():
         for got, want in zip(*grads):
             torch.testing.assert_close(got, want)
         assert grads[0][1][0].abs().sum() == 0 and grads[0][1][1].abs().sum() > 0  # call 0's adapter: untouched
+
+
+@pytest.mark.parametrize("variant", [VARIANTS["adapters"], VARIANTS["adapters_single"], VARIANTS["all"]],
+                         ids=["adapters", "adapters_single", "all"])
+def test_generation_merges_every_calls_adapters_ahead_and_decodes_as_the_full_forward(variant):
+    """generate_batch merges each call's delta into its weights once (adapters.merge_all), so decoding runs plain
+    matmuls: its greedy tokens are the full forward's argmax (computed on the per-call path, outside generation),
+    it really took the merged weights, and it leaves no merged weights behind for training to meet."""
+    model = trained_looking(tiny(**variant))
+    model = model.double()  # argmax ties are then out of reach of the two paths' rounding
+    prompt = tokens(1, 6)[0].tolist()
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def spy(h, weight, bias=None):
+        seen.append(weight.dim() == 2 and all(weight is not p for p in model.parameters()))
+        return real_linear(h, weight, bias)
+
+    torch.nn.functional.linear = spy
+    try:
+        got = [t[0] for t in generate_batch(model, [prompt], 10, temperature=0)]
+    finally:
+        torch.nn.functional.linear = real_linear
+    assert any(seen)  # some matmuls ran on weights that are not the model's own: the merged ones
+    assert model.merged_adapters is None
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert got == ids[len(prompt):]
+    model.float().train()  # and training after it reaches every adapter through the per-call path
+    loss = model(tokens(2, 8), tokens(2, 8, seed=2))[1]
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
+
+
+def test_weights_merged_ahead_give_the_per_call_paths_outputs():
+    model = trained_looking(tiny(adapter_rank=2)).double()
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        per_call = model(idx)[0]
+        model.merged_adapters = merge_all(model)
+        ahead = model(idx)[0]
+        model.merged_adapters = None
+    torch.testing.assert_close(ahead, per_call)
+    assert (per_call - tiny(adapter_rank=2).double()(idx)[0]).abs().max() > 1e-3  # the adapters do change the output
 
 
 def test_adapters_train_with_adamw_under_muon():

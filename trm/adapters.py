@@ -47,8 +47,26 @@ def linear(layer, h, adapter, name):
     if adapter is None:
         return layer(h)
     params, call = adapter
+    if name in params:  # merged ahead for generation (merge_all): this call's own weight, ready
+        return F.linear(h, params[name][call], layer.bias)
     a, b = params[name + "_a"][call], params[name + "_b"][call]
     n_in, n_out = a.size(0), b.size(1)
     if h.numel() // n_in * (n_in + n_out) < n_in * n_out:  # rows * R * (in + out) < in * R * out multiply-adds
         return layer(h) + (h @ a) @ b
     return F.linear(h, layer.weight + (a @ b).mT, layer.bias)
+
+
+def merge_all(model):
+    """Every net call's weights with its delta merged in, per block {name: [calls, out, in]}, for TRM.merged_adapters.
+
+    Generation decodes a row at a time, too few rows to merge per call (linear), so it would take the thin products:
+    three extra small kernels per matrix and call, which a launch-bound decoding step pays in full. The weights stay
+    fixed while generating, so the merge is done once, ahead (the recommended TRM-384: 14M numbers, 56 MB in float32),
+    and every step then runs the plain model's matmuls."""
+    merged = []
+    for block, params in zip(model.blocks, model.adapters):
+        layers = {"qkv": block.attn.qkv, "proj": block.attn.proj, "gate_up": block.mlp.gate_up,
+                  "down": block.mlp.down}
+        merged.append({name: layer.weight + (params[name + "_a"] @ params[name + "_b"]).mT
+                       for name, layer in layers.items()})
+    return merged

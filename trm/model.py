@@ -117,6 +117,7 @@ class TRM(nn.Module):
         # Per-call adapters (trm/adapters.py): a low-rank delta per net call on every matrix of the shared net
         self.adapters = nn.ModuleList(adapter_params(cfg) for _ in range(cfg.n_layers)) \
             if cfg.adapter_rank else None
+        self.merged_adapters = None  # while generating: the same deltas merged into the weights (adapters.merge_all)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -250,8 +251,9 @@ class TRM(nn.Module):
     # ---- the recursion ------------------------------------------------------------------------------------
     def net(self, h, rope, slot=NO_CACHE, call=None):
         """The shared blocks; call (TRM.adapter_call) picks the adapters of this net call, when the model has them."""
+        adapters = self.merged_adapters or self.adapters
         for layer, block in enumerate(self.blocks):
-            adapter = None if self.adapters is None or call is None else (self.adapters[layer], call)
+            adapter = None if adapters is None or call is None else (adapters[layer], call)
             h = block(h, *rope, slot[layer], adapter)
         return h
 

@@ -7,6 +7,7 @@ to check the cached path. Both follow the same sliding-window policy past max_se
 """
 import torch
 
+from trm.adapters import merge_all
 from trm.halting import decode_adaptive
 from trm.kv_cache import KVCache, StaticKVCache
 
@@ -158,35 +159,42 @@ def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k
             step = step or GraphedStep(model, static, depth, compile)
         return logits
 
-    if n - start > L:
-        start = n - keep
-    logits = refill()
-    while n < P + max_new_tokens:
-        next_id = sample_next(logits[:, -1], temperature, top_k, top_p, repetition_penalty, ids[:, :n], generator)
-        tokens = next_id.tolist()  # one device sync per step, needed anyway to stop at EOS and to print
-        ended = [e or t == eos_id for e, t in zip(ended, tokens)]
-        if all(ended):
-            return
-        yield [None if e else t for e, t in zip(ended, tokens)]
-        ids[:, n] = next_id
-        n += 1
-        if n == P + max_new_tokens:
-            return  # no forward pass for tokens nobody will read
+    # the weights stay fixed while generating: each net call's adapters merged into its weights once, not per step
+    # (trm/adapters.py merge_all); held here too, so that a captured graph's weights outlive the model's attribute
+    merged = model.merged_adapters = merge_all(model) if model.adapters is not None else None
+    try:
         if n - start > L:
             start = n - keep
-            logits = refill()
-        elif graphed:
-            logits = step(next_id)
-        elif adaptive:
-            logits, rounds = decode_adaptive(model, ids[:, n - 1:n], cache, halt_threshold, **depth)
-            if stats is not None:
-                going = [r for r, e in zip(rounds.tolist(), ended) if not e]
-                stats["tokens"] = stats.get("tokens", 0) + len(going)
-                stats["rounds"] = stats.get("rounds", 0) + sum(going)
-        elif use_cache:
-            logits, _ = model(ids[:, n - 1:n], cache=cache, last_only=True, **depth)
-        else:
-            logits = refill()
+        logits = refill()
+        while n < P + max_new_tokens:
+            next_id = sample_next(logits[:, -1], temperature, top_k, top_p, repetition_penalty, ids[:, :n], generator)
+            tokens = next_id.tolist()  # one device sync per step, needed anyway to stop at EOS and to print
+            ended = [e or t == eos_id for e, t in zip(ended, tokens)]
+            if all(ended):
+                return
+            yield [None if e else t for e, t in zip(ended, tokens)]
+            ids[:, n] = next_id
+            n += 1
+            if n == P + max_new_tokens:
+                return  # no forward pass for tokens nobody will read
+            if n - start > L:
+                start = n - keep
+                logits = refill()
+            elif graphed:
+                logits = step(next_id)
+            elif adaptive:
+                logits, rounds = decode_adaptive(model, ids[:, n - 1:n], cache, halt_threshold, **depth)
+                if stats is not None:
+                    going = [r for r, e in zip(rounds.tolist(), ended) if not e]
+                    stats["tokens"] = stats.get("tokens", 0) + len(going)
+                    stats["rounds"] = stats.get("rounds", 0) + sum(going)
+            elif use_cache:
+                logits, _ = model(ids[:, n - 1:n], cache=cache, last_only=True, **depth)
+            else:
+                logits = refill()
+    finally:
+        if model.merged_adapters is merged:  # (another generation may have set its own since)
+            model.merged_adapters = None
 
 
 class StreamDecoder:
