@@ -39,11 +39,12 @@ def call_index(cfg, t, i, n):
 
 
 def linear(layer, h, adapter, name):
-    """layer(h), with this net call's delta A B added to its weight when it has adapters (adapter: (params, call)).
+    """layer(h), with this net call's delta A B added to its weight when it has adapters (adapter: (params, call),
+    params a block's A and B, or its weights merged ahead by merge_all, which generation uses).
     Over many rows (training, prefill) the delta is merged into the weight first: one weight-sized product per call
     instead of two thin matmuls and an add that read and write every row's activations (those cost the TRM-384 30%
     of its training speed on an H200 at rank 4; merged, the step costs 5% more than without adapters, BENCHMARKS.md).
-    Over few rows (decoding) the thin matmuls are the cheaper."""
+    Over few rows the thin matmuls are the cheaper, for a single call."""
     if adapter is None:
         return layer(h)
     params, call = adapter
