@@ -215,9 +215,15 @@ def test_resuming_with_the_other_optimizer_is_one_line(corpus, tmp_path):  # noq
     assert r.returncode == 2 and "trained with --optimizer muon" in assert_one_line_error(r)
 
 
+# the second: README's recommended model (tied, QK-norm, zero-init, one latent update, per-call adapters under AdamW)
+RECOMMENDED = ["--tie_embeddings", "--qk_norm", "--zero_init", "--latent_steps", "1", "--supervision_steps", "1",
+               "--grad_deep_steps", "0", "--adapter_rank", "4"]
+
+
 @pytest.mark.slow
-def test_muon_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):  # noqa: F811
-    common = ["--max_steps", "6", "--eval_every", "100", "--log_every", "2", "--dropout", "0", *MUON]
+@pytest.mark.parametrize("extra", [[], RECOMMENDED], ids=["seed", "recommended"])
+def test_muon_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path, extra):  # noqa: F811
+    common = ["--max_steps", "6", "--eval_every", "100", "--log_every", "2", "--dropout", "0", *MUON, *extra]
     train(corpus, tmp_path / "one", *common, "--batch_size", "4")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
            str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], corpus["train_1"],
