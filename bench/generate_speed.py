@@ -38,7 +38,8 @@ parser.add_argument("--latent_steps", type=int, default=2)
 parser.add_argument("--supervision_steps", type=int, default=2)
 parser.add_argument("--tie_embeddings", action="store_true")
 parser.add_argument("--qk_norm", action="store_true")
-parser.add_argument("--adapter_rank", type=int, default=0, help="per-call adapters (generation merges them into the weights once, ahead)")
+parser.add_argument("--adapter_rank", type=int, default=0,
+                    help="per-call adapters (generation merges them into the weights once, ahead)")
 parser.add_argument("--checkpoint", default=None, help="time this checkpoint (EMA weights) instead of random weights")
 parser.add_argument("--halt_thresholds", nargs="*", type=float, default=[],
                     help="also time adaptive depth at these thresholds (needs a checkpoint with a halting head)")
