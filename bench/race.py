@@ -10,7 +10,9 @@ run finds the inductor cache warm and none pays a cold compile that another does
 checkpoint (EMA weights) is scored by trm.evaluate on --eval_tokens of validation_0 at its trained depth and at 0.5x and
 2x its supervision rounds (deep steps for 1-round models). The table also shows the best validation along the run (the
 trainer's own evaluations), since at 30+ epochs a model can be past its best when the clock stops; best.pt, the
-checkpoint of the best evaluation, is scored on the same tokens as the final one.
+checkpoint of the best evaluation, is scored on the same tokens as the final one. "GPU busy" is the median of
+nvidia-smi's utilization while a run trained: well under 100% means the GPU waited for the host, and that run's
+tokens/s says more about the machine than about the model.
 
 Prints a markdown table and the tokenizer's fingerprint (rows compare exactly only on one tokenizer: two trainings of
 ja_trm.model on several threads differ), and writes race.json, every run's log and race.png under --out: validation
@@ -178,16 +180,49 @@ def score(name, ckpt, env, **depth):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+class GpuBusy:
+    """The GPU's utilization while a run trains (nvidia-smi's share of time a kernel was running, sampled each second),
+    as the median of the samples: a run whose GPU waits for Python shows it where tokens/s alone does not. On one H200
+    lease the TRM-384 under plain torch.compile sat at 74-77% and trained at 1.49M tokens/s, 20% below another
+    lease's, while the GPT on CUDA graphs held 95-100% and its usual speed (BENCHMARKS.md, Round 2): the host, not the
+    model, had set the TRM's pace. None without nvidia-smi (a race on the CPU)."""
+
+    def __init__(self, gpu):
+        self.samples, self.smi = [], None
+        if gpu == "cpu" or not shutil.which("nvidia-smi"):
+            return
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", gpu, "-l", "1"]
+        self.smi = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.smi.stdout:
+            if line.strip().isdigit():
+                self.samples.append(int(line))
+
+    def median(self):
+        """Stops sampling; the median utilization in percent, or None when nothing was read."""
+        if self.smi is None:
+            return None
+        self.smi.terminate()
+        self.smi.wait()
+        self.reader.join(timeout=5)
+        samples = sorted(self.samples)
+        return samples[len(samples) // 2] if samples else None
+
+
 def race(name, flags, gpu):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
     log_path = os.path.join(args.out, f"{name}.log")
     save_dir = os.path.join(args.out, name)
     shutil.rmtree(save_dir, ignore_errors=True)  # a run of the same name in an earlier race must not be scored
     t0 = time.time()
+    busy = GpuBusy(gpu)
     with open(log_path, "w") as log:
         rc = subprocess.call(trainer_cmd(name, flags, ["--max_steps", "10000000", "--max_minutes", str(args.minutes)]),
                              env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    row = {"name": name, "flags": flags, "gpu": gpu, "rc": rc, "wall_s": time.time() - t0}
+    row = {"name": name, "flags": flags, "gpu": gpu, "rc": rc, "wall_s": time.time() - t0, "gpu_util": busy.median()}
     finals = [f for f in os.listdir(save_dir) if f.startswith("final_step_")] if os.path.isdir(save_dir) else []
     if rc or not finals:
         row["error"] = open(log_path).read()[-600:]
@@ -288,16 +323,17 @@ def fmt(v, spec=".4f"):
 print(f"\n{args.minutes:g} minutes each; bits/byte on validation_0 ({args.eval_tokens:,} tokens, EMA) at the end and "
       "of best.pt (the checkpoint of the trainer's best evaluation); best along run = that evaluation itself (its "
       "own, smaller sample)")
-print("| run | params | MFLOP/token | tok/s (slowest-fastest log window) | steps | bits/byte | best.pt | "
+print("| run | params | MFLOP/token | tok/s (slowest-fastest log window) | GPU busy | steps | bits/byte | best.pt | "
       "best along run (step) | 0.5x depth "
       "| 2x depth | flags |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
     if r.get("error") and r.get("bpb") is None:
-        print(f"| {r['name']} | failed: {r['error'][-120:]!r} ||||||||| `{r['flags']}` |")
+        print(f"| {r['name']} | failed: {r['error'][-120:]!r} |||||||||| `{r['flags']}` |")
         continue
+    busy = "" if r.get("gpu_util") is None else f"{r['gpu_util']}%"
     print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['mflop_per_token']:.0f} | {r['tok_s'] / 1e6:.2f}M "
-          f"({r['tok_s_min'] / 1e6:.2f}-{r['tok_s_max'] / 1e6:.2f}M) | "
+          f"({r['tok_s_min'] / 1e6:.2f}-{r['tok_s_max'] / 1e6:.2f}M) | {busy} | "
           f"{r['steps']:,} | {fmt(r['bpb'])} | {fmt(r.get('bpb_best'))} | {fmt(r['best_val'])} ({r['best_step']:,}) | "
           f"{fmt(r.get('bpb_half'))} | "
           f"{fmt(r.get('bpb_double'))} | `{r['flags']}` |")

@@ -86,14 +86,21 @@ def test_runs_are_also_compared_at_equal_tokens_up_to_the_shortest_run(tmp_path)
 @pytest.mark.slow
 def test_a_race_on_cpu_scores_every_run_and_names_the_tokenizer(corpus, tiny_sp_model, tmp_path):
     # the whole race, as on the GPU but tiny: token cache, two timed runs, their scoring, the table and race.png
-    out = tmp_path / "race"
+    # "GPU 0" here is a stand-in nvidia-smi that reports 70, 80, 90% in turn: each row's GPU busy is their median
+    out, bin_dir = tmp_path / "race", tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "smi_args"}\n'
+                   'while :; do for u in 70 80 90; do echo $u; sleep 0.05; done; done\n')
+    smi.chmod(0o755)
     tiny = "--d_model 32 --n_heads 2 --max_seq_len 32 --device cpu --compile off --dropout 0"
     r = subprocess.run([sys.executable, str(ROOT / "bench/race.py"), "--data_dir", str(Path(corpus["train_0"]).parent),
                         "--sp_model", tiny_sp_model, "--minutes", "0.03", "--out", str(out), "--no_warm",
-                        "--no_depth", "--eval_tokens", "2000",
+                        "--no_depth", "--eval_tokens", "2000", "--gpus", "0",
                         "--common", "--batch_size 4 --eval_every 20 --log_every 5 --eval_tokens 256 --warmup_steps 5",
                         "--run", f"trm={tiny}", "--run", f"gpt=--arch gpt --n_layers 2 {tiny}"],
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{bin_dir}:{os.environ['PATH']}"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {row["name"]: row for row in json.loads((out / "race.json").read_text())}
     assert set(rows) == {"trm", "gpt"}
@@ -102,6 +109,10 @@ def test_a_race_on_cpu_scores_every_run_and_names_the_tokenizer(corpus, tiny_sp_
         assert row["rc"] == 0 and row["steps"] > 0 and row.get("error") is None, row
         assert 0 < row["bpb"] < 16 and 0 < row["bpb_best"] < 16, row
         assert row["tokenizer"] == fingerprint
-        assert any(line.startswith(f"| {name} | ") for line in r.stdout.splitlines())
+        assert row["gpu_util"] == 80, row
+        assert any(line.startswith(f"| {name} | ") and " | 80% | " in line for line in r.stdout.splitlines())
+    # one sampler a run, on the run's GPU, once a second
+    assert (tmp_path / "smi_args").read_text().splitlines() == 2 * [
+        "--query-gpu=utilization.gpu --format=csv,noheader,nounits -i 0 -l 1"]
     assert r.stdout.rstrip().endswith(f"tokenizer fingerprint: {fingerprint}")
     assert (out / "race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
