@@ -85,6 +85,26 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path):
     assert "malformed JSON" in stats.summary() and f"{path}:2" in stats.summary()
 
 
+def test_a_lone_surrogate_in_raw_bytes_is_skipped_in_either_field_order(tmp_path):
+    # ED A0 80 is U+D800 encoded as if it were a character: not UTF-8, and json.loads lets it through as '\ud800'
+    # when the text is not the first field; extract_texts and the token cache then failed on it
+    path = write_jsonl(tmp_path / "s.jsonl.gz", [{"text": "一"}, b'{"meta": 1, "text": "bad\xed\xa0\x80"}',
+                                                  b'{"text": "bad\xed\xa0\x80"}', {"meta": 2, "text": "한국어"},
+                                                  {"text": "三"}])
+    stats = CorpusStats()
+    assert list(iter_texts(path, stats=stats)) == ["一", "한국어", "三"]  # Hangul starts with ED too, and is kept
+    assert list(iter_texts(path, as_bytes=True)) == [t.encode() for t in ["一", "한국어", "三"]]
+    assert stats.skipped == {"undecodable bytes": 2}
+
+
+def test_raw_control_characters_are_kept_in_either_field_order(tmp_path):
+    # a raw tab inside a JSON string is not strict JSON; the text is still unambiguous, and the field order of a
+    # record must not decide whether it is kept
+    path = write_jsonl(tmp_path / "t.jsonl.gz", [b'{"text": "tab\there"}', b'{"meta": 1, "text": "tab\there"}'])
+    stats = CorpusStats()
+    assert list(iter_texts(path, stats=stats)) == ["tab\there", "tab\there"] and stats.skipped == {}
+
+
 def test_text_field_and_min_chars(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl.gz", [{"content": "短い"}, {"content": "これは長めの文書です。"}])
     stats = CorpusStats()
@@ -158,10 +178,12 @@ def test_fast_path_agrees_with_json(tmp_path):
 def test_fast_path_still_rejects_lines_cut_short(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl.gz", [
         b'{"text": "ok", "meta": {"a": "cut her', b'{"text": "ok"} trailing', b'{"text": "ok"', b'{"text": "o',
-        b'{"text": "ok", "meta": 1}', b'{"text":"ok2"}', b'{"text": "first", "text": "last"}'])
+        b'{"text": "ok", "meta": 1}', b'{"text":"ok2"}', b'{"text": "first", "text": "last"}',
+        b'{"text": "ok", "meta": {"id": 1}', b'{"text": "ok", }', b'{"text": "ok", "meta": {"a": 1},}',  # malformed
+        b'{"text": "nested", "meta": {"a": {"b": "}"}, "c": []}}'])  # whole, a brace inside a string: json.loads
     stats = CorpusStats()
-    assert list(iter_texts(path, stats=stats)) == ["ok", "ok2", "last"]
-    assert stats.skipped == {"malformed JSON": 4}
+    assert list(iter_texts(path, stats=stats)) == ["ok", "ok2", "last", "nested"]
+    assert stats.skipped == {"malformed JSON": 7}
 
 
 def test_unreadable_file_is_reported_not_fatal(tmp_path, capsys):

@@ -57,6 +57,23 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path):
     assert len(tokens) == 9 and len(list((tmp_path / "c").glob("*.bin"))) == 2
 
 
+def test_a_reused_cache_still_names_what_its_build_skipped(tmp_path):
+    # a second run (or a resume) on a damaged corpus trains on what was readable; its log must say so as the first did
+    tok = Tokenizer("byte")
+    good = write_jsonl_gz(tmp_path / "a.jsonl.gz", ["abc"], extra_lines=["{not json"])
+    whole = gzip.compress("".join(json.dumps({"text": f"文書{i}"}) + "\n" for i in range(2000)).encode())
+    (tmp_path / "b.jsonl.gz").write_bytes(whole[:len(whole) // 2])  # cut short
+    runs = []
+    for _ in range(2):
+        lines = []
+        load_tokens([good, str(tmp_path / "b.jsonl.gz")], tok, str(tmp_path / "c"), log=lines.append)
+        runs.append(lines[-1])
+    built, reused = runs
+    assert reused.startswith("tokenizing: token cache ") and "building" not in reused
+    for line in runs:
+        assert "1 malformed lines skipped" in line and "damaged files" in line and "b.jsonl.gz" in line, line
+
+
 def test_empty_corpus_is_a_clear_error(tmp_path):
     path = write_jsonl_gz(tmp_path / "a.jsonl.gz", [], extra_lines=["garbage"])
     with pytest.raises(DataError, match="no readable documents"):

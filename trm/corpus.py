@@ -349,7 +349,9 @@ def _texts(lines, path, lineno, text_field, stats, min_chars, as_bytes):
                 continue
         else:
             try:
-                record = json.loads(line)  # json decodes the UTF-8 bytes itself, faster than a separate .decode()
+                # json decodes the UTF-8 bytes itself, faster than a separate .decode(); strict=False keeps a raw
+                # tab or other control character inside the text, as the fast path does
+                record = json.loads(line, strict=False)
             except UnicodeDecodeError:
                 stats.skip(path, lineno, "undecodable bytes")
                 continue
@@ -361,7 +363,9 @@ def _texts(lines, path, lineno, text_field, stats, min_chars, as_bytes):
             if type(text) is not str:
                 stats.skip(path, lineno, f"no string {text_field!r} field")
                 continue
-            if b"\\u" in line and not _encodable(text):  # a \ud800-style escape decodes to a lone surrogate
+            # a lone surrogate cannot be written as UTF-8: from a \ud800-style escape, or from the bytes ED A0-BF
+            # that json.loads decodes with 'surrogatepass' (ED starts no other character but Hangul, rare here)
+            if (b"\\u" in line or b"\xed" in line) and not _encodable(text):
                 stats.skip(path, lineno, "undecodable bytes")
                 continue
         if not text or len(text) < min_chars:
@@ -381,8 +385,10 @@ def _fast_path(line, heads, key):
 
     Corpora are mostly this layout, and then the JSON string's bytes are the text's bytes once \\n is unescaped:
     json.loads would spend its time building a str (and parsing "meta") only for the writer to encode it back.
-    The fields after the text are not parsed (on short documents that parse was most of the time): a line cut short
-    still fails the closing-brace check below and goes to json.loads, which reports it."""
+    The fields after the text are not parsed (on short documents that parse was most of the time), only checked
+    for what a damaged line shows: a line cut short (its braces do not balance), a trailing comma, text after the
+    closing brace. Those go to json.loads, which reports them. A line whose later fields are broken in some other way
+    (braces inside their strings that happen to balance a cut) keeps its text."""
     if line.startswith(heads[0]):
         start = len(heads[0])
     elif line.startswith(heads[1]):
@@ -394,6 +400,8 @@ def _fast_path(line, heads, key):
         return None
     rest = line[end + 1:].strip()
     if not (rest == b"}" or rest[:1] == b"," and rest[-1:] == b"}") or key in rest:  # key twice: JSON keeps the last
+        return None
+    if rest != b"}" and (rest.count(b"{") + 1 != rest.count(b"}") or rest.rstrip(b"} \t\r").endswith(b",")):
         return None
     body = line[start:end]
     if b"\\" in body:

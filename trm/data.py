@@ -210,8 +210,9 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta, damage = verify_cache(path)
-        if meta is not None:
-            log(f"{desc}: token cache {path} ({meta['tokens']:,} tokens, {meta['documents']:,} documents)")
+        if meta is not None:  # what the build skipped and which files were damaged, said again on every reuse
+            log(f"{desc}: token cache {path} ({meta['tokens']:,} tokens, {meta['documents']:,} documents"
+                + damage_note(meta) + ")")
         else:
             if damage:
                 log(f"{desc}: warning: token cache {path} is damaged: {damage}; rebuilding it")
@@ -222,12 +223,18 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
                 raise CacheWriteError(f"writing the token cache {path} failed: {e.strerror or e}; nothing else was "
                                       f"changed. Free some space in {cache_dir} or choose another --cache_dir, then "
                                       f"run the same command again.") from None
-            skipped = sum(meta["skipped"].values())
             log(f"{desc}: {meta['tokens']:,} tokens from {meta['documents']:,} documents in {meta['seconds']:.1f}s"
-                + (f", {skipped:,} malformed lines skipped {meta['skipped']}" if skipped else "")
-                + (f", damaged files: {meta['errors']}" if meta["errors"] else ""))
+                + damage_note(meta))
     # the mapping outlives the lock: a later rebuild replaces the file by rename, so this inode stays as it is
     return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["tokens"],))
+
+
+def damage_note(meta):
+    """What a cache's build skipped and which files were damaged (", 2 malformed lines skipped {...}, damaged files:
+    [...]"), from its sidecar; "" when neither."""
+    skipped = sum(meta.get("skipped", {}).values())
+    return ((f", {skipped:,} malformed lines skipped {meta['skipped']}" if skipped else "")
+            + (f", damaged files: {meta['errors']}" if meta.get("errors") else ""))
 
 
 class PackedLoader:
