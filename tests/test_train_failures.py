@@ -11,6 +11,7 @@ import torch
 from conftest import assert_one_line_error
 from trainer_run import ROOT, TINY, endless_trainer, logged_losses, params, run_in_process, train
 from trm.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from trm.run_dir import link_best, take_ownership
 
 
 # ---- nothing lost, nobody confused ---------------------------------------------------------------------------------
@@ -46,9 +47,51 @@ def test_resuming_an_earlier_checkpoint_keeps_what_it_writes(corpus, tmp_path):
               "--resume", str(save / "step_4.pt"))
     # the checkpoint just written survives pruning; the abandoned stretch is kept aside, out of --resume auto's way
     assert (save / "step_5.pt").exists() and (save / "final_step_6.pt").exists() and not (save / "step_4.pt").exists()
-    assert {p.name for p in (save / "abandoned_after_step_4").iterdir()} == {"step_8.pt", "final_step_12.pt"}
+    aside = {p.name for p in (save / "abandoned_after_step_4").iterdir()}
+    assert aside - {"best.pt"} == {"step_8.pt", "final_step_12.pt"}
+    if "best.pt" in aside:  # the abandoned stretch's best went with it
+        assert load_checkpoint(save / "abandoned_after_step_4" / "best.pt")["step"] > 4
+    assert load_checkpoint(save / "best.pt")["step"] <= 6  # the resumed stretch's own
     r = train(corpus, save, "--max_steps", "7", "--eval_every", "5", "--log_every", "1", "--resume", "auto")
     assert f"resuming from {save / 'final_step_6.pt'}" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["best before the resume, its file kept", "best before the resume, pruned",
+                                  "best.pt already the resumed stretch's"])
+def test_resuming_an_earlier_checkpoint_takes_a_later_best_pt_aside_too(tmp_path, case):
+    # export and generation take best.pt first: after a resume from step 4, a best.pt of the abandoned stretch (here
+    # step 10's, pruned since: best.pt is its only copy) must not stay where they look
+    save = tmp_path / "ck"
+
+    def write(name, step, best_step):
+        save_checkpoint({"step": step, "best": {"loss": 1 / step, "step": best_step}, "run_id": "r1"}, save / name)
+
+    write("step_2.pt", 2, 2)
+    write("step_4.pt", 4, 2)
+    if case == "best before the resume, pruned":
+        link_best(str(save), str(save / "step_2.pt"))
+        os.remove(save / "step_2.pt")
+        write("step_10.pt", 10, 10)
+        link_best(str(save), str(save / "step_10.pt"))
+    elif case == "best.pt already the resumed stretch's":
+        link_best(str(save), str(save / "step_2.pt"))
+        write("step_10.pt", 10, 2)
+    else:
+        write("step_10.pt", 10, 10)
+        link_best(str(save), str(save / "step_10.pt"))
+    os.remove(save / "step_10.pt")  # pruned
+    write("final_step_12.pt", 12, 10)
+    lines, resumed = [], str(save / "step_4.pt")
+    take_ownership(str(save), load_checkpoint(resumed), resumed, resumed, False, lines.append)
+    aside = save / "abandoned_after_step_4"
+    if case == "best.pt already the resumed stretch's":
+        assert load_checkpoint(save / "best.pt")["step"] == 2 and not (aside / "best.pt").exists()
+        return
+    assert load_checkpoint(aside / "best.pt")["step"] == 10
+    if case == "best before the resume, its file kept":
+        assert load_checkpoint(save / "best.pt")["step"] == 2 and lines[-1].endswith("best.pt is step_2.pt again")
+    else:
+        assert not (save / "best.pt").exists() and "improves on its best so far (step 2)" in lines[-1]
 
 
 def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):

@@ -181,10 +181,36 @@ def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log, command=No
                 os.replace(p, os.path.join(dest, os.path.basename(p)))
             log(f"resuming at step {ckpt['step']}: moved the {len(later)} later checkpoints "
                 f"({', '.join(os.path.basename(p) for p in later[:3])}{', ...' if len(later) > 3 else ''}) to {dest}/")
+            abandon_best(save_dir, ckpt, dest, log)
     with AtomicFile(os.path.join(save_dir, RUN_FILE), "w") as f:
         json.dump({"run_id": run_id, "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "command": same_command(command) if command is not None else None}, f)
     return run_id
+
+
+def abandon_best(save_dir, ckpt, dest, log):
+    """best.pt from the stretch after the resumed checkpoint goes aside with it (export and generation take best.pt
+    first), and best.pt is again the resumed run's own best: the checkpoint its record names if that file is still
+    here, else none until the run improves on it. (best.pt may be the only copy of a pruned step, so its own step,
+    not its file name, says which stretch it is from.)"""
+    best = os.path.join(save_dir, "best.pt")
+    if not os.path.exists(best):
+        return
+    try:
+        step = load_checkpoint(best)["step"]
+    except (CheckpointError, KeyError):
+        return  # not a checkpoint this code can place: left as it is
+    if step <= ckpt["step"]:
+        return
+    os.replace(best, os.path.join(dest, "best.pt"))
+    own = (ckpt.get("best") or {}).get("step")
+    path = next((p for p in list_checkpoints(save_dir) if checkpoint_step(p) == own), None)
+    if path is not None:
+        link_best(save_dir, path)
+    log(f"best.pt (step {step}) was of that stretch and moved there too; " +
+        (f"best.pt is {os.path.basename(path)} again" if path is not None else
+         f"best.pt comes back when this run improves on its best so far (step {own})" if own is not None else
+         "best.pt comes back at this run's next evaluation"))
 
 
 def same_command(args):
