@@ -40,7 +40,7 @@ from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
 from trm.optim import build_optimizer, describe as describe_optimizer
-from trm.resume import keep_checkpoint_settings, resume_error, restore, rng_state
+from trm.resume import every_rank_rng, keep_checkpoint_settings, resume_error, restore, rng_state
 from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resume_advice, take_ownership
 from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
@@ -163,9 +163,9 @@ if master and (warning := disk_warning(args.save_dir, shutil.disk_usage(args.sav
     log(f"warning: {warning}")
 step, tokens_seen, last_eval = 0, 0, None
 if ckpt is not None:
-    step, tokens_seen, last_eval = restore(ckpt, model, optimizer, ema, loader, device)
-    if ddp:
-        torch.manual_seed(args.seed + 1000 * rank + step)  # distinct dropout per rank after a resume too
+    step, tokens_seen, last_eval, rng_restored = restore(ckpt, model, optimizer, ema, loader, device, rank, world_size)
+    if not rng_restored:  # written by another number of processes: distinct dropout per rank all the same
+        torch.manual_seed(args.seed + 1000 * rank + step)
 else:
     torch.manual_seed(args.seed + rank)  # distinct dropout noise per rank
     random.seed(args.seed + rank)
@@ -217,18 +217,18 @@ if guard is not None:
     log(f"collapse guard: {guard.describe()}")
 
 
-def checkpoint_state():
+def checkpoint_state(rng_ranks=None):
     return {"config": config.to_dict(), "model": raw_model.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
             "step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
-            "rng": rng_state(device),
+            "rng": rng_state(device), "rng_ranks": rng_ranks,
             "args": vars(args), "tokenizer": tokenizer.to_state(), "metrics": last_eval,
             "train_seconds": clock.seconds(), "run_id": run_id}
 
 
-def save(name, quiet=False):
+def save(name, rng_ranks, quiet=False):
     evaluated = last_eval is not None and last_eval["step"] == step  # these very weights were just evaluated
-    return saver.save(checkpoint_state(), name, last_eval["loss"] if evaluated else None, quiet)
+    return saver.save(checkpoint_state(rng_ranks), name, last_eval["loss"] if evaluated else None, quiet)
 
 
 def run_eval():
@@ -403,9 +403,10 @@ try:
             stop_if_collapsed()
         if step % save_every == 0 and step < args.max_steps:
             check_finite()
+            rng_ranks = every_rank_rng(device, world_size)  # (every rank, before rank 0 alone saves)
             if master and not (guard is not None and guard.suspect):  # an evaluation clears the weights first
                 with clock.pause("saving"):
-                    save(f"step_{step}.pt")
+                    save(f"step_{step}.pt", rng_ranks)
         if clock.should_stop(step):
             break
 except OSError as e:  # metrics.jsonl or the curves: the same disk as the checkpoints
@@ -424,6 +425,7 @@ bar.close()
 # the end: a final checkpoint (or an interrupted one), evaluation, summary
 check_finite()
 interrupted = clock.stop_requested
+rng_ranks = every_rank_rng(device, world_size)
 if master:
     try:
         if not interrupted and val_windows is not None:
@@ -433,7 +435,7 @@ if master:
             if guard is not None and guard.collapsed:
                 fail(collapse_error(), 3)
         with clock.pause("saving"):
-            path = save(f"step_{step}.pt" if interrupted else f"final_step_{step}.pt", quiet=True)
+            path = save(f"step_{step}.pt" if interrupted else f"final_step_{step}.pt", rng_ranks, quiet=True)
             saver.close()
             metrics.plot(force=True)  # the curves are redrawn at most once a minute: the last one holds everything
     except OSError as e:

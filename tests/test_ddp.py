@@ -87,13 +87,15 @@ def test_only_rank_0_writes_checkpoints_metrics_curves_and_run_json(corpus, tmp_
     assert not [n for n in names if ".tmp" in n]
 
 
-def test_a_two_process_run_resumes_bit_identically(corpus, tmp_path):
+@pytest.mark.parametrize("dropout,port", [("0", 29542), ("0.1", 29552)])
+def test_a_two_process_run_resumes_bit_identically(corpus, tmp_path, dropout, port):
+    # with dropout each rank draws its own noise: the checkpoint keeps every rank's generators, not rank 0's alone
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["--max_steps", "8", "--eval_every", "4", "--log_every", "2"]
-    r = torchrun(corpus, straight, *common, port=29542)
+    common = ["--max_steps", "8", "--eval_every", "4", "--log_every", "2", "--dropout", dropout]
+    r = torchrun(corpus, straight, *common, port=port)
     assert r.returncode == 0, r.stdout + r.stderr
     copy_run_until(straight, resumed, 4)
-    r = torchrun(corpus, resumed, *common, "--resume", "auto", port=29543)
+    r = torchrun(corpus, resumed, *common, "--resume", "auto", port=port + 1)
     assert r.returncode == 0, r.stdout + r.stderr
     a, b = straight / "final_step_8.pt", resumed / "final_step_8.pt"
     for key in ("model", "ema"):

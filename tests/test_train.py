@@ -132,6 +132,21 @@ def test_resume_is_bit_identical(corpus, tmp_path, extra):
 
 
 @pytest.mark.slow
+def test_an_ema_switched_on_at_a_resume_starts_from_the_resumed_weights(corpus, tmp_path):
+    # a run trained with --ema_decay 0 and resumed with an EMA: its first average must blend the resumed weights with
+    # the next step's, not the random initialization's (what evaluation, best.pt and generation then use)
+    save = tmp_path / "ck"
+    common = ["--eval_every", "100", "--log_every", "1", "--dropout", "0"]
+    train(corpus, save, "--max_steps", "6", "--ema_decay", "0", *common)
+    train(corpus, save, "--max_steps", "7", "--ema_decay", "0.995", "--resume", "auto", *common)
+    w6, w7 = params(save / "final_step_6.pt"), params(save / "final_step_7.pt")
+    ema = params(save / "final_step_7.pt", "ema")
+    d = 2 / 11  # the EMA's warm-up decay at its first update, min(0.995, (1 + 1) / (10 + 1))
+    for k in w7:
+        torch.testing.assert_close(ema[k], d * w6[k] + (1 - d) * w7[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_that_resumes(corpus, tmp_path):
     save = tmp_path / "ck"
     cmd = endless_trainer(corpus, save)

@@ -49,16 +49,33 @@ def rng_state(device):
             "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
 
 
-def restore(ckpt, model, optimizer, ema, loader, device):
+def every_rank_rng(device, world_size):
+    """Every rank's generators, in rank order, for rank 0's checkpoint; None for one process. All ranks call this at
+    the same step: under DDP each rank draws its own dropout noise, and a resumed run continues each rank's stream."""
+    if world_size == 1:
+        return None
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, rng_state(device))
+    return states
+
+
+def restore(ckpt, model, optimizer, ema, loader, device, rank=0, world_size=1):
     """Put a checkpoint's state back into the run's objects and generators; returns (step, tokens_seen, the last
-    evaluation's metrics or None)."""
+    evaluation's metrics or None, whether this rank's generators were restored). They are not when the checkpoint
+    holds no state for this rank: it was written by another number of processes (or before checkpoints kept every
+    rank's), and then the caller seeds them afresh."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ema is not None and ckpt.get("ema") is not None:
         ema.load_state_dict(ckpt["ema"])
+    elif ema is not None:  # an EMA switched on at the resume starts from the resumed weights, not the random init's
+        ema.model.load_state_dict(ckpt["model"])
     loader.load_state_dict(ckpt["loader"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and ckpt["rng"].get("cuda"):
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    random.setstate(ckpt["rng"]["python"])
-    return ckpt["step"], ckpt["tokens_seen"], ckpt.get("metrics")
+    ranks = ckpt.get("rng_ranks")
+    restored = world_size == 1 or bool(ranks) and len(ranks) == world_size
+    rng = ranks[rank] if world_size > 1 and restored else ckpt["rng"]
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(rng["python"])
+    return ckpt["step"], ckpt["tokens_seen"], ckpt.get("metrics"), restored
