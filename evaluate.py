@@ -8,7 +8,9 @@ this file's folder on the import path, so the relative paths of the users' data 
 """
 import sys
 
+from trm.cli import quiet_interrupt
 from trm.evaluate import main
 
 if __name__ == "__main__":
+    quiet_interrupt()
     sys.exit(main())

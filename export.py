@@ -17,7 +17,7 @@ import os
 import sys
 
 from trm.checkpoint import CheckpointError, list_checkpoints, load_model
-from trm.cli import fail
+from trm.cli import fail, quiet_interrupt
 from trm.model_folder import CARD, CONFIG, TOKENIZER, WEIGHTS, is_model_folder, write_folder
 from trm.tokenizer import TokenizerError
 
@@ -35,6 +35,7 @@ parser.add_argument("--overwrite", action="store_true",
                     help=f"write into an --out that holds files: {WEIGHTS}, {CONFIG}, {TOKENIZER} and {CARD} are "
                          f"replaced, anything else stays")
 args = parser.parse_args()
+quiet_interrupt()
 
 
 def log(message):

@@ -19,7 +19,7 @@ import time
 from tqdm import tqdm
 
 from trm.atomic import AtomicFile, NotAFileError, remove_stale_tmp, tmp_name
-from trm.cli import fail, range_error
+from trm.cli import PathList, fail, quiet_interrupt, range_error
 from trm.corpus import SUFFIXES, CorpusStats, expand_inputs, iter_texts, missing_package
 
 DEFAULT_INPUTS = [f"train_{i}.jsonl.gz" for i in range(11)]  # the procedure's shards, in the working directory
@@ -92,7 +92,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="example:\n  python extract_texts.py --inputs data/train "
                                             "--output train_texts.txt --workers 8")
-    parser.add_argument("--inputs", nargs="+", default=DEFAULT_INPUTS,
+    parser.add_argument("--inputs", nargs="+", action=PathList, default=DEFAULT_INPUTS,
                         help="files, directories (searched recursively for *.jsonl, *.jsonl.gz, *.jsonl.xz, "
                              "*.jsonl.zst, *.parquet) or globs (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
     parser.add_argument("--output", default="train_texts.txt",
@@ -106,6 +106,7 @@ if __name__ == "__main__":
     parser.add_argument("--min_chars", type=int, default=0,
                         help="skip documents shorter than this (default: %(default)s)")
     args = parser.parse_args()
+    quiet_interrupt()
     # the summary names files: one named in another encoding, or a terminal that is not UTF-8, must not end the run
     # with a traceback after the output was written
     sys.stdout.reconfigure(errors="backslashreplace")
@@ -156,8 +157,10 @@ if __name__ == "__main__":
             else:
                 # each worker writes its file to a part; parts are appended in input order as they finish, so the
                 # output is byte-identical to --workers 1
-                import multiprocessing, shutil  # only here: importing them is a noticeable share of a small run
-                pool = multiprocessing.Pool(workers)
+                import multiprocessing, shutil, signal  # only here: importing them is a noticeable share of a small run
+                # Ctrl-C is the main process's to handle (below): a worker that took it too would print a traceback
+                pool = multiprocessing.Pool(workers, initializer=signal.signal,
+                                            initargs=(signal.SIGINT, signal.SIG_IGN))
                 jobs = [(path, part, args.text_field, args.min_chars) for path, part in zip(files, parts)]
                 for path, (part, file_stats) in zip(files, pool.imap(extract_part, jobs)):
                     with open(part, "rb") as src:
@@ -177,10 +180,12 @@ if __name__ == "__main__":
                 # ext4 writes out a file that is renamed over another (auto_da_alloc) before the rename returns:
                 # seconds for a 1.8 GB output. The new file still appears only when complete.
                 os.unlink(args.output)
-    except OSError as e:  # disk full, quota, a file-size limit: one sentence, and the old output stays
+    except (OSError, KeyboardInterrupt) as e:  # disk full, quota, a file-size limit, Ctrl-C: the old output stays
         if bar is not None:
             bar.close()
         kept = f"the previous {args.output} is unchanged" if os.path.exists(args.output) else "nothing was written"
+        if isinstance(e, KeyboardInterrupt):
+            fail(f"interrupted (Ctrl-C); {kept}.", 130)
         fail(f"writing {args.output} failed: {e.strerror or e}; {kept}. Free some space or choose another --output.", 1)
     finally:
         if pool is not None:

@@ -20,6 +20,7 @@ import time
 import torch
 
 from trm.checkpoint import CheckpointError, load_model
+from trm.cli import quiet_interrupt
 from trm.depth import add_depth_flags, depth_flags
 from trm.device import out_of_memory, pick_device
 from trm.sampling import StreamDecoder, generate, generate_batch, prompt_ids
@@ -61,6 +62,7 @@ parser.add_argument("--halt_threshold", type=float, default=None,
                     help="adaptive depth (a model trained with --act_weight): a token stops its supervision rounds "
                          "once the halting head's probability exceeds this (1.0 = never; default: off)")
 args = parser.parse_args()
+quiet_interrupt()  # (loading the model; decoding has its own below)
 if sys.stdout.errors == "strict":  # a terminal without some character (cp932 has no emoji): '?', not a stop mid-stream
     sys.stdout.reconfigure(errors="replace")
 
@@ -123,7 +125,7 @@ if args.prompt is not None:
     prompts = [args.prompt]
 elif args.prompt_file is not None:
     try:
-        with open(args.prompt_file, encoding="utf-8") as f:
+        with open(args.prompt_file, encoding="utf-8-sig") as f:  # (a BOM, as Windows editors write, is no prompt)
             prompts = [line.rstrip("\r\n") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read --prompt_file {args.prompt_file} ({type(e).__name__}: {e})")

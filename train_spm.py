@@ -26,7 +26,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from trm.atomic import AtomicFile, NotAFileError, remove_stale_tmp
-from trm.cli import fail, range_error
+from trm.cli import fail, quiet_interrupt, range_error
 from trm.corpus import SUFFIXES, CorpusStats, iter_texts, missing_package
 
 HOLDOUT_EVERY = 200  # without --eval_file, every 200th line is held out of training and measures the tokenizer
@@ -127,18 +127,22 @@ def sentences_for_training(path, keep, max_bytes, holdout, heldout, fed, bar, se
     `heldout` instead when `holdout` is on."""
     rng = random.Random(seed)
     heldout_bytes = 0
-    for i, raw in enumerate(read_lines(path, bar), 1):
-        if holdout and i % HOLDOUT_EVERY == 0:
-            if heldout_bytes < EVAL_MAX_BYTES and raw.strip():
-                heldout.append(decode(raw))
-                heldout_bytes += len(raw)
-            continue
-        if keep < 1 and rng.random() >= keep:
-            continue
-        for piece in split_line(decode(raw), max_bytes):
-            fed["sentences"] += 1
-            fed["chars"] += len(piece)
-            yield piece
+    try:
+        for i, raw in enumerate(read_lines(path, bar), 1):
+            if holdout and i % HOLDOUT_EVERY == 0:
+                if heldout_bytes < EVAL_MAX_BYTES and raw.strip():
+                    heldout.append(decode(raw))
+                    heldout_bytes += len(raw)
+                continue
+            if keep < 1 and rng.random() >= keep:
+                continue
+            for piece in split_line(decode(raw), max_bytes):
+                fed["sentences"] += 1
+                fed["chars"] += len(piece)
+                yield piece
+    except KeyboardInterrupt:  # SentencePiece reports an exception in its iterator as a RuntimeError: note the cause
+        fed["interrupted"] = True
+        raise
     bar.close()  # the trainer has everything; what follows is SentencePiece's own work
 
 
@@ -214,12 +218,16 @@ if __name__ == "__main__":
                         help="for the line sample and SentencePiece's shuffling (default: %(default)s; the same "
                              "model every run needs --num_threads 1 too)")
     args = parser.parse_args()
+    quiet_interrupt()
 
     # every number against the range SentencePiece accepts (or a sane one), before minutes of work
     if problem := range_error(args, {"vocab_size": "[300, 1000000]", "character_coverage": "[0.98, 1.0]",
                                      "input_sentence_size": "[0, 1000000000000]", "num_threads": "[1, 1024]",
                                      "max_sentence_length": f"[64, {1 << 30}]", "seed": f"[0, {2**32 - 1}]"}):
         fail(problem)
+    if os.path.isdir(args.input):
+        fail(f"--input {args.input} is a folder; name step 1's text file (train_texts.txt), or run step 1 on the "
+             f"folder first: python extract_texts.py --inputs {args.input} --output train_texts.txt")
     if not os.path.isfile(args.input):
         fail(f"{args.input} not found (working directory {os.getcwd()}). Run step 1 first: python extract_texts.py "
              f"(it writes train_texts.txt from train_0.jsonl.gz ... train_10.jsonl.gz), or pass --input PATH.")
@@ -286,8 +294,9 @@ if __name__ == "__main__":
             normalization_rule_name="nmt_nfkc", minloglevel=2, **SPM_SPECIAL_IDS)
     except (RuntimeError, KeyboardInterrupt) as e:
         bar.close()
-        if isinstance(e, KeyboardInterrupt):
-            fail("interrupted; existing model files (if any) are unchanged.", 1)
+        if isinstance(e, KeyboardInterrupt) or fed.get("interrupted"):
+            print(file=sys.stderr)
+            fail("interrupted (Ctrl-C); existing model files (if any) are unchanged.", 130)
         vocab_error(str(e), args)
         fail(f"SentencePiece training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)}", 1)
     bar.close()

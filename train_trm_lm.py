@@ -27,10 +27,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from trm.checkpoint import CheckpointError
-from trm.cli import fail, one_line_when_a_peer_is_lost
+from trm.cli import fail, one_line_when_a_peer_is_lost, quiet_interrupt
 from trm.clock import RunClock
 from trm import depth as depth_schedule
-from trm.corpus import unique_paths
+from trm.corpus import expand_globs, unique_paths
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
 from trm.device import autocast, autocast_each, out_of_memory, pick_device, start_processes
 from trm.ema import EMA
@@ -48,6 +48,7 @@ from trm.tokenizer import Tokenizer, TokenizerError
 
 p = trainer_parser(__doc__)
 args = p.parse_args()
+quiet_interrupt()  # until the loop's own Ctrl-C handling (clock.catch_signals) takes over
 t_process = time.time()  # the wall clock of the summary line
 # log lines reach `> train.log` as they happen, not in 8 KB blocks; a file name that is not UTF-8 (or a terminal that is
 # not) prints escaped instead of ending the run
@@ -84,6 +85,7 @@ if device.type == "cuda":
 cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.save_dir)), "token_cache")
 try:
     tokenizer = Tokenizer.from_args(args.tokenizer, args.sp_model)
+    args.train_paths, args.valid_paths = expand_globs(args.train_paths), expand_globs(args.valid_paths)
     check_paths(args.train_paths, "train")
     check_paths(args.valid_paths, "valid")
     for name in ("train_paths", "valid_paths"):  # a file named twice would count its documents twice

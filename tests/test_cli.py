@@ -1,9 +1,17 @@
-"""trm/cli.py: every script's range check says the flag, its range in words and the value, in one style."""
+"""trm/cli.py: every script's range check says the flag, its range in words and the value, in one style; Ctrl-C
+is one line; a list of files may be given in several pieces."""
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from trm.cli import in_words, range_error
+from trm.flags import trainer_parser
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = [("[1, inf)", "at least 1"), ("(0, inf)", "greater than 0"), ("[0, 1)", "at least 0 and less than 1"),
          ("[1, 1024]", "between 1 and 1,024"), ("[0.98, 1.0]", "between 0.98 and 1.0")]
@@ -29,3 +37,21 @@ def test_edges_and_unset_flags():
     assert range_error(SimpleNamespace(lr=None, top_p=0, seed=None), ranges) is None  # None: the flag was not given
     assert range_error(SimpleNamespace(lr=0.0, top_p=0, seed=0), ranges) == "--lr must be greater than 0, got 0.0"
     assert "--seed must be between 0 and 4,294,967,295" in range_error(SimpleNamespace(lr=1, top_p=0, seed=-1), ranges)
+
+
+@pytest.mark.parametrize("raised,expected", [("KeyboardInterrupt", "interrupted (Ctrl-C)"),
+                                             ("ValueError('x')", "Traceback")])
+def test_ctrl_c_where_a_script_does_not_catch_it_is_one_line(raised, expected):
+    code = f"from trm.cli import quiet_interrupt; quiet_interrupt(); raise {raised}"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert expected in r.stderr
+    if raised == "KeyboardInterrupt":  # no traceback, and the exit the shell reads as Ctrl-C (130)
+        assert "Traceback" not in r.stderr and r.returncode == -signal.SIGINT, (r.returncode, r.stderr)
+
+
+def test_a_list_of_files_given_twice_adds_up_and_replaces_the_default():
+    p = trainer_parser("train_trm_lm.py\n\nexample")
+    assert p.parse_args(["--train_paths", "a", "--train_paths", "b", "c"]).train_paths == ["a", "b", "c"]
+    assert p.parse_args([]).train_paths[0] == "train_0.jsonl.gz"  # the default, untouched by the run before
+    assert p.parse_args(["--valid_paths"]).valid_paths == []  # none: no evaluation, as before
+    assert p.parse_args(["--valid_paths", "v", "--valid_paths", "w"]).valid_paths == ["v", "w"]

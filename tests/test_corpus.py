@@ -105,6 +105,16 @@ def test_raw_control_characters_are_kept_in_either_field_order(tmp_path):
     assert list(iter_texts(path, stats=stats)) == ["tab\there", "tab\there"] and stats.skipped == {}
 
 
+def test_a_quoted_glob_expands_in_the_shell_order_and_anything_else_stays(tmp_path):
+    for name in ("train_10.jsonl.gz", "train_2.jsonl.gz", "validation_0.jsonl.gz"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "odd[1].jsonl").write_bytes(b"")  # a file whose name looks like a pattern is that file
+    got = corpus.expand_globs([str(tmp_path / "train_*.jsonl.gz"), str(tmp_path / "odd[1].jsonl"),
+                               str(tmp_path / "none_*.gz"), "plain.jsonl.gz"])
+    assert got == [str(tmp_path / "train_10.jsonl.gz"), str(tmp_path / "train_2.jsonl.gz"),
+                   str(tmp_path / "odd[1].jsonl"), str(tmp_path / "none_*.gz"), "plain.jsonl.gz"]
+
+
 def test_text_field_and_min_chars(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl.gz", [{"content": "短い"}, {"content": "これは長めの文書です。"}])
     stats = CorpusStats()

@@ -90,7 +90,7 @@ def test_nothing_readable_fails_and_says_what_was_looked_for(tmp_path):
     assert r.returncode == 0 and (tmp_path / "train_texts.txt").read_text(encoding="utf-8") == "テキストはbodyにある\n"
 
 
-def test_interrupted_run_never_leaves_a_finished_looking_output(tmp_path, monkeypatch):
+def test_interrupted_run_never_leaves_a_finished_looking_output(tmp_path, monkeypatch, capsys):
     for i in range(3):
         write_jsonl(tmp_path / f"train_{i}.jsonl.gz", [{"text": f"{i}:{j}"} for j in range(1000)])
     (tmp_path / "train_texts.txt").write_text("the previous, complete output\n")
@@ -106,8 +106,13 @@ def test_interrupted_run_never_leaves_a_finished_looking_output(tmp_path, monkey
     monkeypatch.setattr(trm.corpus, "READ_SIZE", 1024)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["extract_texts.py", "--workers", "1"])
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # (the script installs its own)
+    with pytest.raises(SystemExit) as stop:
         runpy.run_path(SCRIPT, run_name="__main__")
+    # one line, the shell's code for Ctrl-C, and the truth about the output
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "error: interrupted (Ctrl-C); the previous train_texts.txt is unchanged."
     assert (tmp_path / "train_texts.txt").read_text() == "the previous, complete output\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"train_{i}.jsonl.gz" for i in range(3)] + ["train_texts.txt"]
 

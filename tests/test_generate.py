@@ -2,6 +2,7 @@
 bad files, flags and prompts refused with one line before any work. The decoding itself: test_sampling.py."""
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,19 @@ def test_procedure_command_as_written(tiny_checkpoint, tiny_sp_model):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("日本語のプロンプト") and len(r.stdout) > len("日本語のプロンプト") + 10
     assert "tokens/s" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_prompt_file_with_a_byte_order_mark_gives_the_prompt_without_it(tiny_checkpoint, tmp_path):
+    # Notepad and other Windows editors begin UTF-8 files with U+FEFF: three bytes the model must not see
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("猫は\n", encoding="utf-8")
+    marked.write_text("猫は\n", encoding="utf-8-sig")
+    out = [run_generate("--model_path", tiny_checkpoint, "--prompt_file", f, "--max_new_tokens", 5, "--temperature", 0)
+           for f in (plain, marked)]
+    assert all(r.returncode == 0 for r in out), out[1].stderr
+    assert out[0].stdout == out[1].stdout and "\ufeff" not in out[1].stdout
+    assert re.search(r"prompt \d+ tokens", out[0].stderr)[0] == re.search(r"prompt \d+ tokens", out[1].stderr)[0]
 
 
 @pytest.mark.slow

@@ -186,6 +186,8 @@ def test_missing_inputs_are_clear_errors(corpus, tmp_path):
     r = train(corpus, tmp_path / "ck", "--tokenizer", "sentencepiece", "--sp_model", str(tmp_path / "nope.model"),
               check=False)
     assert_one_line_error(r, "SentencePiece model not found", code=2)
+    r = train(corpus, tmp_path / "ck", "--tokenizer", "sentencepiece", "--sp_model", str(tmp_path), check=False)
+    assert_one_line_error(r, f"--sp_model {tmp_path} is a folder", "ja_trm.model", code=2)
     r = train(corpus, tmp_path / "ck", "--d_model", "30", "--n_heads", "4", check=False)
     assert_one_line_error(r, "n_heads", code=2)
 

@@ -311,10 +311,18 @@ def test_the_same_command_again_and_overwrites_get_advice_that_works(corpus, tmp
     save, cache = tmp_path / "ck", tmp_path / "cache"
     first = ("--max_steps", "2", "--eval_every", "2", "--log_every", "1", "--cache_dir", cache)
     train(corpus, save, *first)
-    # the same command after a crash: the same run, to be continued, not "another run's checkpoints"
+    # the same command again after it finished: that run, done, not "another run's checkpoints" nor a crash
     r = train(corpus, save, *first, check=False)
-    line = assert_one_line_error(r, "this same command", "plus --resume auto", "--overwrite", code=2)
+    line = assert_one_line_error(r, "this same command, which finished (final_step_2.pt)",
+                                 "a larger --max_steps plus --resume auto", "--overwrite", code=2)
+    assert "another run" not in line and "stopped before its end" not in line
+    # ... and after a crash, whose newest checkpoint is a step_N.pt: the same run, to be continued
+    (save / "final_step_2.pt").rename(save / "step_2.pt")
+    r = train(corpus, save, *first, check=False)
+    line = assert_one_line_error(r, "this same command", "stopped before its end",
+                                 "the same command plus --resume auto", "--overwrite", code=2)
     assert "another run" not in line
+    (save / "step_2.pt").rename(save / "final_step_2.pt")
     # each --overwrite keeps the replaced run: from the second on, the log says how many and how to delete them
     r = train(corpus, save, *first, "--overwrite")
     assert "rm -r" not in r.stdout

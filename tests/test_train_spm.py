@@ -110,6 +110,9 @@ def test_eval_file_corpus(trained, tmp_path, name):
 
 def test_missing_input_points_to_step_1(tmp_path):
     assert_one_line_error(run(tmp_path), "train_texts.txt not found", "python extract_texts.py", code=2)
+    (tmp_path / "corpus").mkdir()
+    assert_one_line_error(run(tmp_path, "--input", str(tmp_path / "corpus")), "is a folder",
+                          f"extract_texts.py --inputs {tmp_path / 'corpus'}", code=2)
 
 
 def test_empty_input(tmp_path):

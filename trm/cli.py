@@ -4,9 +4,35 @@ Exit codes, the same in every script: 2 when the command cannot run as given (a 
 unusable file: fix the command; argparse uses 2 for its own refusals), 1 when the work itself failed (disk full),
 3 when training diverged, 130 when Ctrl-C stopped it (the shell's code for SIGINT).
 """
+import argparse
 import math
 import re
 import sys
+
+
+def quiet_interrupt():
+    """Ctrl-C that a script does not handle itself (loading a model, reading a corpus, scoring) ends it with one line
+    instead of a traceback; Python then exits by SIGINT as before (the shell's 130). Files being written are cleaned
+    up first, by their with-blocks, as the interrupt unwinds through them."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+class PathList(argparse.Action):
+    """A list of files given with a flag that may come more than once (`--train_paths a --train_paths b`): the lists
+    add up, where argparse's own would keep the last and silently drop the files before it. The first use replaces
+    the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, ([] if current is None or current is self.default else current) + list(values))
 
 
 def fail(message, code=2):
@@ -70,11 +96,12 @@ def one_line_when_a_peer_is_lost(master, survivor, advice="the same command plus
     from rank 0 (survivor() says which checkpoint is intact) instead of a traceback from every rank. A rank that
     failed for its own reason (fail()) has already said why."""
     import torch.distributed as dist
+    previous = sys.excepthook  # (quiet_interrupt's, for Ctrl-C)
 
     def hook(kind, value, tb):
         if not (isinstance(value, RuntimeError) and ("gloo" in str(value) or "NCCL" in str(value)
                                                      or isinstance(value, dist.DistError))):
-            return sys.__excepthook__(kind, value, tb)
+            return previous(kind, value, tb)
         if master:
             print(f"error: another training process stopped (it crashed, was killed or refused to start; its own "
                   f"output says why); {survivor()}. Continue with {advice}.",

@@ -118,6 +118,17 @@ def expand_inputs(patterns):
     return files, missing
 
 
+def expand_globs(paths):
+    """Patterns the shell passed on unexpanded (quoted, or a shell that does not expand them) expanded here, in the
+    shell's sorted order, so that a token cache keyed by the file list is the same either way. A pattern that
+    matches nothing, and any other path, stays as given, for the caller to check."""
+    expanded = []
+    for path in paths:
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) and not os.path.lexists(path) else []
+        expanded += matches or [path]
+    return expanded
+
+
 def unique_files(paths):
     """(paths without the ones that lead to a file already listed, [(repeated path, the path it repeats)]): the same
     file read twice would count its documents twice. Files are compared by their resolved path; of the names that

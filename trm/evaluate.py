@@ -10,11 +10,13 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from trm.cli import PathList, quiet_interrupt
 from trm.device import autocast
 
 
@@ -79,7 +81,7 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
 
 def main(argv=None):
     from trm.checkpoint import CheckpointError, load_model
-    from trm.corpus import CorpusStats, iter_texts
+    from trm.corpus import CorpusStats, expand_globs, iter_texts
     from trm.data import DataError, check_paths, document_ids, eval_windows
     from trm.depth import add_depth_flags, depth_flags
     from trm.device import pick_device
@@ -91,9 +93,10 @@ def main(argv=None):
                "--model_path checkpoints_new/final_step_50000.pt --data validation_0.jsonl.gz")
     p.add_argument("--model_path", required=True,
                    help="a checkpoint written by train_trm_lm.py, or a folder written by export.py")
-    p.add_argument("--data", nargs="+", required=True,
+    p.add_argument("--data", nargs="+", action=PathList, required=True,
                    help="JSONL files (plain, .gz, .xz, .zst) or .parquet of held-out documents")
-    p.add_argument("--eval_tokens", type=int, default=1_000_000, help="at most this many target tokens")
+    p.add_argument("--eval_tokens", type=int, default=1_000_000,
+                   help="target tokens to score, in whole windows: at most this many, at least one window")
     p.add_argument("--seq_len", type=int, default=0, help="window length (0 = the model's max_seq_len, its largest)")
     p.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the EMA or the raw weights")
@@ -114,6 +117,7 @@ def main(argv=None):
         return 2
 
     try:
+        args.data = expand_globs(args.data)
         check_paths(args.data, "data")
         device, amp, _ = pick_device(args.device, args.dtype)
         model, tokenizer, state = load_model(args.model_path, args.weights)
@@ -146,9 +150,17 @@ def main(argv=None):
                       **depth)
     result.update(params=model.num_params(), step=state.get("step"), weights=args.weights,
                   checkpoint=args.model_path)
-    print(json.dumps(result))
+    if windows.shape[1] - 1 < (args.seq_len or model.config.max_seq_len):  # the one short window eval_windows gives
+        print(f"warning: {args.data} holds fewer tokens than one window ({result['tokens']:,} scored): a score from "
+              f"so little text says little about the model", file=sys.stderr)
+    try:
+        print(json.dumps(result), flush=True)
+    except BrokenPipeError:  # `evaluate.py ... | head -c 100`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 
 if __name__ == "__main__":
+    quiet_interrupt()
     sys.exit(main())

@@ -6,7 +6,7 @@ trains nothing, a negative --keep_last deletes checkpoints.
 """
 import argparse
 
-from trm.cli import range_error
+from trm.cli import PathList, range_error
 from trm.metrics import tensorboard_missing
 
 # the flags that make the architecture: a resumed run keeps the checkpoint's values
@@ -106,9 +106,9 @@ def trainer_parser(doc):
     p.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "byte"],
                    help="byte: raw UTF-8 bytes, no model file")
     p.add_argument("--sp_model", default="ja_trm.model", help="the SentencePiece model of step 2")
-    p.add_argument("--train_paths", nargs="+", default=[f"train_{i}.jsonl.gz" for i in range(11)],
+    p.add_argument("--train_paths", nargs="+", action=PathList, default=[f"train_{i}.jsonl.gz" for i in range(11)],
                    help="training JSONL.GZ files (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
-    p.add_argument("--valid_paths", nargs="*", default=["validation_0.jsonl.gz"],
+    p.add_argument("--valid_paths", nargs="*", action=PathList, default=["validation_0.jsonl.gz"],
                    help="validation files; none: no evaluation (default: validation_0.jsonl.gz)")
     p.add_argument("--text_field", default="text", help="the JSON field (Parquet: column) holding each document's text")
     p.add_argument("--save_dir", default="checkpoints_new",

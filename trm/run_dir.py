@@ -154,15 +154,17 @@ def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log, command=No
     theirs = here and not inside and not (ckpt is not None and read_run_id(save_dir) == run_id)
     if theirs and not overwrite:
         same = resume != "auto" and command is not None and read_run(save_dir).get("command") == same_command(command)
-        found = (f"no readable checkpoint of its run (see the warnings above), only {os.path.basename(here[0])}"
-                 if resume == "auto" else
-                 f"the checkpoints of an earlier run of this same command (newest {os.path.basename(here[0])}), which "
-                 f"stopped before its end" if same else
-                 f"another run's checkpoints (newest {os.path.basename(here[0])})")
-        raise SaveDirError(f"--save_dir {save_dir} holds {found}; " +
-                           ("continue it with the same command plus --resume auto, or " if resume != "auto" else "") +
-                           f"start over with --overwrite (moves its files to {os.path.normpath(save_dir)}"
-                           f".replaced-<time>/)")
+        newest = os.path.basename(here[0])
+        finished = same and newest.startswith("final_")  # (the same command again after it ended)
+        found = (f"no readable checkpoint of its run (see the warnings above), only {newest}" if resume == "auto" else
+                 f"the checkpoints of an earlier run of this same command, which finished ({newest})" if finished else
+                 f"the checkpoints of an earlier run of this same command (newest {newest}), which stopped before its "
+                 f"end" if same else
+                 f"another run's checkpoints (newest {newest})")
+        advice = ("train it further with a larger --max_steps plus --resume auto, or " if finished else
+                  "continue it with the same command plus --resume auto, or " if resume != "auto" else "")
+        raise SaveDirError(f"--save_dir {save_dir} holds {found}; {advice}start over with --overwrite (moves its "
+                           f"files to {os.path.normpath(save_dir)}.replaced-<time>/)")
     if overwrite:
         moved, dest = move_aside(save_dir)
         if moved:

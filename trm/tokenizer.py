@@ -48,6 +48,9 @@ class Tokenizer:
             return cls("byte")
         if kind != "sentencepiece":
             raise TokenizerError(f"unknown --tokenizer {kind!r} (use 'sentencepiece' or 'byte')")
+        if sp_model and os.path.isdir(sp_model):
+            raise TokenizerError(f"--sp_model {sp_model} is a folder; name the model file step 2 wrote in it, e.g. "
+                                 f"{os.path.join(sp_model, 'ja_trm.model')}")
         if not sp_model or not os.path.isfile(sp_model):
             raise TokenizerError(
                 f"SentencePiece model not found: {sp_model!r}. Run step 2 (python train_spm.py) first, "
