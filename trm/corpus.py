@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import errno
 import glob
-import json
 import lzma
 import os
 import queue
@@ -26,6 +25,8 @@ try:  # ISA-L inflates the same gzip data about twice as fast as zlib (`pip inst
     zlib.decompressobj().copy  # the damage path replays a read from a saved state
 except (ImportError, AttributeError):
     import zlib
+
+from trm.records import texts
 
 SUFFIXES = (".jsonl.gz", ".jsonl", ".jsonl.xz", ".jsonl.zst", ".json.gz", ".parquet")
 ZSTD_MISSING = "needs the zstandard package to read .zst files: pip install zstandard"
@@ -340,91 +341,7 @@ def iter_texts(path, text_field="text", stats=None, min_chars=0, as_bytes=False)
             break
         lines = (pending + block).split(b"\n")
         pending = lines.pop()  # the unfinished last line waits for the next block
-        yield from _texts(lines, path, lineno, text_field, stats, min_chars, as_bytes)
+        yield from texts(lines, path, lineno, text_field, stats, min_chars, as_bytes)
         lineno += len(lines)
     if pending.strip():  # a last line without its newline is still a record
-        yield from _texts([pending], path, lineno, text_field, stats, min_chars, as_bytes)
-
-
-def _texts(lines, path, lineno, text_field, stats, min_chars, as_bytes):
-    key = json.dumps(text_field).encode()
-    heads = [b"{" + key + sep for sep in (b': "', b':"')]  # how {"text": " starts a line
-    for line in lines:
-        lineno += 1
-        raw = _fast_path(line, heads, key)
-        if raw is not None:
-            try:
-                text = raw.decode("utf-8")  # also the UTF-8 check; no \u escapes here, so no lone surrogates
-            except UnicodeDecodeError:
-                stats.skip(path, lineno, "undecodable bytes")
-                continue
-        else:
-            try:
-                # json decodes the UTF-8 bytes itself, faster than a separate .decode(); strict=False keeps a raw
-                # tab or other control character inside the text, as the fast path does
-                record = json.loads(line, strict=False)
-            except UnicodeDecodeError:
-                stats.skip(path, lineno, "undecodable bytes")
-                continue
-            except ValueError:
-                if line.strip():
-                    stats.skip(path, lineno, "malformed JSON")
-                continue  # blank lines are not records
-            text = record.get(text_field) if type(record) is dict else None
-            if type(text) is not str:
-                stats.skip(path, lineno, f"no string {text_field!r} field")
-                continue
-            # a lone surrogate cannot be written as UTF-8: from a \ud800-style escape, or from the bytes ED A0-BF
-            # that json.loads decodes with 'surrogatepass' (ED starts no other character but Hangul, rare here)
-            if (b"\\u" in line or b"\xed" in line) and not _encodable(text):
-                stats.skip(path, lineno, "undecodable bytes")
-                continue
-        if not text or len(text) < min_chars:
-            stats.skip(path, lineno, "empty text" if not text else f"shorter than {min_chars} chars")
-            continue
-        stats.documents += 1
-        stats.chars += len(text)
-        if as_bytes:
-            yield raw if raw is not None else text.encode("utf-8")
-        else:
-            yield text
-
-
-def _fast_path(line, heads, key):
-    """The text's UTF-8 bytes if `line` is {"text": "...", ...} with the text first and no escape in it but \\n;
-    None if the full JSON parser has to decide.
-
-    Corpora are mostly this layout, and then the JSON string's bytes are the text's bytes once \\n is unescaped:
-    json.loads would spend its time building a str (and parsing "meta") only for the writer to encode it back.
-    The fields after the text are not parsed (on short documents that parse was most of the time), only checked
-    for what a damaged line shows: a line cut short (its braces do not balance), a trailing comma, text after the
-    closing brace. Those go to json.loads, which reports them. A line whose later fields are broken in some other way
-    (braces inside their strings that happen to balance a cut) keeps its text."""
-    if line.startswith(heads[0]):
-        start = len(heads[0])
-    elif line.startswith(heads[1]):
-        start = len(heads[1])
-    else:
-        return None
-    end = line.find(b'"', start)
-    if end < 0:
-        return None
-    rest = line[end + 1:].strip()
-    if not (rest == b"}" or rest[:1] == b"," and rest[-1:] == b"}") or key in rest:  # key twice: JSON keeps the last
-        return None
-    if rest != b"}" and (rest.count(b"{") + 1 != rest.count(b"}") or rest.rstrip(b"} \t\r").endswith(b",")):
-        return None
-    body = line[start:end]
-    if b"\\" in body:
-        body = b"\n".join(body.split(b"\\n"))  # split+join: a third faster than bytes.replace here
-        if b"\\" in body:  # another escape, or an escaped quote that ended `body` early
-            return None
-    return body
-
-
-def _encodable(text):
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
+        yield from texts([pending], path, lineno, text_field, stats, min_chars, as_bytes)
