@@ -165,8 +165,10 @@ def card():
 try:
     info = write_folder(args.out, model.state_dict(), c.to_dict(), weights, tokenizer, training, card())
 except OSError as e:
-    fail(f"could not write {args.out} ({e.strerror or e}); the folder is incomplete and will not load (the "
-         f"checksums in {CONFIG}, written last, do not match): export again", code=1)
+    made = os.path.isdir(args.out)  # (a folder that could not even be made holds nothing half-written)
+    fail(f"could not write {args.out} ({e.strerror or e}); " +
+         (f"the folder is incomplete and will not load (the checksums in {CONFIG}, written last, do not match): "
+          f"export again" if made else "nothing was written: choose an --out you can write to"), code=1)
 size = info["files"][WEIGHTS]["bytes"]
 log(f"exported {path} (step {state.get('step', '?')}, {weights} weights, {model.num_params() / 1e6:.2f}M parameters) "
     f"-> {args.out}/: {WEIGHTS} ({size / 1e6:.1f} MB), {CONFIG}"

@@ -161,6 +161,10 @@ def test_an_out_folder_with_files_is_refused_unless_overwrite(trained, tmp_path)
     (tmp_path / "file").write_text("x")
     assert_one_line_error(run("export.py", "--model_path", path, "--out", tmp_path / "file"), "is not a folder",
                           code=2)
+    # a folder that cannot be made (here under a file) holds nothing half-written: no "incomplete folder" to blame
+    line = assert_one_line_error(run("export.py", "--model_path", path, "--out", tmp_path / "file" / "sub"),
+                                 "nothing was written", code=1)
+    assert "incomplete" not in line
 
     export("--model_path", path, "--out", tmp_path / "busy", "--overwrite")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"  # only the export's own files are replaced

@@ -200,6 +200,8 @@ def test_an_unusable_save_dir_or_checkpoint_is_a_clear_error_before_any_work(cor
     r = train(corpus, blocker / "ck", "--max_steps", "2", "--cache_dir", tmp_path / "cache", check=False)
     assert_one_line_error(r, "cannot write in --save_dir", code=2)
     assert not (tmp_path / "cache").exists()  # refused before the corpus was tokenized
+    r = train(corpus, blocker, "--max_steps", "2", "--cache_dir", tmp_path / "cache", check=False)
+    assert_one_line_error(r, f"--save_dir {blocker} is a file, not a folder", code=2)
     marker = tmp_path / "marker.pt"  # a file with the format marker and nothing else
     save_checkpoint({}, str(marker))
     r = train(corpus, tmp_path / "ck", "--max_steps", "2", "--resume", str(marker), check=False)

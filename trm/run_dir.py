@@ -60,6 +60,9 @@ def open_save_dir(save_dir, resume, log, ddp=False, master=True):
 def claim(save_dir):
     """Create save_dir, prove it writable and lock it. Returns the open lock file: the lock lasts as long as it stays
     open (at the latest until the process ends). Raises SaveDirError with a one-line reason."""
+    if os.path.isfile(save_dir):
+        raise SaveDirError(f"--save_dir {save_dir} is a file, not a folder; name the folder to write checkpoints in "
+                           f"(e.g. {os.path.dirname(save_dir) or '.'})")
     try:
         os.makedirs(save_dir, exist_ok=True)
         probe = tmp_name(os.path.join(save_dir, ".write_test"))
