@@ -348,6 +348,12 @@ if __name__ == "__main__":
         print(f"byte fallback     {np.mean(is_byte[flat]):.4%} of tokens")
         print(f"round trip        {same}/{len(sample)} documents (or {EVAL_CHUNK:,}-character pieces of long ones) "
               f"decode(encode(x)) == normalized x")
+        if same < len(sample):  # text that does not come back is text the model trains and generates wrongly
+            # with no piece for '▁', a space travels as the bytes of '▁' and decodes as '▁', not as a space
+            no_space = sp.piece_to_id("\u2581") == sp.unk_id()
+            print(f"warning: {len(sample) - same} of {len(sample)} documents do not decode back to their text"
+                  + (" (the vocabulary has no piece for a space, so spaces come back as '▁': a larger --vocab_size "
+                     "or more text gives it one)" if no_space else ""), file=sys.stderr)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         fail(f"interrupted during the evaluation; {args.model_prefix}.model and {args.model_prefix}.vocab were "

@@ -108,6 +108,21 @@ def test_eval_file_corpus(trained, tmp_path, name):
     assert f"{name}: 50 documents" in r.stdout and "unknown rate      0.0000%" in r.stdout
 
 
+def test_text_that_does_not_come_back_is_warned_of(tmp_path):
+    # 300 pieces of this text keep none for its one space a line: it travels as the bytes of '▁' and comes back so
+    lines = [f"{i}番目の文書です。今日は{'晴れ' if i % 2 else '雨'}でした。 猫が{i % 7}匹、庭で遊んでいます。"
+             for i in range(110)]
+    (tmp_path / "train_texts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    r = run(tmp_path, "--vocab_size", "300", "--model_prefix", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
+    assert "round trip        0/110" in r.stdout
+    assert "110 of 110 documents do not decode back to their text (the vocabulary has no piece for a space" in r.stderr
+    # the same text without its spaces comes back whole: no warning
+    (tmp_path / "train_texts.txt").write_text("\n".join(x.replace(" ", "") for x in lines) + "\n", encoding="utf-8")
+    r = run(tmp_path, "--vocab_size", "300", "--model_prefix", str(tmp_path / "m"))
+    assert r.returncode == 0 and "do not decode back" not in r.stderr, r.stderr
+
+
 def test_missing_input_points_to_step_1(tmp_path):
     assert_one_line_error(run(tmp_path), "train_texts.txt not found", "python extract_texts.py", code=2)
     (tmp_path / "corpus").mkdir()
