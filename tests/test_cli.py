@@ -49,9 +49,15 @@ def test_ctrl_c_where_a_script_does_not_catch_it_is_one_line(raised, expected):
         assert "Traceback" not in r.stderr and r.returncode == -signal.SIGINT, (r.returncode, r.stderr)
 
 
-def test_a_list_of_files_given_twice_adds_up_and_replaces_the_default():
+def test_a_list_of_files_given_twice_is_refused_not_cut_to_the_last(capsys):
+    # argparse alone trains on b.jsonl.gz only, silently
     p = trainer_parser("train_trm_lm.py\n\nexample")
-    assert p.parse_args(["--train_paths", "a", "--train_paths", "b", "c"]).train_paths == ["a", "b", "c"]
-    assert p.parse_args([]).train_paths[0] == "train_0.jsonl.gz"  # the default, untouched by the run before
+    for flag in ("--train_paths", "--valid_paths"):
+        with pytest.raises(SystemExit) as stop:
+            p.parse_args([flag, "a.jsonl.gz", flag, "b.jsonl.gz"])
+        assert stop.value.code == 2
+        assert f"error: {flag} given twice; name all its files after one {flag} (e.g. {flag} a.jsonl.gz b.jsonl.gz)" \
+            in capsys.readouterr().err
+    assert p.parse_args(["--train_paths", "a", "b"]).train_paths == ["a", "b"]
+    assert p.parse_args([]).train_paths[0] == "train_0.jsonl.gz"  # the default
     assert p.parse_args(["--valid_paths"]).valid_paths == []  # none: no evaluation, as before
-    assert p.parse_args(["--valid_paths", "v", "--valid_paths", "w"]).valid_paths == ["v", "w"]

@@ -33,7 +33,9 @@ def endless_trainer(corpus, save_dir):
 
 
 def train(corpus, save_dir, *extra, check=True, env=None):
-    cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], corpus["train_1"],
+    """The trainer on the tiny corpus; `extra` flags after it (a --train_paths of its own replaces the corpus's)."""
+    paths = [] if "--train_paths" in extra else ["--train_paths", corpus["train_0"], corpus["train_1"]]
+    cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, *paths,
            "--valid_paths", corpus["validation_0"], "--save_dir", str(save_dir), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if check:

@@ -26,13 +26,16 @@ def quiet_interrupt():
 
 
 class PathList(argparse.Action):
-    """A list of files given with a flag that may come more than once (`--train_paths a --train_paths b`): the lists
-    add up, where argparse's own would keep the last and silently drop the files before it. The first use replaces
-    the default."""
+    """A flag that takes a list of files, given once. Given twice (`--train_paths a --train_paths b`), argparse keeps
+    the last list and silently drops the files of the first; adding them up would silently change what a wrapper
+    that repeats a flag to override it trains on. Either would be data the user did not mean: refused instead."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         current = getattr(namespace, self.dest, None)
-        setattr(namespace, self.dest, ([] if current is None or current is self.default else current) + list(values))
+        if current is not None and current is not self.default:
+            parser.error(f"{option_string} given twice; name all its files after one {option_string} (e.g. "
+                         f"{option_string} {' '.join(current[:1] + list(values[:1])) or 'a.jsonl.gz b.jsonl.gz'})")
+        setattr(namespace, self.dest, list(values))
 
 
 def fail(message, code=2):
