@@ -188,8 +188,16 @@ if use_compile:
     model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
     if args.optimizer == "muon":  # ~170 launches a step from Python would otherwise hold back a 12-layer GPT on a GPU
         optimizer.muon.compile()
-depths = depth_schedule.grid(config, args.random_depth)  # the mean over the depths a step may run
-flops_per_step = sum(raw_model.flops_per_token(L, **d) for d in depths) / len(depths) * tokens_per_step
+step_flops = {}  # a step's FLOPs at each depth it runs (--depth_warmup and --random_depth change it step by step)
+
+
+def flops_at(depth):
+    key = tuple(sorted(depth.items()))
+    if key not in step_flops:
+        step_flops[key] = raw_model.flops_per_token(L, **depth) * tokens_per_step
+    return step_flops[key]
+
+
 peak = peak_flops(device)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,6 +333,7 @@ bar = tqdm(total=args.max_steps, initial=step, desc="train", unit="step", disabl
 clock.start()
 start_step = step
 seconds_at_log, tokens_at_log, steps_at_log, seconds_at_eval = 0.0, tokens_seen, step, 0.0
+flops_at_log = 0.0  # the FLOPs of the steps since the last log line, each at its own depth
 model.train()
 try:
     while step < args.max_steps and not clock.out_of_time():
@@ -333,6 +342,7 @@ try:
             group["lr"] = lr
         depth = depth_schedule.for_step(config, args.random_depth, args.depth_warmup, args.seed, step,
                                         max(step / args.max_steps, clock.budget_frac))
+        flops_at_log += flops_at(depth)
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
             x, targets = next_batch()
             round_losses = []
@@ -374,12 +384,12 @@ try:
             loss_count = 0
             dt = max(clock.session_seconds() - seconds_at_log, 1e-9)  # training time only: evaluations excluded
             tok_s = (tokens_seen - tokens_at_log) / dt
-            mfu = flops_per_step * (step - steps_at_log) / dt / world_size / peak if peak else None
+            mfu = flops_at_log / dt / world_size / peak if peak else None
             eta = min((args.max_steps - step) * dt / max(step - steps_at_log, 1), clock.budget_left())
             if args.max_minutes and steps_at_log > start_step:  # (not from the first window: it holds compilation)
                 say_once("budget", budget_warning(step, args.warmup_steps, (step - steps_at_log) / dt,
                                                   clock.budget_left()))
-            seconds_at_log, tokens_at_log, steps_at_log = clock.session_seconds(), tokens_seen, step
+            seconds_at_log, tokens_at_log, steps_at_log, flops_at_log = clock.session_seconds(), tokens_seen, step, 0.0
             if master:
                 metrics.append({"step": step, "kind": "train", "loss": train_loss, "lr": lr, "tok_s": tok_s,
                                 "tokens_seen": tokens_seen, "epoch": loader.epoch,

@@ -26,6 +26,7 @@ import os
 import queue
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -35,6 +36,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from trm import depth as depth_schedule  # noqa: E402
 from trm.corpus import SUFFIXES, train_shards  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
 from trm.tokenizer import Tokenizer  # noqa: E402
@@ -63,7 +65,7 @@ def speed(trains):
     when there are others. The spread shows a run whose speed wandered (a host-bound step: the GPT-12 with Muon ran
     at 1.48-1.97M tokens/s from one run to the next, BENCHMARKS.md), which the median alone hides."""
     speeds = sorted(h["tok_s"] for h in (trains[1:] if len(trains) > 1 else trains) if "tok_s" in h)
-    return (speeds[len(speeds) // 2], speeds[0], speeds[-1]) if speeds else (0, 0, 0)
+    return (statistics.median(speeds), speeds[0], speeds[-1]) if speeds else (0, 0, 0)
 
 
 def at_minutes(evals):
@@ -72,8 +74,8 @@ def at_minutes(evals):
     equal wall-clock, even when one of them was cut short."""
     last = evals[-1]["train_seconds"]
     marks = range(1, int((last + 3) // 60) + 1)
-    return [(m, max((h for h in evals if h["train_seconds"] <= 60 * m + 3), key=lambda h: h["train_seconds"],
-                    default=None)) for m in marks]
+    return [(m, max((h for h in evals if h["train_seconds"] <= 60 * m + 3 * (m == marks[-1])),
+                    key=lambda h: h["train_seconds"], default=None)) for m in marks]
 
 
 def at_tokens(evals, marks):
@@ -243,7 +245,8 @@ def race(name, flags, gpu):
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     cfg = state["config"]
     row["tokenizer"] = Tokenizer.from_state(state["tokenizer"]).fingerprint()  # which draw of ja_trm.model it used
-    row["mflop_per_token"] = TRM(TRMConfig(**cfg)).flops_per_token() / 1e6
+    model, depths = TRM(TRMConfig(**cfg)), depth_schedule.grid(TRMConfig(**cfg), state["args"].get("random_depth"))
+    row["mflop_per_token"] = sum(model.flops_per_token(**d) for d in depths) / len(depths) / 1e6  # (as trained)
     if not args.no_depth and cfg["arch"] == "trm":
         key = "supervision_steps" if cfg["supervision_steps"] > 1 else "deep_steps"
         half, double = max(1, cfg[key] // 2), 2 * cfg[key]

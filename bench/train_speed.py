@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,8 +65,8 @@ def run_trainer(name, flags):
     # skip the first log window: compilation and warm-up
     tok = [float(re.search(r"([\d,]+) tok/s", ln).group(1).replace(",", "")) for ln in lines[1:]]
     mfu = [float(m.group(1)) for ln in lines[1:] if (m := re.search(r"MFU ([\d.]+)%", ln))]
-    return {"config": name, "flags": " ".join(flags), "tok_s": sorted(tok)[len(tok) // 2] if tok else None,
-            "mfu_pct": sorted(mfu)[len(mfu) // 2] if mfu else None, "wall_s": round(time.time() - t0, 1)}
+    return {"config": name, "flags": " ".join(flags), "tok_s": statistics.median(tok) if tok else None,
+            "mfu_pct": statistics.median(mfu) if mfu else None, "wall_s": round(time.time() - t0, 1)}
 
 
 def loader_speed(batch_size=64, seq_len=512, batches=2000):
@@ -85,7 +86,8 @@ def loader_speed(batch_size=64, seq_len=512, batches=2000):
         t0 = time.time()
         for _ in range(batches):
             x, y = loader.next_batch()
-            x.pin_memory() if torch.cuda.is_available() else x
+            if torch.cuda.is_available():  # as the trainer does: both pinned, for the copy that does not wait
+                x, y = x.pin_memory(), y.pin_memory()
         out[label] = round(batches * batch_size * seq_len / (time.time() - t0))
         state = loader.state_dict()
         loader = PackedLoader(tokens, seq_len, batch_size, seed=0)

@@ -40,7 +40,7 @@ def test_plot_only_draws_one_line_per_run_from_their_metrics(tmp_path):
                      # the latest evaluation at or before each whole minute, for comparisons at equal wall-clock
                      "race.png: gpt12: 2 evaluations, 1.3500 bits/byte at 1.98 min, 2.00M tokens/s (2.00-2.00M); "
                      "at 1 / 2 min: 1.5500 / 1.3500",
-                     "race.png: trm: 3 evaluations, 1.3800 bits/byte at 2.00 min, 4.00M tokens/s (2.00-5.00M); "
+                     "race.png: trm: 3 evaluations, 1.3800 bits/byte at 2.00 min, 3.50M tokens/s (2.00-5.00M); "
                      "at 1 / 2 min: 1.4500 / 1.3800"]
     assert (out / "race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -56,6 +56,16 @@ def test_a_run_cut_short_is_compared_only_at_the_minutes_it_reached(tmp_path):
     cut, late = r.stdout.splitlines()
     assert cut.endswith("at 1 / 2 / 3 / 4 min: 1.3000 / 1.2000 / 1.1600 / 1.1490") and "1.1410 bits/byte at 4.85" in cut
     assert late.endswith("at 1 / 2 min: - / 1.4000")
+
+
+def test_only_the_last_minute_gets_the_margin(tmp_path):
+    # an evaluation 2 s past minute 1 is not minute 1's: only the budget's own end, a moment early, gets 3 s
+    out = tmp_path / "race_out"
+    fake_run(out, "run", [(58, 1.50), (62, 1.40), (121.5, 1.30)])
+    r = subprocess.run([sys.executable, str(ROOT / "bench/race.py"), "--plot_only", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].endswith("at 1 / 2 min: 1.5000 / 1.3000")
 
 
 def test_plot_only_without_results_says_so(tmp_path):

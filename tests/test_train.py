@@ -146,6 +146,25 @@ def test_an_ema_switched_on_at_a_resume_starts_from_the_resumed_weights(corpus, 
         torch.testing.assert_close(ema[k], d * w6[k] + (1 - d) * w7[k], rtol=1e-5, atol=1e-6)
 
 
+def test_the_logged_mfu_counts_each_steps_own_depth(corpus, tmp_path, capsys, monkeypatch):
+    # --depth_warmup runs one deep step per round for the first half: those steps cost fewer FLOPs, and MFU must say
+    # so (it billed them at the full depth). MFU / tok/s is FLOPs per token / peak, whatever the machine's speed.
+    import trm.metrics
+    from trm.model import TRM, TRMConfig
+    monkeypatch.setattr(trm.metrics, "peak_flops", lambda device: 1e6)  # a "GPU" for the CPU, so MFU is logged
+    code, out, _ = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths", "--save_dir",
+                                  str(tmp_path / "ck"), "--max_steps", "20", "--log_every", "10", "--depth_warmup",
+                                  "0.5", "--device", "cpu", "--compile", "off")
+    assert code == 0, out
+    windows = [re.search(r"\| ([\d,]+) tok/s \| MFU ([\d.]+)%", line) for line in out.splitlines()
+               if line.startswith("step ")]
+    per_token = [float(m[2]) / 100 * 1e6 / float(m[1].replace(",", "")) for m in windows]  # FLOPs per token
+    config = TRMConfig(**load_checkpoint(tmp_path / "ck" / "final_step_20.pt")["config"])
+    shallow, full = (TRM(config).flops_per_token(config.max_seq_len, **d) for d in ({"deep_steps": 1}, {}))
+    assert shallow < full
+    assert per_token[0] == pytest.approx(shallow, rel=0.01) and per_token[1] == pytest.approx(full, rel=0.01)
+
+
 @pytest.mark.slow
 def test_sigint_saves_a_checkpoint_that_resumes(corpus, tmp_path):
     save = tmp_path / "ck"
