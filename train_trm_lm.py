@@ -440,12 +440,18 @@ interrupted = clock.stop_requested
 rng_ranks = every_rank_rng(device, world_size)
 if master:
     try:
-        if not interrupted and val_windows is not None:
+        # these very weights were evaluated (and judged) by the loop when the budget ended at an evaluation step, or
+        # by the run resumed with none left: judged twice, one bad evaluation would count as two
+        evaluated = last_eval is not None and last_eval["step"] == step
+        if not interrupted and val_windows is not None and not evaluated:
             with clock.pause("evaluating"):
                 last_eval = run_eval()
             judge(last_eval)
-            if guard is not None and guard.collapsed:
+        if guard is not None and guard.suspect:  # the guard said "not saved" of these weights: nor are they now,
+            if not guard.first_look:  # unless all it saw was a first evaluation, which cannot tell a slow start
                 fail(collapse_error(), 3)
+            log("note: the run ended on its first evaluation, still at the unigram level: its weights are saved all "
+                "the same (a slow start looks like a collapse until the next evaluation)")
         with clock.pause("saving"):
             path = save(f"step_{step}.pt" if interrupted else f"final_step_{step}.pt", rng_ranks, quiet=True)
             saver.close()

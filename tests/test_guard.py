@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from trainer_run import ROOT, TINY, train
+from conftest import assert_one_line_error
+from trainer_run import ROOT, TINY, logged, train
 from trm.checkpoint import load_checkpoint
 from trm.guard import MIN_TOKENS, CollapseGuard, last_good_checkpoint, unigram_entropy
 
@@ -177,6 +178,33 @@ def test_a_collapsing_run_stops_with_one_line_and_keeps_the_last_good_checkpoint
     assert again.returncode == 0 and load_checkpoint(save / "final_step_10.pt")["step"] == 10
     off = guarded_train(corpus, tmp_path / "off", "--max_steps", "6", *COLLAPSE, "--collapse_guard", "off")
     assert off.returncode == 0 and "collapse guard" not in off.stdout, off.stderr
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_on_a_bad_evaluation_does_not_save_it(corpus, tmp_path):  # noqa: F811
+    # the loop says "this checkpoint is not saved" of a bad evaluation; a run whose last step it was saved it all the
+    # same, as final_step_N.pt, the checkpoint --resume auto then trusts
+    save = tmp_path / "ck"
+    train(corpus, save, "--max_steps", "8", "--eval_every", "4", "--log_every", "4")
+    r = guarded_train(corpus, save, "--max_steps", "10", "--resume", "auto", *COLLAPSE)
+    line = assert_one_line_error(r, "the run ended on a bad evaluation", "step 10", "Stopped without saving",
+                                 f"--resume {save / 'final_step_8.pt'} --lr 15", code=3)
+    assert "collapsed" not in line
+    assert sorted(p.name for p in save.glob("*.pt")) == ["best.pt", "final_step_8.pt", "step_4.pt"]
+    # ... unless it was the run's first evaluation, which cannot tell a slow start from a collapse: saved, with a note
+    r = guarded_train(corpus, tmp_path / "fresh", "--max_steps", "2", *COLLAPSE)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note: the run ended on its first evaluation" in r.stdout and (tmp_path / "fresh" / "final_step_2.pt").exists()
+
+
+@pytest.mark.slow
+def test_weights_the_loop_just_evaluated_are_not_evaluated_and_judged_again(corpus, tmp_path):  # noqa: F811
+    # the budget runs out at an evaluation step: the end reuses that evaluation (judged twice, one bad evaluation
+    # counted as two and a first one as "falling"; and metrics.jsonl held it twice)
+    r = train(corpus, tmp_path / "ck", "--max_steps", "1000", "--eval_every", "1", "--log_every", "1",
+              "--max_minutes", "0.0001")
+    evals = logged(tmp_path / "ck", "eval")
+    assert len(evals) == 1 and "(1 evaluation)" in r.stdout, (evals, r.stdout)
 
 
 @pytest.mark.slow

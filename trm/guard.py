@@ -62,6 +62,7 @@ class CollapseGuard:
         self.last_good_step = step  # a resumed run starts from weights that were saved, so passed
         self.bad = []  # (step, loss) of the bad evaluations in a row
         self.tokens_at_last = tokens_seen  # the training tokens at the previous evaluation (or the resume)
+        self.first_look = False  # the one bad evaluation is the run's first, with no trend to tell a slow start by
 
     def describe(self):
         return (f"unigram level {self.unigram:.3f} nats/token (the training tokens' unigram entropy); after step "
@@ -90,6 +91,7 @@ class CollapseGuard:
         if not bad:
             self.last_good_step = step
         best_before, self.best = self.best, min(self.best, loss)
+        self.first_look = len(self.bad) == 1 and not math.isfinite(best_before)  # the run's first evaluation: no trend
         if len(self.bad) == 1 and not math.isfinite(best_before) and math.isfinite(loss):
             # a first evaluation: a slow start (the procedure's batch 4 at step 500) looks the same as a collapse
             return (f"note: step {step}: the validation loss {loss:.4f} is still at the unigram level "
@@ -117,11 +119,20 @@ class CollapseGuard:
                 f"the training tokens' unigram entropy)")
 
     def message(self, lr, good_checkpoint):
-        """The one line a collapsed run stops with: what happened, the learning rate, a safer one, what survived."""
-        (s1, l1), (s2, l2) = self.bad[-2:]
+        """The one line a collapsed run stops with: what happened, the learning rate, a safer one, what survived. A
+        run that ends (its last step, Ctrl-C) on its first bad evaluation stops with it too: those weights are not
+        saved either."""
         safer = f"{lr / 2:g}"
-        return (f"the run collapsed: the validation loss at steps {s1:,} and {s2:,} ({l1:.4f}, {l2:.4f}) is "
-                f"{self._where(l2, self.best)}; --lr {lr:g} is too high for this run. Stopped without saving; " +
+        if len(self.bad) == 1:
+            (s2, l2), = self.bad
+            what = (f"the run ended on a bad evaluation: the validation loss at step {s2:,} ({l2:.4f}) is "
+                    f"{self._where(l2, self.best)}; --lr {lr:g} may be too high for this run. Stopped without saving "
+                    f"these weights; ")
+        else:
+            (s1, l1), (s2, l2) = self.bad[-2:]
+            what = (f"the run collapsed: the validation loss at steps {s1:,} and {s2:,} ({l1:.4f}, {l2:.4f}) is "
+                    f"{self._where(l2, self.best)}; --lr {lr:g} is too high for this run. Stopped without saving; ")
+        return (what +
                 (f"the last good checkpoint {good_checkpoint} is intact: continue from it at a safer rate with "
                  f"--resume {good_checkpoint} --lr {safer}" if good_checkpoint else
                  f"no checkpoint was saved before the collapse: start again with --lr {safer} --overwrite") +
