@@ -30,7 +30,7 @@ from trm.checkpoint import CheckpointError
 from trm.cli import fail, one_line_when_a_peer_is_lost, quiet_interrupt
 from trm.clock import RunClock
 from trm import depth as depth_schedule
-from trm.corpus import expand_globs, unique_paths
+from trm.corpus import unique_paths
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
 from trm.device import autocast, autocast_each, out_of_memory, pick_device, start_processes
 from trm.ema import EMA
@@ -85,9 +85,7 @@ if device.type == "cuda":
 cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.save_dir)), "token_cache")
 try:
     tokenizer = Tokenizer.from_args(args.tokenizer, args.sp_model)
-    args.train_paths, args.valid_paths = expand_globs(args.train_paths), expand_globs(args.valid_paths)
-    check_paths(args.train_paths, "train")
-    check_paths(args.valid_paths, "valid")
+    args.train_paths, args.valid_paths = check_paths(args.train_paths, "train"), check_paths(args.valid_paths, "valid")
     for name in ("train_paths", "valid_paths"):  # a file named twice would count its documents twice
         setattr(args, name, unique_paths(getattr(args, name), name, log))
     if master:  # (the other ranks only read it)
@@ -236,9 +234,13 @@ def checkpoint_state(rng_ranks=None):
             "train_seconds": clock.seconds(), "run_id": run_id}
 
 
+def evaluated_now():
+    """Whether last_eval scored these very weights (the step's own evaluation, or the resumed checkpoint's)."""
+    return last_eval is not None and last_eval["step"] == step
+
+
 def save(name, rng_ranks, quiet=False):
-    evaluated = last_eval is not None and last_eval["step"] == step  # these very weights were just evaluated
-    return saver.save(checkpoint_state(rng_ranks), name, last_eval["loss"] if evaluated else None, quiet)
+    return saver.save(checkpoint_state(rng_ranks), name, last_eval["loss"] if evaluated_now() else None, quiet)
 
 
 def run_eval():
@@ -440,10 +442,9 @@ interrupted = clock.stop_requested
 rng_ranks = every_rank_rng(device, world_size)
 if master:
     try:
-        # these very weights were evaluated (and judged) by the loop when the budget ended at an evaluation step, or
-        # by the run resumed with none left: judged twice, one bad evaluation would count as two
-        evaluated = last_eval is not None and last_eval["step"] == step
-        if not interrupted and val_windows is not None and not evaluated:
+        # weights the loop evaluated and judged when the budget ended at an evaluation step (or a run resumed with
+        # none left) are not judged again: one bad evaluation would count as two
+        if not interrupted and val_windows is not None and not evaluated_now():
             with clock.pause("evaluating"):
                 last_eval = run_eval()
             judge(last_eval)

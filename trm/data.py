@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from trm.atomic import AtomicFile, remove_stale_tmp
-from trm.corpus import CorpusStats, iter_texts, missing_package, what_it_is
+from trm.corpus import CorpusStats, expand_globs, iter_texts, missing_package, what_it_is
 
 
 class DataError(RuntimeError):
@@ -44,8 +44,10 @@ class CacheWriteError(DataError):
 
 
 def check_paths(paths, what):
-    """The procedure's troubleshooting case: a missing train/valid file is an error naming the file; a path that is
-    there but no file (a directory, a FIFO, a dangling symbolic link) says what it is."""
+    """The files named, quoted globs expanded (trm.corpus.expand_globs), each checked: the procedure's troubleshooting
+    case, a missing train/valid file, is an error naming the file; a path that is there but no file (a directory, a
+    FIFO, a dangling symbolic link) says what it is."""
+    paths = expand_globs(paths)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         kind = what_it_is(missing[0])
@@ -57,6 +59,7 @@ def check_paths(paths, what):
                         f" (working directory: {os.getcwd()})")
     if problem := missing_package(paths):
         raise DataError(problem)
+    return paths
 
 
 def check_cache_dir(cache_dir):

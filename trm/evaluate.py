@@ -81,7 +81,7 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
 
 def main(argv=None):
     from trm.checkpoint import CheckpointError, load_model
-    from trm.corpus import CorpusStats, expand_globs, iter_texts
+    from trm.corpus import CorpusStats, iter_texts
     from trm.data import DataError, check_paths, document_ids, eval_windows
     from trm.depth import add_depth_flags, depth_flags
     from trm.device import pick_device
@@ -117,8 +117,7 @@ def main(argv=None):
         return 2
 
     try:
-        args.data = expand_globs(args.data)
-        check_paths(args.data, "data")
+        args.data = check_paths(args.data, "data")
         device, amp, _ = pick_device(args.device, args.dtype)
         model, tokenizer, state = load_model(args.model_path, args.weights)
     except (CheckpointError, DataError) as e:
