@@ -240,7 +240,8 @@ def evaluated_now():
 
 
 def save(name, rng_ranks, quiet=False):
-    return saver.save(checkpoint_state(rng_ranks), name, last_eval["loss"] if evaluated_now() else None, quiet)
+    full_depth = evaluated_now() and "eval_depth" not in last_eval  # a shallow score is not the saved model's
+    return saver.save(checkpoint_state(rng_ranks), name, last_eval["loss"] if full_depth else None, quiet)
 
 
 def run_eval():
@@ -249,8 +250,10 @@ def run_eval():
     # loss 64 at a time (their logits: 2 GB in float32), took 176 ms against 191-208 at 64 (bench/eval_speed.py, H200)
     cuda = device.type == "cuda"
     result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes,
-                      256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None)
+                      256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None, **eval_depth)
     result.update(step=step, kind="eval", tokens_seen=tokens_seen, train_seconds=trained)
+    if eval_depth:
+        result["eval_depth"] = dict(eval_depth)
     metrics.append(result)
     metrics.plot()
     return result
@@ -278,7 +281,7 @@ def check_finite():
 
 def judge(result):
     """The collapse guard's verdict on an evaluation (rank 0)."""
-    if guard is not None and (line := guard.observe(step, tokens_seen, result["loss"])):
+    if guard is not None and (line := guard.observe(step, tokens_seen, result["loss"], result.get("eval_depth"))):
         log(line if line.startswith("note") else f"warning: {line}")
 
 
@@ -336,14 +339,22 @@ clock.start()
 start_step = step
 seconds_at_log, tokens_at_log, steps_at_log, seconds_at_eval = 0.0, tokens_seen, step, 0.0
 flops_at_log = 0.0  # the FLOPs of the steps since the last log line, each at its own depth
+# the depth the evaluations score: the one being trained (--depth_warmup's shallow start, then the configured one)
+eval_depth = depth_schedule.trained_depth(config, args.random_depth, args.depth_warmup,
+                                          max(step / args.max_steps, clock.budget_frac))
+if eval_depth and master:
+    log(f"note: --depth_warmup {args.depth_warmup:g}: {eval_depth['deep_steps']} deep step a round until that share "
+        f"of the run, and its evaluations score that depth; best.pt counts only those at the full depth, and a "
+        f"checkpoint from before samples with generate.py --deep_steps {eval_depth['deep_steps']}")
 model.train()
 try:
     while step < args.max_steps and not clock.out_of_time():
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule, clock.budget_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        depth = depth_schedule.for_step(config, args.random_depth, args.depth_warmup, args.seed, step,
-                                        max(step / args.max_steps, clock.budget_frac))
+        progress = max(step / args.max_steps, clock.budget_frac)
+        depth = depth_schedule.for_step(config, args.random_depth, args.depth_warmup, args.seed, step, progress)
+        eval_depth = depth_schedule.trained_depth(config, args.random_depth, args.depth_warmup, progress)
         flops_at_log += flops_at(depth)
         if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
             x, targets = next_batch()
@@ -406,7 +417,8 @@ try:
             seconds_at_eval = clock.session_seconds()
             log(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
                       f"{r['bits_per_byte']:.4f} bits/byte" +
-                      (f" | halting head accuracy {r['halt_accuracy']:.3f}" if "halt_accuracy" in r else ""))
+                      (f" | halting head accuracy {r['halt_accuracy']:.3f}" if "halt_accuracy" in r else "") +
+                      (f" | at {eval_depth['deep_steps']} deep step (warm-up)" if eval_depth else ""))
             judge(r)
             if device.type == "cpu" and clock.last_pause > trained:
                 say_once("eval", f"note: an evaluation takes {clock.last_pause:.1f} s here, more than the "

@@ -68,6 +68,12 @@ def speed(trains):
     return (statistics.median(speeds), speeds[0], speeds[-1]) if speeds else (0, 0, 0)
 
 
+def best_eval(evals):
+    """The run's best evaluation at its full depth (None before one): --depth_warmup's first evaluations score the
+    shallow model it trains then, another function, which best.pt does not keep either."""
+    return min((h for h in evals if "eval_depth" not in h), key=lambda h: h["bits_per_byte"], default=None)
+
+
 def at_minutes(evals):
     """The run's bits/byte at each whole training minute it reached: its latest evaluation at or before the minute (a
     3 s margin for the last one, which the budget ends a moment early). Runs compared minute by minute are compared at
@@ -116,9 +122,15 @@ def plot_race(names):
         marks = at_minutes(evals)
         along = (f"; at {' / '.join(str(m) for m, _ in marks)} min: " +
                  " / ".join(f"{h['bits_per_byte']:.4f}" if h else "-" for _, h in marks)) if marks else ""
+        best = best_eval(evals)
+        shallow = sum("eval_depth" in h for h in evals)
         print(f"race.png: {name}: {len(evals)} evaluations, {evals[-1]['bits_per_byte']:.4f} bits/byte at "
-              f"{minutes[-1]:.2f} min, {median / 1e6:.2f}M tokens/s ({slowest / 1e6:.2f}-{fastest / 1e6:.2f}M)"
-              + along, flush=True)
+              f"{minutes[-1]:.2f} min" + (f" (best {best['bits_per_byte']:.4f} at "
+                                          f"{best['train_seconds'] / 60:.2f} min)" if best else "") +
+              f", {median / 1e6:.2f}M tokens/s ({slowest / 1e6:.2f}-{fastest / 1e6:.2f}M)" + along, flush=True)
+        if shallow:
+            print(f"race.png: {name}: its first {shallow} evaluations score the depth warm-up's shallow model "
+                  f"({evals[0]['eval_depth']}), not the full one", flush=True)
         if token_marks and name in counted:
             by_tokens.plot([h["tokens_seen"] / 1e6 for h in evals], bpb, "o-", ms=3, lw=1.5, label=name)
             print(f"race.png: {name}: at {' / '.join(f'{m / 1e6:.3g}M' for m in token_marks)} tokens: " +
@@ -214,6 +226,15 @@ class GpuBusy:
         return samples[len(samples) // 2] if samples else None
 
 
+def along_run(history):
+    """A finished run's figures from its metrics.jsonl entries: steps, the best and last evaluation, tokens/s."""
+    evals = [h for h in history if h["kind"] == "eval"]
+    best = best_eval(evals)
+    tok_s = speed([h for h in history if h["kind"] == "train"])
+    return dict(steps=max(h["step"] for h in history), best_val=best["bits_per_byte"], best_step=best["step"],
+                last_val=evals[-1]["bits_per_byte"], tok_s=tok_s[0], tok_s_min=tok_s[1], tok_s_max=tok_s[2])
+
+
 def race(name, flags, gpu):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
     log_path = os.path.join(args.out, f"{name}.log")
@@ -227,15 +248,12 @@ def race(name, flags, gpu):
     row = {"name": name, "flags": flags, "gpu": gpu, "rc": rc, "wall_s": time.time() - t0, "gpu_util": busy.median()}
     finals = [f for f in os.listdir(save_dir) if f.startswith("final_step_")] if os.path.isdir(save_dir) else []
     if rc or not finals:
-        row["error"] = open(log_path).read()[-600:]
+        text = open(log_path).read()
+        said = [line for line in text.splitlines() if line.startswith("error: ")]  # the trainer's one line
+        row["error"] = said[-1] if said else text[-600:]
         return row
     history = [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl")) if line.strip()]
-    evals = [h for h in history if h["kind"] == "eval"]
-    trains = [h for h in history if h["kind"] == "train"]
-    best = min(evals, key=lambda h: h["bits_per_byte"])
-    row.update(steps=max(h["step"] for h in history), best_val=best["bits_per_byte"], best_step=best["step"],
-               last_val=evals[-1]["bits_per_byte"])
-    row["tok_s"], row["tok_s_min"], row["tok_s_max"] = speed(trains)
+    row.update(along_run(history))
     ckpt = os.path.join(save_dir, finals[0])
     trained = score(name, ckpt, env)
     row.update(params=trained.get("params"), bpb=trained.get("bits_per_byte"), error=trained.get("error"))
@@ -332,7 +350,8 @@ print("| run | params | MFLOP/token | tok/s (slowest-fastest log window) | GPU b
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
     if r.get("error") and r.get("bpb") is None:
-        print(f"| {r['name']} | failed: {r['error'][-120:]!r} |||||||||| `{r['flags']}` |")
+        # the start of the trainer's error line says why; the end of it, a resume hint, did not
+        print(f"| {r['name']} | failed: {r['error'][:160]!r} |||||||||| `{r['flags']}` |")
         continue
     busy = "" if r.get("gpu_util") is None else f"{r['gpu_util']}%"
     print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['mflop_per_token']:.0f} | {r['tok_s'] / 1e6:.2f}M "

@@ -103,6 +103,22 @@ def test_a_run_stuck_at_the_unigram_level_stops_at_its_second_evaluation():
     assert step == 1000 and len(warnings) == 1 and "step 500" in warnings[0] and "unigram level" in warnings[0]
 
 
+def test_scores_at_another_depth_start_the_comparison_afresh():
+    # --depth_warmup scores a one-step model first, then the full depth: a new model, worse at first. Against the
+    # shallow best (2.0) the full depth's 5.2 and 5.1 are more than halfway back to u (7.96): two bad, a stop
+    shallow, full = [(500, 2.5), (1000, 2.0)], [(1500, 5.2), (2000, 5.1), (2500, 4.5)]
+    guard = CollapseGuard(7.96, 500, tokens_seen=0)
+    for step, loss in shallow:
+        assert guard.observe(step, step * 2048, loss, {"deep_steps": 1}) is None
+    for step, loss in full:
+        assert guard.observe(step, step * 2048, loss, {}) is None and not guard.suspect
+    assert guard.best == 4.5
+    blind = CollapseGuard(7.96, 500)
+    for step, loss in shallow + full[:2]:
+        blind.observe(step, step * 2048, loss)
+    assert blind.collapsed
+
+
 def test_a_collapse_after_learning_stops_at_the_second_evaluation_after_it():
     assert run([6.2, 5.6, 5.3, 8.1, 8.1, 8.1])[0] == 2500  # back at the unigram level
     assert run([6.2, 5.6, 5.3, 6.8, 6.9, 7.0])[0] == 2500  # halfway back: 5.3 + (8 - 5.3) / 2 = 6.65

@@ -38,9 +38,11 @@ def test_plot_only_draws_one_line_per_run_from_their_metrics(tmp_path):
     assert lines == ["race.png: crashed: no evaluation with train_seconds in " + str(out / "crashed/metrics.jsonl"),
                      # tokens/s: the median and range of the log windows after the first (which compiles); then
                      # the latest evaluation at or before each whole minute, for comparisons at equal wall-clock
-                     "race.png: gpt12: 2 evaluations, 1.3500 bits/byte at 1.98 min, 2.00M tokens/s (2.00-2.00M); "
+                     "race.png: gpt12: 2 evaluations, 1.3500 bits/byte at 1.98 min (best 1.3500 at 1.98 min), "
+                     "2.00M tokens/s (2.00-2.00M); "
                      "at 1 / 2 min: 1.5500 / 1.3500",
-                     "race.png: trm: 3 evaluations, 1.3800 bits/byte at 2.00 min, 3.50M tokens/s (2.00-5.00M); "
+                     "race.png: trm: 3 evaluations, 1.3800 bits/byte at 2.00 min (best 1.3800 at 2.00 min), "
+                     "3.50M tokens/s (2.00-5.00M); "
                      "at 1 / 2 min: 1.4500 / 1.3800"]
     assert (out / "race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -66,6 +68,23 @@ def test_only_the_last_minute_gets_the_margin(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].endswith("at 1 / 2 min: 1.5000 / 1.3000")
+
+
+def test_the_best_along_a_run_is_at_its_full_depth(tmp_path):
+    # --depth_warmup scores its shallow start as it trains it; those scores are another model's, never the best
+    out = tmp_path / "race_out"
+    fake_run(out, "dw", [(30, 1.20), (60, 1.10), (120, 1.30), (180, 1.25)])
+    entries = [json.loads(line) for line in (out / "dw" / "metrics.jsonl").read_text().splitlines()]
+    for e in entries[2:4]:  # the first two evaluations
+        e["eval_depth"] = {"deep_steps": 1}
+    (out / "dw" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    r = subprocess.run([sys.executable, str(ROOT / "bench/race.py"), "--plot_only", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line, note = r.stdout.splitlines()[:2]
+    assert "1.2500 bits/byte at 3.00 min (best 1.2500 at 3.00 min)" in line
+    assert note == ("race.png: dw: its first 2 evaluations score the depth warm-up's shallow model "
+                    "({'deep_steps': 1}), not the full one")
 
 
 def test_plot_only_without_results_says_so(tmp_path):
@@ -108,12 +127,17 @@ def test_a_race_on_cpu_scores_every_run_and_names_the_tokenizer(corpus, tiny_sp_
                         "--sp_model", tiny_sp_model, "--minutes", "0.03", "--out", str(out), "--no_warm",
                         "--no_depth", "--eval_tokens", "2000", "--gpus", "0",
                         "--common", "--batch_size 4 --eval_every 20 --log_every 5 --eval_tokens 256 --warmup_steps 5",
-                        "--run", f"trm={tiny}", "--run", f"gpt=--arch gpt --n_layers 2 {tiny}"],
+                        "--run", f"trm={tiny}", "--run", f"gpt=--arch gpt --n_layers 2 {tiny}",
+                        "--run", f"bad={tiny} --depth_warmup 1.5"],
                        capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{bin_dir}:{os.environ['PATH']}"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {row["name"]: row for row in json.loads((out / "race.json").read_text())}
-    assert set(rows) == {"trm", "gpt"}
+    assert set(rows) == {"trm", "gpt", "bad"}
+    # a run that fails says why in its row: the trainer's error line, from its start
+    bad = rows.pop("bad")
+    assert bad["rc"] == 2 and bad["error"].startswith("error: ") and "--depth_warmup" in bad["error"], bad
+    assert any(line.startswith("| bad | failed: 'error: ") for line in r.stdout.splitlines()), r.stdout
     fingerprint = Tokenizer.from_args("sentencepiece", tiny_sp_model).fingerprint()
     for name, row in rows.items():
         assert row["rc"] == 0 and row["steps"] > 0 and row.get("error") is None, row
@@ -122,7 +146,7 @@ def test_a_race_on_cpu_scores_every_run_and_names_the_tokenizer(corpus, tiny_sp_
         assert row["gpu_util"] == 80, row
         assert any(line.startswith(f"| {name} | ") and " | 80% | " in line for line in r.stdout.splitlines())
     # one sampler a run, on the run's GPU, once a second
-    assert (tmp_path / "smi_args").read_text().splitlines() == 2 * [
+    assert (tmp_path / "smi_args").read_text().splitlines() == 3 * [
         "--query-gpu=utilization.gpu --format=csv,noheader,nounits -i 0 -l 1"]
     assert r.stdout.rstrip().endswith(f"tokenizer fingerprint: {fingerprint}")
     assert (out / "race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,6 +2,7 @@
 defaults of a user's own run. Failures and the messages they give: test_train_failures.py."""
 import gzip
 import json
+import math
 import os
 import re
 import signal
@@ -163,6 +164,38 @@ def test_the_logged_mfu_counts_each_steps_own_depth(corpus, tmp_path, capsys, mo
     shallow, full = (TRM(config).flops_per_token(config.max_seq_len, **d) for d in ({"deep_steps": 1}, {}))
     assert shallow < full
     assert per_token[0] == pytest.approx(shallow, rel=0.01) and per_token[1] == pytest.approx(full, rel=0.01)
+
+
+def test_depth_warmup_evaluates_the_depth_it_trains(corpus, tmp_path, capsys, monkeypatch):
+    # On an H200 a --depth_warmup run scored at the full depth during its one-step start sat near the unigram level
+    # (7.45 nats where the model it trained scored 4.26), and the collapse guard stopped that healthy run at step
+    # 3,000. The evaluations must score the depth being trained, and only full-depth scores may make best.pt or be
+    # held against the later ones. The stand-in evaluate scores the shallow model far better than the full depth
+    # ever gets, as there: without the depth passed on, best.pt stays a shallow checkpoint and the guard stops.
+    import trm.evaluate
+    import trm.guard
+    calls = []
+
+    def evaluate(model, windows, token_bytes, *args, **kwargs):
+        depth = {k: kwargs[k] for k in ("deep_steps", "latent_steps", "supervision_steps") if k in kwargs}
+        calls.append(depth)
+        loss = 0.5 if depth == {"deep_steps": 1} else 3.5 - 0.1 * len(calls)  # full depth: healthy, falling
+        return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss, "tokens": 1, "bytes": 1}
+
+    monkeypatch.setattr(trm.evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(trm.guard, "unigram_entropy", lambda tokens, vocab_size: 5.0)
+    monkeypatch.setattr(trm.guard, "MIN_TOKENS", 0)  # the guard judges from the first evaluation on
+    save = tmp_path / "ck"
+    code, out, err = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths",
+                                    corpus["validation_0"], "--save_dir", str(save), "--max_steps", "16",
+                                    "--eval_every", "4", "--log_every", "4", "--warmup_steps", "0",
+                                    "--depth_warmup", "0.5", "--device", "cpu", "--compile", "off")
+    assert code == 0, out + err
+    assert calls == [{"deep_steps": 1}, {"deep_steps": 1}, {}, {}]  # steps 4 and 8 inside the warm-up, 12 and 16
+    assert [h.get("eval_depth") for h in logged(save, "eval")] == [{"deep_steps": 1}, {"deep_steps": 1}, None, None]
+    assert "at 1 deep step (warm-up)" in out and "note: --depth_warmup 0.5" in out
+    assert load_checkpoint(save / "best.pt")["step"] == 16  # the best full-depth score, not a shallow one
+    assert "warning" not in out + err
 
 
 @pytest.mark.slow

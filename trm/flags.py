@@ -188,7 +188,8 @@ def trainer_parser(doc):
                         "all (the flag alone): latent_steps in 1..2n, deep_steps in 1..2T and supervision_steps in "
                         "1..2N (no compile); deep: deep_steps in 1..2T only, compiled (one graph per depth)")
     p.add_argument("--depth_warmup", type=float, default=0.0,
-                   help="one deep step per round for this fraction of the run, then the full depth (0 = off)")
+                   help="one deep step per round for this fraction of the run, then the full depth (0 = off); "
+                        "the evaluations meanwhile score that depth, and best.pt keeps only full-depth ones")
     p.add_argument("--act_weight", type=float, default=0.0,
                    help="weight of a per-token halting head's loss (0 = no head), for generate.py --halt_threshold")
     p.add_argument("--train_halt_threshold", type=float, default=None,

@@ -63,6 +63,7 @@ class CollapseGuard:
         self.bad = []  # (step, loss) of the bad evaluations in a row
         self.tokens_at_last = tokens_seen  # the training tokens at the previous evaluation (or the resume)
         self.first_look = False  # the one bad evaluation is the run's first, with no trend to tell a slow start by
+        self.depth = {}  # the depth the evaluations so far were scored at ({}: the configured one)
 
     def describe(self):
         return (f"unigram level {self.unigram:.3f} nats/token (the training tokens' unigram entropy); after step "
@@ -82,9 +83,14 @@ class CollapseGuard:
             return True
         return self.best < self.level and loss >= self.best + GIVE_BACK * (self.unigram - self.best)
 
-    def observe(self, step, tokens_seen, loss):
+    def observe(self, step, tokens_seen, loss, depth=None):
         """Judge one evaluation. Returns a line for the first bad one (a warning; a note when it is the run's first
-        evaluation, which has no trend yet), else None."""
+        evaluation, which has no trend yet), else None.
+
+        depth: the depth it was scored at (trm.depth.trained_depth; {} or None: the configured one). Scores at another
+        depth are another model's (--depth_warmup's shallow start): when it changes, the trend starts afresh."""
+        if (depth or {}) != self.depth:
+            self.depth, self.best, self.bad = depth or {}, math.inf, []
         bad = self.is_bad(step, tokens_seen, loss)
         self.tokens_at_last = tokens_seen
         self.bad = self.bad + [(step, loss)] if bad else []
