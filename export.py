@@ -133,7 +133,10 @@ def card():
         lines.append(f"Validation{on} at step {number(v.get('step'))} ({v['weights']} weights, "
                      f"{number(v.get('tokens'))} tokens): loss {number(v.get('loss'))} nats/token, perplexity "
                      f"{number(v.get('perplexity'), 2)}, **{number(v.get('bits_per_byte'))} bits per UTF-8 byte** "
-                     f"(comparable across tokenizers).")
+                     f"(comparable across tokenizers)" +
+                     (f", scored at {v['eval_depth']['deep_steps']} deep step, the depth its --depth_warmup was "
+                      f"training: not the model's own depth (score that with `evaluate.py` below)"
+                      if v.get("eval_depth") else "") + ".")
         best = training.get("best") or {}
         if best.get("step") is not None and best.get("step") != v.get("step"):
             lines.append(f"The lowest validation loss of the run was {number(best['loss'])} at step "

@@ -219,8 +219,12 @@ bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite
 loss_sum = torch.zeros((), device=device)
 loss_count = 0
 guarded = args.collapse_guard == "on" and val_windows is not None  # the same on every rank; rank 0 judges
+# a resumed guard starts from the best it can know: best.pt's, or, inside a depth warm-up (whose shallow scores best.pt
+# does not keep), the resumed checkpoint's own evaluation, which the guard passed
+shallow = last_eval.get("eval_depth") if last_eval else None
 guard = CollapseGuard(unigram_entropy(train_tokens, tokenizer.vocab_size), args.warmup_steps,
-                      run_dir.best.get("loss"), step, tokens_seen=tokens_seen) if guarded and master else None
+                      last_eval["loss"] if shallow else run_dir.best.get("loss"), step, tokens_seen=tokens_seen,
+                      depth=shallow) if guarded and master else None
 if guard is not None:
     log(f"collapse guard: {guard.describe()}")
 
@@ -339,13 +343,14 @@ clock.start()
 start_step = step
 seconds_at_log, tokens_at_log, steps_at_log, seconds_at_eval = 0.0, tokens_seen, step, 0.0
 flops_at_log = 0.0  # the FLOPs of the steps since the last log line, each at its own depth
-# the depth the evaluations score: the one being trained (--depth_warmup's shallow start, then the configured one)
+# the depth the evaluations score: the one the last step trained at (--depth_warmup's shallow start, then the
+# configured one; before the loop, that of the step before this one, for a resumed run with no steps left)
 eval_depth = depth_schedule.trained_depth(config, args.random_depth, args.depth_warmup,
-                                          max(step / args.max_steps, clock.budget_frac))
-if eval_depth and master:
-    log(f"note: --depth_warmup {args.depth_warmup:g}: {eval_depth['deep_steps']} deep step a round until that share "
-        f"of the run, and its evaluations score that depth; best.pt counts only those at the full depth, and a "
-        f"checkpoint from before samples with generate.py --deep_steps {eval_depth['deep_steps']}")
+                                          max(max(step - 1, 0) / args.max_steps, clock.budget_frac))
+if master and depth_schedule.trained_depth(config, args.random_depth, args.depth_warmup, 0):
+    log(f"note: --depth_warmup {args.depth_warmup:g}: 1 deep step a round until that share of the run" +
+        (", and the evaluations meanwhile score that depth (best.pt keeps only full-depth ones)"
+         if val_windows is not None else "") + "; a checkpoint from the warm-up samples with generate.py --deep_steps 1")
 model.train()
 try:
     while step < args.max_steps and not clock.out_of_time():
@@ -480,8 +485,9 @@ if master:
     if last_eval and not interrupted:
         log(f"validation ({eval_weights} weights): loss {last_eval['loss']:.4f}, perplexity "
             f"{last_eval['perplexity']:.1f}, {last_eval['bits_per_byte']:.4f} bits/byte" +
-            (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "")
-            + f"; curves in {metrics.curves_path}")
+            (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "") +
+            (f", at the warm-up's {last_eval['eval_depth']['deep_steps']} deep step" if "eval_depth" in last_eval
+             else "") + f"; curves in {metrics.curves_path}")
 if ddp:
     # the others wait for rank 0's evaluation and save: a process group torn down on one side only can abort the
     # other (seen with gloo: "terminate called without an active exception", and torchrun then kills rank 0)

@@ -123,14 +123,14 @@ def plot_race(names):
         along = (f"; at {' / '.join(str(m) for m, _ in marks)} min: " +
                  " / ".join(f"{h['bits_per_byte']:.4f}" if h else "-" for _, h in marks)) if marks else ""
         best = best_eval(evals)
-        shallow = sum("eval_depth" in h for h in evals)
+        shallow = [h for h in evals if "eval_depth" in h]
         print(f"race.png: {name}: {len(evals)} evaluations, {evals[-1]['bits_per_byte']:.4f} bits/byte at "
               f"{minutes[-1]:.2f} min" + (f" (best {best['bits_per_byte']:.4f} at "
                                           f"{best['train_seconds'] / 60:.2f} min)" if best else "") +
               f", {median / 1e6:.2f}M tokens/s ({slowest / 1e6:.2f}-{fastest / 1e6:.2f}M)" + along, flush=True)
         if shallow:
-            print(f"race.png: {name}: its first {shallow} evaluations score the depth warm-up's shallow model "
-                  f"({evals[0]['eval_depth']}), not the full one", flush=True)
+            print(f"race.png: {name}: {len(shallow)} of its evaluations score the depth warm-up's shallow model "
+                  f"({shallow[0]['eval_depth']}), not the full one", flush=True)
         if token_marks and name in counted:
             by_tokens.plot([h["tokens_seen"] / 1e6 for h in evals], bpb, "o-", ms=3, lw=1.5, label=name)
             print(f"race.png: {name}: at {' / '.join(f'{m / 1e6:.3g}M' for m in token_marks)} tokens: " +
@@ -229,7 +229,7 @@ class GpuBusy:
 def along_run(history):
     """A finished run's figures from its metrics.jsonl entries: steps, the best and last evaluation, tokens/s."""
     evals = [h for h in history if h["kind"] == "eval"]
-    best = best_eval(evals)
+    best = best_eval(evals) or {"bits_per_byte": None, "step": None}  # (every evaluation inside a depth warm-up)
     tok_s = speed([h for h in history if h["kind"] == "train"])
     return dict(steps=max(h["step"] for h in history), best_val=best["bits_per_byte"], best_step=best["step"],
                 last_val=evals[-1]["bits_per_byte"], tok_s=tok_s[0], tok_s_min=tok_s[1], tok_s_max=tok_s[2])
@@ -356,7 +356,7 @@ for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
     busy = "" if r.get("gpu_util") is None else f"{r['gpu_util']}%"
     print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['mflop_per_token']:.0f} | {r['tok_s'] / 1e6:.2f}M "
           f"({r['tok_s_min'] / 1e6:.2f}-{r['tok_s_max'] / 1e6:.2f}M) | {busy} | "
-          f"{r['steps']:,} | {fmt(r['bpb'])} | {fmt(r.get('bpb_best'))} | {fmt(r['best_val'])} ({r['best_step']:,}) | "
+          f"{r['steps']:,} | {fmt(r['bpb'])} | {fmt(r.get('bpb_best'))} | {fmt(r['best_val'])} ({fmt(r['best_step'], ',')}) | "
           f"{fmt(r.get('bpb_half'))} | "
           f"{fmt(r.get('bpb_double'))} | `{r['flags']}` |")
 if fingerprints := sorted({r["tokenizer"] for r in rows if "tokenizer" in r}):  # (see the docstring)

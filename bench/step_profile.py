@@ -154,6 +154,9 @@ wall = statistics.median(whole_steps(args.steps) for _ in range(3))
 peak = peak_flops(device)
 print(f"\nwhole step, no sync inside (median of 3 x {args.steps}): {1000 * wall:.2f} ms, {tokens / wall:,.0f} tokens/s"
       + (f", MFU {100 * flops / wall / peak:.1f}%" if peak else ""))
+if device.type == "cuda":  # what --compile graphs costs in memory (its static buffers and pool) against on
+    print(f"GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated at most, "
+          f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved at most")
 
 if args.loop_steps:
     # The trainer's loop (train_trm_lm.py) does a little more each step than step() above, and saves in the background

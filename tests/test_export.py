@@ -117,6 +117,17 @@ def test_raw_weights_on_request_and_each_folder_holds_one_set(trained, tmp_path,
         load_model(out, "raw")
 
 
+def test_a_score_from_a_depth_warmup_is_named_as_such_on_the_card(tmp_path):
+    # a checkpoint from inside --depth_warmup holds a score of its shallow depth: the card must not pass it off as
+    # the model's (on an H200 the two were 4.26 and 7.45 nats)
+    _, state = trained_checkpoint(tmp_path / "step_600.pt", Tokenizer("byte"))
+    state["metrics"]["eval_depth"] = {"deep_steps": 1}
+    save_checkpoint(state, str(tmp_path / "step_600.pt"))
+    export("--model_path", tmp_path / "step_600.pt", "--out", tmp_path / "warm")
+    card = (tmp_path / "warm" / "README.md").read_text(encoding="utf-8")
+    assert "scored at 1 deep step, the depth its --depth_warmup was training: not the model's own depth" in card
+
+
 def test_a_byte_tokenizer_model_with_tied_embeddings_needs_no_tokenizer_file(tmp_path):
     tokenizer = Tokenizer("byte")
     model = make_checkpoint(tmp_path / "step_0.pt", tokenizer, tie_embeddings=True)

@@ -119,6 +119,24 @@ def test_scores_at_another_depth_start_the_comparison_afresh():
     assert blind.collapsed
 
 
+def test_a_collapse_across_the_depth_change_still_stops_at_the_second_bad_evaluation():
+    # the comparison starts afresh at a new depth, the count of bad evaluations in a row does not
+    guard = CollapseGuard(7.96, 0, min_tokens=0)
+    guard.observe(500, 500 * 2048, 6.0, {"deep_steps": 1})
+    assert guard.observe(1000, 1000 * 2048, 7.9, {"deep_steps": 1}) and guard.suspect
+    guard.observe(1500, 1500 * 2048, 8.0, {})
+    assert guard.collapsed
+
+
+def test_a_guard_resumed_inside_the_warmup_compares_with_its_checkpoints_score():
+    # best.pt keeps only full-depth scores: a run resumed inside --depth_warmup starts from the resumed checkpoint's
+    # own (shallow) evaluation, so the next two shallow ones far above it still stop the run
+    guard = CollapseGuard(7.96, 0, best=2.0, step=8, min_tokens=0, tokens_seen=8 * 2048, depth={"deep_steps": 1})
+    for step, loss in ((12, 5.2), (16, 5.1)):
+        guard.observe(step, step * 2048, loss, {"deep_steps": 1})
+    assert guard.collapsed
+
+
 def test_a_collapse_after_learning_stops_at_the_second_evaluation_after_it():
     assert run([6.2, 5.6, 5.3, 8.1, 8.1, 8.1])[0] == 2500  # back at the unigram level
     assert run([6.2, 5.6, 5.3, 6.8, 6.9, 7.0])[0] == 2500  # halfway back: 5.3 + (8 - 5.3) / 2 = 6.65

@@ -83,8 +83,23 @@ def test_the_best_along_a_run_is_at_its_full_depth(tmp_path):
     assert r.returncode == 0, r.stderr
     line, note = r.stdout.splitlines()[:2]
     assert "1.2500 bits/byte at 3.00 min (best 1.2500 at 3.00 min)" in line
-    assert note == ("race.png: dw: its first 2 evaluations score the depth warm-up's shallow model "
+    assert note == ("race.png: dw: 2 of its evaluations score the depth warm-up's shallow model "
                     "({'deep_steps': 1}), not the full one")
+    # shallow scores after a full-depth one (a resume that moved the run back into its warm-up), and a run with no
+    # full-depth score at all, are drawn and named without a crash
+    for e in entries[2:]:
+        e.pop("eval_depth", None)
+    entries[4]["eval_depth"] = {"deep_steps": 1}
+    (out / "dw" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    fake_run(out, "all_shallow", [(30, 1.5)])
+    path = out / "all_shallow" / "metrics.jsonl"
+    path.write_text(path.read_text().replace('"kind": "eval"', '"kind": "eval", "eval_depth": {"deep_steps": 1}'))
+    r = subprocess.run([sys.executable, str(ROOT / "bench/race.py"), "--plot_only", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("race.png: all_shallow: 1 evaluations, 1.5000 bits/byte at 0.50 min, ")
+    assert "1 of its evaluations score" in lines[1] and "1 of its evaluations score" in lines[3]
 
 
 def test_plot_only_without_results_says_so(tmp_path):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,6 +197,51 @@ def test_depth_warmup_evaluates_the_depth_it_trains(corpus, tmp_path, capsys, mo
     assert "at 1 deep step (warm-up)" in out and "note: --depth_warmup 0.5" in out
     assert load_checkpoint(save / "best.pt")["step"] == 16  # the best full-depth score, not a shallow one
     assert "warning" not in out + err
+
+    def run(save, *flags):
+        calls.clear()
+        code, out, err = run_in_process(capsys, "--train_paths", corpus["train_0"], "--valid_paths",
+                                        corpus["validation_0"], "--save_dir", str(save), "--warmup_steps", "0",
+                                        "--device", "cpu", "--compile", "off", *flags)
+        assert code == 0, out + err
+        return out
+
+    # a resume with no steps left scores the depth its last step trained at, and keeps it out of best.pt
+    run(tmp_path / "short", "--max_steps", "8", "--eval_every", "100", "--save_every", "4", "--depth_warmup", "0.9")
+    (tmp_path / "again").mkdir()  # (this process still holds the first folder's lock)
+    shutil.copy(tmp_path / "short" / "step_4.pt", tmp_path / "again")
+    run(tmp_path / "again", "--max_steps", "4", "--eval_every", "100", "--depth_warmup", "0.9", "--resume", "auto")
+    assert calls == [{"deep_steps": 1}] and not (tmp_path / "again" / "best.pt").exists()
+    # a model of one deep step has no shallower start: its scores are full-depth ones
+    out = run(tmp_path / "deep1", "--max_steps", "8", "--eval_every", "4", "--deep_steps", "1", "--depth_warmup", "0.5")
+    assert calls == [{}, {}] and "warm-up" not in out and (tmp_path / "deep1" / "best.pt").exists()
+
+
+def test_a_run_resumed_inside_its_depth_warmup_still_stops_a_collapse(corpus, tmp_path, capsys, monkeypatch):
+    # best.pt keeps only full-depth scores, so a run resumed inside its warm-up must take the resumed checkpoint's own
+    # (shallow) score as the guard's best: else the collapse the guard stopped, resumed from the checkpoint its
+    # message names, trains on unnoticed
+    import trm.evaluate
+    import trm.guard
+    losses = []
+
+    def evaluate(*args, **kwargs):
+        loss = losses.pop(0)
+        return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss, "tokens": 1, "bytes": 1}
+
+    monkeypatch.setattr(trm.evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(trm.guard, "unigram_entropy", lambda tokens, vocab_size: 7.96)
+    monkeypatch.setattr(trm.guard, "MIN_TOKENS", 0)
+    common = ["--train_paths", corpus["train_0"], "--valid_paths", corpus["validation_0"], "--max_steps", "20",
+              "--eval_every", "4", "--warmup_steps", "0", "--depth_warmup", "0.9", "--device", "cpu", "--compile", "off"]
+    losses[:] = [2.5, 2.0, 5.0, 5.1]  # shallow scores, then halfway back to the unigram level twice
+    code, out, err = run_in_process(capsys, *common, "--save_dir", str(tmp_path / "straight"))
+    assert code == 3 and "the run collapsed" in err
+    (tmp_path / "resumed").mkdir()  # (this process still holds the first folder's lock)
+    shutil.copy(tmp_path / "straight" / "step_8.pt", tmp_path / "resumed")
+    losses[:] = [5.0, 5.1]
+    code, out, err = run_in_process(capsys, *common, "--save_dir", str(tmp_path / "resumed"), "--resume", "auto")
+    assert code == 3 and "the run collapsed" in err and "from its best 2.0000" in err, out + err
 
 
 @pytest.mark.slow

@@ -85,7 +85,8 @@ def trained_depth(config, mode, warmup, progress):
     function, and far worse: on an H200 a TRM-384 at step 3,000 of its warm-up scored 7.45 nats at the full depth,
     near the unigram level, where the same model trained at one deep step throughout scored 4.26 at its own; scored at
     the full depth, the collapse guard stopped that healthy run. Random depths train the configured depth."""
-    return depth_warmup(config, progress, warmup) if config.recursive and warmup and mode is None else {}
+    depth = depth_warmup(config, progress, warmup) if config.recursive and warmup and mode is None else {}
+    return {} if depth.get("deep_steps") == config.deep_steps else depth  # (--deep_steps 1: no warm-up at all)
 
 
 def grid(config, mode):

@@ -54,7 +54,7 @@ class CollapseGuard:
     """Watches the evaluations of one run (rank 0). observe() after each; `suspect` after one bad evaluation (do not
     save), `collapsed` after two in a row (stop with message())."""
 
-    def __init__(self, unigram, warmup_steps, best=None, step=0, min_tokens=None, tokens_seen=0):
+    def __init__(self, unigram, warmup_steps, best=None, step=0, min_tokens=None, tokens_seen=0, depth=None):
         self.unigram, self.warmup_steps = unigram, warmup_steps
         self.min_tokens = MIN_TOKENS if min_tokens is None else min_tokens
         self.level = UNIGRAM_SHARE * unigram
@@ -63,7 +63,7 @@ class CollapseGuard:
         self.bad = []  # (step, loss) of the bad evaluations in a row
         self.tokens_at_last = tokens_seen  # the training tokens at the previous evaluation (or the resume)
         self.first_look = False  # the one bad evaluation is the run's first, with no trend to tell a slow start by
-        self.depth = {}  # the depth the evaluations so far were scored at ({}: the configured one)
+        self.depth = depth or {}  # the depth `best` was scored at ({}: the configured one; see observe)
 
     def describe(self):
         return (f"unigram level {self.unigram:.3f} nats/token (the training tokens' unigram entropy); after step "
@@ -88,9 +88,10 @@ class CollapseGuard:
         evaluation, which has no trend yet), else None.
 
         depth: the depth it was scored at (trm.depth.trained_depth; {} or None: the configured one). Scores at another
-        depth are another model's (--depth_warmup's shallow start): when it changes, the trend starts afresh."""
+        depth are another model's (--depth_warmup's shallow start): when it changes, the best and the trend start
+        afresh, but a bad evaluation still counts toward two in a row (a collapse does not end at the switch)."""
         if (depth or {}) != self.depth:
-            self.depth, self.best, self.bad = depth or {}, math.inf, []
+            self.depth, self.best = depth or {}, math.inf
         bad = self.is_bad(step, tokens_seen, loss)
         self.tokens_at_last = tokens_seen
         self.bad = self.bad + [(step, loss)] if bad else []
