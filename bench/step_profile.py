@@ -6,6 +6,7 @@
     python bench/step_profile.py --batch_size 64 --device cuda --arch gpt --n_layers 12 --optimizer muon \
         --qk_norm --zero_init --compile graphs
     python bench/step_profile.py --device cuda --compile graphs --loop_steps 3000 --save_every 500   # the loop
+    python bench/step_profile.py --device cuda --compile on --whole_graph          # the whole step as one graph
     python bench/step_profile.py --device cuda --batch_size 64 --dropout 0 --compile on --d_model 384 --n_heads 6 \
         --latent_steps 1 --supervision_steps 1 --grad_deep_steps 0 --tie_embeddings --optimizer muon --qk_norm \
         --zero_init --adapter_rank 4                                                          # the adapters' cost
@@ -38,7 +39,7 @@ from trm.device import autocast, pick_device  # noqa: E402
 from trm.ema import EMA  # noqa: E402
 from trm.metrics import peak_flops  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
-from trm.optim import build_optimizer  # noqa: E402
+from trm.optim import BETAS, build_optimizer  # noqa: E402
 from trm.run_dir import RunDir  # noqa: E402
 from trm.saver import Saver  # noqa: E402
 
@@ -67,11 +68,20 @@ p.add_argument("--loop_steps", type=int, default=0,
                help="also time N steps taken as the trainer's loop takes them (a fresh pinned batch, the rate set, "
                     "the finite check, the loss sum), then the same with a checkpoint every --save_every steps")
 p.add_argument("--save_every", type=int, default=100)
+p.add_argument("--whole_graph", action="store_true",
+               help="CUDA, AdamW: capture the whole step (forward, backward, clipping, the optimizer, the EMA) in one "
+                    "CUDA graph and time its replays: what a step of one launch would gain over --compile graphs, "
+                    "which captures the forward and backward only (issue 20: the procedure's batch 4)")
 args = p.parse_args()
+if args.whole_graph and (args.optimizer != "adamw" or args.compile == "graphs" or args.loop_steps):
+    sys.exit("error: --whole_graph takes --optimizer adamw and --compile off or on (the model is compiled inside the "
+             "graph), without --loop_steps")
 if args.threads:
     torch.set_num_threads(args.threads)
 
 device, amp, why = pick_device(args.device)
+if args.whole_graph and device.type != "cuda":
+    sys.exit("error: --whole_graph captures CUDA graphs: it needs a CUDA device")
 cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
                 max_seq_len=args.max_seq_len, arch=args.arch, supervision_steps=args.supervision_steps,
                 grad_deep_steps=args.grad_deep_steps, qk_norm=args.qk_norm, zero_init=args.zero_init,
@@ -90,6 +100,42 @@ if args.compile != "off":  # as the trainer does under --compile: the model, and
 x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.max_seq_len), device=device)
 tokens = args.batch_size * args.max_seq_len
 flops = raw.flops_per_token(args.max_seq_len) * tokens
+whole = None  # --whole_graph: the captured step
+
+
+def capture_whole_step():
+    """The step in one CUDA graph. What the trainer would need for it: an AdamW that runs without host syncs
+    (capturable) and reads its rate from a device tensor, written before each replay; autocast without its cache; the
+    batch copied into the captured input. The EMA's decay here is the one of the capture's step (the trainer's warms
+    up step by step: a device tensor too)."""
+    global opt
+    opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups],
+                            lr=torch.tensor(1e-3, device=device), betas=BETAS, fused=True, capturable=True)
+
+    def body():
+        with torch.autocast("cuda", dtype=amp, enabled=amp is not None, cache_enabled=False):
+            _, loss = model(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0, foreach=True)
+        opt.step()
+        ema.update(raw)
+
+    side = torch.cuda.Stream()  # warm-up off the default stream, as capture asks: compilation, lazy state
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # the gradients are then the graph's own, written (not added to) by each replay
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
+if args.whole_graph:
+    whole = capture_whole_step()
 
 
 def sync():
@@ -106,6 +152,12 @@ def step(times=None):
             sync()
             stamps.append(time.perf_counter())
 
+    if whole is not None:  # one replay: its phases cannot be told apart
+        whole.replay()
+        lap()
+        if times is not None:
+            times.setdefault("replay", []).append(stamps[1] - stamps[0])
+        return
     if graphs:
         torch.compiler.cudagraph_mark_step_begin()
     with autocast(device, amp):
