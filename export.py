@@ -58,7 +58,7 @@ if os.path.exists(args.out) and not os.path.isdir(args.out):
 if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
     fail(f"--out {args.out} is not empty; choose another --out, or pass --overwrite to replace the export's files "
          f"there")
-if os.path.abspath(args.out) == os.path.abspath(os.path.dirname(path)):
+if os.path.realpath(args.out) == os.path.realpath(os.path.dirname(path)):  # (a link to it is the same folder)
     fail(f"--out {args.out} is the checkpoint's own folder; choose another --out")
 
 # ---- load: the same call generate.py and evaluate.py make, so the folder holds exactly what they would use -------
@@ -133,7 +133,8 @@ def card():
         lines.append(f"Validation{on} at step {number(v.get('step'))} ({v['weights']} weights, "
                      f"{number(v.get('tokens'))} tokens): loss {number(v.get('loss'))} nats/token, perplexity "
                      f"{number(v.get('perplexity'), 2)}, **{number(v.get('bits_per_byte'))} bits per UTF-8 byte** "
-                     f"(comparable across tokenizers)" +
+                     f"(of the text as its tokenizer normalizes it, NFKC for SentencePiece: comparable between "
+                     f"models on one tokenizer, and across tokenizers only roughly)" +
                      (f", scored at {v['eval_depth']['deep_steps']} deep step, the depth its --depth_warmup was "
                       f"training: not the model's own depth (score that with `evaluate.py` below)"
                       if v.get("eval_depth") else "") + ".")

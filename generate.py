@@ -21,7 +21,7 @@ import torch
 
 from trm.checkpoint import CheckpointError, load_model
 from trm.cli import quiet_interrupt
-from trm.depth import add_depth_flags, depth_flags
+from trm.depth import add_depth_flags, depth_flags, depth_refused
 from trm.device import out_of_memory, pick_device
 from trm.sampling import StreamDecoder, generate, generate_batch, prompt_ids
 from trm.tokenizer import Tokenizer, TokenizerError
@@ -142,6 +142,8 @@ model.to(device)
 seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
 generator = torch.Generator(device=device).manual_seed(seed)
 depth = depth_flags(args)
+if refused := depth_refused(model, depth, args.model_path):
+    fail(refused)
 n, T_deep, N_sup = model.steps(**depth)
 c = model.config
 adaptive = f" (adaptive: halting at p > {args.halt_threshold})" if args.halt_threshold is not None else ""

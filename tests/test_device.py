@@ -27,3 +27,18 @@ def test_a_device_typo_is_one_line_naming_the_choices(tiny_checkpoint, tmp_path,
                        text=True, cwd=tmp_path, timeout=120)
     assert_one_line_error(r, "--device must be one of auto, cuda, mps, cpu", "'gpu'", code=2)
     assert not (tmp_path / "ck").exists()  # before the save dir is touched
+
+
+def test_a_device_this_machine_lacks_is_one_line(monkeypatch, capsys):
+    # Apple's GPU on another machine, or a GPU number past the last: torch would fail later, with a traceback
+    import torch
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        pick_device("mps")
+    assert e.value.code == 2 and "--device mps was given but" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as e:
+        pick_device("cuda:7", "fp32")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--device cuda:7: this machine has 1 GPU(s), cuda:0 to cuda:0" in err

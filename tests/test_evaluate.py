@@ -151,3 +151,50 @@ def test_a_parquet_file_scores_as_its_jsonl_twin(tiny_checkpoint, tmp_path, caps
         assert main(["--model_path", tiny_checkpoint, "--eval_tokens", "500", "--device", "cpu", *data]) == 0
         scores.append(json.loads(capsys.readouterr().out))
     assert scores[0]["tokens"] > 0 and scores[0]["loss"] == scores[1]["loss"]
+
+
+def held_out(tmp_path):
+    data = tmp_path / "v.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in japanese_lines(50, seed=3)),
+                    encoding="utf-8")
+    return str(data)
+
+
+def test_running_out_of_memory_is_one_line_naming_the_batch(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import trm.evaluate
+
+    def out_of_memory(*args, **kwargs):  # what the CPU allocator raises (a GPU's OutOfMemoryError is the same case)
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123456789000 bytes")
+
+    monkeypatch.setattr(trm.evaluate, "evaluate", out_of_memory)
+    code = trm.evaluate.main(["--model_path", tiny_checkpoint, "--data", held_out(tmp_path), "--eval_tokens", "500",
+                              "--device", "cpu", "--batch_size", "64"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "out of memory scoring 64 windows at once" in err
+    assert "123.5 GB" in err and "lower --batch_size (e.g. 16)" in err
+
+
+def test_depth_flags_on_a_gpt_are_refused(tiny_sp_model, tmp_path):
+    # a GPT has no recursion: the flags changed nothing while generate.py's header claimed their depth
+    from conftest import make_checkpoint
+    path = tmp_path / "gpt.pt"
+    make_checkpoint(path, Tokenizer.from_args("sentencepiece", tiny_sp_model), arch="gpt")
+    for script, extra in (("evaluate.py", ["--data", held_out(tmp_path)]), ("generate.py", ["--prompt", "猫"])):
+        r = subprocess.run([sys.executable, str(ROOT / script), "--model_path", str(path), *extra, "--deep_steps", "7",
+                            "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert_one_line_error(r, "--deep_steps set the depth of a TRM's recursion", "is a GPT", code=2)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tiny_sp_model, tmp_path):
+    # saved from a run that diverged: sampling failed deep in torch.multinomial and evaluation printed NaN
+    from conftest import make_checkpoint
+    from trm.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+    path = tmp_path / "nan.pt"
+    make_checkpoint(path, Tokenizer.from_args("sentencepiece", tiny_sp_model))
+    state = load_checkpoint(str(path))
+    state["ema"]["model"] = {k: v.clone() for k, v in state["ema"]["model"].items()}  # (saved shared with the raw)
+    state["ema"]["model"]["embed.weight"][0, 0] = float("nan")
+    save_checkpoint(state, str(path))
+    load_model(str(path), "raw")  # the raw weights are finite
+    with pytest.raises(CheckpointError, match="not finite .*embed.weight"):
+        load_model(str(path))

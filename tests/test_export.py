@@ -77,7 +77,8 @@ def test_the_folder_holds_the_ema_weights_config_tokenizer_and_card(trained, tin
     assert training["validation"]["bits_per_byte"] == 1.9876 and training["validation"]["weights"] == "ema"
     assert training["best"] == {"loss": 3.9, "step": 1000} and training["args"]["lr"] == 3e-4
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
-    for words in ("1,200", "1,228,800", "**1.9876 bits per UTF-8 byte**", "validation_0.jsonl.gz",
+    for words in ("1,200", "1,228,800", "**1.9876 bits per UTF-8 byte** (of the text as its tokenizer normalizes it",
+                  "validation_0.jsonl.gz",
                   "EMA of the weights (decay 0.995)", "3.9000 at step 1,000", "python generate.py --model_path ja_tiny",
                   'load_file("ja_tiny/model.safetensors")'):
         assert words in card, words
@@ -220,6 +221,26 @@ def test_damaged_or_mismatched_folders_are_refused_with_one_line(trained, tmp_pa
     os.remove(missing / "config.json")
     r = run("evaluate.py", "--model_path", missing, "--data", tiny_sp_model)
     assert_one_line_error(r, "without config.json", "best.pt", code=2)
+
+    # a hand-edited config.json of the wrong types: evaluate.py showed a traceback (TypeError), generate.py one line
+    edited = copy("edited")
+    info = json.loads((edited / "config.json").read_text(encoding="utf-8"))
+    info["version"] = str(info["version"])
+    (edited / "config.json").write_text(json.dumps(info), encoding="utf-8")
+    for script, extra in (("evaluate.py", ["--data", tiny_sp_model]), ("generate.py", ["--prompt", "猫"])):
+        assert_one_line_error(run(script, "--model_path", edited, *extra), str(edited), code=2)
+
+
+def test_a_link_to_the_checkpoints_folder_is_its_own_folder(trained, tmp_path):
+    # the guard compared paths as written: through a link, --overwrite put the export's files among the checkpoints
+    path, _, _ = trained
+    run_dir = tmp_path / "run1"
+    run_dir.mkdir()
+    shutil.copy(path, run_dir / "step_1200.pt")
+    os.symlink(run_dir, tmp_path / "run1link")
+    r = run("export.py", "--model_path", run_dir / "step_1200.pt", "--out", tmp_path / "run1link", "--overwrite")
+    assert_one_line_error(r, "is the checkpoint's own folder", code=2)
+    assert sorted(os.listdir(run_dir)) == ["step_1200.pt"]
 
 
 def test_loading_a_folder_unpickles_nothing(trained, monkeypatch):

@@ -94,6 +94,8 @@ def f32(name, begin, end, shape=None):
      ["whole numbers"]),
     (lambda p: write_raw(p, f32("a", 0, 16), bytes(8)), ["outside the 8 data bytes"]),
     (lambda p: write_raw(p, f32("a", 0, 8, shape=[3]), bytes(8)), ["12 expected"]),
+    # no bytes (one dimension is 0), but a shape no tensor can have: torch.empty overflowed with a bare RuntimeError
+    (lambda p: write_raw(p, f32("a", 0, 0, shape=[2 ** 62, 2 ** 62, 0])), ["too large for any tensor"]),
     (lambda p: write_raw(p, {**f32("a", 0, 8), **f32("b", 4, 12)}, bytes(12)), ["overlaps"]),
     (lambda p: write_raw(p, {**f32("a", 0, 4), **f32("b", 8, 12)}, bytes(12)), ["bytes 4-8 belong to no tensor"]),
     (lambda p: write_raw(p, f32("a", 0, 8), bytes(12)), ["bytes 8-12 at the end"]),

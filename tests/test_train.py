@@ -361,6 +361,7 @@ def test_compile_auto_takes_cuda_graphs_for_launch_bound_steps():
     assert choose_compile("auto", "cpu", 4 * 512)[:2] == (False, False)
     assert choose_compile("auto", "cuda", 4 * 512, "--sup_update each steps inside")[:2] == (False, False)
     assert choose_compile("graphs", "cuda", 64 * 512)[:2] == (True, True)
+    assert choose_compile("graphs", "cpu", 4 * 512)[:2] == (False, False)  # the GPU command on a CPU: no compiling
     assert choose_compile("on", "cuda", 4 * 512)[:2] == (True, False)
     assert choose_compile("off", "cuda", 4 * 512)[:2] == (False, False)
 

@@ -309,6 +309,19 @@ def test_a_training_file_named_twice_is_read_once(corpus, tmp_path):
 
 # ---- messages that say what is true and what to do next (issue 24) --------------------------------------------------
 
+def test_the_same_files_in_another_order_are_named_as_such(corpus, tmp_path):
+    # the README's `train_*.jsonl.gz` puts train_10 before train_2 where the procedure lists 0..10: the same files in
+    # another order read the corpus in another order, another run; the message says that that is the difference
+    save, files = tmp_path / "ck", [corpus["train_0"], corpus["train_1"]]
+    common = ("--max_steps", "2", "--eval_every", "2", "--cache_dir", tmp_path / "cache")
+    train(corpus, save, *common, "--train_paths", *files)
+    r = train(corpus, save, *common, "--train_paths", *files[::-1], check=False)
+    line = assert_one_line_error(r, "a run of this command with its files in another order",
+                                 "give the files in that run's order (its run.json) with --resume auto", code=2)
+    assert "another run's checkpoints" not in line
+    train(corpus, save, *common, "--train_paths", *files, "--max_steps", "3", "--resume", "auto")  # the advice works
+
+
 def test_the_same_command_again_and_overwrites_get_advice_that_works(corpus, tmp_path):
     save, cache = tmp_path / "ck", tmp_path / "cache"
     first = ("--max_steps", "2", "--eval_every", "2", "--log_every", "1", "--cache_dir", cache)

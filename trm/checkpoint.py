@@ -184,7 +184,14 @@ def load_model(path, weights="ema", map_location="cpu"):
 
     if os.path.isdir(path):
         from trm.model_folder import load_folder
-        return load_folder(path, weights)
+        try:
+            model, tokenizer, state = load_folder(path, weights)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as e:  # a hand-edited config.json
+            raise CheckpointError(f"{path} is not a model folder this code can read ({type(e).__name__}: "
+                                  f"{str(e)[:160]})") from None
+        return finite(model, path), tokenizer, state
     state = load_checkpoint(path, map_location)
     try:
         model = TRM(TRMConfig(**state["config"]))
@@ -203,4 +210,14 @@ def load_model(path, weights="ema", map_location="cpu"):
     except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} does not match this code's model ({type(e).__name__}: {str(e)[:160]})") \
             from None
-    return model.eval(), tokenizer, state
+    return finite(model, path).eval(), tokenizer, state
+
+
+def finite(model, path):
+    """model, unless a weight is NaN or infinite (saved from a run that diverged, or damaged alike): sampling from it
+    fails deep in torch.multinomial, and its evaluation is NaN."""
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise CheckpointError(f"{path} holds weights that are not finite (NaN or inf; {name}, first): the run "
+                                  f"diverged before it was saved. Use an earlier checkpoint of the run")
+    return model

@@ -23,6 +23,15 @@ def depth_flags(args):
     return {name: getattr(args, name) for name in DEPTH_KEYS}
 
 
+def depth_refused(model, depth, path):
+    """The one-line reason the depth flags given cannot apply to `model`, or None: a GPT has no recursion to deepen
+    (it ran as trained, and the header named the flags' depth)."""
+    given = [f"--{name}" for name, value in depth.items() if value is not None]
+    if given and not model.config.recursive:
+        return f"{' '.join(given)} set the depth of a TRM's recursion; {path} is a GPT (--arch gpt), which has none"
+    return None
+
+
 def random_depth(config, seed, step):
     """--random_depth: latent_steps uniform in 1..2n, deep_steps in 1..2T and supervision_steps in 1..2 N_sup.
 

@@ -26,6 +26,12 @@ def pick_device(requested="auto", dtype="auto"):
         device, why = torch.device(requested), "--device"
         if device.type == "cuda" and not torch.cuda.is_available():
             fail("--device cuda was given but torch.cuda.is_available() is False (no GPU, or a CPU-only torch build)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            fail(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                 f"cuda:{torch.cuda.device_count() - 1}")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            fail("--device mps was given but torch.backends.mps.is_available() is False (MPS is Apple's GPU, on macOS "
+                 "with a torch built for it)")
     if dtype == "auto":
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         amp = torch.bfloat16 if bf16_ok else None

@@ -83,8 +83,8 @@ def main(argv=None):
     from trm.checkpoint import CheckpointError, load_model
     from trm.corpus import CorpusStats, iter_texts
     from trm.data import DataError, check_paths, document_ids, eval_windows
-    from trm.depth import add_depth_flags, depth_flags
-    from trm.device import pick_device
+    from trm.depth import add_depth_flags, depth_flags, depth_refused
+    from trm.device import out_of_memory, pick_device
 
     p = argparse.ArgumentParser(
         description="Score a checkpoint on held-out JSONL text; prints one JSON object.",
@@ -123,6 +123,9 @@ def main(argv=None):
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if refused := depth_refused(model, depth, args.model_path):
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     if args.seq_len > model.config.max_seq_len:  # positions it never saw: a score that compares with nothing
         print(f"error: --seq_len {args.seq_len} is longer than the {model.config.max_seq_len} tokens {args.model_path} "
               f"was trained on; give --seq_len {model.config.max_seq_len} or less (0 = the model's window)",
@@ -145,8 +148,15 @@ def main(argv=None):
         print(f"error: --halt_threshold needs a TRM trained with a halting head; {args.model_path} has none",
               file=sys.stderr)
         return 2
-    result = evaluate(model, windows, tokenizer.token_bytes(), args.batch_size, device, amp, args.halt_threshold,
-                      **depth)
+    try:
+        result = evaluate(model, windows, tokenizer.token_bytes(), args.batch_size, device, amp, args.halt_threshold,
+                          **depth)
+    except (MemoryError, RuntimeError) as e:
+        if (more := out_of_memory(e)) is None:
+            raise
+        print(f"error: out of memory scoring {args.batch_size:,} windows at once{more}: lower --batch_size (e.g. "
+              f"{max(1, args.batch_size // 4)})", file=sys.stderr)
+        return 1
     result.update(params=model.num_params(), step=state.get("step"), weights=args.weights,
                   checkpoint=args.model_path)
     if windows.shape[1] - 1 < (args.seq_len or model.config.max_seq_len):  # the one short window eval_windows gives

@@ -84,9 +84,10 @@ def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable
         return False, False, f"not compiled: {not_compilable}"
     if requested == "on":
         return True, False, "--compile on"
-    if requested == "graphs":
-        graphs = device_type == "cuda"
-        return True, graphs, "--compile graphs" + ("" if graphs else f" (no CUDA graphs on {device_type})")
+    if requested == "graphs":  # (the recommended GPU commands carry it: a CPU would compile for minutes, for nothing)
+        if device_type != "cuda":
+            return False, False, f"--compile graphs: no CUDA graphs on {device_type}, so not compiled (--compile on is)"
+        return True, True, "--compile graphs"
     if device_type != "cuda":
         return False, False, f"--compile auto: not compiled on {device_type}"
     if tokens_per_micro_step <= GRAPH_TOKENS:

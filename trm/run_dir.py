@@ -156,15 +156,22 @@ def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log, command=No
                            f"--overwrite, or copy it elsewhere first")
     theirs = here and not inside and not (ckpt is not None and read_run_id(save_dir) == run_id)
     if theirs and not overwrite:
-        same = resume != "auto" and command is not None and read_run(save_dir).get("command") == same_command(command)
+        before = read_run(save_dir).get("command") if command is not None else None
+        same = resume != "auto" and command is not None and before == same_command(command)
+        reordered = resume != "auto" and command is not None and not same and in_order(before) == in_order(
+            same_command(command))
         newest = os.path.basename(here[0])
         finished = same and newest.startswith("final_")  # (the same command again after it ended)
         found = (f"no readable checkpoint of its run (see the warnings above), only {newest}" if resume == "auto" else
                  f"the checkpoints of an earlier run of this same command, which finished ({newest})" if finished else
                  f"the checkpoints of an earlier run of this same command (newest {newest}), which stopped before its "
                  f"end" if same else
+                 f"the checkpoints of a run of this command with its files in another order (newest {newest}; a "
+                 f"shell's glob puts train_10 before train_2, and the order is the corpus's)" if reordered else
                  f"another run's checkpoints (newest {newest})")
         advice = ("train it further with a larger --max_steps plus --resume auto, or " if finished else
+                  "give the files in that run's order (its run.json) with --resume auto to continue it, or "
+                  if reordered else
                   "continue it with the same command plus --resume auto, or " if resume != "auto" else "")
         raise SaveDirError(f"--save_dir {save_dir} holds {found}; {advice}start over with --overwrite (moves its "
                            f"files to {os.path.normpath(save_dir)}.replaced-<time>/)")
@@ -216,6 +223,13 @@ def abandon_best(save_dir, ckpt, dest, log):
         (f"best.pt is {os.path.basename(path)} again" if path is not None else
          f"best.pt comes back when this run improves on its best so far (step {own})" if own is not None else
          "best.pt comes back at this run's next evaluation"))
+
+
+def in_order(command):
+    """A run.json command with its lists sorted: two that differ only in the order of their files compare equal."""
+    if not isinstance(command, dict):
+        return None
+    return {k: sorted(v, key=str) if isinstance(v, list) else v for k, v in command.items()}
 
 
 def same_command(args):

@@ -112,6 +112,8 @@ def read_header(path):
         begin, end = offsets
         if not begin <= end <= data_bytes:
             raise bad(f"tensor {name!r}: data_offsets [{begin}, {end}] are outside the {data_bytes:,} data bytes")
+        if math.prod(max(d, 1) for d in shape) * DTYPES[dtype].itemsize > 2 ** 62:  # more than any memory holds
+            raise bad(f"tensor {name!r}: the shape {shape} is too large for any tensor")
         expected = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != expected:
             raise bad(f"tensor {name!r}: {end - begin:,} bytes for shape {shape} of {dtype} ({expected:,} expected)")
