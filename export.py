@@ -177,4 +177,5 @@ size = info["files"][WEIGHTS]["bytes"]
 log(f"exported {path} (step {state.get('step', '?')}, {weights} weights, {model.num_params() / 1e6:.2f}M parameters) "
     f"-> {args.out}/: {WEIGHTS} ({size / 1e6:.1f} MB), {CONFIG}"
     + (f", {TOKENIZER}" if tokenizer.kind == "sentencepiece" else "") + f", {CARD}")
-log(f'try it: python generate.py --model_path {args.out} --prompt "日本語のプロンプト"')
+generate = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate.py"))  # from here
+log(f'try it: python {generate} --model_path {args.out} --prompt "日本語のプロンプト"')

@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +256,14 @@ def test_loading_a_folder_unpickles_nothing(trained, monkeypatch):
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     model, tokenizer, state = load_model(out)
     assert state["step"] == 1200 and tokenizer.kind == "sentencepiece"
+
+
+def test_the_try_it_line_works_from_the_folder_it_was_run_in(trained, tmp_path):
+    # run from a data folder (the README's evaluate.py example does the same): `python generate.py` was not there
+    path, _, _ = trained
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--model_path", path, "--out", "m"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = next(line for line in (r.stdout + r.stderr).splitlines() if line.startswith("try it: python "))
+    generate = line.split()[3]
+    assert generate != "generate.py" and (tmp_path / generate).resolve() == Path(ROOT, "generate.py").resolve()

@@ -1,6 +1,7 @@
 """Behaviour of trm/model.py: where gradients flow, the loss contract, init, depth, counting. Causality and cached
 decoding: test_causality.py."""
 import math
+import re
 
 import pytest
 import torch
@@ -337,15 +338,18 @@ def test_flops_per_token_structure():
 
 # ---- config validation -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4),   # not divisible
-                                 dict(d_model=12, n_heads=4),   # odd head size: rotary needs pairs
-                                 dict(arch="rnn"),
-                                 dict(n_layers=0), dict(d_model=-4), dict(max_seq_len=2.5), dict(dropout=1.0),
-                                 dict(d_model=1 << 20, n_heads=1 << 10)])  # a trillion parameters
-def test_bad_config_raises(bad):
+@pytest.mark.parametrize("bad, says", [(dict(d_model=30, n_heads=4), "heads of even size"),   # not divisible
+                                       (dict(d_model=12, n_heads=4), "heads of even size"),   # rotary needs pairs
+                                       (dict(arch="rnn"), "arch must be 'trm' or 'gpt', got 'rnn'"),
+                                       (dict(n_layers=0), "n_layers must be a whole number >= 1, got 0"),
+                                       (dict(d_model=-4), "d_model must be a whole number >= 1, got -4"),
+                                       (dict(max_seq_len=2.5), "max_seq_len must be a whole number >= 1, got 2.5"),
+                                       (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
+                                       (dict(d_model=1 << 20, n_heads=1 << 10), "parameters, more than the")])
+def test_bad_config_raises(bad, says):
     kw = dict(vocab_size=V, d_model=D, n_heads=4)
     kw.update(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape(says)):
         TRMConfig(**kw)
 
 

@@ -42,8 +42,18 @@ def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
     evals = logged(save, "eval")
     assert [h["step"] for h in evals] == [6, 12] and all(0 < h["bits_per_byte"] < 8 for h in evals)
     assert state["metrics"]["loss"] == evals[-1]["loss"]  # the final checkpoint carries its evaluation
-    # EMA differs from the raw weights and is what the evaluation used
+    # EMA differs from the raw weights and is what the evaluation used: the same windows scored again from the
+    # checkpoint give the trainer's figure with the EMA weights, and another with the raw ones
     assert any(not torch.equal(a, b) for a, b in zip(state["model"].values(), state["ema"]["model"].values()))
+    scores = {}
+    for weights in ("ema", "raw"):
+        s = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model_path", str(save / "final_step_12.pt"),
+                            "--data", corpus["validation_0"], "--eval_tokens", "256", "--device", "cpu", "--weights",
+                            weights], capture_output=True, text=True, timeout=120)
+        assert s.returncode == 0, s.stderr
+        scores[weights] = json.loads(s.stdout)["loss"]
+    assert scores["ema"] == pytest.approx(evals[-1]["loss"], rel=1e-6) and scores["raw"] != pytest.approx(
+        evals[-1]["loss"], rel=1e-4)
     seconds = [h["train_seconds"] for h in logged(save)]  # the x axis of bench/race.py's race.png
     assert seconds == sorted(seconds) and 0 < seconds[-1] < 300
     if tensorboard:  # the same numbers as metrics.jsonl, under train/ and eval/
@@ -131,6 +141,23 @@ def test_resume_is_bit_identical(corpus, tmp_path, extra):
     oa, ob = load_checkpoint(a)["optimizer"]["state"], load_checkpoint(b)["optimizer"]["state"]
     assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
     assert logged_losses(straight) == logged_losses(resumed)
+
+
+@pytest.mark.slow
+def test_grad_accum_is_one_step_on_all_its_micro_batches(corpus, tmp_path):
+    # two micro-batches of 2 windows, their losses averaged, make one optimizer step on the same 4 windows as one
+    # batch of 4 (the loader's cursor runs on): the same weights up to float rounding, the same tokens counted
+    common = ["--max_steps", "4", "--eval_every", "100", "--log_every", "2", "--dropout", "0"]
+    runs = {name: tmp_path / name for name in ("whole", "accum", "half")}
+    train(corpus, runs["whole"], *common, "--batch_size", "4")
+    train(corpus, runs["accum"], *common, "--batch_size", "2", "--grad_accum", "2")
+    train(corpus, runs["half"], *common, "--batch_size", "2")  # the control: half the batch, other weights
+    states = {name: load_checkpoint(d / "final_step_4.pt") for name, d in runs.items()}
+    assert states["whole"]["tokens_seen"] == states["accum"]["tokens_seen"] == 4 * 4 * 32
+    whole, accum, half = (states[name]["model"] for name in ("whole", "accum", "half"))
+    for k in whole:
+        torch.testing.assert_close(accum[k], whole[k], rtol=1e-4, atol=1e-5)
+    assert max((half[k] - whole[k]).abs().max().item() for k in whole) > 1e-3
 
 
 @pytest.mark.slow

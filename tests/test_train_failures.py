@@ -133,7 +133,7 @@ BAD_FLAGS = [("--grad_clip", "-1", "at least 0 (0 = no clipping)"), ("--lr", "na
              ("--dropout", "1", "at least 0 and less than 1"),
              ("--ema_decay", "nan", "at least 0 and less than 1 (0 = no EMA)"), ("--max_minutes", "-1", "at least 0"),
              ("--max_minutes", "nan", "at least 0"), ("--act_weight", "-0.5", "at least 0"),
-             ("--batch_size", "0", "at least 1"), ("--seed", "-1", "at least 0")]
+             ("--batch_size", "0", "at least 1"), ("--grad_accum", "0", "at least 1"), ("--seed", "-1", "at least 0")]
 
 
 @pytest.mark.parametrize("flag,value,expected", BAD_FLAGS, ids=[f"{f}={v}" for f, v, _ in BAD_FLAGS])
