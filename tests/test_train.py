@@ -125,12 +125,21 @@ def test_halting_head_trains_and_reports_its_accuracy(corpus, tmp_path, rule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--random_depth"], ["--random_depth", "deep"], ["--depth_warmup", "0.5"]],
-                         ids=["fixed_depth", "random_depth", "random_deep_steps", "depth_warmup"])
+@pytest.mark.parametrize("extra", [[], ["--random_depth"], ["--random_depth", "deep"], ["--depth_warmup", "0.5"],
+                                   ["--train_paths", "SMALL"]],
+                         ids=["fixed_depth", "random_depth", "random_deep_steps", "depth_warmup", "across_epochs"])
 def test_resume_is_bit_identical(corpus, tmp_path, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    if "SMALL" in extra:  # a corpus of a few windows: the 16 steps cross several epochs, the resume lands inside one
+        small = tmp_path / "small.jsonl"
+        small.write_text("".join(json.dumps({"text": f"{i}番目の短い文書です。"}, ensure_ascii=False) + "\n"
+                                 for i in range(12)), encoding="utf-8")
+        extra = ["--train_paths", str(small)]
     common = ["--max_steps", "16", "--eval_every", "8", "--log_every", "4", "--dropout", "0.1", *extra]
     train(corpus, straight, *common)
+    if "--train_paths" in extra:
+        loader = load_checkpoint(straight / "final_step_16.pt")["loader"]  # 4 windows a step
+        assert loader["cursor"] == 64 > 3 * loader["n_windows"] and 8 * 4 % loader["n_windows"]  # resumed mid-epoch
     copy_run_until(straight, resumed, 8)
     train(corpus, resumed, *common, "--resume", "auto")
     a, b = straight / "final_step_16.pt", resumed / "final_step_16.pt"
@@ -260,7 +269,8 @@ def test_a_run_resumed_inside_its_depth_warmup_still_stops_a_collapse(corpus, tm
     monkeypatch.setattr(trm.guard, "unigram_entropy", lambda tokens, vocab_size: 7.96)
     monkeypatch.setattr(trm.guard, "MIN_TOKENS", 0)
     common = ["--train_paths", corpus["train_0"], "--valid_paths", corpus["validation_0"], "--max_steps", "20",
-              "--eval_every", "4", "--warmup_steps", "0", "--depth_warmup", "0.9", "--device", "cpu", "--compile", "off"]
+              "--eval_every", "4", "--warmup_steps", "0", "--depth_warmup", "0.9", "--device", "cpu",
+              "--compile", "off"]
     losses[:] = [2.5, 2.0, 5.0, 5.1]  # shallow scores, then halfway back to the unigram level twice
     code, out, err = run_in_process(capsys, *common, "--save_dir", str(tmp_path / "straight"))
     assert code == 3 and "the run collapsed" in err

@@ -305,6 +305,10 @@ def test_a_training_file_named_twice_is_read_once(corpus, tmp_path):
               corpus["train_0"])
     assert "named again" in r.stdout and "each file is read once" in r.stdout
     assert load_checkpoint(tmp_path / "ck/final_step_1.pt")["args"]["train_paths"] == [corpus["train_0"]]
+    once = train(corpus, tmp_path / "once", "--max_steps", "1", "--eval_every", "1", "--train_paths", corpus["train_0"])
+    windows = [load_checkpoint(d / "final_step_1.pt")["loader"]["n_windows"] for d in (tmp_path / "ck",
+                                                                                       tmp_path / "once")]
+    assert windows[0] == windows[1] and "named again" not in once.stdout  # its tokens once, not twice
 
 
 # ---- messages that say what is true and what to do next (issue 24) --------------------------------------------------
