@@ -85,7 +85,7 @@ def for_step(config, mode, warmup, seed, step, progress):
         return random_depth(config, seed, step)
     if mode == "deep":
         return random_deep_steps(config, seed, step)
-    return depth_warmup(config, progress, warmup) if warmup else {}
+    return trained_depth(config, mode, warmup, progress)
 
 
 def trained_depth(config, mode, warmup, progress):

@@ -157,9 +157,9 @@ def take_ownership(save_dir, ckpt, ckpt_path, resume, overwrite, log, command=No
     theirs = here and not inside and not (ckpt is not None and read_run_id(save_dir) == run_id)
     if theirs and not overwrite:
         before = read_run(save_dir).get("command") if command is not None else None
-        same = resume != "auto" and command is not None and before == same_command(command)
-        reordered = resume != "auto" and command is not None and not same and in_order(before) == in_order(
-            same_command(command))
+        now = same_command(command) if command is not None else None
+        same = resume != "auto" and now is not None and before == now
+        reordered = resume != "auto" and now is not None and not same and in_order(before) == in_order(now)
         newest = os.path.basename(here[0])
         finished = same and newest.startswith("final_")  # (the same command again after it ended)
         found = (f"no readable checkpoint of its run (see the warnings above), only {newest}" if resume == "auto" else
