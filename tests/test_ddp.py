@@ -21,31 +21,36 @@ from trm.metrics import tensorboard_missing
 pytestmark = pytest.mark.slow
 
 
-# Every rank but 0 records, outside the save dir, each file it opens for writing or renames inside it.
+# Every rank but 0 records, outside the save dir, each file it opens for writing, renames, links, creates or deletes
+# inside it; its first line says the hook loaded in that rank (without it, an empty record would prove nothing).
 RECORDER = textwrap.dedent('''
-    import builtins, os
+    import builtins, io, os, shutil
     if os.environ.get("RANK", "0") != "0":
         save_dir, log = os.path.realpath(os.environ["WATCH_DIR"]), os.environ["WATCH_LOG"]
+        _open = builtins.open
+        with _open(log, "a") as f:
+            f.write(f"{os.environ['RANK']} loaded\\n")
         def note(what, path):
             path = os.path.realpath(os.fspath(path)) if isinstance(path, (str, bytes, os.PathLike)) else ""
             if isinstance(path, str) and path.startswith(save_dir):
                 with _open(log, "a") as f:
                     f.write(f"{os.environ['RANK']} {what} {path}\\n")
-        _open, _replace, _rename, _link = builtins.open, os.replace, os.rename, os.link
-        def open_(file, mode="r", *a, **k):
-            if any(c in mode for c in "wax+"):
-                note("open", file)
-            return _open(file, mode, *a, **k)
-        def replace(src, dst, *a, **k):
-            note("replace", dst)
-            return _replace(src, dst, *a, **k)
-        def rename(src, dst, *a, **k):
-            note("rename", dst)
-            return _rename(src, dst, *a, **k)
-        def link(src, dst, *a, **k):
-            note("link", dst)
-            return _link(src, dst, *a, **k)
-        builtins.open, os.replace, os.rename, os.link = open_, replace, rename, link
+        def wrap(module, name, what, arg=0, writes=lambda *a, **k: True):
+            real = getattr(module, name)
+            def hooked(*a, **k):
+                if writes(*a, **k):
+                    note(what, a[arg] if len(a) > arg else k.get("dst", k.get("path", k.get("file"))))
+                return real(*a, **k)
+            setattr(module, name, hooked)
+        opens_for_writing = lambda file, mode="r", *a, **k: any(c in mode for c in "wax+")
+        wrap(builtins, "open", "open", writes=opens_for_writing)
+        wrap(io, "open", "open", writes=opens_for_writing)  # pathlib's write_text and open
+        wrap(os, "open", "open", writes=lambda path, flags, *a, **k: flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        for name in ("replace", "rename", "link", "symlink"):
+            wrap(os, name, name, arg=1)
+        for name in ("remove", "unlink", "rmdir", "mkdir", "makedirs"):
+            wrap(os, name, name)
+        wrap(shutil, "rmtree", "rmtree")
 ''')
 
 
@@ -71,7 +76,7 @@ def test_only_rank_0_writes_checkpoints_metrics_curves_and_run_json(corpus, tmp_
     r = torchrun(corpus, save, "--max_steps", "6", "--eval_every", "2", "--log_every", "2", "--keep_last", "1",
                  *tensorboard, port=29541, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert not log.exists(), log.read_text()
+    assert log.read_text().splitlines() == ["1 loaded"]  # the hook ran in rank 1, which touched nothing in save_dir
     if tensorboard:  # one event file (a writer per process would make one each), holding every log step
         assert len(list((tmp_path / "tb").iterdir())) == 1
         assert [step for step, _ in scalars(tmp_path / "tb")["train/loss"]] == [2, 4, 6]

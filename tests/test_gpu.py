@@ -22,14 +22,23 @@ def tiny(**kw):
 
 @pytest.mark.parametrize("arch", ["trm", "gpt"])
 def test_compiled_matches_eager_in_bf16(arch):
+    # bf16 rounds eager and compiled kernels differently, so neither equals the other: the compiled model must be no
+    # further from the fp32 model than eager bf16 is (a wrong fusion or a dropped cast would be far further)
     torch.manual_seed(0)
-    model = TRM(tiny(arch=arch)).cuda()
+    model = TRM(tiny(arch=arch)).cuda().eval()
     x = torch.randint(0, 512, (4, 64), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        _, eager = model(x, x)
-        _, compiled = torch.compile(model)(x, x)
-    assert torch.isfinite(compiled)
-    assert abs(eager.item() - compiled.item()) < 2e-2 * eager.item()
+    with torch.no_grad():
+        ref_logits, ref_loss = model(x)[0].float(), model(x, x)[1].item()
+        compiled = torch.compile(model)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = {"eager": model(x)[0].float(), "compiled": compiled(x)[0].float()}
+            loss = {"eager": model(x, x)[1].item(), "compiled": compiled(x, x)[1].item()}
+    error = {k: (v - ref_logits).abs().max().item() for k, v in logits.items()}
+    scale = ref_logits.abs().max().item()
+    assert 0 < error["eager"] < 0.05 * scale, error  # bf16 did round: the comparison below is not vacuous
+    assert error["compiled"] <= 2 * error["eager"] + 1e-3 * scale, (error, scale)
+    for k in loss:
+        assert abs(loss[k] - ref_loss) < 1e-2, (loss, ref_loss)
 
 
 def test_kv_cache_equals_full_forward_on_cuda():
