@@ -45,6 +45,7 @@ from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resum
 from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
 from trm.tokenizer import Tokenizer, TokenizerError
+from trm.whole_step import WholeStep
 
 p = trainer_parser(__doc__)
 args = p.parse_args()
@@ -218,6 +219,9 @@ saver = Saver(run_dir, log, on_error=lambda message: fail(message, 1))
 bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
 loss_sum = torch.zeros((), device=device)
 loss_count = 0
+# --compile whole: the step as one CUDA graph (trm/whole_step.py), its optimizer made capturable after restore()
+whole = (WholeStep(model, raw_model, optimizer, ema, args.grad_clip, amp_dtype, loss_sum, bad, halt_args)
+         if args.compile == "whole" and use_compile else None)
 guarded = args.collapse_guard == "on" and val_windows is not None  # the same on every rank; rank 0 judges
 # a resumed guard starts from the best it can know: best.pt's, or, inside a depth warm-up (whose shallow scores best.pt
 # does not keep), the resumed checkpoint's own evaluation, which the guard passed
@@ -355,13 +359,17 @@ model.train()
 try:
     while step < args.max_steps and not clock.out_of_time():
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule, clock.budget_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        if whole is None:  # (--compile whole writes the rate into its device tensor instead)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         progress = max(step / args.max_steps, clock.budget_frac)
         depth = depth_schedule.for_step(config, args.random_depth, args.depth_warmup, args.seed, step, progress)
         eval_depth = depth_schedule.trained_depth(config, args.random_depth, args.depth_warmup, progress)
         flops_at_log += flops_at(depth)
-        if args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
+        if whole is not None:  # the whole step, EMA included, as one graph
+            whole.step(*next_batch(), lr, depth)
+            loss_count += 1
+        elif args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
             x, targets = next_batch()
             round_losses = []
             # each round's forward under autocast, as in the mean rule; backward and optimizer step outside it
@@ -385,7 +393,7 @@ try:
                 loss_sum += loss.detach()
                 loss_count += 1
             optimizer_step(loss)
-        if ema is not None:
+        if ema is not None and whole is None:
             ema.update(raw_model)
         step += 1
         tokens_seen += tokens_per_step

@@ -39,9 +39,10 @@ from trm.device import autocast, pick_device  # noqa: E402
 from trm.ema import EMA  # noqa: E402
 from trm.metrics import peak_flops  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
-from trm.optim import BETAS, build_optimizer  # noqa: E402
+from trm.optim import build_optimizer  # noqa: E402
 from trm.run_dir import RunDir  # noqa: E402
 from trm.saver import Saver  # noqa: E402
+from trm.whole_step import WARMUP, WholeStep  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--device", default="auto")
@@ -69,9 +70,9 @@ p.add_argument("--loop_steps", type=int, default=0,
                     "the finite check, the loss sum), then the same with a checkpoint every --save_every steps")
 p.add_argument("--save_every", type=int, default=100)
 p.add_argument("--whole_graph", action="store_true",
-               help="CUDA, AdamW: capture the whole step (forward, backward, clipping, the optimizer, the EMA) in one "
-                    "CUDA graph and time its replays: what a step of one launch would gain over --compile graphs, "
-                    "which captures the forward and backward only (issue 20: the procedure's batch 4)")
+               help="CUDA, AdamW: the trainer's --compile whole, the whole step (forward, backward, clipping, the "
+                    "optimizer, the EMA) as one CUDA graph, timed by its replays: against --compile graphs, which "
+                    "captures the forward and backward only (issue 20: the procedure's batch 4)")
 args = p.parse_args()
 if args.whole_graph and (args.optimizer != "adamw" or args.compile == "graphs" or args.loop_steps):
     sys.exit("error: --whole_graph takes --optimizer adamw and --compile off or on (the model is compiled inside the "
@@ -100,42 +101,10 @@ if args.compile != "off":  # as the trainer does under --compile: the model, and
 x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.max_seq_len), device=device)
 tokens = args.batch_size * args.max_seq_len
 flops = raw.flops_per_token(args.max_seq_len) * tokens
-whole = None  # --whole_graph: the captured step
-
-
-def capture_whole_step():
-    """The step in one CUDA graph. What the trainer would need for it: an AdamW that runs without host syncs
-    (capturable) and reads its rate from a device tensor, written before each replay; autocast without its cache; the
-    batch copied into the captured input. The EMA's decay here is the one of the capture's step (the trainer's warms
-    up step by step: a device tensor too)."""
-    global opt
-    opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups],
-                            lr=torch.tensor(1e-3, device=device), betas=BETAS, fused=True, capturable=True)
-
-    def body():
-        with torch.autocast("cuda", dtype=amp, enabled=amp is not None, cache_enabled=False):
-            _, loss = model(x, x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0, foreach=True)
-        opt.step()
-        ema.update(raw)
-
-    side = torch.cuda.Stream()  # warm-up off the default stream, as capture asks: compilation, lazy state
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)  # the gradients are then the graph's own, written (not added to) by each replay
-    with torch.cuda.graph(graph):
-        body()
-    return graph
-
-
+whole = None  # --whole_graph: the trainer's --compile whole step (trm/whole_step.py), warmed up and captured below
 if args.whole_graph:
-    whole = capture_whole_step()
+    whole = WholeStep(model, raw, opt, ema, 1.0, amp, torch.zeros((), device=device),
+                      torch.zeros((), device=device, dtype=torch.bool), {})
 
 
 def sync():
@@ -153,7 +122,7 @@ def step(times=None):
             stamps.append(time.perf_counter())
 
     if whole is not None:  # one replay: its phases cannot be told apart
-        whole.replay()
+        whole.step(x, x, 1e-3, {})
         lap()
         if times is not None:
             times.setdefault("replay", []).append(stamps[1] - stamps[0])
@@ -176,7 +145,7 @@ def step(times=None):
             times.setdefault(k, []).append(t1 - t0)
 
 
-for _ in range(3):  # warm-up: compilation, CUDA graph capture, allocator
+for _ in range(3 + (WARMUP + 1 if whole is not None else 0)):  # warm-up: compilation, CUDA graph capture, allocator
     step()
 sync()
 times = {}

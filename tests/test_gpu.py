@@ -160,14 +160,68 @@ def _trainer(tmp_path, *extra, launcher=()):
                                         ("graphs", ("--arch", "gpt", "--n_layers", "3", "--tie_embeddings")),
                                         ("on", ("--prelude_layers", "1", "--coda_layers", "1", "--step_embed",
                                                 "--adapter_rank", "2", "--tie_embeddings", "--optimizer", "muon",
-                                                "--qk_norm"))],
-                         ids=["on", "graphs", "on-halting", "graphs-muon", "graphs-gpt", "on-hybrid-adapters"])
+                                                "--qk_norm")),
+                                        ("whole", ("--depth_warmup", "0.5", "--eval_every", "5"))],
+                         ids=["on", "graphs", "on-halting", "graphs-muon", "graphs-gpt", "on-hybrid-adapters",
+                              "whole-depth-warmup"])
 def test_trainer_runs_compiled_on_cuda(tmp_path, mode, extra):
     r = _trainer(tmp_path, "--save_dir", str(tmp_path / "ck"), "--max_steps", "20", "--compile", mode, *extra,
                  launcher=(sys.executable,))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "bf16 autocast" in r.stdout and "tok/s" in r.stdout
     assert (tmp_path / "ck" / "final_step_20.pt").exists()
+
+
+def test_whole_step_replays_equal_eager_steps_on_cuda():
+    # --compile whole: three eager warm-up steps, the capture (run by its first replay), then replays, against the
+    # loop's own steps; fp32 and uncompiled, so the graph is the only difference
+    from test_whole_step import loop_step
+    from trm.ema import EMA
+    from trm.whole_step import WARMUP, WholeStep
+
+    def setup():
+        torch.manual_seed(0)
+        model = TRM(tiny()).cuda()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=True), EMA(model, 0.99)
+
+    a, opt_a, ema_a = setup()
+    b, opt_b, ema_b = setup()
+    sum_a, sum_b = torch.zeros((), device="cuda"), torch.zeros((), device="cuda")
+    bad = torch.zeros((), device="cuda", dtype=torch.bool)
+    whole = WholeStep(b, b, opt_b, ema_b, 1.0, None, sum_b, bad, {})
+    x = torch.randint(0, 512, (WARMUP + 5, 4, 65), device="cuda")
+    for i in range(len(x)):
+        lr = 3e-3 * (i + 1) / len(x)
+        loop_step(a, opt_a, ema_a, x[i, :, :-1], x[i, :, 1:], lr, 1.0, sum_a)
+        whole.step(x[i, :, :-1], x[i, :, 1:], lr, {})
+    assert whole.graph is not None  # the last steps were replays
+    for pa, pb in zip(list(a.parameters()) + list(ema_a.model.parameters()),
+                      list(b.parameters()) + list(ema_b.model.parameters())):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)  # TF32 matmuls, the same in both
+    torch.testing.assert_close(sum_a, sum_b, rtol=1e-5, atol=1e-5)
+    assert not bad
+
+
+def test_compile_whole_trains_as_compile_on_and_resumes_exactly(tmp_path):
+    from tests.trainer_run import copy_run_until, logged_losses, params
+    common = ("--max_steps", "20", "--eval_every", "10", "--log_every", "5")
+    runs = {}
+    for name, mode in (("on", "on"), ("whole", "whole")):
+        r = _trainer(tmp_path, "--save_dir", str(tmp_path / name), "--compile", mode, *common,
+                     launcher=(sys.executable,))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[name] = r
+    assert "the whole step" in runs["whole"].stdout
+    on, whole = logged_losses(tmp_path / "on"), logged_losses(tmp_path / "whole")
+    assert [k[:2] for k in on] == [k[:2] for k in whole]
+    assert all(abs(a[2] - b[2]) < 0.02 for a, b in zip(on, whole)), (on, whole)  # bf16; only the optimizer's path differs
+    copy_run_until(tmp_path / "whole", tmp_path / "resumed", 10)
+    r = _trainer(tmp_path, "--save_dir", str(tmp_path / "resumed"), "--compile", "whole", *common, "--resume", "auto",
+                 launcher=(sys.executable,))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for key in ("model", "ema"):  # warm-up steps after the resume, graph replays in the straight run: the same kernels
+        a, b = params(tmp_path / "whole" / "final_step_20.pt", key), params(tmp_path / "resumed" / "final_step_20.pt", key)
+        assert all(torch.equal(a[k], b[k]) for k in a), key
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

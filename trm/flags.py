@@ -7,6 +7,7 @@ trains nothing, a negative --keep_last deletes checkpoints.
 import argparse
 
 from trm.cli import PathList, range_error
+from trm import whole_step
 from trm.metrics import tensorboard_missing
 
 # the flags that make the architecture: a resumed run keeps the checkpoint's values
@@ -55,6 +56,8 @@ def check_flags(args, world_size=1):
         return problem
     if args.overwrite and args.resume == "auto":
         return "--overwrite starts a new run and --resume auto continues the old one: choose one"
+    if args.compile == "whole" and (problem := whole_step.refusal(args, world_size)):
+        return problem
     return None
 
 
@@ -76,8 +79,9 @@ def not_compilable(args):
 
 
 def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable=None):
-    """(torch.compile?, CUDA graphs?, why) for --compile auto|on|off|graphs. not_compilable: why this run's step cannot
-    be compiled (e.g. an optimizer step inside the forward pass), or None."""
+    """(torch.compile?, CUDA graphs?, why) for --compile auto|on|off|graphs|whole. not_compilable: why this run's step
+    cannot be compiled (e.g. an optimizer step inside the forward pass), or None. whole compiles the model without
+    graphs of its own: trm/whole_step.py captures the whole step around it."""
     if requested == "off":
         return False, False, "--compile off"
     if not_compilable:
@@ -88,6 +92,10 @@ def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable
         if device_type != "cuda":
             return False, False, f"--compile graphs: no CUDA graphs on {device_type}, so not compiled (--compile on is)"
         return True, True, "--compile graphs"
+    if requested == "whole":
+        if device_type != "cuda":
+            return False, False, f"--compile whole: no CUDA graphs on {device_type}, so not compiled (--compile on is)"
+        return True, False, "--compile whole: the whole step (forward, backward, clipping, AdamW, EMA) as one CUDA graph"
     if device_type != "cuda":
         return False, False, f"--compile auto: not compiled on {device_type}"
     if tokens_per_micro_step <= GRAPH_TOKENS:
@@ -208,8 +216,10 @@ def trainer_parser(doc):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cpu or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on GPUs that have it, else fp32")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs"],
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs", "whole"],
                    help="torch.compile; graphs: with CUDA graphs (mode reduce-overhead); auto: on CUDA, with graphs "
-                        f"when a micro-step has <= {GRAPH_TOKENS} tokens (launch-bound), and the choice is logged")
+                        f"when a micro-step has <= {GRAPH_TOKENS} tokens (launch-bound), and the choice is logged; "
+                        "whole (experimental): the whole step, optimizer and EMA included, as one CUDA graph (AdamW, "
+                        "one process)")
     p.add_argument("--seed", type=int, default=1337, help="weights, data order, dropout")
     return p

@@ -1,0 +1,140 @@
+"""trm/whole_step.py (--compile whole): the step the graph holds equals the trainer's loop step, its checkpoints are
+plain ones, and the flags it cannot take are refused in one line. The capture itself needs a GPU: tests/test_gpu.py."""
+import copy
+import math
+
+import pytest
+import torch
+
+from trainer_run import train
+from trm.ema import EMA
+from trm.flags import choose_compile
+from trm.model import TRM, TRMConfig
+from trm.optim import BETAS
+from trm.whole_step import WholeStep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    model = TRM(TRMConfig(vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    # the trainer's AdamW on CUDA is fused; so is this one, on the CPU
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-3, betas=BETAS, fused=True)
+    return model, opt, EMA(model, 0.99)
+
+
+def batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 64, (2, 17), generator=g) for _ in range(n)]
+
+
+def loop_step(model, opt, ema, x, targets, lr, clip, loss_sum):
+    """What train_trm_lm.py's loop does for one step without --compile whole."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    _, loss = model(x, targets)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema.update(model)
+    loss_sum += loss.detach()
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_the_whole_step_equals_the_loops_step(clip):
+    a, opt_a, ema_a = setup()
+    b, opt_b, ema_b = setup()
+    sum_a, sum_b, bad = torch.zeros(()), torch.zeros(()), torch.zeros((), dtype=torch.bool)
+    whole = WholeStep(b, b, opt_b, ema_b, clip, None, sum_b, bad, {})
+    for i, batch in enumerate(batches(6)):
+        lr = 3e-3 * (i + 1) / 6  # a rate that changes every step, as the schedule's
+        loop_step(a, opt_a, ema_a, batch[:, :-1], batch[:, 1:], lr, clip or math.inf, sum_a)
+        whole.step(batch[:, :-1], batch[:, 1:], lr, {})
+    # capturable AdamW with a tensor rate rounds its weight decay differently from the float-rate kernel: an ulp
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    for pa, pb in zip(ema_a.model.parameters(), ema_b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(next(a.parameters()), next(setup()[0].parameters()))  # the steps did move the weights
+    assert ema_a.updates == ema_b.updates == 6
+    torch.testing.assert_close(sum_a, sum_b)
+    assert not bad
+
+
+def test_a_non_finite_loss_is_flagged_on_the_device():
+    model, opt, ema = setup()
+    bad = torch.zeros((), dtype=torch.bool)
+    whole = WholeStep(model, model, opt, ema, 1.0, None, torch.zeros(()), bad, {})
+    x = batches(1)[0]
+    whole.step(x[:, :-1], x[:, 1:], 1e-3, {})
+    assert not bad
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    whole.step(x[:, :-1], x[:, 1:], 1e-3, {})
+    assert bad
+
+
+def test_its_checkpoint_is_a_plain_one_and_resumes_the_loop_exactly():
+    model, opt, ema = setup()
+    whole = WholeStep(model, model, opt, ema, 1.0, None, torch.zeros(()), torch.zeros((), dtype=torch.bool), {})
+    steps = batches(4)
+    for x in steps[:2]:
+        whole.step(x[:, :-1], x[:, 1:], 2e-3, {})
+    state = copy.deepcopy(opt.state_dict())  # as a checkpoint holds it: not the live moments
+    # (the rate as the fp32 device tensor held it: the schedule sets it again at every step of a resumed run)
+    assert {type(g["lr"]) for g in state["param_groups"]} == {float}
+    assert state["param_groups"][0]["lr"] == pytest.approx(2e-3, rel=1e-7)
+    assert not any(g["capturable"] for g in state["param_groups"])
+    assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)  # the live ones keep the tensor
+    # a run without --compile whole continues from it as from its own checkpoint
+    fresh, fresh_opt, fresh_ema = setup(seed=5)
+    fresh.load_state_dict(model.state_dict())
+    fresh_opt.load_state_dict(state)
+    fresh_ema.load_state_dict(ema.state_dict())
+    for x in steps[2:]:  # the loop from the checkpoint, against the whole-step run continued
+        loop_step(fresh, fresh_opt, fresh_ema, x[:, :-1], x[:, 1:], 2e-3, 1.0, torch.zeros(()))
+        whole.step(x[:, :-1], x[:, 1:], 2e-3, {})
+    for pa, pb in zip(fresh.parameters(), model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    for pa, pb in zip(fresh_ema.model.parameters(), ema.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert fresh_ema.updates == ema.updates == 4
+
+
+def test_the_ema_moves_alike_with_a_number_or_a_device_tensor():
+    model, _, ema = setup()
+    other = copy.deepcopy(ema)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for decay in (2 / 11, 0.5, 0.99):
+        ema.lerp(model, 1.0 - decay)
+        other.lerp(model, torch.tensor(1.0 - decay))
+    assert all(torch.equal(p, q) for p, q in zip(ema.model.parameters(), other.model.parameters()))
+
+
+def test_compile_whole_is_chosen_on_cuda_only():
+    assert choose_compile("whole", "cuda", 4 * 512)[:2] == (True, False)  # compiled; the graph is whole_step's own
+    assert choose_compile("whole", "cpu", 4 * 512)[:2] == (False, False)
+    assert choose_compile("whole", "cuda", 4 * 512, "--sup_update each steps inside")[:2] == (False, False)
+
+
+@pytest.mark.parametrize("flags,words", [(("--optimizer", "muon"), "--optimizer adamw"),
+                                         (("--grad_accum", "2"), "--grad_accum 1"),
+                                         (("--random_depth", "deep"), "--random_depth")])
+def test_flags_it_cannot_take_are_refused_in_one_line(corpus, tmp_path, flags, words):
+    r = train(corpus, tmp_path / "ck", "--max_steps", "2", "--compile", "whole", *flags, check=False)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1 and "--compile whole" in errors[0] and words in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "ck").exists()
+
+
+def test_on_a_cpu_it_says_so_and_trains_uncompiled(corpus, tmp_path):
+    r = train(corpus, tmp_path / "ck", "--max_steps", "2", "--compile", "whole")
+    assert "--compile whole: no CUDA graphs on cpu, so not compiled" in r.stdout
+    assert (tmp_path / "ck" / "final_step_2.pt").exists()
