@@ -161,9 +161,9 @@ def _trainer(tmp_path, *extra, launcher=()):
                                         ("on", ("--prelude_layers", "1", "--coda_layers", "1", "--step_embed",
                                                 "--adapter_rank", "2", "--tie_embeddings", "--optimizer", "muon",
                                                 "--qk_norm")),
-                                        ("whole", ("--depth_warmup", "0.5", "--eval_every", "5"))],
+                                        ("whole", ("--tie_embeddings", "--qk_norm", "--adapter_rank", "2"))],
                          ids=["on", "graphs", "on-halting", "graphs-muon", "graphs-gpt", "on-hybrid-adapters",
-                              "whole-depth-warmup"])
+                              "whole-adapters"])
 def test_trainer_runs_compiled_on_cuda(tmp_path, mode, extra):
     r = _trainer(tmp_path, "--save_dir", str(tmp_path / "ck"), "--max_steps", "20", "--compile", mode, *extra,
                  launcher=(sys.executable,))
@@ -202,26 +202,40 @@ def test_whole_step_replays_equal_eager_steps_on_cuda():
     assert not bad
 
 
-def test_compile_whole_trains_as_compile_on_and_resumes_exactly(tmp_path):
-    from tests.trainer_run import copy_run_until, logged_losses, params
-    common = ("--max_steps", "20", "--eval_every", "10", "--log_every", "5")
-    runs = {}
-    for name, mode in (("on", "on"), ("whole", "whole")):
-        r = _trainer(tmp_path, "--save_dir", str(tmp_path / name), "--compile", mode, *common,
-                     launcher=(sys.executable,))
+@pytest.mark.parametrize("extra,tolerance", [((), 0.02), (("--depth_warmup", "0.5"), 0.02),
+                                             (("--dropout", "0.1"), 0.15)],
+                         ids=["plain", "depth-warmup", "dropout"])
+def test_compile_whole_trains_as_compile_on(tmp_path, extra, tolerance):
+    # bf16 both; only the optimizer's path differs (a capturable AdamW, the graph). --depth_warmup captures a second
+    # graph at its depth change; with dropout the two draw their masks differently, hence the looser bound
+    from tests.trainer_run import logged_losses
+    for mode in ("on", "whole"):
+        r = _trainer(tmp_path, "--save_dir", str(tmp_path / mode), "--compile", mode, "--max_steps", "20",
+                     "--eval_every", "10", "--log_every", "5", *extra, launcher=(sys.executable,))
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        runs[name] = r
-    assert "the whole step" in runs["whole"].stdout
+        assert mode != "whole" or ("--compile whole: the step" in r.stdout and "capturable" not in r.stderr), r.stderr
     on, whole = logged_losses(tmp_path / "on"), logged_losses(tmp_path / "whole")
-    assert [k[:2] for k in on] == [k[:2] for k in whole]
-    assert all(abs(a[2] - b[2]) < 0.02 for a, b in zip(on, whole)), (on, whole)  # bf16; only the optimizer's path differs
-    copy_run_until(tmp_path / "whole", tmp_path / "resumed", 10)
-    r = _trainer(tmp_path, "--save_dir", str(tmp_path / "resumed"), "--compile", "whole", *common, "--resume", "auto",
+    assert [k[:2] for k in on] == [k[:2] for k in whole] and len(on) >= 6
+    assert all(abs(a[2] - b[2]) < tolerance for a, b in zip(on, whole)), (on, whole)
+
+
+def test_compile_whole_resumes_as_uninterrupted(tmp_path):
+    # the resumed run's first steps are eager warm-ups where the straight run replays its graph. Not bit for bit:
+    # Inductor's embedding backward adds with atomics on CUDA, so two compiled runs differ in the last bits anyway
+    from tests.trainer_run import copy_run_until, logged_losses, params
+    common = ("--compile", "whole", "--max_steps", "20", "--eval_every", "10", "--log_every", "5")
+    r = _trainer(tmp_path, "--save_dir", str(tmp_path / "straight"), *common, launcher=(sys.executable,))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    copy_run_until(tmp_path / "straight", tmp_path / "resumed", 10)
+    r = _trainer(tmp_path, "--save_dir", str(tmp_path / "resumed"), *common, "--resume", "auto",
                  launcher=(sys.executable,))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for key in ("model", "ema"):  # warm-up steps after the resume, graph replays in the straight run: the same kernels
-        a, b = params(tmp_path / "whole" / "final_step_20.pt", key), params(tmp_path / "resumed" / "final_step_20.pt", key)
-        assert all(torch.equal(a[k], b[k]) for k in a), key
+    for a, b in zip(logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "resumed")):
+        assert a[:2] == b[:2] and abs(a[2] - b[2]) < 1e-4, (a, b)
+    for key in ("model", "ema"):
+        a, b = (params(tmp_path / run / "final_step_20.pt", key) for run in ("straight", "resumed"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

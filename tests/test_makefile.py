@@ -21,7 +21,8 @@ def test_make_alone_lists_every_target_with_one_line():
 
 def optional_packages():
     """(pip name, import name) of each package in requirements-test.txt."""
-    names = [line.split("#")[0].split("==")[0].strip() for line in (ROOT / "requirements-test.txt").read_text().splitlines()]
+    lines = (ROOT / "requirements-test.txt").read_text().splitlines()
+    names = [line.split("#")[0].split("==")[0].strip() for line in lines]
     return [(n, n.replace("-", "_")) for n in names if n]
 
 
@@ -35,7 +36,7 @@ def test_make_test_has_every_optional_package(package, module):
 
     if os.environ.get("TRM_TEST_OPTIONAL") != "1":
         pytest.skip("run outside `make test`: the optional packages may be absent")
-    assert importlib.util.find_spec(module) is not None, f"{package} is not installed: pip install -r requirements-test.txt"
+    assert importlib.util.find_spec(module) is not None, f"{package} missing: pip install -r requirements-test.txt"
 
 
 def test_make_test_declares_the_optional_packages_installed():

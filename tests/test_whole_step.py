@@ -126,7 +126,10 @@ def test_compile_whole_is_chosen_on_cuda_only():
 
 @pytest.mark.parametrize("flags,words", [(("--optimizer", "muon"), "--optimizer adamw"),
                                          (("--grad_accum", "2"), "--grad_accum 1"),
-                                         (("--random_depth", "deep"), "--random_depth")])
+                                         (("--random_depth", "deep"), "--random_depth"),
+                                         (("--sup_update", "each"), "--sup_update each"),
+                                         (("--act_weight", "0.1", "--train_halt_threshold", "0.5"),
+                                          "--train_halt_threshold")])
 def test_flags_it_cannot_take_are_refused_in_one_line(corpus, tmp_path, flags, words):
     r = train(corpus, tmp_path / "ck", "--max_steps", "2", "--compile", "whole", *flags, check=False)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]

@@ -6,8 +6,8 @@ trains nothing, a negative --keep_last deletes checkpoints.
 """
 import argparse
 
-from trm.cli import PathList, range_error
 from trm import whole_step
+from trm.cli import PathList, range_error
 from trm.metrics import tensorboard_missing
 
 # the flags that make the architecture: a resumed run keeps the checkpoint's values
@@ -95,7 +95,7 @@ def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable
     if requested == "whole":
         if device_type != "cuda":
             return False, False, f"--compile whole: no CUDA graphs on {device_type}, so not compiled (--compile on is)"
-        return True, False, "--compile whole: the whole step (forward, backward, clipping, AdamW, EMA) as one CUDA graph"
+        return True, False, "--compile whole: the step (forward, backward, clipping, AdamW, EMA) as one CUDA graph"
     if device_type != "cuda":
         return False, False, f"--compile auto: not compiled on {device_type}"
     if tokens_per_micro_step <= GRAPH_TOKENS:

@@ -14,6 +14,7 @@ What capture asks of a step, and how it is met here:
 Checkpoints are written as without it (a float rate, capturable off), so a run resumes under either mode.
 """
 import math
+import warnings
 
 import torch
 
@@ -30,6 +31,10 @@ def refusal(args, world_size):
         return "--compile whole captures one batch a step: it takes --grad_accum 1 (use --compile graphs)"
     if args.random_depth:
         return "--compile whole would capture a graph for every depth drawn: not with --random_depth"
+    if args.sup_update == "each":
+        return "--compile whole takes one optimizer step a batch: not with --sup_update each"
+    if args.train_halt_threshold is not None:
+        return "--compile whole captures fixed shapes: not with --train_halt_threshold (its tokens stop on the data)"
     return None
 
 
@@ -70,6 +75,13 @@ class WholeStep:
         self.graph = self.depth = self.x = self.targets = None
         self.warm = 0
 
+    def eager(self, x, targets, depth):
+        """The body run, not captured: a warm-up step (or any step off CUDA). AdamW, capturable, warns once that it
+        runs uncaptured; these steps are meant to."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            self.body(x, targets, depth)
+
     def body(self, x, targets, depth):
         """One step, on whatever stream is current: what the graph holds."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
@@ -96,13 +108,13 @@ class WholeStep:
             return
         self.optimizer.zero_grad(set_to_none=True)  # then the graph allocates, and each replay writes, its gradients
         if self.device.type != "cuda":  # (no graphs here: the body alone, as the CPU tests run it)
-            self.body(x, targets, depth)
+            self.eager(x, targets, depth)
             return
         if self.warm < WARMUP:
             side = torch.cuda.Stream()  # warm-up off the default stream, as capture asks
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.body(x, targets, depth)
+                self.eager(x, targets, depth)
             torch.cuda.current_stream().wait_stream(side)
             self.warm += 1
             return
