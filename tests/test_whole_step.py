@@ -106,6 +106,27 @@ def test_its_checkpoint_is_a_plain_one_and_resumes_the_loop_exactly():
     assert fresh_ema.updates == ema.updates == 4
 
 
+def test_it_continues_a_plain_checkpoint_as_the_loop_does():
+    # a run started without --compile whole, resumed with it: the loaded optimizer state is made capturable
+    model, opt, ema = setup()
+    steps = batches(4)
+    for x in steps[:2]:
+        loop_step(model, opt, ema, x[:, :-1], x[:, 1:], 2e-3, 1.0, torch.zeros(()))
+    resumed, resumed_opt, resumed_ema = setup(seed=5)
+    resumed.load_state_dict(model.state_dict())
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    resumed_ema.load_state_dict(copy.deepcopy(ema.state_dict()))
+    whole = WholeStep(resumed, resumed, resumed_opt, resumed_ema, 1.0, None, torch.zeros(()),
+                      torch.zeros((), dtype=torch.bool), {})
+    for x in steps[2:]:
+        loop_step(model, opt, ema, x[:, :-1], x[:, 1:], 2e-3, 1.0, torch.zeros(()))
+        whole.step(x[:, :-1], x[:, 1:], 2e-3, {})
+    assert all(s["step"].item() == 4 for s in resumed_opt.state.values())  # the moments went on, not restarted
+    for pa, pb in zip(list(model.parameters()) + list(ema.model.parameters()),
+                      list(resumed.parameters()) + list(resumed_ema.model.parameters())):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
 def test_the_ema_moves_alike_with_a_number_or_a_device_tensor():
     model, _, ema = setup()
     other = copy.deepcopy(ema)
