@@ -175,21 +175,15 @@ def test_trainer_runs_compiled_on_cuda(tmp_path, mode, extra):
 def test_whole_step_replays_equal_eager_steps_on_cuda():
     # --compile whole: three eager warm-up steps, the capture (run by its first replay), then replays, against the
     # loop's own steps; fp32 and uncompiled, so the graph is the only difference
-    from test_whole_step import loop_step
-    from trm.ema import EMA
+    from test_whole_step import loop_step, setup
     from trm.whole_step import WARMUP, WholeStep
 
-    def setup():
-        torch.manual_seed(0)
-        model = TRM(tiny()).cuda()
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=True), EMA(model, 0.99)
-
-    a, opt_a, ema_a = setup()
-    b, opt_b, ema_b = setup()
+    a, opt_a, ema_a = setup(device="cuda")
+    b, opt_b, ema_b = setup(device="cuda")
     sum_a, sum_b = torch.zeros((), device="cuda"), torch.zeros((), device="cuda")
     bad = torch.zeros((), device="cuda", dtype=torch.bool)
     whole = WholeStep(b, b, opt_b, ema_b, 1.0, None, sum_b, bad, {})
-    x = torch.randint(0, 512, (WARMUP + 5, 4, 65), device="cuda")
+    x = torch.randint(0, 64, (WARMUP + 5, 4, 17), device="cuda")  # setup's vocabulary and window
     for i in range(len(x)):
         lr = 3e-3 * (i + 1) / len(x)
         loop_step(a, opt_a, ema_a, x[i, :, :-1], x[i, :, 1:], lr, 1.0, sum_a)

@@ -16,9 +16,9 @@ from trm.whole_step import WholeStep
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def setup(seed=0):
+def setup(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    model = TRM(TRMConfig(vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0))
+    model = TRM(TRMConfig(vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0)).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     # the trainer's AdamW on CUDA is fused; so is this one, on the CPU

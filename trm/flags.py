@@ -56,6 +56,8 @@ def check_flags(args, world_size=1):
         return problem
     if args.overwrite and args.resume == "auto":
         return "--overwrite starts a new run and --resume auto continues the old one: choose one"
+    if args.compile == "whole" and (why := not_compilable(args)):
+        return f"--compile whole cannot capture this step: {why}"
     if args.compile == "whole" and (problem := whole_step.refusal(args, world_size)):
         return problem
     return None

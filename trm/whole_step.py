@@ -22,7 +22,8 @@ WARMUP = 3  # eager steps before a capture: compilation, the allocator and lazil
 
 
 def refusal(args, world_size):
-    """Why these flags cannot take --compile whole (a one-line message), or None."""
+    """Why these flags cannot take --compile whole (a one-line message), or None; besides what no compiled step takes
+    (trm.flags.not_compilable)."""
     if args.optimizer != "adamw":
         return "--compile whole steps AdamW inside the graph: it takes --optimizer adamw (use --compile graphs)"
     if world_size > 1:
@@ -31,10 +32,6 @@ def refusal(args, world_size):
         return "--compile whole captures one batch a step: it takes --grad_accum 1 (use --compile graphs)"
     if args.random_depth:
         return "--compile whole would capture a graph for every depth drawn: not with --random_depth"
-    if args.sup_update == "each":
-        return "--compile whole takes one optimizer step a batch: not with --sup_update each"
-    if args.train_halt_threshold is not None:
-        return "--compile whole captures fixed shapes: not with --train_halt_threshold (its tokens stop on the data)"
     return None
 
 
