@@ -10,6 +10,7 @@ records are skipped and counted, and the output appears only once complete (writ
 directory, then renamed), so an interrupted run never leaves a train_texts.txt that looks finished.
 """
 import argparse
+import glob
 import os
 import queue
 import sys
@@ -119,7 +120,9 @@ if __name__ == "__main__":
 
     files, missing = expand_inputs(args.inputs)
     for pattern in missing:
-        print(f"warning: {pattern} not found, skipping", file=sys.stderr)
+        what = (f"holds no {', '.join('*' + s for s in SUFFIXES)} files" if os.path.isdir(pattern) else
+                "matches no file" if glob.has_magic(pattern) else "not found")
+        print(f"warning: {pattern} {what}, skipping", file=sys.stderr)
     if not files:
         fail(f"no input files found (looked for {' '.join(args.inputs)}; directories are searched for "
              f"{', '.join('*' + s for s in SUFFIXES)}). Check the paths and the working directory ({os.getcwd()}).")

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 
@@ -89,6 +90,9 @@ try:
     args.train_paths, args.valid_paths = check_paths(args.train_paths, "train"), check_paths(args.valid_paths, "valid")
     for name in ("train_paths", "valid_paths"):  # a file named twice would count its documents twice
         setattr(args, name, unique_paths(getattr(args, name), name, log))
+    if seen := [p for p in args.valid_paths or [] if os.path.realpath(p) in map(os.path.realpath, args.train_paths)]:
+        log(f"warning: {', '.join(seen)} is also a training file: its validation loss then scores text the model "
+            f"trains on, not how it does on new text")
     if master:  # (the other ranks only read it)
         check_cache_dir(cache_dir)
 except (TokenizerError, DataError) as e:
@@ -487,8 +491,8 @@ if master:
     if interrupted:
         log(f"interrupted at step {step}: saved {path}; continue with {run_dir.advice}")
     else:
-        log(f"done: {step} steps{clock.minutes(time.time() - t_process, step - start_step, ckpt is not None)}, "
-            f"{tokens_seen:,} tokens; final checkpoint {path}")
+        minutes = clock.minutes(time.time() - t_process, step - start_step, ckpt is not None)
+        log(f"done: {step} step{'s' * (step != 1)}{minutes}, {tokens_seen:,} tokens; final checkpoint {path}")
     log(clock.summary(time.time() - t_process))
     if last_eval and not interrupted:
         log(f"validation ({eval_weights} weights): loss {last_eval['loss']:.4f}, perplexity "
@@ -506,3 +510,5 @@ if ddp:
     del model
     gc.collect()
     dist.destroy_process_group()
+if interrupted:  # saved, but not done: `train && generate final_step_N.pt` stops here, as after any signal (128 + N)
+    sys.exit(128 + signal.Signals[interrupted])

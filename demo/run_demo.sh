@@ -23,6 +23,10 @@ PROMPT="${PROMPT:-昨日、田中さんは}"
 
 run() { printf '\n$ %s\n' "$*"; "$@"; }
 t0=$(date +%s)
+if [ -n "$DATA_DIR" ]; then  # made absolute before the cd below: a relative DATA_DIR is one from where make ran
+  [ -d "$DATA_DIR" ] || { echo "error: DATA_DIR=$DATA_DIR is not a folder (from $(pwd))" >&2; exit 2; }
+  DATA_DIR="$(cd "$DATA_DIR" && pwd)"
+fi
 mkdir -p "$WORK"
 cd "$WORK"
 
@@ -30,8 +34,8 @@ if [ -z "$DATA_DIR" ]; then
   DATA_DIR="$WORK/data"
   run "$PY" "$ROOT/demo/make_corpus.py" --out_dir "$DATA_DIR"
 fi
-DATA_DIR="$(cd "$DATA_DIR" && pwd)"
-mapfile -t TRAIN < <(ls "$DATA_DIR"/train_*.jsonl.gz | sort -V)  # train_0 ... train_10, in the users' order
+mapfile -t TRAIN < <(ls "$DATA_DIR"/train_*.jsonl.gz 2>/dev/null | sort -V)  # train_0 ... train_10, in the users' order
+[ ${#TRAIN[@]} -gt 0 ] || { echo "error: no train_*.jsonl.gz in $DATA_DIR" >&2; exit 2; }
 
 # Step 1: every document, one per line
 run "$PY" "$ROOT/extract_texts.py" --inputs "${TRAIN[@]}" --output train_texts.txt

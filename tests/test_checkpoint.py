@@ -1,5 +1,6 @@
 """Behaviour of trm/checkpoint.py: atomic writes, every bad file a one-line CheckpointError, listing and pruning."""
 import errno
+import gzip
 import io
 import os
 import pickle
@@ -133,7 +134,19 @@ def test_a_missing_checkpoint_names_the_ones_beside_it(tmp_path):
 def test_text_file(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello world\n")  # the unpickler raises KeyError on it
-    refused(path, "not a PyTorch checkpoint")
+    refused(path, "is a text file, not a PyTorch checkpoint")
+
+
+def test_a_corpus_shard_or_an_exported_model_is_named_as_such(tmp_path):
+    shard = tmp_path / "train_0.jsonl.gz"  # the unpickler's own words were "Unsupported operand 31"
+    with gzip.open(shard, "wt", encoding="utf-8") as f:
+        f.write('{"text": "こんにちは"}\n')
+    message = refused(shard, "is a gzip file (a corpus shard?), not a PyTorch checkpoint")
+    assert "operand" not in message
+    exported = tmp_path / "model.safetensors"
+    header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    exported.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    refused(exported, "is a safetensors file (an exported model: give its folder instead)")
 
 
 def test_one_byte_and_empty_file(tmp_path):

@@ -88,6 +88,11 @@ def test_nothing_readable_fails_and_says_what_was_looked_for(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "x.jsonl.gz"]  # no output, no temporary files
     r = run(tmp_path, "--inputs", "x.jsonl.gz", "--text_field", "body")
     assert r.returncode == 0 and (tmp_path / "train_texts.txt").read_text(encoding="utf-8") == "テキストはbodyにある\n"
+    # what each input that gave nothing is: a folder without corpus files is there, only empty of them
+    (tmp_path / "empty").mkdir()
+    r = run(tmp_path, "--inputs", "x.jsonl.gz", "empty", "nothing_*.jsonl.gz", "gone.jsonl.gz", "--text_field", "body")
+    assert r.returncode == 0 and "warning: empty holds no *.jsonl.gz" in r.stderr, r.stderr
+    assert "nothing_*.jsonl.gz matches no file" in r.stderr and "gone.jsonl.gz not found" in r.stderr
 
 
 def test_interrupted_run_never_leaves_a_finished_looking_output(tmp_path, monkeypatch, capsys):

@@ -309,6 +309,12 @@ def test_a_training_file_named_twice_is_read_once(corpus, tmp_path):
     windows = [load_checkpoint(d / "final_step_1.pt")["loader"]["n_windows"] for d in (tmp_path / "ck",
                                                                                        tmp_path / "once")]
     assert windows[0] == windows[1] and "named again" not in once.stdout  # its tokens once, not twice
+    assert "also a training file" not in r.stdout + once.stdout
+    # the validation file among the training files (here through a symbolic link): scored, with a warning
+    (tmp_path / "valid.jsonl.gz").symlink_to(corpus["train_0"])
+    r = train(corpus, tmp_path / "same", "--max_steps", "1", "--train_paths", corpus["train_0"], "--valid_paths",
+              str(tmp_path / "valid.jsonl.gz"))
+    assert f"warning: {tmp_path / 'valid.jsonl.gz'} is also a training file" in r.stdout
 
 
 # ---- messages that say what is true and what to do next (issue 24) --------------------------------------------------
@@ -342,6 +348,13 @@ def test_the_same_command_again_and_overwrites_get_advice_that_works(corpus, tmp
                                  "the same command plus --resume auto", "--overwrite", code=2)
     assert "another run" not in line
     (save / "step_2.pt").rename(save / "final_step_2.pt")
+    # a resume whose --max_steps is below the checkpoint's step would train nothing: refused, and nothing rewritten
+    files = lambda: {p.name: p.read_bytes() for p in save.iterdir() if p.is_file() and p.name != ".lock"}
+    before = files()
+    r = train(corpus, save, *first[2:], "--max_steps", "1", "--resume", "auto", check=False)
+    assert_one_line_error(r, "--max_steps 1 is below the step of", "final_step_2.pt (2)", "it was started with 2",
+                          code=2)
+    assert files() == before
     # each --overwrite keeps the replaced run: from the second on, the log says how many and how to delete them
     r = train(corpus, save, *first, "--overwrite")
     assert "rm -r" not in r.stdout

@@ -33,10 +33,11 @@ def endless_trainer(corpus, save_dir):
 
 
 def train(corpus, save_dir, *extra, check=True, env=None):
-    """The trainer on the tiny corpus; `extra` flags after it (a --train_paths of its own replaces the corpus's)."""
+    """The trainer on the tiny corpus; `extra` flags after it (a --train_paths or --valid_paths of its own replaces the
+    corpus's)."""
     paths = [] if "--train_paths" in extra else ["--train_paths", corpus["train_0"], corpus["train_1"]]
-    cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, *paths,
-           "--valid_paths", corpus["validation_0"], "--save_dir", str(save_dir), *extra]
+    paths += [] if "--valid_paths" in extra else ["--valid_paths", corpus["validation_0"]]
+    cmd = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, *paths, "--save_dir", str(save_dir), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if check:
         assert r.returncode == 0, r.stdout + r.stderr

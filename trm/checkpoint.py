@@ -82,6 +82,8 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"not a file: {path}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes)")
+    if kind := _foreign(_head(path, 16)):
+        raise CheckpointError(f"{path} is {kind}, not a PyTorch checkpoint")
     try:
         # random bytes that begin with a pickle's first opcode make torch warn about the protocol before it fails:
         # a failed load's warnings are dropped (the one-line error says it all), a good load's are passed on
@@ -95,14 +97,13 @@ def load_checkpoint(path, map_location="cpu"):
         if refused:
             raise CheckpointError(f"{path} was refused: it contains objects that would run code when loaded "
                                   f"(weights_only=True) [{reason}]") from None
-        raise CheckpointError(f"{path} is unreadable or not a PyTorch checkpoint ({reason})") from None
+        raise CheckpointError(_not_a_checkpoint(path, reason)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is unreadable or truncated ({type(e).__name__}: {_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001
         # weights_only=True runs no code from the file, so any other failure (a text file gives KeyError, one byte
         # IndexError) is the unpickler tripping over bytes that are not a pickle
-        raise CheckpointError(f"{path} is unreadable or not a PyTorch checkpoint "
-                              f"({type(e).__name__}: {_first_line(e)})") from None
+        raise CheckpointError(_not_a_checkpoint(path, f"{type(e).__name__}: {_first_line(e)}")) from None
     for w in caught:  # outside the try: a warning made an error by the caller's filters is not "unreadable"
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -114,6 +115,38 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with it (a changed "
                               f"byte on disk or in a copy); use another checkpoint or copy it again")
     return state
+
+
+MAGIC = ((b"\x1f\x8b", "a gzip file (a corpus shard?)"), (b"\xfd7zXZ\x00", "an xz file (a corpus shard?)"),
+         (b"\x28\xb5\x2f\xfd", "a zstd file (a corpus shard?)"), (b"PAR1", "a Parquet file (a corpus shard?)"))
+
+
+def _head(path, n=4096):
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:  # (torch.load then says what is wrong, as "unreadable")
+        return b""
+
+
+def _foreign(head):
+    """What a file whose first bytes are another format's is (the unpickler's own words, 'Unsupported operand 31' for
+    a .jsonl.gz, tell a user nothing), or None."""
+    if kind := next((what for magic, what in MAGIC if head.startswith(magic)), None):
+        return kind
+    if head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 1 << 27:  # a header's length, then its JSON
+        return "a safetensors file (an exported model: give its folder instead)"
+    return None
+
+
+def _not_a_checkpoint(path, reason):
+    """The one line for a file the unpickler cannot read: a text file is named as such, else the unpickler's reason."""
+    try:
+        if _head(path).decode("utf-8"):  # (a character cut at 4096 bytes makes it binary here: rare, only wordier)
+            return f"{path} is a text file, not a PyTorch checkpoint"
+    except UnicodeDecodeError:
+        pass
+    return f"{path} is unreadable or not a PyTorch checkpoint ({reason})"
 
 
 def _what_is_there(folder):

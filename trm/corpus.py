@@ -255,8 +255,12 @@ def _unpack(f, path, stats, name, new_decoder, error):
 
 
 def _gunzip(f, path, stats):
-    inflate, in_member = zlib.decompressobj(wbits=31), False
+    inflate, in_member, first = zlib.decompressobj(wbits=31), False, True
     while raw := f.read(READ_SIZE):
+        if first and not raw.startswith(b"\x1f\x8b"):  # (zlib would say "incorrect header check")
+            yield _damaged(path, stats, "not gzip data (no gzip header: a plain .jsonl named .gz?)", kept=False)
+            return
+        first = False
         stats.bytes_in += len(raw)
         while raw:
             saved = inflate.copy()  # ~40 kB per 1 MB read; at damage the read is replayed from here
@@ -318,9 +322,10 @@ def _read_ahead(blocks, depth=4):
             q.get_nowait()
 
 
-def _damaged(path, stats, what):
+def _damaged(path, stats, what, kept=True):
     stats.errors.append(f"{path}: {what}")
-    print(f"warning: {path}: {what}; keeping the documents read before the damage", file=sys.stderr)
+    print(f"warning: {path}: {what}; " + ("keeping the documents read before the damage" if kept else
+                                         "nothing read from it"), file=sys.stderr)
     return None  # the caller's signal that the file ends here
 
 

@@ -141,7 +141,7 @@ def main(argv=None):
         for doc in document_ids(tokenizer, chunk):
             ids.extend(doc)
     if len(ids) < 2:
-        print(f"error: no readable documents in {args.data}", file=sys.stderr)
+        print(f"error: no readable documents in {', '.join(args.data)}", file=sys.stderr)
         return 2
     windows = eval_windows(ids, args.seq_len or model.config.max_seq_len, args.eval_tokens)
     if args.halt_threshold is not None and not model.can_halt:

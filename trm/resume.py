@@ -14,8 +14,8 @@ from trm.tokenizer import Tokenizer
 
 
 def resume_error(ckpt, ckpt_path, tokenizer, args):
-    """A one-line reason why this command cannot continue the checkpoint (its tokenizer or optimizer differ), or
-    None."""
+    """A one-line reason why this command cannot continue the checkpoint (its tokenizer or optimizer differ, or it
+    would train nothing), or None."""
     if ckpt.get("tokenizer") and (theirs := Tokenizer.from_state(ckpt["tokenizer"])).fingerprint() != \
             tokenizer.fingerprint():
         trained = ("--tokenizer byte" if theirs.kind == "byte" else
@@ -24,6 +24,12 @@ def resume_error(ckpt, ckpt_path, tokenizer, args):
                  f"--sp_model {args.sp_model} ({tokenizer.vocab_size:,} pieces)")
         return (f"the checkpoint {ckpt_path} was trained with a different tokenizer ({trained}) than this command's "
                 f"{given}; resume with the tokenizer the run started with")
+    if args.max_steps < ckpt["step"]:  # (equal is a run to finish: its last evaluation and final checkpoint)
+        started = (ckpt.get("args") or {}).get("max_steps")
+        return (f"--max_steps {args.max_steps:,} is below the step of {ckpt_path} ({ckpt['step']:,}), so nothing "
+                f"would be trained; continue the run with a larger --max_steps" +
+                (f" (it was started with {started:,})" if started else "") +
+                ", or start a new one with --overwrite or another --save_dir")
     return resume_problem(ckpt, args.optimizer)
 
 
