@@ -15,6 +15,7 @@ learning rate, with no measured gain for language modeling here; see README).
 """
 import contextlib
 import gc
+import inspect
 import math
 import os
 import random
@@ -180,8 +181,11 @@ use_compile, cuda_graphs, why = choose_compile(args.compile, device.type, args.b
 log(f"compile: {why}")
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
-    # the buffers (initial states, rotary tables) are constants: no need to broadcast them every forward
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    # the buffers (initial states, rotary tables) are constants: no need to broadcast them every forward (torch 2.13
+    # renamed the flag and warns at the old name)
+    no_sync_buffers = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else
+                        "broadcast_buffers"): False}
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync_buffers)
 if use_compile:
     # compiled after DDP so that the compiler splits the graph at gradient buckets and overlaps the all-reduce;
     # CUDA graphs replay a whole step's kernels with one launch: small batches are launch-bound, not math-bound

@@ -4,6 +4,7 @@ The same-global-batch equality of two processes and one is in test_train.py; the
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from test_metrics import scalars
-from trainer_run import ROOT, TINY, copy_run_until, endless_trainer, logged_losses, params
+from trainer_run import ROOT, TINY, copy_run_until, endless_trainer, logged, logged_losses, params
 from trm.checkpoint import load_checkpoint
 from trm.metrics import tensorboard_missing
 
@@ -99,6 +100,7 @@ def test_a_two_process_run_resumes_bit_identically(corpus, tmp_path, dropout, po
     common = ["--max_steps", "8", "--eval_every", "4", "--log_every", "2", "--dropout", dropout]
     r = torchrun(corpus, straight, *common, port=port)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "Warning" not in r.stdout + r.stderr, r.stderr  # (torch 2.13's DDP warned of a renamed flag, per rank)
     copy_run_until(straight, resumed, 4)
     r = torchrun(corpus, resumed, *common, "--resume", "auto", port=port + 1)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -157,3 +159,34 @@ def test_a_rank_that_dies_ends_the_run_with_one_line_and_a_usable_checkpoint(cor
     step = load_checkpoint(saved[-1])["step"]
     r = torchrun(corpus, save, "--max_steps", str(step + 2), "--eval_every", "100000", "--resume", "auto", port=29546)
     assert r.returncode == 0 and f"resuming from {saved[-1]}" in r.stdout, r.stdout + r.stderr
+
+
+def test_ctrl_c_in_the_terminal_saves_every_ranks_step_and_the_run_resumes(corpus, tmp_path):
+    # the terminal sends SIGINT to torchrun, which passes it on to its workers (their own session): they agree to
+    # stop at the same step, rank 0 saves it, and each exits as after Ctrl-C
+    save = tmp_path / "ck"
+    proc = torchrun(corpus, save, "--max_steps", "100000", "--eval_every", "100000", "--log_every", "1", port=29547,
+                    popen=True)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("step      6/"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        out.append(proc.communicate(timeout=120)[0])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(out)
+    assert proc.returncode != 0  # (torchrun's own: it was interrupted)
+    stopped = re.search(r"interrupted at step (\d+): saved (\S+); continue with the same command plus --resume auto",
+                        text)
+    assert stopped and "[rank" not in text, text  # no trainer traceback
+    step = int(stopped[1])
+    assert load_checkpoint(stopped[2])["step"] == step
+    r = torchrun(corpus, save, "--max_steps", str(step + 2), "--eval_every", "100000", "--log_every", "1",
+                 "--resume", "auto", port=29548)
+    assert r.returncode == 0 and f"resuming from {stopped[2]}" in r.stdout, r.stdout + r.stderr
+    assert [h["step"] for h in logged(save, "train")][-3:] == [step, step + 1, step + 2]
