@@ -259,6 +259,17 @@ def run(prompts):
             print_ready()
 
 
+def read_prompt():
+    """One line of stdin. stdout holds only generated text (`> out.txt`), so the "> " prompt goes there only for a
+    person at a terminal (where readline redraws it), to stderr when stdout is a file, and nowhere for piped prompts."""
+    if not sys.stdin.isatty():
+        return input()
+    if sys.stdout.isatty():
+        return input("> ")
+    print("> ", end="", file=sys.stderr, flush=True)
+    return input()
+
+
 try:
     if prompts is not None:
         run(prompts)
@@ -267,7 +278,7 @@ try:
               file=sys.stderr)
         while True:
             try:
-                prompt = input("> ")
+                prompt = read_prompt().rstrip("\r").lstrip("\ufeff")  # (a Windows file piped in: CRLF and a BOM)
             except EOFError:
                 print(file=sys.stderr)
                 break

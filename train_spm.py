@@ -15,6 +15,7 @@ broken across two lines.
 import argparse
 import codecs
 import io
+import json
 import os
 import random
 import re
@@ -148,9 +149,9 @@ def sentences_for_training(path, keep, max_bytes, holdout, heldout, fed, bar, se
 
 def read_eval_file(path):
     """Held-out text from --eval_file: a corpus file (raw documents) or a text file, one document per line."""
-    texts, size = [], 0
+    texts, size, stats = [], 0, CorpusStats()
     if path.endswith(SUFFIXES):
-        stream = iter_texts(path, stats=CorpusStats())
+        stream = iter_texts(path, stats=stats)
     else:
         stream = (line.rstrip("\n") for line in open(path, encoding="utf-8", errors="replace"))
     for text in stream:
@@ -159,6 +160,8 @@ def read_eval_file(path):
             size += len(text)
             if size * 3 >= EVAL_MAX_BYTES:
                 break
+    if skipped := stats.skipped_note():
+        print(f"warning: {path}: {skipped}; the figures are on the {len(texts):,} documents read", file=sys.stderr)
     return texts
 
 
@@ -172,7 +175,14 @@ def not_text(path):
     if head[:6] == b"\xfd7zXZ\x00" or head[:4] == b"\x28\xb5\x2f\xfd" or path.endswith((".xz", ".zst")):
         return "is xz- or zstd-compressed"
     first = head.split(b"\n", 1)[0].strip()
-    if first.startswith(b"{") and (first.endswith(b"}") or b'"text"' in first):
+    if b"\n" in head or len(head) < 1 << 16:  # the whole first line: JSON if it parses to a record (not "{数学}")
+        try:
+            record = json.loads(first)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            return "is JSON lines (a corpus file)"
+    elif re.match(rb'\{\s*"', first):  # a first line longer than 64 KB: it opens as a record does
         return "is JSON lines (a corpus file)"
     return None
 

@@ -147,8 +147,9 @@ except KeyboardInterrupt:  # (Ctrl-C is the trainer's own only from the loop on:
 loader = PackedLoader(train_tokens, L, args.batch_size, args.seed, rank, world_size)
 val_windows = eval_windows(valid_tokens, L, args.eval_tokens) if valid_tokens is not None else None
 token_bytes = tokenizer.token_bytes()
+epoch_steps = loader.n_windows * L / tokens_per_step  # (a tiny corpus: less than one step, not "0 steps")
 log(f"data: {len(train_tokens):,} train tokens = {loader.n_windows:,} windows of {L} "
-    f"({loader.n_windows * L / tokens_per_step:,.0f} steps per epoch at {tokens_per_step:,} tokens/step)"
+    f"({epoch_steps:,.{0 if epoch_steps >= 10 else 2}f} steps per epoch at {tokens_per_step:,} tokens/step)"
     + (f"; {val_windows.shape[0]} validation windows" if val_windows is not None else ""))
 if len(train_tokens) < L + 1:  # a window then wraps round the circle: the same text several times in one window
     log(f"warning: the training corpus is {len(train_tokens):,} tokens, less than one window of {L + 1:,}: each window "

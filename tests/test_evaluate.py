@@ -86,6 +86,15 @@ def test_evaluate_command_prints_one_json_object(tiny_checkpoint, tmp_path):
     assert missing.returncode == 2 and "nope.jsonl.gz" in missing.stderr and "Traceback" not in missing.stderr
     no_head = subprocess.run([*cmd, "--halt_threshold", "0.5"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert no_head.returncode == 2 and "halting head" in no_head.stderr and "Traceback" not in no_head.stderr
+    # records it cannot read are told of, not dropped in silence: the score rests on the others
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in japanese_lines(20, seed=2)) +
+                   'not json\n{"text": null}\n{"text": ""}\n', encoding="utf-8")
+    r = subprocess.run([*cmd[:-4], "--data", str(odd)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens"] > 0, r.stderr
+    assert "warning: 3 records skipped (1 empty text, 1 malformed JSON, 1 no string 'text' field; e.g." in r.stderr
+    assert "the score is on the 20 documents read" in r.stderr
+    assert "records skipped" not in subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120).stderr
 
 
 def test_adaptive_scoring_brackets_and_the_halting_accuracy(tiny_sp_model):

@@ -114,6 +114,13 @@ def test_prompt_file_interactive_and_empty_prompt(tiny_checkpoint, tmp_path):
     r = run_generate("--model_path", tiny_checkpoint, "--max_new_tokens", 5, stdin="猫は\n\nexit\n東京\n")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("[sample ") == 2
+    assert r.stdout.startswith("猫は"), r.stdout  # piped prompts: stdout holds the text alone, no "> " prompts
+    # a file from Windows piped in (a BOM, CRLF): the same prompt tokens as typed
+    r = run_generate("--model_path", tiny_checkpoint, "--max_new_tokens", 2, "--temperature", 0,
+                     stdin="\ufeff猫は\r\n猫は\n")
+    assert r.returncode == 0, r.stderr
+    lengths = re.findall(r"prompt (\d+) tokens", r.stderr)
+    assert len(lengths) == 2 and lengths[0] == lengths[1], r.stderr
     r = run_generate("--model_path", tiny_checkpoint, "--prompt", "", "--max_new_tokens", 5, "--temperature", 0)
     assert r.returncode == 0 and "prompt 1 tokens, generated 5 tokens" in r.stderr, r.stderr
 

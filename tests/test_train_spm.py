@@ -106,6 +106,14 @@ def test_eval_file_corpus(trained, tmp_path, name):
             "--eval_file", str(tmp_path / name))
     assert r.returncode == 0, r.stderr
     assert f"{name}: 50 documents" in r.stdout and "unknown rate      0.0000%" in r.stdout
+    assert "skipped" not in r.stderr
+    if name.endswith(".gz"):  # records it cannot read are told of, not dropped in silence
+        with gzip.open(tmp_path / name, "at", encoding="utf-8") as f:
+            f.write('not json\n{"text": 3}\n')
+        r = run(d, "--vocab_size", "400", "--character_coverage", "1.0", "--model_prefix", str(tmp_path / "m"),
+                "--eval_file", str(tmp_path / name))
+        assert r.returncode == 0 and f"{name}: 50 documents" in r.stdout, r.stderr
+        assert "2 records skipped (1 malformed JSON, 1 no string 'text' field" in r.stderr, r.stderr
 
 
 def test_text_that_does_not_come_back_is_warned_of(tmp_path):
@@ -214,6 +222,14 @@ def test_corpus_files_as_input_are_refused_pointing_at_step_1(tmp_path, name, co
     r = run(tmp_path, "--input", name, "--vocab_size", "400")
     assert_one_line_error(r, name, "python extract_texts.py")
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_plain_text_whose_first_document_is_in_braces_is_text(tmp_path):
+    # a document may open with "{" and end with "}" ({数学の集合}): only a line that parses as a record is JSON lines
+    lines = ["{数学の集合}", '{"引用"}', *corpus_lines(300)]
+    (tmp_path / "train_texts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    r = run(tmp_path, "--vocab_size", "400", "--character_coverage", "1.0")
+    assert r.returncode == 0 and (tmp_path / "ja_trm.model").exists(), r.stderr
 
 
 @pytest.mark.parametrize("name,content", [("valid.jsonl.gz", gzip.compress(b'{"body": "no text field"}\n')),

@@ -60,6 +60,15 @@ class CorpusStats:
         self.errors += other.errors
         return self
 
+    def skipped_note(self):
+        """'9 records skipped (6 malformed JSON, 3 empty text; e.g. a.jsonl:4: malformed JSON)', or None: for a reader
+        that prints no summary of its own, so that a score never rests on fewer documents than a user thinks."""
+        if not self.skipped:
+            return None
+        return (f"{sum(self.skipped.values()):,} records skipped (" +
+                ", ".join(f"{n:,} {reason}" for reason, n in sorted(self.skipped.items())) +
+                (f"; e.g. {self.examples[0]}" if self.examples else "") + ")")
+
     def summary(self):
         lines = [f"{self.files:,} files, {self.documents:,} documents, {self.chars:,} characters"]
         if self.skipped:

@@ -214,7 +214,7 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta, damage = verify_cache(path)
         if meta is not None:  # what the build skipped and which files were damaged, said again on every reuse
-            log(f"{desc}: token cache {path} ({meta['tokens']:,} tokens, {meta['documents']:,} documents"
+            log(f"{desc}: token cache {path} ({meta['tokens']:,} tokens, {documents(meta)}"
                 + damage_note(meta) + ")")
         else:
             if damage:
@@ -226,10 +226,14 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
                 raise CacheWriteError(f"writing the token cache {path} failed: {e.strerror or e}; nothing else was "
                                       f"changed. Free some space in {cache_dir} or choose another --cache_dir, then "
                                       f"run the same command again.") from None
-            log(f"{desc}: {meta['tokens']:,} tokens from {meta['documents']:,} documents in {meta['seconds']:.1f}s"
+            log(f"{desc}: {meta['tokens']:,} tokens from {documents(meta)} in {meta['seconds']:.1f}s"
                 + damage_note(meta))
     # the mapping outlives the lock: a later rebuild replaces the file by rename, so this inode stays as it is
     return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["tokens"],))
+
+
+def documents(meta):
+    return f"{meta['documents']:,} document{'s' * (meta['documents'] != 1)}"
 
 
 def damage_note(meta):

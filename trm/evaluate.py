@@ -143,6 +143,8 @@ def main(argv=None):
     if len(ids) < 2:
         print(f"error: no readable documents in {', '.join(args.data)}", file=sys.stderr)
         return 2
+    if skipped := stats.skipped_note():
+        print(f"warning: {skipped}; the score is on the {stats.documents:,} documents read", file=sys.stderr)
     windows = eval_windows(ids, args.seq_len or model.config.max_seq_len, args.eval_tokens)
     if args.halt_threshold is not None and not model.can_halt:
         print(f"error: --halt_threshold needs a TRM trained with a halting head; {args.model_path} has none",
@@ -160,7 +162,7 @@ def main(argv=None):
     result.update(params=model.num_params(), step=state.get("step"), weights=args.weights,
                   checkpoint=args.model_path)
     if windows.shape[1] - 1 < (args.seq_len or model.config.max_seq_len):  # the one short window eval_windows gives
-        print(f"warning: {args.data} holds fewer tokens than one window ({result['tokens']:,} scored): a score from "
+        print(f"warning: {', '.join(args.data)} holds fewer tokens than one window ({result['tokens']:,} scored): a score from "
               f"so little text says little about the model", file=sys.stderr)
     try:
         print(json.dumps(result), flush=True)
