@@ -162,8 +162,8 @@ def main(argv=None):
     result.update(params=model.num_params(), step=state.get("step"), weights=args.weights,
                   checkpoint=args.model_path)
     if windows.shape[1] - 1 < (args.seq_len or model.config.max_seq_len):  # the one short window eval_windows gives
-        print(f"warning: {', '.join(args.data)} holds fewer tokens than one window ({result['tokens']:,} scored): a score from "
-              f"so little text says little about the model", file=sys.stderr)
+        print(f"warning: {', '.join(args.data)} holds fewer tokens than one window ({result['tokens']:,} scored): a "
+              f"score from so little text says little about the model", file=sys.stderr)
     try:
         print(json.dumps(result), flush=True)
     except BrokenPipeError:  # `evaluate.py ... | head -c 100`: the reader left; say nothing more
