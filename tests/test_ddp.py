@@ -55,9 +55,10 @@ RECORDER = textwrap.dedent('''
 ''')
 
 
-def torchrun(corpus, save_dir, *extra, port, nproc=2, env=None, popen=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-           str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], corpus["train_1"],
+def torchrun(corpus, save_dir, *extra, port, nproc=2, env=None, popen=False, launch=None):
+    """The trainer on the tiny corpus under torchrun: `nproc` processes on one node, or torchrun's own flags `launch`."""
+    launch = launch or ["--nproc_per_node", str(nproc), "--master_port", str(port)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], corpus["train_1"],
            "--valid_paths", corpus["validation_0"], "--save_dir", str(save_dir), "--batch_size", "2", "--dropout",
            "0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -190,3 +191,29 @@ def test_ctrl_c_in_the_terminal_saves_every_ranks_step_and_the_run_resumes(corpu
                  "--resume", "auto", port=29548)
     assert r.returncode == 0 and f"resuming from {stopped[2]}" in r.stdout, r.stdout + r.stderr
     assert [h["step"] for h in logged(save, "train")][-3:] == [step, step + 1, step + 2]
+
+
+def test_two_nodes_through_the_rendezvous_train_as_one_node_does(corpus, tmp_path):
+    # the README's multi-node command as written (c10d rendezvous, the same command on every node), with two nodes of
+    # one process each on this host: the same global batch, so the same run as two processes on one node
+    common = ["--max_steps", "4", "--eval_every", "2", "--log_every", "1", "--dropout", "0.1"]
+    r = torchrun(corpus, tmp_path / "one", *common, port=29561)
+    assert r.returncode == 0, r.stdout + r.stderr
+    launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:29563",
+              "--rdzv_id", "trm_two_nodes"]
+    nodes = [torchrun(corpus, tmp_path / "two", *common, port=None, launch=launch, popen=True) for _ in range(2)]
+    try:
+        outs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    assert [node.returncode for node in nodes] == [0, 0], "".join(outs)
+    assert "Warning" not in "".join(outs), "".join(outs)
+    assert sum("done: 4 steps" in out for out in outs) == 1  # rank 0 alone reports, on whichever node it is
+    a, b = tmp_path / "one" / "final_step_4.pt", tmp_path / "two" / "final_step_4.pt"
+    for key in ("model", "ema"):
+        pa, pb = params(a, key), params(b, key)
+        assert all(torch.equal(pa[k], pb[k]) for k in pa), key
+    assert logged_losses(tmp_path / "one") == logged_losses(tmp_path / "two")
