@@ -121,7 +121,7 @@ if __name__ == "__main__":
     files, missing = expand_inputs(args.inputs)
     for pattern in missing:
         what = (f"holds no {', '.join('*' + s for s in SUFFIXES)} files" if os.path.isdir(pattern) else
-                "matches no file" if glob.has_magic(pattern) else "not found")
+                "matches no corpus file" if glob.has_magic(pattern) else "not found")
         print(f"warning: {pattern} {what}, skipping", file=sys.stderr)
     if not files:
         fail(f"no input files found (looked for {' '.join(args.inputs)}; directories are searched for "

@@ -261,7 +261,7 @@ def run(prompts):
 
 def read_prompt():
     """One line of stdin. stdout holds only generated text (`> out.txt`), so the "> " prompt goes there only for a
-    person at a terminal (where readline redraws it), to stderr when stdout is a file, and nowhere for piped prompts."""
+    person at a terminal, to stderr when stdout is a file, and nowhere for piped prompts."""
     if not sys.stdin.isatty():
         return input()
     if sys.stdout.isatty():

@@ -178,7 +178,7 @@ def not_text(path):
     if b"\n" in head or len(head) < 1 << 16:  # the whole first line: JSON if it parses to a record (not "{数学}")
         try:
             record = json.loads(first)
-        except ValueError:
+        except (ValueError, RecursionError):  # ("[[[[..." nests deeper than the parser goes)
             record = None
         if isinstance(record, dict):
             return "is JSON lines (a corpus file)"

@@ -92,8 +92,8 @@ try:
     for name in ("train_paths", "valid_paths"):  # a file named twice would count its documents twice
         setattr(args, name, unique_paths(getattr(args, name), name, log))
     if seen := [p for p in args.valid_paths or [] if os.path.realpath(p) in map(os.path.realpath, args.train_paths)]:
-        log(f"warning: {', '.join(seen)} is also a training file: its validation loss then scores text the model "
-            f"trains on, not how it does on new text")
+        log(f"warning: {', '.join(seen)} {'is also a training file' if len(seen) == 1 else 'are also training files'}"
+            f": the validation loss then scores text the model trains on, not how it does on new text")
     if master:  # (the other ranks only read it)
         check_cache_dir(cache_dir)
 except (TokenizerError, DataError) as e:
@@ -472,7 +472,7 @@ bar.close()
 # ----------------------------------------------------------------------------------------------------------------
 # the end: a final checkpoint (or an interrupted one), evaluation, summary
 check_finite()
-interrupted = clock.stop_requested
+interrupted = clock.interrupted
 rng_ranks = every_rank_rng(device, world_size)
 if master:
     try:

@@ -146,7 +146,7 @@ def test_a_corpus_shard_or_an_exported_model_is_named_as_such(tmp_path):
     exported = tmp_path / "model.safetensors"
     header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
     exported.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
-    refused(exported, "is a safetensors file (an exported model: give its folder instead)")
+    refused(exported, "is a safetensors file (an exported model: generate.py and evaluate.py take its folder")
 
 
 def test_one_byte_and_empty_file(tmp_path):

@@ -95,6 +95,12 @@ def test_evaluate_command_prints_one_json_object(tiny_checkpoint, tmp_path):
     assert "warning: 3 records skipped (1 empty text, 1 malformed JSON, 1 no string 'text' field; e.g." in r.stderr
     assert "the score is on the 20 documents read" in r.stderr
     assert "records skipped" not in subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120).stderr
+    # ... and when nothing is left, what was skipped is the reason (here: the text is in another field)
+    (tmp_path / "body.jsonl").write_text('{"body": "猫"}\n{"body": "犬"}\n', encoding="utf-8")
+    r = subprocess.run([*cmd[:-4], "--data", str(tmp_path / "body.jsonl")], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 2 and "no readable documents in" in r.stderr, r.stderr
+    assert "2 records skipped (2 no string 'text' field" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_adaptive_scoring_brackets_and_the_halting_accuracy(tiny_sp_model):

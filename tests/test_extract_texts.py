@@ -92,7 +92,7 @@ def test_nothing_readable_fails_and_says_what_was_looked_for(tmp_path):
     (tmp_path / "empty").mkdir()
     r = run(tmp_path, "--inputs", "x.jsonl.gz", "empty", "nothing_*.jsonl.gz", "gone.jsonl.gz", "--text_field", "body")
     assert r.returncode == 0 and "warning: empty holds no *.jsonl.gz" in r.stderr, r.stderr
-    assert "nothing_*.jsonl.gz matches no file" in r.stderr and "gone.jsonl.gz not found" in r.stderr
+    assert "nothing_*.jsonl.gz matches no corpus file" in r.stderr and "gone.jsonl.gz not found" in r.stderr
 
 
 def test_interrupted_run_never_leaves_a_finished_looking_output(tmp_path, monkeypatch, capsys):

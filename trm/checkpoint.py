@@ -135,7 +135,8 @@ def _foreign(head):
     if kind := next((what for magic, what in MAGIC if head.startswith(magic)), None):
         return kind
     if head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 1 << 27:  # a header's length, then its JSON
-        return "a safetensors file (an exported model: give its folder instead)"
+        return ("a safetensors file (an exported model: generate.py and evaluate.py take its folder; training cannot "
+                "resume from it)")
     return None
 
 

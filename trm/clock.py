@@ -20,7 +20,8 @@ class RunClock:
         self.ddp, self.master, self.device, self.agree_every = ddp, master, device, agree_every
         self.start()
         self.last_pause = 0.0
-        self.stop_requested = None  # the name of the signal received
+        self.stop_requested = None  # the name of the signal this process received
+        self.stop_agreed = None  # under DDP: the name of a signal another rank received (this one stops with it)
         self.budget_frac = seconds_before / self.budget if self.budget else 0.0  # the same on every rank
 
     def start(self):
@@ -92,7 +93,15 @@ class RunClock:
             return bool(self.stop_requested) or self.out_of_time()
         if step % self.agree_every:
             return False
-        shared = torch.tensor([float(bool(self.stop_requested)), frac if self.master else 0.0], device=self.device)
+        signum = signal.Signals[self.stop_requested].value if self.stop_requested else 0
+        shared = torch.tensor([float(signum), frac if self.master else 0.0], device=self.device)
         dist.all_reduce(shared, op=dist.ReduceOp.MAX)
         self.budget_frac = shared[1].item()
+        if shared[0].item() > 0 and not self.stop_requested:  # (apart: a signal of its own is still a first one)
+            self.stop_agreed = signal.Signals(int(shared[0].item())).name
         return shared[0].item() > 0 or self.out_of_time()
+
+    @property
+    def interrupted(self):
+        """The signal that stopped the run, this rank's or another's (every rank saves and exits alike), or None."""
+        return self.stop_requested or self.stop_agreed

@@ -65,7 +65,8 @@ class CorpusStats:
         that prints no summary of its own, so that a score never rests on fewer documents than a user thinks."""
         if not self.skipped:
             return None
-        return (f"{sum(self.skipped.values()):,} records skipped (" +
+        n = sum(self.skipped.values())
+        return (f"{n:,} record{'s' * (n != 1)} skipped (" +
                 ", ".join(f"{n:,} {reason}" for reason, n in sorted(self.skipped.items())) +
                 (f"; e.g. {self.examples[0]}" if self.examples else "") + ")")
 

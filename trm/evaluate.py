@@ -140,11 +140,14 @@ def main(argv=None):
             break
         for doc in document_ids(tokenizer, chunk):
             ids.extend(doc)
-    if len(ids) < 2:
-        print(f"error: no readable documents in {', '.join(args.data)}", file=sys.stderr)
+    skipped = stats.skipped_note()
+    if len(ids) < 2:  # (what was skipped is then the reason: a wrong --text_field skips every record)
+        print(f"error: no readable documents in {', '.join(args.data)}" + (f": {skipped}" if skipped else ""),
+              file=sys.stderr)
         return 2
-    if skipped := stats.skipped_note():
-        print(f"warning: {skipped}; the score is on the {stats.documents:,} documents read", file=sys.stderr)
+    if skipped:
+        print(f"warning: {skipped}; the score is on the {stats.documents:,} document{'s' * (stats.documents != 1)} "
+              f"read", file=sys.stderr)
     windows = eval_windows(ids, args.seq_len or model.config.max_seq_len, args.eval_tokens)
     if args.halt_threshold is not None and not model.can_halt:
         print(f"error: --halt_threshold needs a TRM trained with a halting head; {args.model_path} has none",
