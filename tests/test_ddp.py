@@ -228,3 +228,21 @@ def test_two_nodes_through_the_rendezvous_train_as_one_node_does(corpus, tmp_pat
         pa, pb = params(a, key), params(b, key)
         assert all(torch.equal(pa[k], pb[k]) for k in pa), key
     assert logged_losses(tmp_path / "one") == logged_losses(tmp_path / "two")
+
+
+def test_a_two_process_run_continues_on_one_process_at_the_same_global_batch(corpus, tmp_path):
+    # the README's promise: resume with another number of GPUs at the same global batch (here 2 x 2 -> 1 x 4): the
+    # same windows in the same order, so the same run up to float rounding (the all-reduce sums in another order)
+    common = ["--max_steps", "8", "--eval_every", "4", "--log_every", "2", "--dropout", "0"]
+    r = torchrun(corpus, tmp_path / "two", *common, port=29565)  # (its own --batch_size 2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    copy_run_until(tmp_path / "two", tmp_path / "then_one", 4)
+    one = [sys.executable, str(ROOT / "train_trm_lm.py"), *TINY, "--train_paths", corpus["train_0"], corpus["train_1"],
+           "--valid_paths", corpus["validation_0"], "--batch_size", "4", *common]
+    r = subprocess.run([*one, "--save_dir", str(tmp_path / "then_one"), "--resume", "auto"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
+    a, b = params(tmp_path / "two" / "final_step_8.pt"), params(tmp_path / "then_one" / "final_step_8.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert load_checkpoint(tmp_path / "then_one" / "final_step_8.pt")["loader"]["cursor"] == 8 * 4
