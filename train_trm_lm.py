@@ -15,7 +15,6 @@ learning rate, with no measured gain for language modeling here; see README).
 """
 import contextlib
 import gc
-import inspect
 import math
 import os
 import random
@@ -34,7 +33,7 @@ from trm.clock import RunClock
 from trm import depth as depth_schedule
 from trm.corpus import unique_paths
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
-from trm.device import autocast, autocast_each, out_of_memory, pick_device, start_processes
+from trm.device import autocast, autocast_each, distributed, out_of_memory, pick_device, start_processes
 from trm.ema import EMA
 from trm.evaluate import evaluate
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, not_compilable, trainer_parser
@@ -181,12 +180,7 @@ raw_model = model  # what gets saved, evaluated and sampled; never the compiled 
 use_compile, cuda_graphs, why = choose_compile(args.compile, device.type, args.batch_size * L, not_compilable(args))
 log(f"compile: {why}")
 if ddp:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    # the buffers (initial states, rotary tables) are constants: no need to broadcast them every forward (torch 2.13
-    # renamed the flag and warns at the old name)
-    no_sync_buffers = {("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else
-                        "broadcast_buffers"): False}
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync_buffers)
+    model = distributed(model, device)
 if use_compile:
     # compiled after DDP so that the compiler splits the graph at gradient buckets and overlaps the all-reduce;
     # CUDA graphs replay a whole step's kernels with one launch: small batches are launch-bound, not math-bound

@@ -1,4 +1,5 @@
 """The one place that decides device and precision, and says why."""
+import inspect
 import os
 import re
 
@@ -58,6 +59,14 @@ def start_processes(device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     return world_size, rank, device
+
+
+def distributed(model, device):
+    """model in DistributedDataParallel. Its buffers (initial states, rotary tables) are constants: no need to
+    broadcast them every forward (torch 2.13 renamed that flag and warns at the old name, once per rank)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{name: False})
 
 
 def autocast(device, amp_dtype):
