@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from trm.checkpoint import CheckpointError, list_checkpoints, load_model
+from trm.checkpoint import CheckpointError, checkpoint_of, load_model
 from trm.cli import fail, quiet_interrupt
 from trm.model_folder import CARD, CONFIG, TOKENIZER, WEIGHTS, is_model_folder, write_folder
 from trm.tokenizer import TokenizerError
@@ -47,11 +47,8 @@ path = args.model_path
 if is_model_folder(path):
     fail(f"{path} is already an exported model folder: generate.py and evaluate.py load it as it is")
 if os.path.isdir(path):  # a save dir: the checkpoint a user would share is the best one
-    candidates = ([os.path.join(path, "best.pt")] if os.path.isfile(os.path.join(path, "best.pt")) else []) + \
-        list_checkpoints(path)
-    if not candidates:
-        fail(f"{path} is a folder with no checkpoint (best.pt, step_N.pt, final_step_N.pt) in it")
-    path = candidates[0]
+    if (path := checkpoint_of(args.model_path)) is None:
+        fail(f"{args.model_path} is a folder with no checkpoint (best.pt, step_N.pt, final_step_N.pt) in it")
     log(f"{args.model_path} is a save dir: exporting {path}")
 if os.path.exists(args.out) and not os.path.isdir(args.out):
     fail(f"--out {args.out} exists and is not a folder; choose another --out")

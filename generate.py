@@ -32,7 +32,8 @@ parser = argparse.ArgumentParser(
     epilog='example:\n  python generate.py --model_path checkpoints_new/final_step_50000.pt --prompt "日本語のプロンプト" '
            '--max_new_tokens 100', formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model_path", required=True,
-                    help="a step_N.pt / final_step_N.pt written by train_trm_lm.py, or a folder written by export.py")
+                    help="a step_N.pt / final_step_N.pt / best.pt written by train_trm_lm.py, its save dir (then its "
+                         "best.pt, else its newest checkpoint), or a folder written by export.py")
 parser.add_argument("--sp_model", default=None, help="optional; must match the tokenizer stored in the checkpoint")
 parser.add_argument("--prompt", default=None, help="one prompt ('' starts from BOS)")
 parser.add_argument("--prompt_file", default=None,

@@ -3,6 +3,7 @@ bad files, flags and prompts refused with one line before any work. The decoding
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -100,6 +101,19 @@ def test_a_prompt_file_with_a_byte_order_mark_gives_the_prompt_without_it(tiny_c
     assert all(r.returncode == 0 for r in out), out[1].stderr
     assert out[0].stdout == out[1].stdout and "\ufeff" not in out[1].stdout
     assert re.search(r"prompt \d+ tokens", out[0].stderr)[0] == re.search(r"prompt \d+ tokens", out[1].stderr)[0]
+
+
+def test_a_save_dir_stands_for_its_best_checkpoint(tiny_checkpoint, tmp_path):
+    # as export.py takes it: the folder a user trained into, best.pt if there is one, else the newest checkpoint
+    save = tmp_path / "checkpoints_new"
+    save.mkdir()
+    shutil.copy(tiny_checkpoint, save / "step_7.pt")
+    shutil.copy(tiny_checkpoint, save / "step_3.pt")
+    r = run_generate("--model_path", save, "--prompt", "猫は", "--max_new_tokens", 2)
+    assert r.returncode == 0 and f"note: {save} is a save dir: loading {save / 'step_7.pt'}" in r.stderr, r.stderr
+    shutil.copy(tiny_checkpoint, save / "best.pt")
+    r = run_generate("--model_path", save, "--prompt", "猫は", "--max_new_tokens", 2)
+    assert r.returncode == 0 and f"loading {save / 'best.pt'}" in r.stderr, r.stderr
 
 
 @pytest.mark.slow

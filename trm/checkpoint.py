@@ -192,6 +192,12 @@ def list_checkpoints(save_dir):
     return sorted(paths, key=lambda p: (checkpoint_step(p), os.path.basename(p).startswith("final")), reverse=True)
 
 
+def checkpoint_of(save_dir):
+    """The checkpoint a save dir stands for when a user names the folder: best.pt, else its newest; None if none."""
+    best = os.path.join(save_dir, "best.pt")
+    return best if os.path.isfile(best) else next(iter(list_checkpoints(save_dir)), None)
+
+
 def prune_checkpoints(save_dir, keep_last, keep=()):
     """Delete all but the newest `keep_last` step_N.pt files (0 = keep all), never those in `keep` (e.g. the one just
     written, which is not the highest step after resuming from an earlier one) nor a final checkpoint. Returns the
@@ -211,13 +217,18 @@ def load_model(path, weights="ema", map_location="cpu"):
 
     weights='ema' (the default everywhere) or 'raw'. A checkpoint without an EMA (trained with --ema_decay 0) gives its
     raw weights, with a note on stderr: the callers' own output (generate.py's header, evaluate.py's JSON) names the
-    weights asked for. A folder is a model folder written by export.py (trm/model_folder.py): the same three things.
+    weights asked for. A folder is a model folder written by export.py (trm/model_folder.py): the same three things;
+    or a trainer's save dir, which stands for its best.pt, else its newest checkpoint (said on stderr).
     """
     from trm.model import TRM, TRMConfig
     from trm.tokenizer import Tokenizer
 
     if os.path.isdir(path):
-        from trm.model_folder import load_folder
+        from trm.model_folder import is_model_folder, load_folder
+        if not is_model_folder(path) and (chosen := checkpoint_of(path)) is not None:  # a trainer's save dir
+            print(f"note: {path} is a save dir: loading {chosen}", file=sys.stderr)
+            path = chosen
+    if os.path.isdir(path):
         try:
             model, tokenizer, state = load_folder(path, weights)
         except CheckpointError:

@@ -92,7 +92,8 @@ def main(argv=None):
         epilog="example (from any folder): python /path/to/project/evaluate.py "
                "--model_path checkpoints_new/final_step_50000.pt --data validation_0.jsonl.gz")
     p.add_argument("--model_path", required=True,
-                   help="a checkpoint written by train_trm_lm.py, or a folder written by export.py")
+                   help="a checkpoint written by train_trm_lm.py, its save dir (then its best.pt, else its newest "
+                        "checkpoint), or a folder written by export.py")
     p.add_argument("--data", nargs="+", action=PathList, required=True,
                    help="JSONL files (plain, .gz, .xz, .zst) or .parquet of held-out documents")
     p.add_argument("--eval_tokens", type=int, default=1_000_000,

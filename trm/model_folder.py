@@ -74,8 +74,9 @@ def load_folder(path, weights="ema"):
     from trm.tokenizer import Tokenizer, TokenizerError
 
     if not is_model_folder(path):
-        raise CheckpointError(f"{path} is a folder without {CONFIG}: neither a model folder written by export.py nor a "
-                              f"checkpoint; give a checkpoint file such as {os.path.join(path, 'best.pt')}")
+        raise CheckpointError(f"{path} is a folder without {CONFIG} (a model folder written by export.py has one) and "
+                              f"without checkpoints (a save dir has best.pt or step_N.pt); give a checkpoint file "
+                              f"such as {os.path.join(path, 'best.pt')}, or one of those folders")
     try:
         with open(os.path.join(path, CONFIG), encoding="utf-8") as f:
             info = json.load(f)
