@@ -94,8 +94,8 @@ if __name__ == "__main__":
                                      epilog="example:\n  python extract_texts.py --inputs data/train "
                                             "--output train_texts.txt --workers 8")
     parser.add_argument("--inputs", nargs="+", action=PathList, default=DEFAULT_INPUTS,
-                        help="files, directories (searched recursively for *.jsonl, *.jsonl.gz, *.jsonl.xz, "
-                             "*.jsonl.zst, *.parquet) or globs (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
+                        help="files, directories (searched recursively for " + ", ".join("*" + s for s in SUFFIXES) +
+                             ") or globs (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
     parser.add_argument("--output", default="train_texts.txt",
                         help="the text file to write, one document per line (default: %(default)s)")
     parser.add_argument("--text_field", default="text",

@@ -208,7 +208,7 @@ def trainer_parser(doc):
                         "head's probability exceeds this, as in generate.py --halt_threshold (default: off)")
     p.add_argument("--collapse_guard", default="on", choices=["on", "off"],
                    help="stop (exit code 3) a run whose validation loss falls back to the unigram level after "
-                        "warm-up (two evaluations in a row at >= 90%% of the training tokens' unigram entropy and not "
+                        "warm-up (two evaluations in a row at >= 97%% of the training tokens' unigram entropy and not "
                         "falling, or halfway back there from the best), naming a safer --lr; the collapsed weights are "
                         "never saved")
     p.add_argument("--sup_update", default="mean", choices=["mean", "each"],
