@@ -70,6 +70,32 @@ def torchrun(corpus, save_dir, *extra, port, nproc=2, env=None, popen=False, lau
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+def interrupt(proc, at, act):
+    """The output of a torchrun started with popen=True: read until a line that starts with `at`, act(), then the
+    rest (the launcher killed if anything fails)."""
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith(at):
+                break
+        act()
+        out.append(proc.communicate(timeout=120)[0])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return "".join(out)
+
+
+def rank_1(proc):
+    """The pid of rank 1 of a 2-process torchrun: the younger of its two workers."""
+    ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train_trm_lm.py"], capture_output=True,
+                           text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    return max(map(int, ranks))
+
+
 def test_only_rank_0_writes_checkpoints_metrics_curves_and_run_json(corpus, tmp_path):
     hook, save, log = tmp_path / "hook", tmp_path / "ck", tmp_path / "writes_by_other_ranks.txt"
     hook.mkdir()
@@ -136,23 +162,7 @@ def test_a_rank_that_dies_ends_the_run_with_one_line_and_a_usable_checkpoint(cor
     save = tmp_path / "ck"
     proc = torchrun(corpus, save, "--max_steps", "100000", "--eval_every", "5", "--log_every", "1", port=29545,
                     popen=True)
-    out = []
-    try:
-        for line in proc.stdout:  # past the first checkpoint
-            out.append(line)
-            if line.startswith("step     10/"):
-                break
-        ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train_trm_lm.py"], capture_output=True,
-                               text=True).stdout.split()
-        workers = sorted(int(p) for p in ranks)
-        assert len(workers) == 2, (ranks, "".join(out))
-        os.kill(workers[1], signal.SIGKILL)  # the younger worker: rank 1
-        out.append(proc.communicate(timeout=120)[0])
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    text = "".join(out)
+    text = interrupt(proc, "step     10/", lambda: os.kill(rank_1(proc), signal.SIGKILL))  # past the first checkpoint
     assert proc.returncode != 0
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--resume auto" in errors[0], text
@@ -172,25 +182,8 @@ def test_a_signal_saves_every_ranks_step_and_the_run_resumes(corpus, tmp_path, h
     save = tmp_path / "ck"
     proc = torchrun(corpus, save, "--max_steps", "100000", "--eval_every", "100000", "--log_every", "1", port=29547,
                     popen=True)
-    out = []
-    try:
-        for line in proc.stdout:
-            out.append(line)
-            if line.startswith("step      6/"):
-                break
-        if how == "ctrl-c in the terminal":
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
-            workers = sorted(int(p) for p in subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train_trm_lm.py"],
-                                                             capture_output=True, text=True).stdout.split())
-            assert len(workers) == 2, workers
-            os.kill(workers[1], signal.SIGTERM)  # the younger worker: rank 1
-        out.append(proc.communicate(timeout=120)[0])
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    text = "".join(out)
+    text = interrupt(proc, "step      6/", lambda: os.killpg(proc.pid, signal.SIGINT) if how == "ctrl-c in the terminal"
+                     else os.kill(rank_1(proc), signal.SIGTERM))
     assert proc.returncode != 0  # (torchrun's own: it was interrupted)
     stopped = re.search(r"interrupted at step (\d+): saved (\S+); continue with the same command plus --resume auto",
                         text)
