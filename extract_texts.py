@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from trm.atomic import AtomicFile, NotAFileError, remove_stale_tmp, tmp_name
 from trm.cli import PathList, fail, quiet_interrupt, range_error
-from trm.corpus import SUFFIXES, CorpusStats, expand_inputs, iter_texts, missing_package
+from trm.corpus import PATTERNS, CorpusStats, expand_inputs, iter_texts, missing_package
 
 DEFAULT_INPUTS = [f"train_{i}.jsonl.gz" for i in range(11)]  # the procedure's shards, in the working directory
 WRITE_BATCH = 8 << 20  # characters per write: few big writes, bounded memory
@@ -94,8 +94,8 @@ if __name__ == "__main__":
                                      epilog="example:\n  python extract_texts.py --inputs data/train "
                                             "--output train_texts.txt --workers 8")
     parser.add_argument("--inputs", nargs="+", action=PathList, default=DEFAULT_INPUTS,
-                        help="files, directories (searched recursively for " + ", ".join("*" + s for s in SUFFIXES) +
-                             ") or globs (default: train_0.jsonl.gz ... train_10.jsonl.gz)")
+                        help=f"files, directories (searched recursively for {PATTERNS}) or globs (default: "
+                             f"train_0.jsonl.gz ... train_10.jsonl.gz)")
     parser.add_argument("--output", default="train_texts.txt",
                         help="the text file to write, one document per line (default: %(default)s)")
     parser.add_argument("--text_field", default="text",
@@ -120,12 +120,12 @@ if __name__ == "__main__":
 
     files, missing = expand_inputs(args.inputs)
     for pattern in missing:
-        what = (f"holds no {', '.join('*' + s for s in SUFFIXES)} files" if os.path.isdir(pattern) else
+        what = (f"holds no {PATTERNS} files" if os.path.isdir(pattern) else
                 "matches no corpus file" if glob.has_magic(pattern) else "not found")
         print(f"warning: {pattern} {what}, skipping", file=sys.stderr)
     if not files:
         fail(f"no input files found (looked for {' '.join(args.inputs)}; directories are searched for "
-             f"{', '.join('*' + s for s in SUFFIXES)}). Check the paths and the working directory ({os.getcwd()}).")
+             f"{PATTERNS}). Check the paths and the working directory ({os.getcwd()}).")
     if problem := missing_package(files):
         fail(problem)
     if os.path.exists(args.output):

@@ -15,7 +15,6 @@ learning rate, with no measured gain for language modeling here; see README).
 """
 import contextlib
 import gc
-import math
 import os
 import random
 import shutil
@@ -31,7 +30,7 @@ from trm.checkpoint import CheckpointError
 from trm.cli import fail, one_line_when_a_peer_is_lost, quiet_interrupt
 from trm.clock import RunClock
 from trm import depth as depth_schedule
-from trm.corpus import unique_paths
+from trm.corpus import unique_paths, validation_in_training
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
 from trm.device import autocast, autocast_each, distributed, out_of_memory, pick_device, start_processes
 from trm.ema import EMA
@@ -40,7 +39,7 @@ from trm.flags import ARCH_FLAGS, check_flags, choose_compile, not_compilable, t
 from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops
 from trm.model import TRM, TRMConfig
-from trm.optim import build_optimizer, describe as describe_optimizer
+from trm.optim import build_optimizer, clip_and_step, describe as describe_optimizer
 from trm.resume import every_rank_rng, keep_checkpoint_settings, resume_error, restore, rng_state
 from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resume_advice, take_ownership
 from trm.saver import Saver
@@ -90,9 +89,8 @@ try:
     args.train_paths, args.valid_paths = check_paths(args.train_paths, "train"), check_paths(args.valid_paths, "valid")
     for name in ("train_paths", "valid_paths"):  # a file named twice would count its documents twice
         setattr(args, name, unique_paths(getattr(args, name), name, log))
-    if seen := [p for p in args.valid_paths or [] if os.path.realpath(p) in map(os.path.realpath, args.train_paths)]:
-        log(f"warning: {', '.join(seen)} {'is also a training file' if len(seen) == 1 else 'are also training files'}"
-            f": the validation loss then scores text the model trains on, not how it does on new text")
+    if warning := validation_in_training(args.train_paths, args.valid_paths):
+        log(f"warning: {warning}")
     if master:  # (the other ranks only read it)
         check_cache_dir(cache_dir)
 except (TokenizerError, DataError) as e:
@@ -314,10 +312,8 @@ def stop_if_collapsed():
 
 
 def optimizer_step(loss):
-    """Clip, note a non-finite loss or gradient (checked on log steps, no sync here), step: both update rules."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or math.inf)  # 0: no clip
-    bad.logical_or_(~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm))
-    optimizer.step()
+    """Clip, flag, step (trm.optim.clip_and_step), then clear the gradients: both update rules."""
+    clip_and_step(raw_model.parameters(), optimizer, args.grad_clip, loss, bad)
     optimizer.zero_grad(set_to_none=True)
 
 

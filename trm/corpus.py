@@ -29,6 +29,7 @@ except (ImportError, AttributeError):
 from trm.records import texts
 
 SUFFIXES = (".jsonl.gz", ".jsonl", ".jsonl.xz", ".jsonl.zst", ".json.gz", ".parquet")
+PATTERNS = ", ".join("*" + s for s in SUFFIXES)  # what a folder is searched for, as messages name it
 ZSTD_MISSING = "needs the zstandard package to read .zst files: pip install zstandard"
 READ_SIZE = 1 << 20  # compressed bytes per read: big enough that Python's per-call cost vanishes next to inflate
 MAX_EXAMPLES = 5
@@ -165,6 +166,18 @@ def unique_paths(paths, flag, log):
         log(f"warning: --{flag}: {', '.join(p for p, _ in repeated)} named again (the same file as "
             f"{', '.join(p for _, p in repeated)}); each file is read once")
     return unique if paths is not None else None
+
+
+def validation_in_training(train_paths, valid_paths):
+    """A warning when a validation file is also a training file (by its resolved path, as unique_files compares them),
+    or None: its loss would then score text the model trains on."""
+    valid = valid_paths or []
+    # each list is free of repeats already, so each repeat pairs a training file with a validation file
+    seen = [a if a in valid else b for a, b in unique_files(list(train_paths) + list(valid))[1]]
+    if not seen:
+        return None
+    return (f"{', '.join(seen)} {'is also a training file' if len(seen) == 1 else 'are also training files'}: the "
+            f"validation loss then scores text the model trains on, not how it does on new text")
 
 
 def what_it_is(path):

@@ -14,6 +14,8 @@ sensible start for Muon. Keller Jordan's "original" rule would need a learning r
 times AdamW's for a square matrix (3.2x at d_model 256), and a second flag. Both optimizers follow the trainer's one
 schedule.
 """
+import math
+
 import torch
 from torch import nn
 
@@ -76,6 +78,14 @@ class MuonAdamW:
     def load_state_dict(self, state):
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+
+
+def clip_and_step(params, optimizer, grad_clip, loss, bad):
+    """Clip the gradients (grad_clip 0: no clipping), note a non-finite loss or gradient in the device flag `bad` (no
+    host sync: the trainer reads it on log steps), and step: the training loop's and --compile whole's graph's own."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True)
+    bad.logical_or_(~torch.isfinite(loss.detach()) | ~torch.isfinite(norm))
+    optimizer.step()
 
 
 def checkpoint_optimizer(ckpt):

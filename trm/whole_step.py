@@ -13,10 +13,11 @@ What capture asks of a step, and how it is met here:
   real steps of the run (the same kernels the graph then replays).
 Checkpoints are written as without it (a float rate, capturable off), so a run resumes under either mode.
 """
-import math
 import warnings
 
 import torch
+
+from trm.optim import clip_and_step
 
 WARMUP = 3  # eager steps before a capture: compilation, the allocator and lazily built state settle first
 
@@ -64,8 +65,8 @@ class WholeStep:
     def __init__(self, model, raw_model, optimizer, ema, grad_clip, amp_dtype, loss_sum, bad, halt_args):
         self.model, self.raw_model, self.optimizer, self.ema = model, raw_model, optimizer, ema
         self.params = list(raw_model.parameters())
-        self.grad_clip, self.amp_dtype, self.loss_sum, self.bad, self.halt_args = (grad_clip or math.inf, amp_dtype,
-                                                                                   loss_sum, bad, halt_args)
+        self.grad_clip, self.amp_dtype, self.loss_sum, self.bad, self.halt_args = (grad_clip, amp_dtype, loss_sum, bad,
+                                                                                   halt_args)
         self.device = self.params[0].device
         self.lr = make_capturable(optimizer, self.device)
         self.ema_weight = torch.zeros((), device=self.device)
@@ -85,9 +86,7 @@ class WholeStep:
                             cache_enabled=False):  # capture keeps no autocast cache across replays
             _, loss = self.model(x, targets, **self.halt_args, **depth)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        self.bad.logical_or_(~torch.isfinite(loss.detach()) | ~torch.isfinite(norm))
-        self.optimizer.step()
+        clip_and_step(self.params, self.optimizer, self.grad_clip, loss, self.bad)
         if self.ema is not None:
             self.ema.lerp(self.raw_model, self.ema_weight)
         self.loss_sum.add_(loss.detach())
