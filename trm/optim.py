@@ -83,7 +83,8 @@ class MuonAdamW:
 def clip_and_step(params, optimizer, grad_clip, loss, bad):
     """Clip the gradients (grad_clip 0: no clipping), note a non-finite loss or gradient in the device flag `bad` (no
     host sync: the trainer reads it on log steps), and step: the training loop's and --compile whole's graph's own."""
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True)
+    # (foreach left to torch: its fused kernels on CUDA, captured there as any other; MPS has none, and would refuse)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
     bad.logical_or_(~torch.isfinite(loss.detach()) | ~torch.isfinite(norm))
     optimizer.step()
 
