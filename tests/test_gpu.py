@@ -196,6 +196,33 @@ def test_whole_step_replays_equal_eager_steps_on_cuda():
     assert not bad
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_whole_step_replays_draw_new_dropout_masks(dropout):
+    # a graph replays its kernels as captured: dropout must still draw a new mask each replay (CUDA's generator hands
+    # a captured graph a fresh offset per replay; Inductor's seeds must come from it), or every replay of a batch
+    # would drop the same units. At rate 0 the weights stay put, so one batch's loss moves with the mask alone
+    from trm.ema import EMA
+    from trm.optim import BETAS
+    from trm.whole_step import WARMUP, WholeStep
+    torch.manual_seed(0)
+    raw = TRM(tiny(dropout=dropout)).cuda()
+    opt = torch.optim.AdamW(raw.parameters(), lr=0.0, betas=BETAS, fused=True)
+    loss_sum, bad = torch.zeros((), device="cuda"), torch.zeros((), device="cuda", dtype=torch.bool)
+    whole = WholeStep(torch.compile(raw), raw, opt, EMA(raw, 0.99), 1.0, torch.bfloat16, loss_sum, bad, {})
+    x = torch.randint(0, 512, (4, 65), device="cuda")
+    losses = []
+    for _ in range(WARMUP + 4):
+        before = loss_sum.item()
+        whole.step(x[:, :-1], x[:, 1:], 0.0, {})
+        losses.append(loss_sum.item() - before)
+    assert whole.graph is not None and not bad
+    replays = losses[WARMUP + 1:]  # (the step at WARMUP is the capture's own run)
+    if dropout:
+        assert len(set(replays)) == len(replays), losses
+    else:  # the control: with nothing random, every replay gives one loss, so the test above measures the masks
+        assert len(set(replays)) == 1, losses
+
+
 @pytest.mark.parametrize("extra,tolerance", [((), 0.02), (("--depth_warmup", "0.5"), 0.02),
                                              (("--dropout", "0.1"), 0.15)],
                          ids=["plain", "depth-warmup", "dropout"])
