@@ -6,7 +6,6 @@ optimizer, step, data position, RNG states, config, args) and to generate (the t
 checksum of its contents, verified on load: torch.load does not check the zip's own CRCs, so a flipped byte in a
 weight would otherwise load silently.
 """
-import glob
 import hashlib
 import os
 import pickle
@@ -108,6 +107,9 @@ def load_checkpoint(path, map_location="cpu"):
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no '{FORMAT}' marker)")
+    if type(state.get("version", 0)) is not int:  # (a foreign writer's "2" made the comparison below a TypeError)
+        raise CheckpointError(f"{path} has the format version {state['version']!r}, not a whole number; this code "
+                              f"reads up to {VERSION}")
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has format version {state['version']}; this code reads up to {VERSION}")
     stored = state.pop("checksum", None)  # None: written before checkpoints had one, loaded unverified
@@ -186,9 +188,19 @@ def checkpoint_step(path):
     return int(m.group(1)) if m else -1
 
 
+CHECKPOINT_NAME = re.compile(r"(?:final_)?step_\d+\.pt")
+
+
 def list_checkpoints(save_dir):
-    """step_N.pt and final_step_N.pt in save_dir, newest (highest N) first; final before step at equal N."""
-    paths = glob.glob(os.path.join(save_dir, "step_*.pt")) + glob.glob(os.path.join(save_dir, "final_step_*.pt"))
+    """step_N.pt and final_step_N.pt in save_dir, newest (highest N) first; final before step at equal N.
+
+    By exact name, not by glob: a save dir named like "lr[3e-4]" is a pattern to glob (it found nothing there), and
+    "step_*.pt" also matched a user's "step_4_good.pt", which pruning then deleted as the oldest."""
+    try:
+        names = os.listdir(save_dir)
+    except OSError:  # no such folder (yet), or not one
+        return []
+    paths = [os.path.join(save_dir, name) for name in names if CHECKPOINT_NAME.fullmatch(name)]
     return sorted(paths, key=lambda p: (checkpoint_step(p), os.path.basename(p).startswith("final")), reverse=True)
 
 

@@ -229,7 +229,10 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
             log(f"{desc}: {meta['tokens']:,} tokens from {documents(meta)} in {meta['seconds']:.1f}s"
                 + damage_note(meta))
     # the mapping outlives the lock: a later rebuild replaces the file by rename, so this inode stays as it is
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["tokens"],))
+    tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["tokens"],))
+    # what the stream is, for a resumed loader: the key names the inputs, this the tokens (a rebuild keeps it)
+    tokens.checksum = meta["checksum"]
+    return tokens
 
 
 def documents(meta):
@@ -253,6 +256,7 @@ class PackedLoader:
         self.tokens, self.L, self.B = tokens, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.n_windows = -(-len(tokens) // seq_len)  # ceil(N / L): every token is a target once per epoch
+        self.corpus = getattr(tokens, "checksum", None)  # load_tokens' memmap has it; a bare array has none
         self.cursor = 0  # windows consumed by all ranks together
         self._order_epoch, self._order = -1, None
 
@@ -288,12 +292,17 @@ class PackedLoader:
         return self.cursor / self.n_windows
 
     def state_dict(self):
-        return {"cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows}
+        return {"cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows, "corpus": self.corpus}
 
     def load_state_dict(self, state):
         if state["n_windows"] != self.n_windows:
             print(f"warning: the training corpus changed since the checkpoint ({state['n_windows']} -> "
                   f"{self.n_windows} windows); continuing from the same position in the new order", file=sys.stderr)
+        elif None not in (state.get("corpus"), self.corpus) and state["corpus"] != self.corpus:
+            # as many windows of other tokens (files in another order, a file rewritten): the position would go on
+            # silently in another stream, training some text of this epoch twice and some not at all
+            print(f"warning: the training corpus changed since the checkpoint (as many windows, {self.n_windows}, "
+                  f"of other tokens); continuing from the same position in the new stream", file=sys.stderr)
         self.cursor = state["cursor"]
 
 

@@ -14,8 +14,8 @@ from trm.tokenizer import Tokenizer
 
 
 def resume_error(ckpt, ckpt_path, tokenizer, args):
-    """A one-line reason why this command cannot continue the checkpoint (its tokenizer or optimizer differ, or it
-    would train nothing), or None."""
+    """A one-line reason why this command cannot continue the checkpoint (its tokenizer, optimizer or the order of its
+    training files differ, or it would train nothing), or None."""
     if ckpt.get("tokenizer") and (theirs := Tokenizer.from_state(ckpt["tokenizer"])).fingerprint() != \
             tokenizer.fingerprint():
         trained = ("--tokenizer byte" if theirs.kind == "byte" else
@@ -24,6 +24,12 @@ def resume_error(ckpt, ckpt_path, tokenizer, args):
                  f"--sp_model {args.sp_model} ({tokenizer.vocab_size:,} pieces)")
         return (f"the checkpoint {ckpt_path} was trained with a different tokenizer ({trained}) than this command's "
                 f"{given}; resume with the tokenizer the run started with")
+    trained_on = (ckpt.get("args") or {}).get("train_paths") or []
+    if list(trained_on) != list(args.train_paths) and sorted(trained_on) == sorted(args.train_paths):
+        # the files' order is the token stream's: as many windows, so the loader could not tell, but the rest of the
+        # epoch would train some text twice and skip other text
+        return (f"the checkpoint {ckpt_path} was trained on these --train_paths in another order "
+                f"({' '.join(trained_on)}); the order is the corpus's: give the files in that order to continue it")
     if args.max_steps < ckpt["step"]:  # (equal is a run to finish: its last evaluation and final checkpoint)
         started = (ckpt.get("args") or {}).get("max_steps")
         return (f"--max_steps {args.max_steps:,} is below the step of {ckpt_path} ({ckpt['step']:,}), so nothing "

@@ -251,7 +251,7 @@ def move_aside(save_dir):
     """Move a run's files (checkpoints, its logs, abandoned stretches) to a new sibling folder; others stay."""
     names = [os.path.basename(p) for p in list_checkpoints(save_dir)]
     names += [n for n in RUN_FILES if os.path.exists(os.path.join(save_dir, n))]
-    names += [os.path.basename(p) for p in glob.glob(os.path.join(save_dir, "abandoned_after_step_*"))]
+    names += [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(save_dir), "abandoned_after_step_*"))]
     if not names:
         return [], None
     dest = aside_name(save_dir)
@@ -276,10 +276,17 @@ class RunDir:
         self.advice = resume_advice(overwrite)
         self.saved = [resumed_from] if resumed_from else []  # the newest is what a crash leaves
         self.best = dict(best or {})  # {"loss", "step"} of best.pt
+        self.best_unchecked = resumed_from is not None
 
     def save(self, state, name, val_loss=None, quiet=False):
         """Write state as `name`; val_loss: the validation loss of exactly these weights, if they were evaluated."""
         path = os.path.join(self.save_dir, name)
+        if self.best_unchecked:  # at the first save, not in __init__: only the saving rank, and off the training thread
+            self.best_unchecked = False
+            try:
+                self.restore_best(state.get("run_id"))
+            except OSError as e:
+                raise SaveDirError(self.failure(e, os.path.join(self.save_dir, "best.pt"), state["step"])) from None
         improved = val_loss is not None and val_loss < self.best.get("loss", math.inf)
         if improved:
             self.best = {"loss": val_loss, "step": state["step"]}
@@ -295,6 +302,30 @@ class RunDir:
         except (OSError, CheckpointError) as e:
             raise SaveDirError(self.failure(e, path, state["step"])) from None
         return path
+
+    def restore_best(self, run_id):
+        """After a resume: best.pt is the checkpoint the resumed record names, if that file is still here. A checkpoint
+        records itself as the best before best.pt is linked to it, so a run stopped in between (killed, or the copy
+        fallback on a full disk) left best.pt on an older, worse checkpoint, and the resumed run, trusting the record,
+        would only replace it on beating the lost one."""
+        step = self.best.get("step")
+        best = os.path.join(self.save_dir, "best.pt")
+        source = next((p for p in list_checkpoints(self.save_dir) if checkpoint_step(p) == step), None)
+        if step is None or source is None:  # (pruned: best.pt may be its only copy)
+            return
+        try:
+            if os.path.samefile(best, source) or load_checkpoint(best).get("step") == step:  # (a copy: no hard links)
+                return
+        except (OSError, CheckpointError):  # none, or damaged: replaced below
+            pass
+        try:
+            if load_checkpoint(source).get("run_id") not in (None, run_id):  # another run's file of the same step
+                return
+        except CheckpointError:
+            return
+        link_best(self.save_dir, source)
+        self.log(f"best.pt is {source} again (step {step}, the lowest validation loss so far): the run had stopped "
+                 f"before best.pt was updated to it")
 
     def survivor(self):
         return f"the last good checkpoint {self.saved[-1]} is intact" if self.saved else \
@@ -315,10 +346,23 @@ def link_best(save_dir, path):
     check_target(best)  # (written by link, not AtomicFile: the same refusal)
     tmp = tmp_name(best)
     try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, best)
+        # a link of a trainer killed before its os.replace, whose pid this one has (a restarted container: same host
+        # and pid, so not "stale"): os.link would fail on it and the copy would write into the checkpoint it names
+        os.remove(tmp)
+    except FileNotFoundError:
+        pass
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, best)
+    except BaseException:
+        try:  # a partial copy (disk full) is not left behind at a checkpoint's size
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def disk_warning(save_dir, free_bytes, checkpoint_bytes, n_kept):
