@@ -74,6 +74,32 @@ def test_a_reused_cache_still_names_what_its_build_skipped(tmp_path):
         assert "1 malformed lines skipped" in line and "damaged files" in line and "b.jsonl.gz" in line, line
 
 
+def test_a_file_that_could_not_be_opened_is_read_once_it_can_be(tmp_path, monkeypatch):
+    # chmod changes neither a file's size nor its mtime, the cache's key: without a check the cache built while the
+    # file was unreadable would be reused, leaving it out for good. (Root reads any file, so the refusal is played.)
+    import builtins
+
+    import trm.corpus
+    import trm.data
+    tok = Tokenizer("byte")
+    a, b = write_jsonl_gz(tmp_path / "a.jsonl.gz", ["abc"]), write_jsonl_gz(tmp_path / "b.jsonl.gz", ["de"])
+
+    def refuse_b(path, *args, **kw):
+        if path == b:
+            raise PermissionError(13, "Permission denied", path)
+        return builtins.open(path, *args, **kw)
+    for module in (trm.corpus, trm.data):
+        monkeypatch.setattr(module, "open", refuse_b, raising=False)
+    assert len(load_tokens([a, b], tok, str(tmp_path / "c"), log=lambda m: None)) == 5  # a's document alone
+    lines = []
+    assert len(load_tokens([a, b], tok, str(tmp_path / "c"), log=lines.append)) == 5  # still refused: reused
+    assert "building" not in " ".join(lines) and "cannot open" in lines[-1]
+    monkeypatch.undo()
+    lines = []
+    assert len(load_tokens([a, b], tok, str(tmp_path / "c"), log=lines.append)) == 9  # both documents now
+    assert any("could not be opened then and can now; rebuilding it" in line for line in lines), lines
+
+
 def test_empty_corpus_is_a_clear_error(tmp_path):
     path = write_jsonl_gz(tmp_path / "a.jsonl.gz", [], extra_lines=["garbage"])
     with pytest.raises(DataError, match="no readable documents"):

@@ -118,6 +118,7 @@ def build_token_cache(paths, tokenizer, out_path, text_field="text", num_threads
     # the .bin first: a crash before the sidecar is renamed leaves a new .bin beside an old checksum, i.e. a rebuild
     meta = {"tokens": n_tokens, "dtype": np.dtype(dtype).name, "documents": stats.documents,
             "skipped": dict(stats.skipped), "errors": stats.errors, "files": [os.path.abspath(p) for p in paths],
+            "unopened": [p for p in paths if any(e.startswith(f"{p}: cannot open") for e in stats.errors)],
             "seconds": round(time.time() - t0, 2), "checksum": file_checksum(out_path)}
     with AtomicFile(out_path + ".json", "w", durable=False, encoding="utf-8") as f:
         json.dump(meta, f, indent=1)  # ASCII escapes: a file name that is not UTF-8 reads back as it was
@@ -213,6 +214,12 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta, damage = verify_cache(path)
+        if meta is not None and (opened := [p for p in meta.get("unopened", []) if opens(p)]):
+            # a file that could not be opened (its permissions) is not the corpus's content:
+            # once it opens, the cache that left it out is stale, though the files' sizes and times have not changed
+            log(f"{desc}: token cache {path} was built without {', '.join(opened)}, which could not be opened then "
+                f"and can now; rebuilding it")
+            meta = None
         if meta is not None:  # what the build skipped and which files were damaged, said again on every reuse
             log(f"{desc}: token cache {path} ({meta['tokens']:,} tokens, {documents(meta)}"
                 + damage_note(meta) + ")")
@@ -233,6 +240,14 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
     # what the stream is, for a resumed loader: the key names the inputs, this the tokens (a rebuild keeps it)
     tokens.checksum = meta["checksum"]
     return tokens
+
+
+def opens(path):
+    try:
+        open(path, "rb").close()
+        return True
+    except OSError:
+        return False
 
 
 def documents(meta):
