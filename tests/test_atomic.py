@@ -30,6 +30,23 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_durable_file_reaches_the_disk_before_its_name_and_its_name_after_the_rename(tmp_path, monkeypatch, durable):
+    # what a power cut would test: the file's bytes synced before the rename, the folder's entry after it (else the
+    # rename may be undone and a checkpoint left without a name); durable=False syncs neither
+    path, synced = tmp_path / "out.txt", []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append((os.path.realpath(f"/proc/self/fd/{fd}"), os.path.exists(path)))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with AtomicFile(str(path), "w", durable=durable) as f:
+        f.write("new")
+    tmp = os.path.realpath(tmp_name(str(path)))
+    assert synced == ([(tmp, False), (os.path.realpath(tmp_path), True)] if durable else [])
+
+
 def test_temporary_names_hold_host_and_pid():
     assert tmp_name("/d/step_3.pt") == f"/d/step_3.pt.tmp.{socket.gethostname()}.{os.getpid()}"
 

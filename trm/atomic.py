@@ -59,6 +59,8 @@ class AtomicFile:
                 os.fsync(self.file.fileno())  # the bytes reach the disk before the name does
             self.file.close()
             os.replace(self.tmp, self.path)
+            if self.durable:
+                sync_folder(os.path.dirname(self.path))  # and the new name reaches it too
         finally:
             self.discard()
 
@@ -80,6 +82,21 @@ class AtomicFile:
             self.commit()
         else:
             self.discard()
+
+
+def sync_folder(folder):
+    """fsync a folder's entries: after a power cut a rename (or a removal) not yet synced there may be undone, and a
+    checkpoint that was on disk would have no name. Where a folder cannot be synced (some filesystems), it is not."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_stale_tmp(folder, prefix=""):
