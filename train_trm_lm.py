@@ -157,7 +157,7 @@ torch.manual_seed(args.seed)  # identical initial weights on every rank
 model = TRM(config).to(device)
 log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without "
     f"embeddings), {model.net_calls()} net call{'s' * (model.net_calls() != 1)} per token, "
-    f"{model.flops_per_token(L) / 1e6:.1f} MFLOP per training token")
+    f"{model.flops_per_token(L, reembed=args.sup_update == 'each') / 1e6:.1f} MFLOP per training token")
 optimizer = build_optimizer(model, args, device)
 log(f"optimizer: {describe_optimizer(optimizer)}")
 ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
@@ -194,7 +194,7 @@ step_flops = {}  # a step's FLOPs at each depth it runs (--depth_warmup and --ra
 def flops_at(depth):
     key = tuple(sorted(depth.items()))
     if key not in step_flops:
-        step_flops[key] = raw_model.flops_per_token(L, **depth) * tokens_per_step
+        step_flops[key] = raw_model.flops_per_token(L, reembed=args.sup_update == "each", **depth) * tokens_per_step
     return step_flops[key]
 
 

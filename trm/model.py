@@ -206,12 +206,14 @@ class TRM(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len=None, **depth):
+    def flops_per_token(self, seq_len=None, reembed=False, **depth):
         """Training FLOPs per token (forward + backward), counted as 2 per multiply-add of every matmul.
 
         Deep steps without gradients cost one forward; those with gradients and the head cost forward+backward (3x).
         Attention scores count the full T x T square (the usual convention, e.g. PaLM's MFU). Adapters add nothing per
         token: training merges them into the weights (linear), one product per net call and step.
+        reembed=True counts the paper's update rule (supervision_rounds, --sup_update each), which runs the prelude
+        again every round.
         """
         c = self.config
         T = seq_len or c.max_seq_len
@@ -224,7 +226,8 @@ class TRM(nn.Module):
         with_grad = self._grad_deep_steps(T_deep)
         calls = n + 1
         block = per_call // c.n_layers
-        unshared = 3 * block * (c.prelude_layers + N_sup * c.coda_layers)  # both always backpropagate
+        preludes = N_sup if reembed else 1
+        unshared = 3 * block * (preludes * c.prelude_layers + N_sup * c.coda_layers)  # both always backpropagate
         return unshared + N_sup * ((T_deep - with_grad) * calls * per_call + 3 * with_grad * calls * per_call
                                    + 3 * head)
 
