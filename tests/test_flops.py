@@ -1,7 +1,6 @@
 """The FLOPs per token that the trainer's MFU divides by (trm/model.py flops_per_token) are the matmuls torch
 executes in a step's forward and backward, under either update rule."""
 import pytest
-import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
