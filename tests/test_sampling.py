@@ -292,3 +292,16 @@ def test_stream_decoder_cost_stays_bounded_on_invalid_bytes():
     stream = StreamDecoder(tok)
     out = "".join(stream.push(i) for i in ids) + stream.flush()
     assert out == real(ids) and max(decoded) <= StreamDecoder.MAX_TAIL + 1
+
+
+def test_top_p_drops_a_token_once_those_above_it_cover_top_p_exactly():
+    # four equal tokens (0.25 each, exactly): the two best already cover 0.5, so the smallest set is two tokens
+    g = torch.Generator().manual_seed(0)
+    logits = torch.zeros(1, 4)
+    drawn = {sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(400)}
+    assert len(drawn) == 2
+    drawn = {sample_next(logits, 1.0, top_p=0.75, generator=g).item() for _ in range(400)}
+    assert len(drawn) == 3
+    # the best token always stays, even at top_p 0
+    assert {sample_next(torch.tensor([[0.0, 2.0, 1.0]]), 1.0, top_p=0.0, generator=g).item() for _ in range(50)} == {1}
+    assert len({sample_next(logits, 1.0, top_p=0.0, generator=g).item() for _ in range(50)}) == 1

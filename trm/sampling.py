@@ -35,8 +35,11 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=
         logits, candidates = logits.topk(k, dim=-1)  # best first
         if top_p < 1.0:
             probs = logits.softmax(dim=-1)
-            # drop a token once the tokens ranked above it already cover top_p; the best token always stays
-            logits = logits.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))
+            # drop a token once the tokens ranked above it already cover top_p (reaching it exactly covers it: the
+            # smallest set, as with ties); the best token always stays
+            drop = probs.cumsum(dim=-1) - probs >= top_p
+            drop[:, 0] = False
+            logits = logits.masked_fill(drop, float("-inf"))
     choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
     return (candidates.gather(1, choice) if candidates is not None else choice).squeeze(1)
 
@@ -207,8 +210,9 @@ class StreamDecoder:
     a space that SentencePiece strips at the start of what it decodes, not inside a character. Never decode([token]).
     prefix_ids (the prompt) count as printed, so the text at the seam comes out as decode(all ids) has it.
     """
-    MAX_TAIL = 64  # ids; only a long run of invalid bytes (each a U+FFFD) gets here: printed as they decode
+    MAX_TAIL = 64  # ids; a long run with no anchor (invalid bytes, each a U+FFFD; whitespace) gets here, then is cut
     LOOK_BACK = 8  # ids tried as an anchor behind the newest
+    OPEN = 3  # U+FFFDs that may still become a character: the bytes of one begun and not finished (one each, at most)
 
     def __init__(self, tokenizer, prefix_ids=()):
         self.tokenizer = tokenizer
@@ -221,25 +225,43 @@ class StreamDecoder:
     def push(self, token_id):
         self.tail.append(int(token_id))
         text = self.tokenizer.decode(self.tail)
-        long = len(self.tail) > self.MAX_TAIL
-        end = len(text) if long else len(text.rstrip("\ufffd"))
+        end = len(text.rstrip("\ufffd"))
+        if len(self.tail) > self.MAX_TAIL:  # a long run of U+FFFD goes out, but not the end of it: a character may
+            end = max(end, len(text) - self.OPEN)  # have begun there, which the next bytes complete
         new = text[self.printed:end]
         self.printed = max(self.printed, end)
         self.recent = (self.recent + new)[-256:]
         if end == len(text):
-            self._anchor(force=long)
+            self._anchor()
+        if len(self.tail) > self.MAX_TAIL:
+            new += self._cut(text)
         return new
 
-    def _anchor(self, force=False):
+    def _anchor(self):
         n = len(self.tail)
         for k in range(n - 1, max(0, n - self.LOOK_BACK) - 1, -1):
             text = self.tokenizer.decode(self.tail[k:])
             if text and not text[0].isspace() and text[0] != "\ufffd" and self.recent.endswith(text):
                 self.tail, self.printed = self.tail[k:], len(text)
                 return
-        if force:
-            self.tail = self.tail[-1:]
-            self.printed = len(self.tokenizer.decode(self.tail))
+
+    def _cut(self, text):
+        """Shorten a tail that found no anchor (text: its decode) to its longest suffix among the last LOOK_BACK ids
+        that decodes to the end of text and holds all that is not out yet. Cutting to the last id alone could cut
+        into a character whose bytes are still arriving (it would decode as U+FFFD for good). Returns what has to
+        go out now: nothing, unless no suffix holds the rest."""
+        held, n = len(text) - self.printed, len(self.tail)
+        for k in range(max(0, n - self.LOOK_BACK), n):  # longest first: one starting inside a character decodes
+            piece = self.tokenizer.decode(self.tail[k:])  # to U+FFFDs where text has the character, and fails
+            # (empty: control ids alone, after which the next piece would decode as a first one, its space stripped)
+            if piece and len(piece) >= held and text.endswith(piece):
+                self.tail, self.printed = self.tail[k:], len(piece) - held
+                return ""
+        rest = text[self.printed:]
+        self.recent = (self.recent + rest)[-256:]
+        self.tail = self.tail[-1:]
+        self.printed = len(self.tokenizer.decode(self.tail))
+        return rest
 
     def flush(self):
         """Whatever is still held back (an unfinished character at the very end prints as U+FFFD)."""
