@@ -96,6 +96,18 @@ def test_cuda_graph_generation_equals_eager_past_the_window(depth, kw):
     assert len(runs[0]) == 50 and runs[0] == runs[1] == runs[2]
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_graph_generation_on_the_second_gpu_equals_eager():
+    # --device cuda:1: a graph's side stream and capture belong to the current device, which pick_device makes it
+    from trm.device import pick_device
+    from trm.sampling import generate
+    device, _, _ = pick_device("cuda:1")
+    torch.manual_seed(0)
+    model = TRM(tiny(max_seq_len=32)).to(device).eval()
+    runs = [list(generate(model, list(range(5, 25)), 30, temperature=0, cuda_graph=graph)) for graph in (True, False)]
+    assert len(runs[0]) == 30 and runs[0] == runs[1]
+
+
 def test_compiled_graph_step_in_bf16_equals_eager_steps():
     # the fastest decoding path: bf16 weights, the step compiled and captured; the logits as eager cached steps give
     from trm.sampling import GraphedStep

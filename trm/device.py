@@ -30,6 +30,10 @@ def pick_device(requested="auto", dtype="auto"):
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             fail(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
                  f"cuda:{torch.cuda.device_count() - 1}")
+        if device.type == "cuda" and device.index is not None:
+            # and the current device: the CUDA graphs of decoding and of --compile whole are captured on streams of
+            # the current device (torch.cuda.Stream()), which must be the model's
+            torch.cuda.set_device(device)
         if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             fail("--device mps was given but torch.backends.mps.is_available() is False (MPS is Apple's GPU, on macOS "
                  "with a torch built for it)")
