@@ -156,7 +156,7 @@ elif args.compile:
     print("note: --compile applies to the CUDA-graph decoding steps (CUDA, KV cache, no --halt_threshold); "
           "decoding runs uncompiled", file=sys.stderr)
 print(f"{args.model_path}: step {state.get('step', '?')}, {model.num_params() / 1e6:.2f}M parameters, "
-      f"{args.weights} weights, arch {c.arch}, depth n={n} T={T_deep} N_sup={N_sup}{adaptive}, "
+      f"{state['weights']} weights, arch {c.arch}, depth n={n} T={T_deep} N_sup={N_sup}{adaptive}, "
       f"window {c.max_seq_len} tokens, {decoding}, device {device.type} ({why.split(',')[0]}), seed {seed}",
       file=sys.stderr)
 

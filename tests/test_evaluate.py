@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, japanese_lines
+from conftest import assert_one_line_error, japanese_lines, make_checkpoint
 from trm.data import document_ids, eval_windows
 from trm.evaluate import evaluate
 from trm.model import TRM, TRMConfig
@@ -213,3 +213,27 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tiny_sp_model, tmp_path
     load_model(str(path), "raw")  # the raw weights are finite
     with pytest.raises(CheckpointError, match="not finite .*embed.weight"):
         load_model(str(path))
+
+
+def test_the_json_names_the_weights_that_were_scored(tiny_sp_model, tmp_path, capsys):
+    # a checkpoint trained with --ema_decay 0 has no EMA: asked for the default 'ema', its raw weights are scored,
+    # and a results table built from the JSON must not file them as EMA
+    from trm.checkpoint import load_checkpoint, save_checkpoint
+    from trm.evaluate import main
+    path = tmp_path / "no_ema.pt"
+    make_checkpoint(path, Tokenizer.from_args("sentencepiece", tiny_sp_model))
+    state = load_checkpoint(str(path))
+    state["ema"] = None
+    save_checkpoint(state, str(path))
+    scores = {}
+    for asked in ("ema", "raw"):
+        assert main(["--model_path", str(path), "--data", held_out(tmp_path), "--eval_tokens", "200",
+                     "--device", "cpu", "--weights", asked]) == 0
+        scores[asked] = json.loads(capsys.readouterr().out)
+    assert scores["ema"]["loss"] == scores["raw"]["loss"]  # the same weights...
+    assert scores["ema"]["weights"] == scores["raw"]["weights"] == "raw"  # ...and labelled as such
+    # a checkpoint with an EMA keeps the label asked for
+    make_checkpoint(tmp_path / "ema.pt", Tokenizer.from_args("sentencepiece", tiny_sp_model))
+    assert main(["--model_path", str(tmp_path / "ema.pt"), "--data", held_out(tmp_path), "--eval_tokens", "200",
+                 "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == "ema"

@@ -228,8 +228,8 @@ def load_model(path, weights="ema", map_location="cpu"):
     """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint, for generation and evaluation.
 
     weights='ema' (the default everywhere) or 'raw'. A checkpoint without an EMA (trained with --ema_decay 0) gives its
-    raw weights, with a note on stderr: the callers' own output (generate.py's header, evaluate.py's JSON) names the
-    weights asked for. A folder is a model folder written by export.py (trm/model_folder.py): the same three things;
+    raw weights, with a note on stderr; the dict's "weights" names those loaded, which the callers' own output
+    (generate.py's header, evaluate.py's JSON) reports. A folder is a model folder written by export.py (trm/model_folder.py): the same three things;
     or a trainer's save dir, which stands for its best.pt, else its newest checkpoint (said on stderr).
     """
     from trm.model import TRM, TRMConfig
@@ -254,9 +254,9 @@ def load_model(path, weights="ema", map_location="cpu"):
         model = TRM(TRMConfig(**state["config"]))
         if weights not in ("ema", "raw"):
             raise CheckpointError(f"weights must be 'ema' or 'raw', got {weights!r}")
-        sd = state["model"]
+        sd, state["weights"] = state["model"], "raw"
         if weights == "ema" and state.get("ema") is not None:
-            sd = state["ema"]["model"]
+            sd, state["weights"] = state["ema"]["model"], "ema"
         elif weights == "ema":
             print(f"note: {path} has no EMA weights (trained with --ema_decay 0): using its raw weights",
                   file=sys.stderr)

@@ -163,7 +163,9 @@ def main(argv=None):
         print(f"error: out of memory scoring {args.batch_size:,} windows at once{more}: lower --batch_size (e.g. "
               f"{max(1, args.batch_size // 4)})", file=sys.stderr)
         return 1
-    result.update(params=model.num_params(), step=state.get("step"), weights=args.weights,
+    # the weights scored, not those asked for: without an EMA load_model falls back to the raw ones (a note on stderr
+    # that a results table built from this JSON never sees)
+    result.update(params=model.num_params(), step=state.get("step"), weights=state["weights"],
                   checkpoint=args.model_path)
     if windows.shape[1] - 1 < (args.seq_len or model.config.max_seq_len):  # the one short window eval_windows gives
         print(f"warning: {', '.join(args.data)} holds fewer tokens than one window ({result['tokens']:,} scored): a "
