@@ -92,6 +92,10 @@ class WholeStep:
         self.loss_sum.add_(loss.detach())
 
     def step(self, x, targets, lr, depth):
+        # one layout for the warm-ups and the capture: a strided view (a slice of a longer batch) compiled in warm-up
+        # and a packed copy captured would differ in strides, and the compiled model would compile again inside the
+        # capture, which CUDA refuses
+        x, targets = x.contiguous(), targets.contiguous()
         self.lr.fill_(lr)
         if self.ema is not None:
             self.ema_weight.fill_(1.0 - self.ema.next_decay())
