@@ -45,7 +45,7 @@ from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resum
 from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
 from trm.tokenizer import Tokenizer, TokenizerError
-from trm.whole_step import WholeStep
+from trm.whole_step import WholeStep, refusal as whole_step_refusal
 
 p = trainer_parser(__doc__)
 args = p.parse_args()
@@ -175,7 +175,9 @@ else:
     random.seed(args.seed + rank)
 
 raw_model = model  # what gets saved, evaluated and sampled; never the compiled or DDP wrapper
-use_compile, cuda_graphs, why = choose_compile(args.compile, device.type, args.batch_size * L, not_compilable(args))
+compile_mode, why = choose_compile(args.compile, device.type, args.batch_size * L, not_compilable(args),
+                                   whole_step_refusal(args, world_size))
+use_compile, cuda_graphs = compile_mode != "off", compile_mode == "graphs"
 log(f"compile: {why}")
 if ddp:
     model = distributed(model, device)
@@ -222,7 +224,7 @@ loss_sum = torch.zeros((), device=device)
 loss_count = 0
 # --compile whole: the step as one CUDA graph (trm/whole_step.py), its optimizer made capturable after restore()
 whole = (WholeStep(model, raw_model, optimizer, ema, args.grad_clip, amp_dtype, loss_sum, bad, halt_args)
-         if args.compile == "whole" and use_compile else None)
+         if compile_mode == "whole" else None)
 guarded = args.collapse_guard == "on" and val_windows is not None  # the same on every rank; rank 0 judges
 # a resumed guard starts from the best it can know: best.pt's, or, inside a depth warm-up (whose shallow scores best.pt
 # does not keep), the resumed checkpoint's own evaluation, which the guard passed

@@ -390,17 +390,19 @@ def test_checkpoints_are_pruned_by_default_keeping_best_final_and_the_newest_thr
     assert {"step_2.pt", "step_4.pt", "final_step_6.pt"} <= {p.name for p in (tmp_path / "all").iterdir()}
 
 
-def test_compile_auto_takes_cuda_graphs_for_launch_bound_steps():
+def test_compile_auto_graphs_launch_bound_steps_whole_where_it_can():
     from trm.flags import choose_compile
-    assert choose_compile("auto", "cuda", 4 * 512)[:2] == (True, True)  # the procedure's batch: launch-bound
-    assert choose_compile("auto", "cuda", 16 * 512)[:2] == (True, True)
-    assert choose_compile("auto", "cuda", 64 * 512)[:2] == (True, False)  # compute-bound: plain compile
-    assert choose_compile("auto", "cpu", 4 * 512)[:2] == (False, False)
-    assert choose_compile("auto", "cuda", 4 * 512, "--sup_update each steps inside")[:2] == (False, False)
-    assert choose_compile("graphs", "cuda", 64 * 512)[:2] == (True, True)
-    assert choose_compile("graphs", "cpu", 4 * 512)[:2] == (False, False)  # the GPU command on a CPU: no compiling
-    assert choose_compile("on", "cuda", 4 * 512)[:2] == (True, False)
-    assert choose_compile("off", "cuda", 4 * 512)[:2] == (False, False)
+    mode = lambda *a: choose_compile(*a)[0]  # noqa: E731
+    assert mode("auto", "cuda", 4 * 512) == "whole"  # the procedure's batch: launch-bound, the optimizer's launches too
+    assert mode("auto", "cuda", 16 * 512) == "whole"
+    assert mode("auto", "cuda", 4 * 512, None, "--compile whole steps AdamW inside the graph") == "graphs"  # Muon, ...
+    assert mode("auto", "cuda", 64 * 512) == "on"  # compute-bound: plain compile
+    assert mode("auto", "cpu", 4 * 512) == "off"
+    assert mode("auto", "cuda", 4 * 512, "--sup_update each steps inside") == "off"
+    assert mode("graphs", "cuda", 64 * 512) == "graphs"
+    assert mode("graphs", "cpu", 4 * 512) == "off"  # the GPU command on a CPU: no compiling
+    assert mode("on", "cuda", 4 * 512) == "on"
+    assert mode("off", "cuda", 4 * 512) == "off"
 
 
 def test_warnings_that_save_a_run(capsys, tmp_path):

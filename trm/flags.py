@@ -82,31 +82,34 @@ def not_compilable(args):
     return None
 
 
-def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable=None):
-    """(torch.compile?, CUDA graphs?, why) for --compile auto|on|off|graphs|whole. not_compilable: why this run's step
-    cannot be compiled (e.g. an optimizer step inside the forward pass), or None. whole compiles the model without
-    graphs of its own: trm/whole_step.py captures the whole step around it."""
+def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable=None, whole_refused=None):
+    """(mode, why): how the step runs for --compile auto|on|off|graphs|whole. mode is "off", "on" (torch.compile),
+    "graphs" (its forward and backward as CUDA graphs) or "whole" (compiled without graphs of its own:
+    trm/whole_step.py captures the whole step around it). not_compilable: why this run's step cannot be compiled, or
+    None; whole_refused: why it cannot be captured whole (trm/whole_step.py refusal), or None."""
     if requested == "off":
-        return False, False, "--compile off"
+        return "off", "--compile off"
     if not_compilable:
-        return False, False, f"not compiled: {not_compilable}"
+        return "off", f"not compiled: {not_compilable}"
     if requested == "on":
-        return True, False, "--compile on"
-    if requested == "graphs":  # (the recommended GPU commands carry it: a CPU would compile for minutes, for nothing)
-        if device_type != "cuda":
-            return False, False, f"--compile graphs: no CUDA graphs on {device_type}, so not compiled (--compile on is)"
-        return True, True, "--compile graphs"
+        return "on", "--compile on"
+    if requested in ("graphs", "whole") and device_type != "cuda":  # (the GPU commands on a CPU: minutes of compiling)
+        return "off", f"--compile {requested}: no CUDA graphs on {device_type}, so not compiled (--compile on is)"
+    if requested == "graphs":
+        return "graphs", "--compile graphs"
     if requested == "whole":
-        if device_type != "cuda":
-            return False, False, f"--compile whole: no CUDA graphs on {device_type}, so not compiled (--compile on is)"
-        return True, False, "--compile whole: the step (forward, backward, clipping, AdamW, EMA) as one CUDA graph"
+        return "whole", "--compile whole: the step (forward, backward, clipping, AdamW, EMA) as one CUDA graph"
     if device_type != "cuda":
-        return False, False, f"--compile auto: not compiled on {device_type}"
-    if tokens_per_micro_step <= GRAPH_TOKENS:
-        return True, True, (f"--compile auto: CUDA graphs, as {tokens_per_micro_step:,} tokens per micro-step <= "
-                            f"{GRAPH_TOKENS:,} make the step launch-bound")
-    return True, False, (f"--compile auto: torch.compile without CUDA graphs, as {tokens_per_micro_step:,} tokens per "
-                         f"micro-step > {GRAPH_TOKENS:,} make the step compute-bound")
+        return "off", f"--compile auto: not compiled on {device_type}"
+    if tokens_per_micro_step > GRAPH_TOKENS:
+        return "on", (f"--compile auto: torch.compile without CUDA graphs, as {tokens_per_micro_step:,} tokens per "
+                      f"micro-step > {GRAPH_TOKENS:,} make the step compute-bound")
+    bound = f"{tokens_per_micro_step:,} tokens per micro-step <= {GRAPH_TOKENS:,} make the step launch-bound"
+    if whole_refused:  # (Muon, several processes, --grad_accum: the forward and backward graphed, the rest launched)
+        return "graphs", f"--compile auto: CUDA graphs, as {bound}"
+    # the optimizer, clipping and EMA captured too: at the procedure's batch 664-668k tokens/s in every log window,
+    # against 482-655k with the forward and backward alone graphed (BENCHMARKS.md, issue 20)
+    return "whole", f"--compile auto: the whole step (optimizer and EMA included) as one CUDA graph, as {bound}"
 
 
 def trainer_parser(doc):
@@ -222,9 +225,9 @@ def trainer_parser(doc):
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on GPUs that have it, else fp32")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs", "whole"],
-                   help="torch.compile; graphs: with CUDA graphs (mode reduce-overhead); auto: on CUDA, with graphs "
-                        f"when a micro-step has <= {GRAPH_TOKENS} tokens (launch-bound), and the choice is logged; "
-                        "whole (experimental): the whole step, optimizer and EMA included, as one CUDA graph (AdamW, "
-                        "one process)")
+                   help="torch.compile; graphs: with CUDA graphs (mode reduce-overhead); whole: the whole step, "
+                        "optimizer and EMA included, as one CUDA graph (AdamW, one process, no --grad_accum); auto: "
+                        f"on CUDA, whole (else graphs) when a micro-step has <= {GRAPH_TOKENS} tokens (launch-bound), "
+                        "and the choice is logged")
     p.add_argument("--seed", type=int, default=1337, help="weights, data order, dropout")
     return p
