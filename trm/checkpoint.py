@@ -229,8 +229,9 @@ def load_model(path, weights="ema", map_location="cpu"):
 
     weights='ema' (the default everywhere) or 'raw'. A checkpoint without an EMA (trained with --ema_decay 0) gives its
     raw weights, with a note on stderr; the dict's "weights" names those loaded, which the callers' own output
-    (generate.py's header, evaluate.py's JSON) reports. A folder is a model folder written by export.py (trm/model_folder.py): the same three things;
-    or a trainer's save dir, which stands for its best.pt, else its newest checkpoint (said on stderr).
+    (generate.py's header, evaluate.py's JSON) reports. A folder is a model folder written by export.py
+    (trm/model_folder.py): the same three things; or a trainer's save dir, which stands for its best.pt, else its newest
+    checkpoint (said on stderr).
     """
     from trm.model import TRM, TRMConfig
     from trm.tokenizer import Tokenizer

@@ -215,8 +215,8 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta, damage = verify_cache(path)
         if meta is not None and (opened := [p for p in meta.get("unopened", []) if opens(p)]):
-            # a file that could not be opened (its permissions) is not the corpus's content:
-            # once it opens, the cache that left it out is stale, though the files' sizes and times have not changed
+            # a file that could not be opened (its permissions) is not the corpus's content: once it opens, the cache
+            # that left it out is stale, though the files' sizes and times, its key, have not changed
             log(f"{desc}: token cache {path} was built without {', '.join(opened)}, which could not be opened then "
                 f"and can now; rebuilding it")
             meta = None

@@ -51,7 +51,8 @@ def check_flags(args, world_size=1):
     if args.sup_update == "each" and (world_size > 1 or args.grad_accum > 1):
         return "--sup_update each runs one process without --grad_accum (its optimizer steps inside the forward pass)"
     if args.random_depth and args.depth_warmup:  # (the draw would win, and the warm-up be ignored without a word)
-        return "--depth_warmup fixes one deep step for the start and --random_depth draws the depth every step: choose one"
+        return ("--depth_warmup fixes one deep step for the start and --random_depth draws the depth every step: "
+                "choose one")
     if args.train_halt_threshold is not None and not args.act_weight:
         return "--train_halt_threshold needs --act_weight > 0"
     if args.tensorboard and (problem := tensorboard_missing()):
@@ -135,8 +136,9 @@ def trainer_parser(doc):
     p.add_argument("--batch_size", type=int, default=4, help="sequences per GPU per micro-step")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--max_seq_len", type=int, default=512, help="tokens per window (a resumed run keeps its own)")
-    p.add_argument("--max_steps", type=int, default=50000, help="training steps of the whole run, one batch each (--sup_update each "
-                   "steps the optimizer once per supervision round of a step)")
+    p.add_argument("--max_steps", type=int, default=50000,
+                   help="training steps of the whole run, one batch each (--sup_update each steps the optimizer once "
+                        "per supervision round of a step)")
     p.add_argument("--max_minutes", type=float, default=0,
                    help="also stop after this many minutes of training (evaluation and saving not counted; 0 = off); "
                         "the lr schedule then follows whichever of steps or minutes runs out first")
