@@ -45,6 +45,7 @@ class CorpusStats:
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     examples: list = dataclasses.field(default_factory=list)  # first few 'file:line: reason'
     errors: list = dataclasses.field(default_factory=list)  # damaged files, one message each
+    unopened: list = dataclasses.field(default_factory=list)  # files that could not be opened at all (also in errors)
 
     def skip(self, path, lineno, reason):
         self.skipped[reason] += 1
@@ -59,6 +60,7 @@ class CorpusStats:
         self.skipped.update(other.skipped)
         self.examples = (self.examples + other.examples)[:MAX_EXAMPLES]
         self.errors += other.errors
+        self.unopened += other.unopened
         return self
 
     def skipped_note(self):
@@ -234,6 +236,7 @@ def _read_blocks(path, stats):
     try:
         f = open(path, "rb")
     except OSError as e:  # vanished since expand_inputs, or unreadable: one file must not end the run
+        stats.unopened.append(path)
         yield _damaged(path, stats, f"cannot open ({e.strerror})")
         return
     with f:

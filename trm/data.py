@@ -118,7 +118,7 @@ def build_token_cache(paths, tokenizer, out_path, text_field="text", num_threads
     # the .bin first: a crash before the sidecar is renamed leaves a new .bin beside an old checksum, i.e. a rebuild
     meta = {"tokens": n_tokens, "dtype": np.dtype(dtype).name, "documents": stats.documents,
             "skipped": dict(stats.skipped), "errors": stats.errors, "files": [os.path.abspath(p) for p in paths],
-            "unopened": [p for p in paths if any(e.startswith(f"{p}: cannot open") for e in stats.errors)],
+            "unopened": stats.unopened,
             "seconds": round(time.time() - t0, 2), "checksum": file_checksum(out_path)}
     with AtomicFile(out_path + ".json", "w", durable=False, encoding="utf-8") as f:
         json.dump(meta, f, indent=1)  # ASCII escapes: a file name that is not UTF-8 reads back as it was

@@ -10,6 +10,7 @@ Two runs writing into one folder lose work: the second overwrites the first's st
   run's files to a sibling folder (`<save_dir>.replaced-<time>/`) rather than deleting them.
 """
 import fcntl
+import filecmp
 import glob
 import json
 import math
@@ -314,9 +315,9 @@ class RunDir:
         if step is None or source is None:  # (pruned: best.pt may be its only copy)
             return
         try:
-            if os.path.samefile(best, source) or load_checkpoint(best).get("step") == step:  # (a copy: no hard links)
+            if os.path.samefile(best, source) or filecmp.cmp(best, source, shallow=False):  # (a copy: no hard links)
                 return
-        except (OSError, CheckpointError):  # none, or damaged: replaced below
+        except OSError:  # none: set below
             pass
         try:
             if load_checkpoint(source).get("run_id") not in (None, run_id):  # another run's file of the same step
