@@ -259,9 +259,12 @@ def run_eval():
     trained = round(clock.seconds(), 2)  # read before scoring: the pause around this call has only just begun
     # on a GPU few windows a pass are launch-bound (16: 637 ms, 69% idle); 256 through the recursion, the head and its
     # loss 64 at a time (their logits: 2 GB in float32), took 176 ms against 191-208 at 64 (bench/eval_speed.py, H200)
+    # compiled where the step is: one fused graph a batch, as eagerly its many small kernels bound it (the first
+    # evaluation also compiles, inside the clock's pause)
     cuda = device.type == "cuda"
     result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes,
-                      256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None, **eval_depth)
+                      256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None,
+                      compiled=cuda and use_compile, **eval_depth)
     result.update(step=step, kind="eval", tokens_seen=tokens_seen, train_seconds=trained)
     if eval_depth:
         result["eval_depth"] = dict(eval_depth)

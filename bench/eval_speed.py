@@ -3,6 +3,7 @@
     python bench/eval_speed.py                                   # the procedure's model and evaluation, this CPU
     python bench/eval_speed.py --device cuda --batch_sizes 16 64 128 256 512
     python bench/eval_speed.py --device cuda --batch_sizes 64 128 256 512 --head_windows 64   # the head in chunks
+    python bench/eval_speed.py --device cuda --batch_sizes 256 --head_windows 64 --compiled   # the trainer's call
 
 The procedure's run spends ~11% of its wall time evaluating (BENCHMARKS.md, "The procedure's run on the GPU"): 512
 windows of 512 tokens every 500 steps, scored by trm.evaluate.evaluate at 64 windows a batch on CUDA, in eager mode.
@@ -11,7 +12,9 @@ depend on them), median of --reps after one untimed call, for each batch size. O
 size gives the kernels, busy (the sum of their durations) and idle (wall - busy): a large idle share means the host
 launching kernels bounds it (larger batches through the recursion would help), a small one that its math does (the
 16k head and its loss). --head_windows N runs the head and its loss N windows at a time, as evaluate() can, so that a
-large batch keeps a small batch's logits (2 GB in float32 for 64 windows of 512 at 16k).
+large batch keeps a small batch's logits (2 GB in float32 for 64 windows of 512 at 16k). --compiled times
+evaluate(compiled=True), one torch.compile graph a batch, as the trainer calls it where its step is compiled (the
+untimed first call compiles); without it, the eager call of the same arguments.
 """
 import argparse
 import os
@@ -35,6 +38,7 @@ p.add_argument("--d_model", type=int, default=256)
 p.add_argument("--n_heads", type=int, default=4)
 p.add_argument("--batch_sizes", type=int, nargs="+", default=[16, 64])
 p.add_argument("--head_windows", type=int, default=None, help="windows per pass of the head (default: the batch)")
+p.add_argument("--compiled", action="store_true", help="evaluate(compiled=True), as the trainer on a GPU")
 p.add_argument("--reps", type=int, default=5)
 args = p.parse_args()
 
@@ -51,15 +55,19 @@ print(f"model: {model.num_params():,} parameters; {args.windows} windows of {arg
 
 def one_eval(batch_size):
     t = time.perf_counter()
-    evaluate(model, windows, token_bytes, batch_size, device, amp, head_windows=args.head_windows)  # ends synced
+    evaluate(model, windows, token_bytes, batch_size, device, amp, head_windows=args.head_windows,
+             compiled=args.compiled)  # ends synced
     return time.perf_counter() - t
 
 
-print(f"\nthe head over {args.head_windows or 'all the'} windows at a time")
+if args.compiled:  # a graph per batch size and per shape of a short last batch; past dynamo's limit, silently eager
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(args.batch_sizes))
+print(f"\nthe head over {args.head_windows or 'all the'} windows at a time, {'compiled' if args.compiled else 'eager'}")
 print("\n| windows a batch | ms an evaluation (min-max) | tokens/s | kernels | busy ms | idle |")
 print("|---|---|---|---|---|---|")
 for batch_size in args.batch_sizes:
-    one_eval(batch_size)  # allocations, cuBLAS's choices
+    one_eval(batch_size)  # allocations, cuBLAS's choices, --compiled's compiling
     times = [one_eval(batch_size) for _ in range(args.reps)]
     wall = statistics.median(times)
     profiled = " |  | "  # (no profile on a CPU)

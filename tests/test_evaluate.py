@@ -237,3 +237,81 @@ def test_the_json_names_the_weights_that_were_scored(tiny_sp_model, tmp_path, ca
     assert main(["--model_path", str(tmp_path / "ema.pt"), "--data", held_out(tmp_path), "--eval_tokens", "200",
                  "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["weights"] == "ema"
+
+
+# ---- evaluate(compiled=True): the trainer's evaluation on a GPU, one torch.compile graph a batch (issue 20) ---------
+def tiny_config(**kw):  # compiling costs per op, not per weight: one block, one net call a deep step, two rounds
+    return TRMConfig(**{**dict(vocab_size=300, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0, n_layers=1,
+                               latent_steps=1, deep_steps=1, supervision_steps=2), **kw})
+
+
+def random_windows(n):
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(0, 300, (n, 17), generator=g), torch.randint(0, 4, (300,), generator=g)
+
+
+@pytest.fixture
+def graphs_compiled():
+    """torch.compile starts afresh (another test's graphs count against no limit here); returns a function that
+    says how many graphs it has built since: one per batch shape and depth when a batch compiles whole, more at a
+    graph break, none when evaluation runs eagerly."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    start = counters["stats"]["unique_graphs"]
+    return lambda: counters["stats"]["unique_graphs"] - start
+
+
+@pytest.mark.slow  # compiling: ~20 s for a process's first graph (inductor cache empty), a few s for each next
+@pytest.mark.parametrize("arch", ["trm", "gpt"])
+def test_compiled_evaluation_gives_the_eager_scores(arch, graphs_compiled):
+    # in float32 on a CPU the fused graph sums in another order, nothing more: the loss to rounding, bytes exactly
+    torch.manual_seed(0)
+    model = TRM(tiny_config(arch=arch, n_layers=2 if arch == "gpt" else 1))
+    windows, token_bytes = random_windows(7)  # two batches of 4 windows, the second short: a shape of its own
+    depths = [{}, {"deep_steps": 2}] if arch == "trm" else [{}]
+    losses = []
+    for depth in depths:
+        eager = evaluate(model, windows, token_bytes, batch_size=4, head_windows=3, **depth)
+        compiled = evaluate(model, windows, token_bytes, batch_size=4, head_windows=3, compiled=True, **depth)
+        assert compiled["tokens"] == eager["tokens"] == 7 * 16 and compiled["bytes"] == eager["bytes"]
+        for key in ("loss", "bits_per_byte", "perplexity"):
+            assert math.isclose(compiled[key], eager[key], rel_tol=1e-5), (depth, key, compiled, eager)
+        losses.append(eager["loss"])
+    assert len(set(losses)) == len(depths)  # the depth reached the compiled recursion, not the trained one
+    assert graphs_compiled() == 2 * len(depths)  # one graph per batch shape and depth: the batch compiled whole
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_scores_weights_updated_in_place(graphs_compiled):
+    # the trainer's EMA weights move in place between its evaluations (EMA.lerp): the compiled graph must read them
+    # at each call, not keep those of its first, and must not be rebuilt for them (a new graph per evaluation)
+    from trm.ema import EMA
+    torch.manual_seed(0)
+    raw = TRM(tiny_config())
+    ema = EMA(raw, 0.9)
+    windows, token_bytes = random_windows(8)  # two full batches of 4: one graph
+    first = evaluate(ema.model, windows, token_bytes, batch_size=4, compiled=True)
+    graphs = graphs_compiled()
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.add_(torch.randn_like(p))
+    ema.lerp(raw, 0.5)
+    after = {c: evaluate(ema.model, windows, token_bytes, batch_size=4, compiled=c) for c in (False, True)}
+    assert graphs_compiled() == graphs == 1
+    assert abs(after[True]["loss"] - first["loss"]) > 0.01  # the update moved the score...
+    assert math.isclose(after[True]["loss"], after[False]["loss"], rel_tol=1e-5)  # ...as it moved the eager one
+    # the raw model, another object through the same compiled function: its own weights, not the EMA's
+    raw_scores = [evaluate(raw, windows, token_bytes, batch_size=4, compiled=c)["loss"] for c in (False, True)]
+    assert math.isclose(raw_scores[1], raw_scores[0], rel_tol=1e-5) and abs(raw_scores[1] - after[True]["loss"]) > 0.01
+
+
+def test_a_model_with_a_halting_head_is_scored_eagerly_when_compiled_is_asked(graphs_compiled):
+    # halt_accuracy and adaptive scoring are not score_batch's: the eager path gives them, the same numbers exactly
+    torch.manual_seed(0)
+    model = TRM(tiny_config(halt_head=True))
+    windows, token_bytes = random_windows(6)
+    for threshold in (None, 0.5):
+        eager = evaluate(model, windows, token_bytes, batch_size=4, halt_threshold=threshold)
+        assert evaluate(model, windows, token_bytes, batch_size=4, halt_threshold=threshold, compiled=True) == eager
+    assert graphs_compiled() == 0

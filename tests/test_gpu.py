@@ -41,6 +41,28 @@ def test_compiled_matches_eager_in_bf16(arch):
         assert abs(loss[k] - ref_loss) < 1e-2, (loss, ref_loss)
 
 
+def test_compiled_evaluation_equals_eager_in_bf16():
+    # the trainer's validation on CUDA (evaluate(compiled=True), issue 20): bf16 rounds the fused kernels and the eager
+    # ones differently, so the losses agree to bf16's rounding, not bit for bit; the tokens and bytes exactly
+    from trm.evaluate import evaluate
+    torch.manual_seed(0)
+    model = TRM(tiny(vocab_size=2048, d_model=256, max_seq_len=128)).cuda()  # the seed's width and depth
+    with torch.no_grad():  # confident logits: a loss far from ln(vocab), which a wrong round or chunk would move
+        model.lm_head.weight.mul_(20)
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, 2048, (64, 129), generator=g)  # two batches of 32 windows
+    token_bytes = torch.randint(0, 4, (2048,), generator=g)
+    args = (model, windows, token_bytes, 32, "cuda")
+    fp32 = evaluate(*args, None, head_windows=8)
+    eager = evaluate(*args, torch.bfloat16, head_windows=8)
+    compiled = evaluate(*args, torch.bfloat16, head_windows=8, compiled=True)
+    assert compiled["tokens"] == eager["tokens"] == 64 * 128 and compiled["bytes"] == eager["bytes"]
+    assert eager["loss"] != fp32["loss"]  # bf16 did round: the comparisons below are not vacuous
+    assert abs(compiled["loss"] - eager["loss"]) < 1e-2 * eager["loss"], (compiled, eager)
+    # and no further from fp32 than eager bf16 is (a dropped cast or a wrong fusion would be far further)
+    assert abs(compiled["loss"] - fp32["loss"]) <= 2 * abs(eager["loss"] - fp32["loss"]) + 1e-3 * fp32["loss"]
+
+
 def test_kv_cache_equals_full_forward_on_cuda():
     torch.manual_seed(0)
     model = TRM(tiny()).cuda().eval()
@@ -184,14 +206,15 @@ def test_trainer_runs_compiled_on_cuda(tmp_path, mode, extra):
     assert (tmp_path / "ck" / "final_step_20.pt").exists()
 
 
-def test_whole_step_replays_equal_eager_steps_on_cuda():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_whole_step_replays_equal_eager_steps_on_cuda(optimizer):
     # --compile whole: three eager warm-up steps, the capture (run by its first replay), then replays, against the
-    # loop's own steps; fp32 and uncompiled, so the graph is the only difference
+    # loop's own steps; fp32 and uncompiled, so the graph is the only difference (Muon's Newton-Schulz in bf16 in both)
     from test_whole_step import loop_step, setup
     from trm.whole_step import WARMUP, WholeStep
 
-    a, opt_a, ema_a = setup(device="cuda")
-    b, opt_b, ema_b = setup(device="cuda")
+    a, opt_a, ema_a = setup(device="cuda", optimizer=optimizer)
+    b, opt_b, ema_b = setup(device="cuda", optimizer=optimizer)
     sum_a, sum_b = torch.zeros((), device="cuda"), torch.zeros((), device="cuda")
     bad = torch.zeros((), device="cuda", dtype=torch.bool)
     whole = WholeStep(b, b, opt_b, ema_b, 1.0, None, sum_b, bad, {})
@@ -236,11 +259,12 @@ def test_whole_step_replays_draw_new_dropout_masks(dropout):
 
 
 @pytest.mark.parametrize("extra,tolerance", [((), 0.02), (("--depth_warmup", "0.5"), 0.02),
-                                             (("--dropout", "0.1"), 0.15)],
-                         ids=["plain", "depth-warmup", "dropout"])
+                                             (("--dropout", "0.1"), 0.15), (("--optimizer", "muon"), 0.02)],
+                         ids=["plain", "depth-warmup", "dropout", "muon"])
 def test_compile_whole_trains_as_compile_on(tmp_path, extra, tolerance):
-    # bf16 both; only the optimizer's path differs (a capturable AdamW, the graph). --depth_warmup captures a second
-    # graph at its depth change; with dropout the two draw their masks differently, hence the looser bound
+    # bf16 both; only the optimizer's path differs (a capturable AdamW or Muon on a rate tensor, the graph).
+    # --depth_warmup captures a second graph at its depth change; with dropout the two draw their masks differently,
+    # hence the looser bound
     from tests.trainer_run import logged_losses
     for mode in ("on", "whole"):
         r = _trainer(tmp_path, "--save_dir", str(tmp_path / mode), "--compile", mode, "--max_steps", "20",

@@ -10,21 +10,28 @@ from trainer_run import train
 from trm.ema import EMA
 from trm.flags import choose_compile
 from trm.model import TRM, TRMConfig
-from trm.optim import BETAS
+from trm.muon import Muon
+from trm.optim import BETAS, MuonAdamW, hidden_matrices
 from trm.whole_step import WholeStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def setup(seed=0, device="cpu"):
+def setup(seed=0, device="cpu", optimizer="adamw"):
     torch.manual_seed(seed)
     model = TRM(TRMConfig(vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0)).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    # the trainer's AdamW on CUDA is fused; so is this one, on the CPU
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-3, betas=BETAS, fused=True)
-    return model, opt, EMA(model, 0.99)
+    hidden = {id(p) for p in hidden_matrices(model)} if optimizer == "muon" else set()
+    rest = [p for p in model.parameters() if id(p) not in hidden]
+
+    def adamw(params):  # the trainer's AdamW on CUDA is fused; so is this one, on the CPU
+        return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                 lr=1e-3, betas=BETAS, fused=True)
+    if optimizer == "adamw":
+        return model, adamw(rest), EMA(model, 0.99)
+    # --optimizer muon: trm.optim.build_optimizer's pair
+    muon = Muon([p for p in model.parameters() if id(p) in hidden], lr=1e-3, weight_decay=0.1)
+    return model, MuonAdamW(muon, adamw(rest)), EMA(model, 0.99)
 
 
 def batches(n):
@@ -45,10 +52,10 @@ def loop_step(model, opt, ema, x, targets, lr, clip, loss_sum):
     loss_sum += loss.detach()
 
 
-@pytest.mark.parametrize("clip", [1.0, 0.0])
-def test_the_whole_step_equals_the_loops_step(clip):
-    a, opt_a, ema_a = setup()
-    b, opt_b, ema_b = setup()
+@pytest.mark.parametrize("clip,optimizer", [(1.0, "adamw"), (0.0, "adamw"), (1.0, "muon")])
+def test_the_whole_step_equals_the_loops_step(clip, optimizer):
+    a, opt_a, ema_a = setup(optimizer=optimizer)
+    b, opt_b, ema_b = setup(optimizer=optimizer)
     sum_a, sum_b, bad = torch.zeros(()), torch.zeros(()), torch.zeros((), dtype=torch.bool)
     whole = WholeStep(b, b, opt_b, ema_b, clip, None, sum_b, bad, {})
     for i, batch in enumerate(batches(6)):
@@ -79,20 +86,22 @@ def test_a_non_finite_loss_is_flagged_on_the_device():
     assert bad
 
 
-def test_its_checkpoint_is_a_plain_one_and_resumes_the_loop_exactly():
-    model, opt, ema = setup()
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_its_checkpoint_is_a_plain_one_and_resumes_the_loop_exactly(optimizer):
+    model, opt, ema = setup(optimizer=optimizer)
     whole = WholeStep(model, model, opt, ema, 1.0, None, torch.zeros(()), torch.zeros((), dtype=torch.bool), {})
     steps = batches(4)
     for x in steps[:2]:
         whole.step(x[:, :-1], x[:, 1:], 2e-3, {})
     state = copy.deepcopy(opt.state_dict())  # as a checkpoint holds it: not the live moments
+    groups = [g for part in (state.values() if optimizer == "muon" else [state]) for g in part["param_groups"]]
     # (the rate as the fp32 device tensor held it: the schedule sets it again at every step of a resumed run)
-    assert {type(g["lr"]) for g in state["param_groups"]} == {float}
-    assert state["param_groups"][0]["lr"] == pytest.approx(2e-3, rel=1e-7)
-    assert not any(g["capturable"] for g in state["param_groups"])
+    assert {type(g["lr"]) for g in groups} == {float} and len(groups) == len(opt.param_groups)
+    assert groups[0]["lr"] == pytest.approx(2e-3, rel=1e-7)
+    assert not any(g.get("capturable") for g in groups)
     assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)  # the live ones keep the tensor
     # a run without --compile whole continues from it as from its own checkpoint
-    fresh, fresh_opt, fresh_ema = setup(seed=5)
+    fresh, fresh_opt, fresh_ema = setup(seed=5, optimizer=optimizer)
     fresh.load_state_dict(model.state_dict())
     fresh_opt.load_state_dict(state)
     fresh_ema.load_state_dict(ema.state_dict())
@@ -145,8 +154,7 @@ def test_compile_whole_is_chosen_on_cuda_only():
     assert choose_compile("whole", "cuda", 4 * 512, "--sup_update each steps inside")[0] == "off"
 
 
-@pytest.mark.parametrize("flags,words", [(("--optimizer", "muon"), "--optimizer adamw"),
-                                         (("--grad_accum", "2"), "--grad_accum 1"),
+@pytest.mark.parametrize("flags,words", [(("--grad_accum", "2"), "--grad_accum 1"),
                                          (("--random_depth", "deep"), "--random_depth"),
                                          (("--sup_update", "each"), "--sup_update each"),
                                          (("--act_weight", "0.1", "--train_halt_threshold", "0.5"),

@@ -7,6 +7,7 @@ Bits per byte divides the summed loss (in bits) by the UTF-8 bytes the target to
 models with different tokenizers. EOS targets count their loss but no bytes (slightly pessimistic).
 """
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -22,7 +23,7 @@ from trm.device import autocast
 
 @torch.no_grad()
 def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype=None, halt_threshold=None,
-             head_windows=None, **depth):
+             head_windows=None, compiled=False, **depth):
     """Score fixed windows [n, L + 1] with the model's final-round logits. Returns a dict of plain floats/ints.
 
     batch_size windows go through the recursion together, and the head and its loss take head_windows of them at a
@@ -34,6 +35,10 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     decoding computes token by token; tested equal). Adds the mean rounds per token and their share of the depth.
     Without a threshold, a model with a halting head also gets halt_accuracy: how often, over every round and token,
     the head's "stop" (p > 0.5) agrees with "this round's argmax is the target".
+
+    compiled=True scores each batch with one torch.compile graph (score_batch) where the model has no halting head and
+    no threshold is given (otherwise eagerly, as without it). The first call of each batch shape and depth compiles
+    (seconds to minutes), so it pays where evaluation is repeated on a GPU: the trainer's.
     """
     device = torch.device(device)
     was_training = model.training
@@ -54,8 +59,16 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
             part = slice(j, j + head_windows)
             yield model.head(y[part]), targets[part], part
 
+    score = compiled_score_batch() if compiled and halt_threshold is None and not model.can_halt else None
     for i in range(0, len(windows), batch_size):
         idx, targets = windows[i:i + batch_size, :-1], windows[i:i + batch_size, 1:]
+        if score is not None:
+            with autocast(device, amp_dtype):
+                batch_nats, batch_bytes = score(model, idx, targets, token_bytes, head_windows, **depth)
+            nats += batch_nats
+            n_bytes += batch_bytes
+            n_tokens += targets.numel()
+            continue
         with autocast(device, amp_dtype):
             for y, running in model.scored_rounds(idx, None, halt_threshold, **depth):
                 rounds_run += running.sum() if running is not None else targets.numel()
@@ -77,6 +90,28 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     if halt_threshold is not None:
         result.update(rounds_per_token=rounds_run / n_tokens, recursion_share=rounds_run / n_tokens / N_sup)
     return result
+
+
+def score_batch(model, idx, targets, token_bytes, head_windows, **depth):
+    """(summed nats in float32, summed bytes) of one batch's targets from the last round's logits, the head and its
+    loss head_windows windows at a time: evaluate()'s plain case as straight-line code, for torch.compile to fuse
+    into one graph (the eager loop launches each elementwise op of the recursion and the loss as a kernel of its own,
+    and materialises the float32 logits)."""
+    for y in model.rounds(idx, **depth):  # only the last round is scored: the others need no head
+        pass
+    nats = sum(F.cross_entropy(model.head(y[j:j + head_windows]).float().flatten(0, 1),
+                               targets[j:j + head_windows].flatten(), reduction="sum")
+               for j in range(0, len(y), head_windows))
+    return nats, token_bytes[targets].sum()
+
+
+@functools.cache
+def compiled_score_batch():
+    """score_batch compiled, once per process. The model is an argument, not a constant: the compiler's guards pick
+    (or build) a graph per model structure, batch shape and depth, and the weights are inputs read at each call, so
+    the EMA's, updated in place between evaluations, are scored as they are now (tested). No CUDA graphs: at the
+    trainer's 256 windows a batch the kernels bound it, not their launches."""
+    return torch.compile(score_batch, dynamic=False)
 
 
 def main(argv=None):

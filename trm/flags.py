@@ -99,14 +99,14 @@ def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable
     if requested == "graphs":
         return "graphs", "--compile graphs"
     if requested == "whole":
-        return "whole", "--compile whole: the step (forward, backward, clipping, AdamW, EMA) as one CUDA graph"
+        return "whole", "--compile whole: the step (forward, backward, clipping, optimizer, EMA) as one CUDA graph"
     if device_type != "cuda":
         return "off", f"--compile auto: not compiled on {device_type}"
     if tokens_per_micro_step > GRAPH_TOKENS:
         return "on", (f"--compile auto: torch.compile without CUDA graphs, as {tokens_per_micro_step:,} tokens per "
                       f"micro-step > {GRAPH_TOKENS:,} make the step compute-bound")
     bound = f"{tokens_per_micro_step:,} tokens per micro-step <= {GRAPH_TOKENS:,} make the step launch-bound"
-    if whole_refused:  # (Muon, several processes, --grad_accum: the forward and backward graphed, the rest launched)
+    if whole_refused:  # (several processes, --grad_accum: the forward and backward graphed, the rest launched)
         return "graphs", f"--compile auto: CUDA graphs, as {bound}"
     # the optimizer, clipping and EMA captured too: at the procedure's batch 664-668k tokens/s in every log window,
     # against 482-655k with the forward and backward alone graphed (BENCHMARKS.md, issue 20)
@@ -228,7 +228,7 @@ def trainer_parser(doc):
                    help="auto: bf16 autocast on GPUs that have it, else fp32")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off", "graphs", "whole"],
                    help="torch.compile; graphs: with CUDA graphs (mode reduce-overhead); whole: the whole step, "
-                        "optimizer and EMA included, as one CUDA graph (AdamW, one process, no --grad_accum); auto: "
+                        "optimizer and EMA included, as one CUDA graph (one process, no --grad_accum); auto: "
                         f"on CUDA, whole (else graphs) when a micro-step has <= {GRAPH_TOKENS} tokens (launch-bound), "
                         "and the choice is logged")
     p.add_argument("--seed", type=int, default=1337, help="weights, data order, dropout")

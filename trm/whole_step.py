@@ -1,4 +1,4 @@
-"""--compile whole: the training step (forward, backward, clipping, AdamW, EMA) as one CUDA graph, one launch a step.
+"""--compile whole: the training step (forward, backward, clipping, optimizer, EMA) as one CUDA graph, one launch a step.
 
 At the procedure's batch (4 x 512) a step is launch-bound. --compile graphs replays the forward and backward as graphs,
 but the clipping, AdamW and the EMA still launch their kernels one by one from Python, and the GPU idled 30% of the
@@ -6,7 +6,8 @@ step; captured whole, the step took 3.06 ms against 3.96 (bench/step_profile.py 
 
 What capture asks of a step, and how it is met here:
 - no host syncs and no Python numbers baked in: AdamW runs capturable and reads its rate from a device tensor, the
-  EMA its weight; both are written before each replay. The clipping's norm and the non-finite check stay on the GPU.
+  EMA its weight; both are written before each replay. Muon (--optimizer muon) reads the same rate tensor: its step
+  is tensor arithmetic throughout, with its momentum buffers made in the first warm-up step. The clipping's norm and the non-finite check stay on the GPU.
 - fixed addresses: each batch is copied into the captured input; the gradients are the graph's own tensors, which
   each replay's backward writes (not adds to).
 - compiled and warmed up before the capture: the first WARMUP steps at each depth run eagerly on a side stream, as
@@ -17,7 +18,7 @@ import warnings
 
 import torch
 
-from trm.optim import clip_and_step
+from trm.optim import MuonAdamW, clip_and_step
 
 WARMUP = 3  # eager steps before a capture: compilation, the allocator and lazily built state settle first
 
@@ -25,8 +26,6 @@ WARMUP = 3  # eager steps before a capture: compilation, the allocator and lazil
 def refusal(args, world_size):
     """Why these flags cannot take --compile whole (a one-line message), or None; besides what no compiled step takes
     (trm.flags.not_compilable)."""
-    if args.optimizer != "adamw":
-        return "--compile whole steps AdamW inside the graph: it takes --optimizer adamw (use --compile graphs)"
     if world_size > 1:
         return "--compile whole runs one process (its step has no all-reduce): use --compile graphs with torchrun"
     if args.grad_accum > 1:
@@ -37,14 +36,19 @@ def refusal(args, world_size):
 
 
 def make_capturable(optimizer, device):
-    """Turn the trainer's fused AdamW capturable, its rate one device tensor shared by every group. Returns it."""
+    """Turn the trainer's optimizer capturable, its rate one device tensor shared by every group: the fused AdamW
+    (capturable, its step counts on the device), and Muon's groups under --optimizer muon. Returns the rate."""
     lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
-    for group in optimizer.param_groups:
-        group["lr"], group["capturable"] = lr, True
-    for state in optimizer.state.values():  # (a resumed fused AdamW's step counts are on the device already)
-        if "step" in state:
-            state["step"] = state["step"].to(device=device, dtype=torch.float32)
-    optimizer.register_state_dict_post_hook(plain_state)
+    for part in (optimizer.muon, optimizer.adamw) if isinstance(optimizer, MuonAdamW) else (optimizer,):
+        adam = isinstance(part, torch.optim.AdamW)
+        for group in part.param_groups:
+            group["lr"] = lr
+            if adam:
+                group["capturable"] = True
+        for state in part.state.values() if adam else ():  # (a resumed fused AdamW's step counts: on the device)
+            if "step" in state:
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
+        part.register_state_dict_post_hook(plain_state)  # (MuonAdamW's state_dict is its two parts')
     return lr
 
 
@@ -54,7 +58,8 @@ def plain_state(optimizer, state):
     for group in state["param_groups"]:
         if isinstance(group["lr"], torch.Tensor):
             group["lr"] = group["lr"].item()
-        group["capturable"] = False
+        if "capturable" in group:  # (AdamW's; Muon has no such option)
+            group["capturable"] = False
     return state
 
 
