@@ -45,7 +45,7 @@ from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resum
 from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
 from trm.tokenizer import Tokenizer, TokenizerError
-from trm.whole_step import WholeStep, refusal as whole_step_refusal
+from trm.whole_step import WholeStep, auto_refusal as whole_step_refusal
 
 p = trainer_parser(__doc__)
 args = p.parse_args()
@@ -259,12 +259,11 @@ def run_eval():
     trained = round(clock.seconds(), 2)  # read before scoring: the pause around this call has only just begun
     # on a GPU few windows a pass are launch-bound (16: 637 ms, 69% idle); 256 through the recursion, the head and its
     # loss 64 at a time (their logits: 2 GB in float32), took 176 ms against 191-208 at 64 (bench/eval_speed.py, H200)
-    # compiled where the step is: one fused graph a batch, as eagerly its many small kernels bound it (the first
-    # evaluation also compiles, inside the clock's pause)
+    # (evaluate(compiled=True), one fused graph a batch, is built and CPU-tested but not yet run on a GPU: eager here
+    # until it has been, BENCHMARKS.md, issue 20)
     cuda = device.type == "cuda"
     result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes,
-                      256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None,
-                      compiled=cuda and use_compile, **eval_depth)
+                      256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None, **eval_depth)
     result.update(step=step, kind="eval", tokens_seen=tokens_seen, train_seconds=trained)
     if eval_depth:
         result["eval_depth"] = dict(eval_depth)

@@ -87,7 +87,7 @@ def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable
     """(mode, why): how the step runs for --compile auto|on|off|graphs|whole. mode is "off", "on" (torch.compile),
     "graphs" (its forward and backward as CUDA graphs) or "whole" (compiled without graphs of its own:
     trm/whole_step.py captures the whole step around it). not_compilable: why this run's step cannot be compiled, or
-    None; whole_refused: why it cannot be captured whole (trm/whole_step.py refusal), or None."""
+    None; whole_refused: why auto should not capture it whole (trm/whole_step.py auto_refusal), or None."""
     if requested == "off":
         return "off", "--compile off"
     if not_compilable:
@@ -106,7 +106,7 @@ def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable
         return "on", (f"--compile auto: torch.compile without CUDA graphs, as {tokens_per_micro_step:,} tokens per "
                       f"micro-step > {GRAPH_TOKENS:,} make the step compute-bound")
     bound = f"{tokens_per_micro_step:,} tokens per micro-step <= {GRAPH_TOKENS:,} make the step launch-bound"
-    if whole_refused:  # (several processes, --grad_accum: the forward and backward graphed, the rest launched)
+    if whole_refused:  # (several processes, --grad_accum, Muon: the forward and backward graphed, the rest launched)
         return "graphs", f"--compile auto: CUDA graphs, as {bound}"
     # the optimizer, clipping and EMA captured too: at the procedure's batch 664-668k tokens/s in every log window,
     # against 482-655k with the forward and backward alone graphed (BENCHMARKS.md, issue 20)

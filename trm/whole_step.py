@@ -35,6 +35,15 @@ def refusal(args, world_size):
     return None
 
 
+def auto_refusal(args, world_size):
+    """Why --compile auto should not choose whole for these flags, or None: refusal()'s reasons, and Muon inside the
+    graph, which --compile whole runs when asked but which has not yet run on a GPU (its CPU tests pass; the next
+    device session runs its GPU tests, tests/test_gpu.py), so the default stays the forward and backward graphed."""
+    if args.optimizer == "muon":
+        return "Muon inside the whole graph is not yet tested on a GPU"
+    return refusal(args, world_size)
+
+
 def make_capturable(optimizer, device):
     """Turn the trainer's optimizer capturable, its rate one device tensor shared by every group: the fused AdamW
     (capturable, its step counts on the device), and Muon's groups under --optimizer muon. Returns the rate."""
