@@ -5,8 +5,9 @@
     python bench/eval_speed.py --device cuda --batch_sizes 64 128 256 512 --head_windows 64   # the head in chunks
     python bench/eval_speed.py --device cuda --batch_sizes 256 --head_windows 64 --compiled   # the trainer's call
 
-The procedure's run spends ~11% of its wall time evaluating (BENCHMARKS.md, "The procedure's run on the GPU"): 512
-windows of 512 tokens every 500 steps, scored by trm.evaluate.evaluate at 64 windows a batch on CUDA, in eager mode.
+The procedure's run spends most of its overhead evaluating (BENCHMARKS.md, "The procedure's run under `--compile
+whole`"): 512 windows of 512 tokens every 500 steps, scored by trm.evaluate.evaluate at 256 windows a batch on CUDA
+(the head 64 at a time), in eager mode.
 This times that call as the trainer makes it (the procedure's model, random weights and tokens: its speed does not
 depend on them), median of --reps after one untimed call, for each batch size. On CUDA one profiled call per batch
 size gives the kernels, busy (the sum of their durations) and idle (wall - busy): a large idle share means the host
