@@ -262,9 +262,12 @@ def run_eval():
     # (evaluate(compiled=True), one fused graph a batch, is built and CPU-tested but not yet run on a GPU: eager here
     # until it has been, BENCHMARKS.md, issue 20)
     cuda = device.type == "cuda"
+    started = time.perf_counter()
     result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes,
                       256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None, **eval_depth)
-    result.update(step=step, kind="eval", tokens_seen=tokens_seen, train_seconds=trained)
+    # its own seconds (it ends synced, reading its sums): what one costs, apart from the curves drawn after it
+    result.update(step=step, kind="eval", tokens_seen=tokens_seen, train_seconds=trained,
+                  seconds=round(time.perf_counter() - started, 3))
     if eval_depth:
         result["eval_depth"] = dict(eval_depth)
     metrics.append(result)

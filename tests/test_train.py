@@ -41,6 +41,9 @@ def test_smoke_run_writes_checkpoints_metrics_and_curves(corpus, tmp_path):
     assert [h["step"] for h in logged(save, "train")] == [3, 6, 9, 12]
     evals = logged(save, "eval")
     assert [h["step"] for h in evals] == [6, 12] and all(0 < h["bits_per_byte"] < 8 for h in evals)
+    # each evaluation's own time, a part of the evaluating the summary line counts (to its one decimal)
+    evaluating = float(re.search(r"([\d.]+) s evaluating", r.stdout).group(1))
+    assert all(h["seconds"] > 0 for h in evals) and sum(h["seconds"] for h in evals) <= evaluating + 0.05
     assert state["metrics"]["loss"] == evals[-1]["loss"]  # the final checkpoint carries its evaluation
     # EMA differs from the raw weights and is what the evaluation used: the same windows scored again from the
     # checkpoint give the trainer's figure with the EMA weights, and another with the raw ones
