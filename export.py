@@ -117,7 +117,8 @@ def card():
         lines.append(f"| training time | {training['train_seconds'] / 60:.1f} minutes |")
     if train_args.get("train_paths"):
         lines.append(f"| training data | {files_list(train_args['train_paths'])} |")
-    settings = [f"`--{k} {number(train_args[k], 6)}`" for k in ("batch_size", "grad_accum", "max_seq_len", "lr",
+    # as the command gave them (0.0003, 1337): number()'s "1,337" and "0.000300" are no values a flag takes
+    settings = [f"`--{k} {train_args[k]}`" for k in ("batch_size", "grad_accum", "max_seq_len", "lr",
                 "lr_schedule", "warmup_steps", "weight_decay", "dropout", "optimizer", "sup_update", "seed")
                 if train_args.get(k) is not None]
     if settings:

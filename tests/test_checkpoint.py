@@ -243,12 +243,16 @@ def test_load_model_wraps_config_and_tokenizer_mismatches(tmp_path, tiny_checkpo
              "huge.pt": {**good, "config": {**good["config"], "d_model": 1 << 24}},    # refused before allocating
              "zero.pt": {**good, "config": {**good["config"], "n_layers": 0}},
              "tok.pt": {**good, "tokenizer": {"kind": "bytes", "proto": [1, 2, 3]}},   # AttributeError: .numpy()
-             "keys.pt": {**good, "model": {"w": torch.zeros(1)}, "ema": None}}          # RuntimeError: state dict
+             "keys.pt": {**good, "model": {"w": torch.zeros(1)}, "ema": None},         # RuntimeError: state dict
+             "shape.pt": {**good, "config": {**good["config"], "d_model": 64}}}         # its shapes, not the config's
     for name, bad in cases.items():
         path = tmp_path / name
         torch.save(bad, path)
-        with pytest.raises(CheckpointError, match="does not match this code's model"):
+        with pytest.raises(CheckpointError, match="does not match this code's model") as e:
             load_model(str(path))
+        # load_state_dict's message runs over lines ("...for TRM:\n\tsize mismatch for ..."): the error was two lines
+        assert "\n" not in str(e.value), str(e.value)
+    assert "size mismatch for" in str(e.value)
     with pytest.raises(CheckpointError, match="weights must be"):
         load_model(tiny_checkpoint, weights="best")
 

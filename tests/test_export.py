@@ -44,7 +44,8 @@ def trained_checkpoint(path, tokenizer, **config):
                  metrics={"loss": 4.25, "perplexity": 70.1, "bits_per_byte": 1.9876, "tokens": 4096, "bytes": 9000,
                           "step": 1200, "kind": "eval", "tokens_seen": 1_228_800},
                  args={"train_paths": ["train_0.jsonl.gz"], "valid_paths": ["validation_0.jsonl.gz"],
-                       "batch_size": 4, "lr": 3e-4, "ema_decay": 0.995, "max_seq_len": 64})
+                       "batch_size": 4, "lr": 3e-4, "ema_decay": 0.995, "max_seq_len": 64, "seed": 1337,
+                       "warmup_steps": 2000})
     save_checkpoint(state, str(path))
     return model, state
 
@@ -83,6 +84,8 @@ def test_the_folder_holds_the_ema_weights_config_tokenizer_and_card(trained, tin
                   "EMA of the weights (decay 0.995)", "3.9000 at step 1,000", "python generate.py --model_path ja_tiny",
                   'load_file("ja_tiny/model.safetensors")'):
         assert words in card, words
+    # the settings are flags as a command takes them: `--seed 1,337` and `--lr 0.000300` were written there
+    assert "`--batch_size 4` `--max_seq_len 64` `--lr 0.0003` `--warmup_steps 2000` `--seed 1337`" in card, card
 
 
 def test_generation_and_evaluation_from_the_folder_equal_the_checkpoints(trained, tmp_path):
@@ -230,6 +233,19 @@ def test_damaged_or_mismatched_folders_are_refused_with_one_line(trained, tmp_pa
     (edited / "config.json").write_text(json.dumps(info), encoding="utf-8")
     for script, extra in (("evaluate.py", ["--data", tiny_sp_model]), ("generate.py", ["--prompt", "猫"])):
         assert_one_line_error(run(script, "--model_path", edited, *extra), str(edited), code=2)
+
+
+def test_a_config_that_does_not_build_its_weights_is_one_line(trained, tmp_path):
+    # config.json has no checksum of its own: a hand-edited width builds a model its weights do not fit, and
+    # load_state_dict's multi-line message made the error two lines
+    _, _, out = trained
+    shutil.copytree(out, tmp_path / "wider")
+    info = json.loads((tmp_path / "wider" / "config.json").read_text(encoding="utf-8"))
+    info["config"]["d_model"] *= 2
+    (tmp_path / "wider" / "config.json").write_text(json.dumps(info), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="does not match this code's model") as e:
+        load_model(str(tmp_path / "wider"))
+    assert "\n" not in str(e.value) and "size mismatch for" in str(e.value), str(e.value)
 
 
 def test_a_link_to_the_checkpoints_folder_is_its_own_folder(trained, tmp_path):

@@ -87,6 +87,10 @@ def f32(name, begin, end, shape=None):
     (lambda p: write_raw(p, {**f32("a", 0, 8), "__metadata__": {"k": 1}}, bytes(8)), ["__metadata__"]),
     (lambda p: write_raw(p, {"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
      ["unknown dtype 'F33'"]),
+    # a dtype that is no string was looked up in the table as it was: a bare TypeError (unhashable type: 'list')
+    (lambda p: write_raw(p, {"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+     ["unknown dtype ['F32']"]),
+    (lambda p: write_raw(p, {**f32("a", 0, 8), "__metadata__": []}, bytes(8)), ["__metadata__"]),  # (was {})
     (lambda p: write_raw(p, {"a": {"dtype": "F32", "shape": [2]}}, bytes(8)), ["exactly dtype, shape"]),
     (lambda p: write_raw(p, {"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8)),
      ["whole numbers"]),

@@ -165,6 +165,12 @@ def _what_is_there(folder):
     return f"; {folder} has {', '.join(names)}" if names else f"; {folder} has no checkpoints"
 
 
+def one_line(e, limit=200):
+    """An exception's text on one line: load_state_dict's runs over several ("...for TRM:\\n\\tsize mismatch for ..."),
+    and its first line alone says nothing; 200 characters hold its first mismatch whole."""
+    return " ".join(str(e).split())[:limit]
+
+
 def _first_line(e):
     text = str(e).strip()
     return text.splitlines()[0].split(". ")[0][:160] if text else "no details"
@@ -248,7 +254,7 @@ def load_model(path, weights="ema", map_location="cpu"):
             raise
         except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as e:  # a hand-edited config.json
             raise CheckpointError(f"{path} is not a model folder this code can read ({type(e).__name__}: "
-                                  f"{str(e)[:160]})") from None
+                                  f"{one_line(e)})") from None
         return finite(model, path), tokenizer, state
     state = load_checkpoint(path, map_location)
     try:
@@ -266,7 +272,7 @@ def load_model(path, weights="ema", map_location="cpu"):
     except CheckpointError:
         raise
     except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} does not match this code's model ({type(e).__name__}: {str(e)[:160]})") \
+        raise CheckpointError(f"{path} does not match this code's model ({type(e).__name__}: {one_line(e)})") \
             from None
     return finite(model, path).eval(), tokenizer, state
 

@@ -15,7 +15,7 @@ import json
 import os
 
 from trm.atomic import AtomicFile
-from trm.checkpoint import CheckpointError
+from trm.checkpoint import CheckpointError, one_line
 
 FORMAT = "generative-trm-model"
 VERSION = 1
@@ -118,7 +118,7 @@ def load_folder(path, weights="ema"):
     except CheckpointError:
         raise
     except (KeyError, TypeError, RuntimeError, ValueError, AttributeError, OSError, TokenizerError) as e:
-        raise CheckpointError(f"{path} does not match this code's model ({type(e).__name__}: {str(e)[:160]})") \
+        raise CheckpointError(f"{path} does not match this code's model ({type(e).__name__}: {one_line(e)})") \
             from None
     state = {**(info.get("training") or {}), "config": info["config"], "weights": info["weights"]}
     return model.eval(), tokenizer, state

@@ -96,7 +96,8 @@ def read_header(path):
         raise bad(f"its header is not JSON ({str(e)[:80]})") from None
     if not isinstance(header, dict):
         raise bad("its header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)  # null or a map; not `or {}`, which took [], 0 and "" for none
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("__metadata__ must map strings to strings")
 
@@ -105,7 +106,7 @@ def read_header(path):
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"tensor {name!r} needs exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:  # (a list or dict is no key: `in` raised TypeError)
             raise bad(f"tensor {name!r} has the unknown dtype {dtype!r}")
         if not whole_numbers(shape) or not whole_numbers(offsets) or len(offsets) != 2:
             raise bad(f"tensor {name!r}: shape and data_offsets must be lists of whole numbers >= 0")
