@@ -189,6 +189,9 @@ if __name__ == "__main__":
         kept = f"the previous {args.output} is unchanged" if os.path.exists(args.output) else "nothing was written"
         if isinstance(e, KeyboardInterrupt):
             fail(f"interrupted (Ctrl-C); {kept}.", 130)
+        if e.filename in files:  # an input failed mid-read (trm/corpus.py names it): not a full disk
+            fail(f"reading {e.filename} failed: {e.strerror or e}; {kept}. Check that file's disk, or leave the file "
+                 f"out of --inputs.", 1)
         fail(f"writing {args.output} failed: {e.strerror or e}; {kept}. Free some space or choose another --output.", 1)
     finally:
         if pool is not None:

@@ -3,10 +3,11 @@
     python train_spm.py                                   # the procedure's settings: 16k BPE, coverage 0.9995
     python train_spm.py --vocab_size 32000 --model_prefix ja_trm32k --eval_file validation_0.jsonl.gz
 
-Every document reaches the trainer: SentencePiece silently drops any line longer than --max_sentence_length bytes
-(its own default, ~1,400 Japanese characters, which most documents exceed), so each line is cut into sentences at
-。！？ (then at a space or 、, then at a character boundary) before it is fed. Time and memory stay bounded on a
-1.8 GB corpus: the trainer sees a uniform sample of about --input_sentence_size sentences, streamed to it from the
+No document is kept from the trainer for its length: SentencePiece silently drops any line longer than
+--max_sentence_length bytes (its own default, ~1,400 Japanese characters, which most documents exceed), so each line
+is cut into sentences at 。！？ (then at a space or 、, then at a character boundary) before it is fed. Time and
+memory stay bounded on a 1.8 GB corpus: the trainer sees a uniform sample of whole lines, about
+--input_sentence_size sentences (there about one line in seven; the run prints the share), streamed to it from the
 file, never the whole corpus in memory. byte_fallback gives 0 unknown tokens; ids unk=0 pad=1 bos=2 eos=3 are the
 ones the users' existing models use. The .model and .vocab files appear only when training has finished.
 "\\n" is one piece of its own, so ja_trm.vocab (a listing for people; the .model is what code reads) has one entry
@@ -20,6 +21,7 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 
 import numpy as np
@@ -128,23 +130,41 @@ def sentences_for_training(path, keep, max_bytes, holdout, heldout, fed, bar, se
     `heldout` instead when `holdout` is on."""
     rng = random.Random(seed)
     heldout_bytes = 0
-    try:
-        for i, raw in enumerate(read_lines(path, bar), 1):
-            if holdout and i % HOLDOUT_EVERY == 0:
-                if heldout_bytes < EVAL_MAX_BYTES and raw.strip():
-                    heldout.append(decode(raw))
-                    heldout_bytes += len(raw)
-                continue
-            if keep < 1 and rng.random() >= keep:
-                continue
-            for piece in split_line(decode(raw), max_bytes):
-                fed["sentences"] += 1
-                fed["chars"] += len(piece)
-                yield piece
-    except KeyboardInterrupt:  # SentencePiece reports an exception in its iterator as a RuntimeError: note the cause
-        fed["interrupted"] = True
-        raise
+    for i, raw in enumerate(read_lines(path, bar), 1):
+        if holdout and i % HOLDOUT_EVERY == 0:
+            if heldout_bytes < EVAL_MAX_BYTES and raw.strip():
+                heldout.append(decode(raw))
+                heldout_bytes += len(raw)
+            continue
+        if keep < 1 and rng.random() >= keep:
+            continue
+        for piece in split_line(decode(raw), max_bytes):
+            fed["sentences"] += 1
+            fed["chars"] += len(piece)
+            yield piece
     bar.close()  # the trainer has everything; what follows is SentencePiece's own work
+    print(f"SentencePiece is training on {fed['sentences']:,} sentences (no progress shown; about a minute for 2M "
+          f"sentences on 2 cores)", file=sys.stderr, flush=True)
+
+
+def in_thread(work):
+    """work() in a thread while this one waits, its exception raised here. SentencePiece trains in C++ for a minute
+    or more after the sample is read, and Python takes Ctrl-C only between its own instructions: called here, Ctrl-C
+    waited for training to end. A wait on a thread (SentencePiece releases the GIL) takes it at once."""
+    failed = []
+
+    def run():
+        try:
+            work()
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)  # daemon: Ctrl-C ends the process with the trainer mid-way
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if failed:
+        raise failed[0]
 
 
 def read_eval_file(path):
@@ -241,14 +261,22 @@ if __name__ == "__main__":
     if not os.path.isfile(args.input):
         fail(f"{args.input} not found (working directory {os.getcwd()}). Run step 1 first: python extract_texts.py "
              f"(it writes train_texts.txt from train_0.jsonl.gz ... train_10.jsonl.gz), or pass --input PATH.")
-    if why := not_text(args.input):
+    try:  # no permission, a failing disk: one line, not a traceback
+        why = not_text(args.input)
+    except OSError as e:
+        fail(f"cannot read --input {args.input} ({e.strerror}).")
+    if why:
         fail(f"--input {args.input} {why}, not one document per line. Run step 1 first: python extract_texts.py "
              f"--inputs {args.input} --output train_texts.txt, then train on train_texts.txt.")
     eval_texts = None
     if args.eval_file:
         if not os.path.isfile(args.eval_file):
             fail(f"--eval_file {args.eval_file} not found.")
-        if not args.eval_file.endswith(SUFFIXES) and (why := not_text(args.eval_file)):
+        try:
+            why = not args.eval_file.endswith(SUFFIXES) and not_text(args.eval_file)
+        except OSError as e:
+            fail(f"cannot read --eval_file {args.eval_file} ({e.strerror}).")
+        if why:
             fail(f"--eval_file {args.eval_file} {why}: name a corpus file *.jsonl(.gz/.xz/.zst) or *.parquet, "
                  f"or give a text file.")
         if problem := missing_package([args.eval_file]):
@@ -272,7 +300,10 @@ if __name__ == "__main__":
             fail(f"cannot write {out}: {e.strerror} (in {out_dir}); nothing was trained. "
                  f"Choose a --model_prefix in a directory you can write to.")
     t0 = time.time()
-    n_lines, n_bytes, n_ends, has_text = count_input(args.input)
+    try:
+        n_lines, n_bytes, n_ends, has_text = count_input(args.input)
+    except OSError as e:  # (a disk that fails after the first 64 kB read above)
+        fail(f"cannot read --input {args.input} ({e.strerror}).")
     if not has_text:
         fail(f"{args.input} is empty: no text to train on. Check that step 1 (python extract_texts.py) "
              f"reported documents.")
@@ -291,7 +322,7 @@ if __name__ == "__main__":
     spm.set_random_generator_seed(args.seed)
     proto = io.BytesIO()  # SentencePiece's own file writer ignores a failed write: a full disk gave a truncated .model
     try:
-        spm.SentencePieceTrainer.train(
+        in_thread(lambda: spm.SentencePieceTrainer.train(
             sentence_iterator=sentences, model_writer=proto,
             vocab_size=args.vocab_size, model_type=args.model_type, character_coverage=args.character_coverage,
             # our sample is already the size asked for; the trainer's own reservoir only trims the estimate's excess
@@ -301,10 +332,10 @@ if __name__ == "__main__":
             split_digits=True,  # numbers as digit sequences: a small model learns them instead of memorising
             add_dummy_prefix=False, remove_extra_whitespaces=False,  # keep text as written; Japanese has no words
             user_defined_symbols=["\n"],  # a paragraph break in raw training text (step 3) is exactly one token
-            normalization_rule_name="nmt_nfkc", minloglevel=2, **SPM_SPECIAL_IDS)
+            normalization_rule_name="nmt_nfkc", minloglevel=2, **SPM_SPECIAL_IDS))
     except (RuntimeError, KeyboardInterrupt) as e:
         bar.close()
-        if isinstance(e, KeyboardInterrupt) or fed.get("interrupted"):
+        if isinstance(e, KeyboardInterrupt):
             print(file=sys.stderr)
             fail("interrupted (Ctrl-C); existing model files (if any) are unchanged.", 130)
         vocab_error(str(e), args)

@@ -333,3 +333,46 @@ def test_folders_globs_and_shards_find_every_format(tmp_path):
     assert [os.path.basename(p) for p in expand_inputs([str(tmp_path)])[0]] == want
     found, _ = expand_inputs([f"{tmp_path}/*.xz", f"{tmp_path}/*.zst", f"{tmp_path}/*.parquet"])
     assert [os.path.basename(p) for p in found] == want[2:]
+
+
+def test_a_folder_searched_follows_its_linked_subfolders_once(tmp_path, capsys):
+    # shards kept on another disk and linked into the data folder are part of it, as a recursive glob finds them; they
+    # were left out without a word. A link back up the tree is walked once, not round and round.
+    write_jsonl(tmp_path / "data/train_0.jsonl.gz", [{"text": "一"}])
+    write_jsonl(tmp_path / "big_disk/ja/train_1.jsonl.gz", [{"text": "二"}])
+    os.symlink(tmp_path / "big_disk/ja", tmp_path / "data/ja")
+    os.symlink("..", tmp_path / "big_disk/ja/up")  # reaches data/ja/up/ja/... and big_disk again
+    os.symlink(".", tmp_path / "data/self")
+    files, missing = expand_inputs([str(tmp_path / "data")])
+    assert [os.path.relpath(f, tmp_path) for f in files] == ["data/ja/train_1.jsonl.gz", "data/train_0.jsonl.gz"]
+    assert missing == [] and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.xz", pytest.param(".jsonl.zst", marks=needs_zstd)])
+def test_an_empty_compressed_file_is_damage_not_an_empty_shard(tmp_path, capsys, suffix):
+    # 0 bytes is no gzip, xz or zstd file at all (zcat: "unexpected end of file"), but a copy or download that failed;
+    # it counted as a file of no documents, without a word
+    path = tmp_path / f"train_3{suffix}"
+    path.write_bytes(b"")
+    stats = CorpusStats()
+    assert list(iter_texts(str(path), stats=stats)) == []
+    assert len(stats.errors) == 1 and f"{path}: empty file (0 bytes)" in stats.errors[0]
+    assert f"{path}: empty file" in capsys.readouterr().err
+
+
+def test_a_subfolder_that_cannot_be_searched_is_warned_of(tmp_path, monkeypatch, capsys):
+    # os.walk drops a folder it cannot list (no permission; root, which runs these tests, is never refused, hence the
+    # stand-in) without a word, and with it every shard inside
+    write_jsonl(tmp_path / "data/train_0.jsonl.gz", [{"text": "一"}])
+    write_jsonl(tmp_path / "data/locked/train_1.jsonl.gz", [{"text": "二"}])
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    files, _ = expand_inputs([str(tmp_path / "data")])
+    assert [os.path.basename(f) for f in files] == ["train_0.jsonl.gz"]
+    assert f"warning: cannot search {tmp_path / 'data/locked'} (Permission denied)" in capsys.readouterr().err

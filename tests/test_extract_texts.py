@@ -282,7 +282,7 @@ def test_broken_links_are_skipped_and_a_file_reached_twice_is_read_once(tmp_path
         assert "1 files, 3 documents" in r.stdout, (inputs, r.stdout)
         assert "dangling.jsonl.gz is a symbolic link that points to nothing" in r.stderr
         assert "self.jsonl.gz is a symbolic link loop" in r.stderr
-        if inputs != ["data"]:  # (a folder is walked without following its links)
+        if inputs != ["data"]:  # (a folder walks each folder once, links and all, so it meets no file twice)
             assert "is read once" in r.stderr
     assert "pipe.jsonl is a FIFO (named pipe)" in r.stderr and "not found" not in r.stderr
 
@@ -293,3 +293,27 @@ def test_a_terminal_that_cannot_print_a_file_name_does_not_fail_after_the_work(t
                        capture_output=True, timeout=60, env=dict(os.environ, PYTHONIOENCODING="ascii"))
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")
     assert (tmp_path / "out.txt").read_text(encoding="utf-8") == "猫\n" and b"1 malformed JSON" in r.stdout
+
+
+def unreadable_file(path):
+    """A path that opens but fails on its first read (EIO), as a file on a failing disk does: a link to /proc/self/mem
+    (Linux; the reading process's own memory, whose offset 0 is never mapped). Skips where there is none."""
+    os.symlink("/proc/self/mem", path)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError:
+        return str(path)
+    pytest.skip("no /proc/self/mem that fails to read here")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_input_that_fails_to_read_is_named_not_taken_for_a_full_disk(tmp_path, workers):
+    # it used to say "writing train_texts.txt failed: Input/output error ... Free some space": the wrong file, and
+    # the wrong advice
+    write_jsonl(tmp_path / "a.jsonl.gz", [{"text": "文書"}])
+    unreadable_file(tmp_path / "bad.jsonl")
+    r = run(tmp_path, "--inputs", "a.jsonl.gz", "bad.jsonl", "--workers", workers)
+    line = assert_one_line_error(r, "reading bad.jsonl failed", "Input/output error", "nothing was written", code=1)
+    assert "writing" not in line and "Free some space" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl.gz", "bad.jsonl"]

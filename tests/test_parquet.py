@@ -89,3 +89,17 @@ def test_without_pyarrow_a_one_line_error_naming_the_package(tmp_path, monkeypat
     assert missing_package([str(tmp_path / "a.jsonl.gz")]) is None
     with pytest.raises(CorpusError, match="pip install pyarrow"):  # a reader that skipped the check still stops
         list(iter_texts(path))
+
+
+def test_text_that_is_not_utf8_is_skipped_and_counted_as_in_jsonl(tmp_path):
+    # Parquet writers need not check that a string column holds UTF-8; pyarrow's to_pylist raised UnicodeDecodeError,
+    # a traceback in every step, where a JSONL line with such bytes is skipped and counted. (The 4th row is U+D800
+    # encoded as if it were a character.)
+    raw = ["一番目".encode(), b"bad\xff", None, b"\xed\xa0\x80lone", "四番目".encode()]
+    column = pa.array(raw, type=pa.binary()).view(pa.string())
+    path = write_parquet(tmp_path / "x.parquet", {"text": column}, row_group_size=3)
+    stats = CorpusStats()
+    assert list(iter_texts(path, stats=stats)) == ["一番目", "四番目"]
+    assert stats.skipped == {"undecodable bytes": 2, "no string 'text' field": 1}
+    assert stats.examples[0] == f"{path}:2: undecodable bytes" and not stats.errors
+    assert list(iter_texts(path, as_bytes=True)) == ["一番目".encode(), "四番目".encode()]

@@ -352,3 +352,47 @@ def test_one_thread_gives_the_same_model_every_run(tmp_path):
         assert r.returncode == 0, r.stderr
         models.append((tmp_path / f"{prefix}.model").read_bytes())
     assert models[0] == models[1]
+
+
+@pytest.mark.parametrize("flag", ["--input", "--eval_file"])
+def test_a_file_that_cannot_be_read_is_one_line(tmp_path, flag):
+    # a link to /proc/self/mem opens and fails on its first read (EIO), as a file on a failing disk does; one that
+    # cannot be opened (no permission) fails one step earlier, in the same place: both were a traceback
+    from test_extract_texts import unreadable_file
+
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(30)) + "\n", encoding="utf-8")
+    unreadable_file(tmp_path / "bad.txt")
+    r = run(tmp_path, flag, "bad.txt", "--vocab_size", "400")
+    assert_one_line_error(r, "cannot read", "bad.txt", "Input/output error")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "train_texts.txt"]
+
+
+# SentencePiece's training as it looks from Python: the sample read, then a long C++ call that releases the GIL and
+# takes no Ctrl-C (here a lock that is never freed, so the call never ends).
+CTRL_C_IN_TRAINING = """
+import ctypes, os, runpy, signal, sys, threading
+import sentencepiece as spm
+def train(sentence_iterator, **kwargs):
+    for _ in sentence_iterator:
+        pass
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C while the C++ call runs
+    libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)  # zeroed: an unlocked pthread mutex
+    libc.pthread_mutex_lock(mutex)
+    libc.pthread_mutex_lock(mutex)  # waits for good, deaf to signals
+spm.SentencePieceTrainer.train = train
+sys.argv = sys.argv[1:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_sentencepiece_trains_stops_at_once(tmp_path):
+    # it used to wait for SentencePiece to finish (54 s on aozora-xl, longer on 1.8 GB): here that is forever
+    (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(60)) + "\n", encoding="utf-8")
+    (tmp_path / "ja_trm.model").write_bytes(b"old model")
+    r = subprocess.run([sys.executable, "-c", CTRL_C_IN_TRAINING, SCRIPT, "--vocab_size", "400"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=30)
+    conftest.assert_one_line_error(r, "interrupted (Ctrl-C)", "unchanged", code=130)
+    assert "SentencePiece is training on" in r.stderr  # said before the silent part
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ja_trm.model", "train_texts.txt"]
+    assert (tmp_path / "ja_trm.model").read_bytes() == b"old model"

@@ -88,10 +88,21 @@ def _natural_key(path):
 
 
 def _search_dir(directory):
-    found = []
-    for root, _, files in os.walk(directory):
+    found, walked = [], set()
+    # into linked subfolders too (shards linked in from another disk), as a recursive glob goes; each folder once,
+    # so a link back up the tree is not walked round and round
+    for root, dirs, files in os.walk(directory, followlinks=True, onerror=_unsearchable):
+        if (real := os.path.realpath(root)) in walked:
+            dirs.clear()
+            continue
+        walked.add(real)
         found += [os.path.join(root, f) for f in files if f.endswith(SUFFIXES)]
     return sorted(found, key=_natural_key)
+
+
+def _unsearchable(e):
+    # os.walk would leave out a folder it cannot list (no permission), and every shard in it, without a word
+    print(f"warning: cannot search {e.filename} ({e.strerror}); its files are left out", file=sys.stderr)
 
 
 def expand_inputs(patterns):
@@ -240,18 +251,22 @@ def _read_blocks(path, stats):
         yield _damaged(path, stats, f"cannot open ({e.strerror})")
         return
     with f:
-        if path.endswith(".gz"):
-            yield from _gunzip(f, path, stats)
-        elif path.endswith(".xz"):
-            yield from _unpack(f, path, stats, "xz", lzma.LZMADecompressor, lzma.LZMAError)
-        elif path.endswith(".zst"):
-            zstd = _zstd()
-            yield from _unpack(f, path, stats, "zstd", lambda: zstd.ZstdDecompressor().decompressobj(),
-                               zstd.ZstdError)
-        else:
-            while block := f.read(READ_SIZE * 4):
-                stats.bytes_in += len(block)
-                yield block
+        try:
+            if path.endswith(".gz"):
+                yield from _gunzip(f, path, stats)
+            elif path.endswith(".xz"):
+                yield from _unpack(f, path, stats, "xz", lzma.LZMADecompressor, lzma.LZMAError)
+            elif path.endswith(".zst"):
+                zstd = _zstd()
+                yield from _unpack(f, path, stats, "zstd", lambda: zstd.ZstdDecompressor().decompressobj(),
+                                   zstd.ZstdError)
+            else:
+                while block := f.read(READ_SIZE * 4):
+                    stats.bytes_in += len(block)
+                    yield block
+        except OSError as e:  # a read that fails (EIO on a failing or network disk) names no file: name this one, so
+            e.filename = e.filename or path  # that a caller does not take it for a failure of what it writes
+            raise
 
 
 def _unpack(f, path, stats, name, new_decoder, error):
@@ -259,9 +274,10 @@ def _unpack(f, path, stats, name, new_decoder, error):
     calls of at most MAX_LOST_OUTPUT bytes where the decoder allows it (lzma does), because a call that raises
     drops its whole output and neither decoder can be copied to replay it the way _inflate_until_damage does."""
     bounded = name == "xz"
-    decoder, in_stream = new_decoder(), False
+    decoder, in_stream, empty = new_decoder(), False, True
     while raw := f.read(READ_SIZE):
         stats.bytes_in += len(raw)
+        empty = False
         while raw or bounded and in_stream and not decoder.needs_input and not decoder.eof:
             if bounded and not in_stream:  # xz allows null-byte padding between streams
                 raw = raw.lstrip(b"\0")
@@ -278,6 +294,8 @@ def _unpack(f, path, stats, name, new_decoder, error):
                 raw, decoder, in_stream = decoder.unused_data, new_decoder(), False
     if in_stream:
         yield _damaged(path, stats, f"truncated {name} (unexpected end of file)")
+    elif empty:  # not even a header: a copy or download that failed, not a shard without documents
+        yield _damaged(path, stats, f"empty file (0 bytes), not {name} data", kept=False)
 
 
 def _gunzip(f, path, stats):
@@ -303,6 +321,8 @@ def _gunzip(f, path, stats):
                 raw, inflate, in_member = inflate.unused_data, zlib.decompressobj(wbits=31), False
     if in_member:
         yield _damaged(path, stats, "truncated gzip (unexpected end of file)")
+    elif first:  # not even a header (zcat: "unexpected end of file"): a copy or download that failed
+        yield _damaged(path, stats, "empty file (0 bytes), not gzip data", kept=False)
 
 
 def _inflate_until_damage(inflate, raw, piece=4096):

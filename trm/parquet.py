@@ -25,8 +25,9 @@ def pyarrow_parquet():
 
 
 def parquet_texts(path, text_field, stats, min_chars=0, as_bytes=False):
-    """The texts of column `text_field`, in row order; nulls, empty and short texts are skipped and counted in `stats`
-    (a CorpusStats) as iter_texts counts bad JSON lines, with the row number where iter_texts gives the line."""
+    """The texts of column `text_field`, in row order; nulls, bytes that are not UTF-8, empty and short texts are skipped
+    and counted in `stats` (a CorpusStats) as iter_texts counts bad JSON lines, with the row number where iter_texts
+    gives the line."""
     pq = pyarrow_parquet()
     if pq is None:  # the scripts check up front (missing_package); this is a backstop
         raise CorpusError(f"{path} {PYARROW_MISSING}")
@@ -56,22 +57,36 @@ def parquet_texts(path, text_field, stats, min_chars=0, as_bytes=False):
             rows = meta.row_group(i).num_rows
             stats.bytes_in += size * rows // max(meta.num_rows, 1)  # the progress bars' count, in proportion
             try:
-                texts = f.read_row_group(i, columns=[text_field]).column(0).to_pylist()
+                column = f.read_row_group(i, columns=[text_field]).column(0)
             except (pyarrow.ArrowException, OSError) as e:
                 _lost(stats, path, f"row group {i + 1} of {meta.num_row_groups} is damaged ({_reason(e)}); its "
                                    f"{rows:,} rows are lost, the other row groups are kept")
                 row += rows
                 continue
+            try:
+                texts = column.to_pylist()
+            except UnicodeDecodeError:  # a writer need not check its strings: each row on its own, as JSONL lines are
+                texts = [_decode(raw) for raw in column.cast(pyarrow.large_binary()).to_pylist()]
             for text in texts:
                 row += 1
                 if text is None:
                     stats.skip(path, row, no_text)
+                elif type(text) is bytes:
+                    stats.skip(path, row, "undecodable bytes")
                 elif not text or len(text) < min_chars:
                     stats.skip(path, row, "empty text" if not text else f"shorter than {min_chars} chars")
                 else:
                     stats.documents += 1
                     stats.chars += len(text)
                     yield text.encode("utf-8") if as_bytes else text
+
+
+def _decode(raw):
+    """A row's text, or its bytes as they are where they are not UTF-8 (the caller skips those)."""
+    try:
+        return raw if raw is None else raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
 
 
 def _reason(e):
