@@ -23,6 +23,8 @@ from trm.atomic import AtomicFile, NotAFileError, remove_stale_tmp, tmp_name
 from trm.cli import PathList, fail, quiet_interrupt, range_error
 from trm.corpus import PATTERNS, CorpusStats, expand_inputs, iter_texts, missing_package
 
+HELD_OUT = ("valid", "val_", "val.", "test", "dev_", "dev.", "eval")  # file names of held-out splits
+
 DEFAULT_INPUTS = [f"train_{i}.jsonl.gz" for i in range(11)]  # the procedure's shards, in the working directory
 WRITE_BATCH = 8 << 20  # characters per write: few big writes, bounded memory
 
@@ -126,6 +128,13 @@ if __name__ == "__main__":
     if not files:
         fail(f"no input files found (looked for {' '.join(args.inputs)}; directories are searched for "
              f"{PATTERNS}). Check the paths and the working directory ({os.getcwd()}).")
+    # a folder of llm-jp shards often holds validation_0.jsonl.gz beside train_*: step 2 would then learn the held-out
+    # text that scores it (and step 3's validation would score text the tokenizer was fitted on). Read, as asked: said
+    held_out = [f for f in files if os.path.basename(f).lower().startswith(HELD_OUT)]
+    if held_out:
+        print(f"warning: {', '.join(held_out)} {'looks' if len(held_out) == 1 else 'look'} like held-out text "
+              f"(validation/test) and {'is' if len(held_out) == 1 else 'are'} read into {args.output} with the rest; "
+              f"to keep it out, name the training files (e.g. --inputs 'DIR/train_*.jsonl.gz')", file=sys.stderr)
     if problem := missing_package(files):
         fail(problem)
     if os.path.exists(args.output):

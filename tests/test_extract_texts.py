@@ -171,6 +171,21 @@ def test_a_folder_of_every_format_is_read_in_shard_order(tmp_path):
         assert "5 files, 15 documents" in r.stdout
 
 
+def test_a_validation_file_in_a_folder_read_is_warned_of(tmp_path):
+    # the procedure's working folder holds validation_0.jsonl.gz beside the shards: `--inputs .` would fit the
+    # tokenizer to the held-out text that later scores it. It is read, as asked, and said; the train_* glob is quiet
+    (tmp_path / "in").mkdir()
+    for name in ("train_0", "train_1", "validation_0"):
+        write_jsonl(tmp_path / f"in/{name}.jsonl.gz", [{"text": f"{name}の文書です。"}])
+    r = run(tmp_path, "--inputs", "in")
+    assert r.returncode == 0, r.stderr
+    assert "validation_0.jsonl.gz looks like held-out text" in r.stderr and "--inputs 'DIR/train_*" in r.stderr
+    assert "validation_0の文書です。" in (tmp_path / "train_texts.txt").read_text(encoding="utf-8")
+    r = run(tmp_path, "--inputs", "in/train_*.jsonl.gz")
+    assert r.returncode == 0 and "held-out" not in r.stderr, r.stderr
+    assert "validation_0" not in (tmp_path / "train_texts.txt").read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize("name,package", [("train_0.jsonl.zst", "zstandard"), ("train_0.parquet", "pyarrow")])
 def test_a_format_without_its_package_is_a_one_line_error(tmp_path, name, package):
     (tmp_path / name).write_bytes(b"\x28\xb5\x2f\xfd")
