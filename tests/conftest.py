@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: a tiny SentencePiece model, a tiny checkpoint that uses it and a tiny JSONL.GZ corpus,
 built in tmp dirs."""
 import io
+import os
 import random
 
 import pytest
@@ -172,3 +173,15 @@ def without_packages(tmp_path, *names):
     for name in names:
         (hide / f"{name}.py").write_text(f"raise ModuleNotFoundError('{name} hidden by the test', name='{name}')\n")
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")]))
+
+
+def unreadable_file(path):
+    """A path that opens but fails on its first read (EIO), as a file on a failing disk does: a link to /proc/self/mem
+    (Linux; the reading process's own memory, whose offset 0 is never mapped). Skips where there is none."""
+    os.symlink("/proc/self/mem", path)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError:
+        return str(path)
+    pytest.skip("no /proc/self/mem that fails to read here")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trm.data import DataError, PackedLoader, build_token_cache, check_paths, eval_windows, load_tokens
+from trm.data import CacheWriteError, DataError, PackedLoader, build_token_cache, check_paths, eval_windows, load_tokens
 from trm.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 
@@ -28,6 +28,18 @@ def all_targets_of_one_epoch(loader):
         _, y = loader.next_batch()
         seen.append(y.reshape(-1))
     return torch.cat(seen).tolist()
+
+
+def test_a_corpus_file_that_fails_to_read_is_named_not_taken_for_a_full_cache_disk(tmp_path):
+    # it used to say "writing the token cache ... failed: Input/output error ... Free some space in the cache dir"
+    from conftest import unreadable_file
+    good = write_jsonl_gz(tmp_path / "a.jsonl.gz", ["文書です。"])
+    bad = unreadable_file(tmp_path / "b.jsonl")
+    with pytest.raises(DataError) as e:
+        load_tokens([good, bad], Tokenizer("byte"), str(tmp_path / "cache"), desc="train", log=lambda m: None)
+    assert not isinstance(e.value, CacheWriteError)
+    assert f"reading {bad} failed" in str(e.value) and "--train_paths" in str(e.value)
+    assert "Free some space" not in str(e.value) and not list((tmp_path / "cache").glob("*.bin"))
 
 
 def test_cache_holds_every_document_as_bos_text_eos(tmp_path):

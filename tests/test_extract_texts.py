@@ -13,7 +13,7 @@ import pytest
 
 import trm.corpus
 
-from conftest import assert_one_line_error, help_blocks, without_packages
+from conftest import assert_one_line_error, help_blocks, unreadable_file, without_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "extract_texts.py")
@@ -308,18 +308,6 @@ def test_a_terminal_that_cannot_print_a_file_name_does_not_fail_after_the_work(t
                        capture_output=True, timeout=60, env=dict(os.environ, PYTHONIOENCODING="ascii"))
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")
     assert (tmp_path / "out.txt").read_text(encoding="utf-8") == "猫\n" and b"1 malformed JSON" in r.stdout
-
-
-def unreadable_file(path):
-    """A path that opens but fails on its first read (EIO), as a file on a failing disk does: a link to /proc/self/mem
-    (Linux; the reading process's own memory, whose offset 0 is never mapped). Skips where there is none."""
-    os.symlink("/proc/self/mem", path)
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError:
-        return str(path)
-    pytest.skip("no /proc/self/mem that fails to read here")
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -230,6 +230,10 @@ def load_tokens(paths, tokenizer, cache_dir, text_field="text", num_threads=None
             try:
                 meta = build_token_cache(paths, tokenizer, path, text_field, num_threads, desc)
             except OSError as e:  # disk full, quota, a file-size limit: the partial file is gone (AtomicFile)
+                if e.filename in paths:  # a corpus file that failed mid-read (trm.corpus names it): no disk to free
+                    flag = f"--{desc}_paths" if desc in ("train", "valid") else "the inputs"
+                    raise DataError(f"reading {e.filename} failed: {e.strerror or e}; no token cache was written. "
+                                    f"Check that file's disk, or leave it out of {flag}.") from None
                 raise CacheWriteError(f"writing the token cache {path} failed: {e.strerror or e}; nothing else was "
                                       f"changed. Free some space in {cache_dir} or choose another --cache_dir, then "
                                       f"run the same command again.") from None
