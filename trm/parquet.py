@@ -25,9 +25,9 @@ def pyarrow_parquet():
 
 
 def parquet_texts(path, text_field, stats, min_chars=0, as_bytes=False):
-    """The texts of column `text_field`, in row order; nulls, bytes that are not UTF-8, empty and short texts are skipped
-    and counted in `stats` (a CorpusStats) as iter_texts counts bad JSON lines, with the row number where iter_texts
-    gives the line."""
+    """The texts of column `text_field`, in row order; nulls, bytes that are not UTF-8, empty and short texts are
+    skipped and counted in `stats` (a CorpusStats) as iter_texts counts bad JSON lines, with the row number where
+    iter_texts gives the line."""
     pq = pyarrow_parquet()
     if pq is None:  # the scripts check up front (missing_package); this is a backstop
         raise CorpusError(f"{path} {PYARROW_MISSING}")

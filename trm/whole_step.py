@@ -1,4 +1,4 @@
-"""--compile whole: the training step (forward, backward, clipping, optimizer, EMA) as one CUDA graph, one launch a step.
+"""--compile whole: the training step (forward, backward, clipping, optimizer, EMA) as one CUDA graph, one launch each.
 
 At the procedure's batch (4 x 512) a step is launch-bound. --compile graphs replays the forward and backward as graphs,
 but the clipping, AdamW and the EMA still launch their kernels one by one from Python, and the GPU idled 30% of the
@@ -7,7 +7,8 @@ step; captured whole, the step took 3.06 ms against 3.96 (bench/step_profile.py 
 What capture asks of a step, and how it is met here:
 - no host syncs and no Python numbers baked in: AdamW runs capturable and reads its rate from a device tensor, the
   EMA its weight; both are written before each replay. Muon (--optimizer muon) reads the same rate tensor: its step
-  is tensor arithmetic throughout, with its momentum buffers made in the first warm-up step. The clipping's norm and the non-finite check stay on the GPU.
+  is tensor arithmetic throughout, with its momentum buffers made in the first warm-up step. The clipping's norm and
+  the non-finite check stay on the GPU.
 - fixed addresses: each batch is copied into the captured input; the gradients are the graph's own tensors, which
   each replay's backward writes (not adds to).
 - compiled and warmed up before the capture: the first WARMUP steps at each depth run eagerly on a side stream, as
