@@ -252,9 +252,32 @@ def test_load_model_wraps_config_and_tokenizer_mismatches(tmp_path, tiny_checkpo
             load_model(str(path))
         # load_state_dict's message runs over lines ("...for TRM:\n\tsize mismatch for ..."): the error was two lines
         assert "\n" not in str(e.value), str(e.value)
-    assert "size mismatch for" in str(e.value)
+    assert "not those of its config" in str(e.value) and "in the file" in str(e.value)
     with pytest.raises(CheckpointError, match="weights must be"):
         load_model(tiny_checkpoint, weights="best")
+
+
+def test_a_config_asking_for_more_than_its_weights_is_refused_before_the_model_is_built(tmp_path, tiny_checkpoint,
+                                                                                          monkeypatch):
+    # a hand-edited or tampered config may ask for up to TRMConfig.MAX_PARAMS (~80 GB in float32): the shapes are
+    # compared on the meta device, so nothing of that size is ever allocated. Here a 2 GB ask, and where it was built
+    import trm.model
+    good = torch.load(tiny_checkpoint, weights_only=True)
+    good.pop("checksum")
+    path = tmp_path / "wide.pt"
+    torch.save({**good, "config": {**good["config"], "d_model": 4096, "n_heads": 32}}, path)
+    built_on = []
+
+    class Watched(trm.model.TRM):
+        def __init__(self, config):
+            built_on.append(torch.empty(0).device.type)  # the default device the weights would be made on
+            super().__init__(config)
+    monkeypatch.setattr(trm.model, "TRM", Watched)
+    with pytest.raises(CheckpointError, match="not those of its config"):
+        load_model(str(path))
+    assert built_on == ["meta"]
+    load_model(tiny_checkpoint)  # a checkpoint that fits: checked on meta, then built for real
+    assert built_on == ["meta", "meta", "cpu"]
 
 
 def test_load_model_without_ema_says_it_uses_the_raw_weights(tmp_path, tiny_checkpoint, capsys):

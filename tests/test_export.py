@@ -236,8 +236,8 @@ def test_damaged_or_mismatched_folders_are_refused_with_one_line(trained, tmp_pa
 
 
 def test_a_config_that_does_not_build_its_weights_is_one_line(trained, tmp_path):
-    # config.json has no checksum of its own: a hand-edited width builds a model its weights do not fit, and
-    # load_state_dict's multi-line message made the error two lines
+    # config.json has no checksum of its own: a hand-edited width asks for a model its weights do not fit (refused
+    # before it is built, trm.checkpoint.model_for), and load_state_dict's multi-line message made the error two lines
     _, _, out = trained
     shutil.copytree(out, tmp_path / "wider")
     info = json.loads((tmp_path / "wider" / "config.json").read_text(encoding="utf-8"))
@@ -245,7 +245,7 @@ def test_a_config_that_does_not_build_its_weights_is_one_line(trained, tmp_path)
     (tmp_path / "wider" / "config.json").write_text(json.dumps(info), encoding="utf-8")
     with pytest.raises(CheckpointError, match="does not match this code's model") as e:
         load_model(str(tmp_path / "wider"))
-    assert "\n" not in str(e.value) and "size mismatch for" in str(e.value), str(e.value)
+    assert "\n" not in str(e.value) and "not those of its config" in str(e.value), str(e.value)
 
 
 def test_a_link_to_the_checkpoints_folder_is_its_own_folder(trained, tmp_path):

@@ -230,6 +230,24 @@ def prune_checkpoints(save_dir, keep_last, keep=()):
     return removed
 
 
+def model_for(config, weights, path):
+    """The TRM that config builds, for the state dict `weights`: its shapes compared first on the meta device, where
+    nothing is allocated. A config that asks for far more than its file holds (a hand-edited or tampered one may ask
+    for up to TRMConfig.MAX_PARAMS, ~80 GB in float32) is then refused in a line instead of filling the memory."""
+    from trm.model import TRM, TRMConfig
+    config = TRMConfig(**config)
+    with torch.device("meta"):
+        want = {name: tuple(t.shape) for name, t in TRM(config).state_dict().items()}
+    have = {name: tuple(t.shape) for name, t in weights.items()}
+    if want != have:
+        wrong = sorted(set(want) ^ set(have)) or [name for name in want if want[name] != have[name]]
+        name = wrong[0]
+        raise CheckpointError(f"{path} does not match this code's model (its weights are not those of its config: "
+                              f"{name} is {have.get(name, 'missing')} in the file, {want.get(name, 'unknown')} in "
+                              f"the model; {len(wrong)} such)")
+    return TRM(config)
+
+
 def load_model(path, weights="ema", map_location="cpu"):
     """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint, for generation and evaluation.
 
@@ -239,7 +257,6 @@ def load_model(path, weights="ema", map_location="cpu"):
     (trm/model_folder.py): the same three things; or a trainer's save dir, which stands for its best.pt, else its newest
     checkpoint (said on stderr).
     """
-    from trm.model import TRM, TRMConfig
     from trm.tokenizer import Tokenizer
 
     if os.path.isdir(path):
@@ -258,7 +275,6 @@ def load_model(path, weights="ema", map_location="cpu"):
         return finite(model, path), tokenizer, state
     state = load_checkpoint(path, map_location)
     try:
-        model = TRM(TRMConfig(**state["config"]))
         if weights not in ("ema", "raw"):
             raise CheckpointError(f"weights must be 'ema' or 'raw', got {weights!r}")
         sd, state["weights"] = state["model"], "raw"
@@ -267,6 +283,7 @@ def load_model(path, weights="ema", map_location="cpu"):
         elif weights == "ema":
             print(f"note: {path} has no EMA weights (trained with --ema_decay 0): using its raw weights",
                   file=sys.stderr)
+        model = model_for(state["config"], sd, path)
         model.load_state_dict(sd)
         tokenizer = Tokenizer.from_state(state["tokenizer"])
     except CheckpointError:

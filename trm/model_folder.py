@@ -15,7 +15,7 @@ import json
 import os
 
 from trm.atomic import AtomicFile
-from trm.checkpoint import CheckpointError, one_line
+from trm.checkpoint import CheckpointError, model_for, one_line
 
 FORMAT = "generative-trm-model"
 VERSION = 1
@@ -69,7 +69,6 @@ def load_folder(path, weights="ema"):
     without an EMA does. Every failure is a CheckpointError with one line."""
     import sys
 
-    from trm.model import TRM, TRMConfig
     from trm.safetensors import load_file
     from trm.tokenizer import Tokenizer, TokenizerError
 
@@ -112,8 +111,8 @@ def load_folder(path, weights="ema"):
         if tokenizer.fingerprint() != info["tokenizer"]["fingerprint"]:
             raise CheckpointError(f"{path}: the tokenizer is not the one the model was trained with (fingerprint "
                                   f"{tokenizer.fingerprint()} vs {info['tokenizer']['fingerprint']})")
-        model = TRM(TRMConfig(**info["config"]))
         tensors, _ = load_file(os.path.join(path, WEIGHTS))
+        model = model_for(info["config"], tensors, path)
         model.load_state_dict(tensors)
     except CheckpointError:
         raise
