@@ -358,7 +358,7 @@ def test_one_thread_gives_the_same_model_every_run(tmp_path):
 def test_a_file_that_cannot_be_read_is_one_line(tmp_path, flag):
     # a link to /proc/self/mem opens and fails on its first read (EIO), as a file on a failing disk does; one that
     # cannot be opened (no permission) fails one step earlier, in the same place: both were a traceback
-    from test_extract_texts import unreadable_file
+    from conftest import unreadable_file
 
     (tmp_path / "train_texts.txt").write_text("\n".join(corpus_lines(30)) + "\n", encoding="utf-8")
     unreadable_file(tmp_path / "bad.txt")
