@@ -112,14 +112,20 @@ def test_fixed_shape_decoding_equals_full_forward(arch, depth):
 
 
 def test_cached_decoding_past_max_seq_len_matches_full_forward():
-    model = tiny(max_seq_len=8)  # rotary tables must grow when generation runs past the trained length
     idx = tokens(1, 14)
     with torch.no_grad():
-        full, _ = model(idx)
-        cache = KVCache(14)
-        cached = torch.cat([model(idx[:, :6], cache=cache)[0]]
-                           + [model(idx[:, i:i + 1], cache=cache)[0] for i in range(6, 14)], dim=1)
-    assert (cached - full).abs().max().item() <= 1e-4
+        full, _ = tiny(max_seq_len=8)(idx)  # a model of its own, whose table this full pass grows
+    for static in (False, True):  # rotary tables must grow when decoding runs past the trained length
+        model = tiny(max_seq_len=8)
+        with torch.inference_mode():  # as generation runs
+            cache = KVCache(14)
+            chunks = [model(idx[:, :6], cache=cache)[0]]
+            step = StaticKVCache(cache) if static else cache  # fixed shape: the position only on the device
+            if static:
+                step.follow()
+            chunks += [model(idx[:, i:i + 1], cache=step)[0] for i in range(6, 14)]
+        assert (torch.cat(chunks, dim=1) - full).abs().max().item() <= 1e-4, static
+        model(idx, idx)[1].backward()  # a table grown while generating still trains (no inference tensor)
 
 
 @pytest.mark.parametrize("arch,depth", CACHE_CASES[:3])

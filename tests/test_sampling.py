@@ -181,6 +181,25 @@ def test_sample_next_rules():
     assert sample_next(batch, 0).tolist() == [1, 0]
 
 
+def test_top_k_and_top_p_combine_and_out_of_range_values_switch_them_off():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0, 0.5]])
+
+    def drawn(n=400, **kw):
+        return {sample_next(logits, 1.0, generator=g, **kw).item() for _ in range(n)}
+
+    # top-p reads the top-k survivors' renormalized probabilities: 0.73 and 0.27 of the two best, so 0.7 keeps one
+    # (over the whole vocabulary the best token's 0.63 would not cover 0.7, and two would stay)
+    assert drawn(top_k=2, top_p=0.7) == {1}
+    assert drawn(top_k=0, top_p=0.7) == {1, 2}
+    assert drawn(2000, top_k=5) == drawn(2000, top_k=99) == drawn(2000, top_k=-1) == set(range(5))  # k >= V, k < 0: off
+    assert drawn(2000, top_p=1.5) == set(range(5))
+    # a seeded generator gives the same draws again, another seed other draws
+    batch = logits.repeat(64, 1)
+    draws = [sample_next(batch, 1.0, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
 # ---- EOS, BOS -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("use_cache", [True, False])

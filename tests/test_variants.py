@@ -36,6 +36,9 @@ VARIANTS = {
     "tied": dict(tie_embeddings=True),
     "all": dict(qk_norm=True, zero_init=True, logit_softcap=2.0, prelude_layers=1, coda_layers=1, step_embed=True,
                 adapter_rank=2, tie_embeddings=True),
+    "all_single": dict(qk_norm=True, prelude_layers=1, coda_layers=1, step_embed=True, adapter_rank=2,
+                       single_stream=True),
+    "gpt": dict(arch="gpt", qk_norm=True, zero_init=True, logit_softcap=2.0, tie_embeddings=True),
 }
 
 
@@ -62,41 +65,47 @@ def test_no_future_token_changes_a_past_logit(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
-@pytest.mark.parametrize("depth", [{}, dict(deep_steps=3, supervision_steps=3)], ids=["trained", "deeper"])
+@pytest.mark.parametrize("depth", [{}, dict(deep_steps=3, supervision_steps=3), dict(latent_steps=1, deep_steps=1)],
+                         ids=["trained", "deeper", "shallower"])
 def test_cached_and_fixed_shape_decoding_equal_the_full_forward(variant, depth):
     model = trained_looking(tiny(**variant))
     idx = tokens(2, 20)
     with torch.no_grad():
-        full, _ = model(idx, **depth)
-        cache = KVCache(24)
-        chunks = [model(idx[:, :5], cache=cache, **depth)[0], model(idx[:, 5:9], cache=cache, **depth)[0]]
-        chunks += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(9, 14)]
-        static = StaticKVCache(cache)  # the CUDA-graph step's cache, from position 14 on
-        static.follow()
-        chunks += [model(idx[:, i:i + 1], cache=static, **depth)[0] for i in range(14, 20)]
-    assert (torch.cat(chunks, dim=1) - full).abs().max().item() <= 1e-4
+        full, _ = model(idx, **depth)  # the per-call adapters; decoding runs them merged, as generation does
+        for merged in (None, merge_all(model)) if model.adapters is not None else (None,):
+            model.merged_adapters = merged
+            cache = KVCache(24)
+            chunks = [model(idx[:, :5], cache=cache, **depth)[0], model(idx[:, 5:9], cache=cache, **depth)[0]]
+            chunks += [model(idx[:, i:i + 1], cache=cache, **depth)[0] for i in range(9, 14)]
+            static = StaticKVCache(cache)  # the CUDA-graph step's cache, from position 14 on
+            static.follow()
+            chunks += [model(idx[:, i:i + 1], cache=static, **depth)[0] for i in range(14, 20)]
+            assert (torch.cat(chunks, dim=1) - full).abs().max().item() <= 1e-4, merged is not None
 
 
-@pytest.mark.parametrize("variant", [VARIANTS["prelude"], VARIANTS["coda"], VARIANTS["all"]],
-                         ids=["prelude", "coda", "all"])
-def test_adaptive_decoding_equals_whole_sequence_halting(variant):
+@pytest.mark.parametrize("variant,depth", [(VARIANTS["prelude"], {}), (VARIANTS["coda"], {}), (VARIANTS["all"], {}),
+                                           (VARIANTS["all_single"], dict(latent_steps=1, supervision_steps=4))],
+                         ids=["prelude", "coda", "all", "all_single_other_depth"])
+def test_adaptive_decoding_equals_whole_sequence_halting(variant, depth):
     model = trained_looking(tiny(halt_head=True, supervision_steps=3, **variant))
     idx = tokens(3, 20)
     with torch.no_grad():
         model.halt.weight.normal_(std=1.0)
         model.halt.bias.zero_()
-        q = model.halt(next(model.rounds(idx))).flatten().sort().values
+        q = model.halt(next(model.rounds(idx, **depth))).flatten().sort().values
         # about half the tokens stop after round 1; the cut sits in the widest gap near the middle, as a cut on a
         # token's own value would let rounding decide that token (and through attention, the ones after it)
         middle = q[len(q) // 3:2 * len(q) // 3]
         gap = (middle[1:] - middle[:-1]).argmax()
         model.halt.bias.fill_(-(middle[gap] + middle[gap + 1]).item() / 2)
-        whole, _ = model(idx, halt_threshold=0.5)
-        running = sum(r.long() for _, r in halting.rounds(model, idx, 0.5))
+        whole, _ = model(idx, halt_threshold=0.5, **depth)
+        running = sum(r.long() for _, r in halting.rounds(model, idx, 0.5, **depth))
     cache = KVCache(20)
-    steps = [decode_adaptive(model, idx[:, t:t + 1], cache, 0.5) for t in range(20)]
+    model.merged_adapters = merge_all(model) if model.adapters is not None else None  # as generation decodes
+    steps = [decode_adaptive(model, idx[:, t:t + 1], cache, 0.5, **depth) for t in range(20)]
+    model.merged_adapters = None
     assert torch.equal(torch.stack([s[1] for s in steps], dim=1), running)
-    assert (running == 1).any() and (running == 3).any()
+    assert (running == 1).any() and (running == model.n_rounds(**depth)).any()
     assert (torch.cat([s[0] for s in steps], dim=1) - whole).abs().max().item() <= 1e-4
 
 

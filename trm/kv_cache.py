@@ -2,7 +2,8 @@
 
 A cache knows nothing of the model. The model asks it two things (trm/model.py, class Slot):
 
-- begin(T): T new tokens start a pass; returns the position of the first (an int, or a device tensor).
+- begin(T): T new tokens start a pass; returns the position of the first (an int, or a device tensor: then the
+  cache's max_len bounds the positions, so that the model's tables can reach them all ahead).
 - attend(key, q, k, v): store k, v in the slot `key`, attend q over what that slot holds.
 
 The model names every slot: key = (round, deep step, call, layer) for the recursion, (layer,) for arch="gpt". A slot
@@ -76,7 +77,7 @@ class StaticKVCache:
     def __init__(self, cache):
         if not cache.slots:
             raise ValueError("a fixed-shape cache continues a prefill: the KVCache is still empty")
-        self.cache = cache
+        self.cache, self.max_len = cache, cache.max_len
         k = next(iter(cache.slots.values()))[0]
         self.batch_size, self.dtype = k.size(0), k.dtype
         self.pos = torch.zeros(1, dtype=torch.long, device=k.device)

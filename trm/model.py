@@ -244,7 +244,8 @@ class TRM(nn.Module):
             return self.rope_cos.index_select(0, start), self.rope_sin.index_select(0, start)
         end = start + T
         if end > self.rope_cos.size(0):  # only generation past max_seq_len gets here
-            self.rope_cos, self.rope_sin = self._rope_table(2 * end, self.rope_cos.device)
+            with torch.inference_mode(False):  # the table outlives generation: training cannot save inference tensors
+                self.rope_cos, self.rope_sin = self._rope_table(2 * end, self.rope_cos.device)
         return self.rope_cos[start:end], self.rope_sin[start:end]
 
     def embed_tokens(self, idx):
@@ -309,7 +310,10 @@ class TRM(nn.Module):
         """
         n, T_deep, N_sup = self.steps(**depth)
         slot = NO_CACHE if cache is None else Slot(cache)
-        rope = self.rope(0 if cache is None else cache.begin(idx.size(1)), idx.size(1))
+        start = 0 if cache is None else cache.begin(idx.size(1))
+        if torch.is_tensor(start):  # a position the host cannot read: the table must already reach the cache's end
+            self.rope(0, cache.max_len)
+        rope = self.rope(start, idx.size(1))
         x = self.embed_tokens(idx)
         if not self.recursive:
             yield self.net(x, rope, slot[0])  # one round of one net call
