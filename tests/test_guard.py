@@ -103,6 +103,15 @@ def test_a_run_stuck_at_the_unigram_level_stops_at_its_second_evaluation():
     assert step == 1000 and len(warnings) == 1 and "step 500" in warnings[0] and "unigram level" in warnings[0]
 
 
+def test_a_non_finite_first_evaluation_is_no_slow_start():
+    # a first evaluation at the unigram level may be a slow start, and a run ending on it keeps its weights (with a
+    # note); a non-finite one is no slow start: the run must stop without saving those weights
+    slow, broken = CollapseGuard(7.96, 500), CollapseGuard(7.96, 500)
+    assert slow.observe(1000, 1000 * 2048, 8.1).startswith("note: ") and slow.first_look
+    assert not broken.observe(1000, 1000 * 2048, math.nan).startswith("note: ")
+    assert broken.suspect and not broken.first_look
+
+
 def test_scores_at_another_depth_start_the_comparison_afresh():
     # --depth_warmup scores a one-step model first, then the full depth: a new model, worse at first. Against the
     # shallow best (2.0) the full depth's 5.2 and 5.1 are more than halfway back to u (7.96): two bad, a stop

@@ -77,6 +77,36 @@ def test_the_schedule_drives_both_and_the_state_round_trips():
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_resume_trains_at_the_command_lines_weight_decay(optimizer):
+    # torch's load_state_dict takes the saved groups' settings: a resume with another --weight_decay went on at the
+    # checkpoint's, silently, while the checkpoint's args recorded the new one. It is the command line's, as --lr is
+    def steps(model, opt, n):
+        for _ in range(n):
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+    straight = tiny_model()
+    opt = build_optimizer(straight, flags("--optimizer", optimizer, "--weight_decay", "0.01", "--lr", "1e-2"), cpu)
+    steps(straight, opt, 2)
+    state, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(straight.state_dict())
+    for group in opt.param_groups:  # what the resumed run should do from here: the same moments, the new decay
+        group["weight_decay"] = 0.5 if group["weight_decay"] else 0.0
+    steps(straight, opt, 2)
+    resumed = tiny_model()
+    resumed.load_state_dict(weights)
+    opt2 = build_optimizer(resumed, flags("--optimizer", optimizer, "--weight_decay", "0.5", "--lr", "1e-2"), cpu)
+    opt2.load_state_dict(state)
+    assert [g["weight_decay"] for g in opt2.param_groups] == [g["weight_decay"] for g in opt.param_groups]
+    assert 0.5 in [g["weight_decay"] for g in opt2.param_groups]
+    steps(resumed, opt2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch >= 2.9")
 def test_batched_muon_steps_as_torch_muon_and_reads_its_state():
     # trm/muon.py is torch.optim.Muon(adjust_lr_fn="match_rms_adamw") with the matrices of one shape stacked: the

@@ -98,8 +98,10 @@ class CollapseGuard:
         if not bad:
             self.last_good_step = step
         best_before, self.best = self.best, min(self.best, loss)
-        self.first_look = len(self.bad) == 1 and not math.isfinite(best_before)  # the run's first evaluation: no trend
-        if len(self.bad) == 1 and not math.isfinite(best_before) and math.isfinite(loss):
+        # the run's first evaluation: no trend to tell a slow start by (a non-finite loss is no slow start, and a run
+        # that ended on one would keep its weights with a note that it was)
+        self.first_look = len(self.bad) == 1 and not math.isfinite(best_before) and math.isfinite(loss)
+        if self.first_look:
             # a first evaluation: a slow start (the procedure's batch 4 at step 500) looks the same as a collapse
             return (f"note: step {step}: the validation loss {loss:.4f} is still at the unigram level "
                     f"({self.unigram:.3f} nats/token, the training tokens' unigram entropy). A slow start is normal "
