@@ -1,4 +1,4 @@
-"""Does thinking longer help? Validation bits/byte against the supervision rounds used at inference, and against
+r"""Does thinking longer help? Validation bits/byte against the supervision rounds used at inference, and against
 the halting threshold of adaptive depth.
 
     python bench/depth.py --data validation_0.jsonl.gz --checkpoints fixed=ck_a/final_step_600.pt \
@@ -6,8 +6,9 @@ the halting threshold of adaptive depth.
 
 Test-time depth changes no weights: each checkpoint is scored (EMA weights, same windows) with --supervision_steps
 set to each value of --rounds. Checkpoints with a halting head (--act_weight) are also scored the way adaptive
-generation runs, token by token through the KV cache, at each of --halt_thresholds (1.0 = the fixed depth): bits/byte
-and the share of the recursion spent. Prints tables (also as --json) and draws depth_curve.png.
+generation runs (trm/halting.py computes over whole windows what decoding computes token by token; tested equal),
+at each of --halt_thresholds (1.0 = the fixed depth): bits/byte and the share of the recursion spent. Prints tables
+(also as --json) and draws depth_curve.png.
 """
 import argparse
 import json
@@ -18,13 +19,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from trm.checkpoint import load_model  # noqa: E402
+from trm.checkpoint import CheckpointError, load_model  # noqa: E402
 from trm.corpus import iter_texts  # noqa: E402
-from trm.data import document_ids, eval_windows  # noqa: E402
+from trm.data import DataError, check_paths, document_ids, eval_windows  # noqa: E402
 from trm.device import pick_device  # noqa: E402
 from trm.evaluate import evaluate  # noqa: E402
 
-p = argparse.ArgumentParser()
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", nargs="+", required=True)
 p.add_argument("--checkpoints", nargs="+", required=True, help="NAME=PATH pairs")
 p.add_argument("--rounds", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
@@ -36,6 +37,14 @@ p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = to
 p.add_argument("--plot", default="depth_curve.png")
 p.add_argument("--json", default=None)
 args = p.parse_args()
+specs = [spec.split("=", 1) for spec in args.checkpoints]
+for spec, pair in zip(args.checkpoints, specs):
+    if len(pair) != 2 or not all(pair):
+        p.error(f"--checkpoints takes NAME=PATH pairs, got {spec!r}")
+try:  # a missing file was "the validation corpus has fewer than 2 tokens", in a traceback
+    args.data = check_paths(args.data, "--data")
+except DataError as e:
+    sys.exit(f"error: {e}")
 
 if args.threads:
     import torch
@@ -44,9 +53,11 @@ device, amp_dtype, why = pick_device(args.device, args.dtype)
 print(f"device: {device} ({why})")
 texts = [t for f in args.data for t in iter_texts(f)]  # read once; each checkpoint tokenizes with its own vocabulary
 rows, halting = {}, {}
-for spec in args.checkpoints:
-    name, path = spec.split("=", 1)
-    model, tokenizer, state = load_model(path)
+for name, path in specs:
+    try:
+        model, tokenizer, state = load_model(path)
+    except CheckpointError as e:
+        sys.exit(f"error: --checkpoints {name}={path}: {e}")
     model.to(device)
     ids = np.array([i for doc in document_ids(tokenizer, texts) for i in doc])
     windows = eval_windows(ids, model.config.max_seq_len, args.eval_tokens)

@@ -45,7 +45,11 @@ args = p.parse_args()
 
 device, amp, why = pick_device(args.device)
 print(f"device: {device} ({why})")
-cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, max_seq_len=args.max_seq_len)
+try:
+    cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
+                    max_seq_len=args.max_seq_len)
+except ValueError as e:  # (a shape the model refuses: one line, not a traceback)
+    sys.exit(f"error: {e}")
 model = TRM(cfg).to(device)
 g = torch.Generator().manual_seed(0)
 windows = torch.randint(0, cfg.vocab_size, (args.windows, args.max_seq_len + 1), generator=g)

@@ -9,6 +9,7 @@ median printed. cpu = user + system seconds of the finished child, from the OS.
 """
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import resource
@@ -19,14 +20,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from trm.corpus import train_shards  # noqa: E402
 
 
 def make_short_docs(src_files, out_dir, chars=200):
     """The same text cut into ~200-character documents: per-record costs dominate instead of per-byte ones."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     outs = []
     for src in src_files:
-        out = out_dir / Path(src).name
+        # kept between runs, in a folder named by the source file's path, size and time: by its name alone, another
+        # corpus's train_0.jsonl.gz found the first one's short documents and timed them in its "short docs" row
+        st = os.stat(src)
+        key = hashlib.sha1(f"{os.path.abspath(src)}|{st.st_size}|{st.st_mtime_ns}|{chars}".encode()).hexdigest()[:16]
+        (out_dir / key).mkdir(parents=True, exist_ok=True)
+        out = out_dir / key / Path(src).name
         outs.append(str(out))
         if out.exists():
             continue
@@ -73,14 +80,16 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
 
-    files = sorted((str(p) for p in Path(args.corpus).glob("train_*.jsonl.gz")),
-                   key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
+    if not os.path.isdir(args.corpus):
+        sys.exit(f"error: --corpus {args.corpus} is not a folder")
+    # the shards as the trainer numbers them (a train_texts.jsonl.gz is not one); .jsonl.gz only: zcat is the yardstick
+    files = [f for f in train_shards(args.corpus) if f.endswith(".jsonl.gz")]
     if not files:
-        sys.exit(f"no train_*.jsonl.gz in {args.corpus}")
+        sys.exit(f"error: no train_N.jsonl.gz in --corpus {args.corpus}")
     short = make_short_docs(files, Path(args.short_dir))
     print(f"{os.cpu_count()} cores; medians of {args.runs} alternating runs; whole-process wall seconds")
     print(f"{'corpus':<12} {'workers':>7} {'gz MB':>8} {'extract s':>9} {'zcat s':>9} {'A/B':>7} {'cpu A/B':>7} "
           f"{'vs zcat':>8}")
-    for name, corpus_files in [("aozora", files), ("short docs", short)]:
+    for name, corpus_files in [(os.path.basename(os.path.abspath(args.corpus))[:12], files), ("short docs", short)]:
         for workers in args.workers:
             compare(name, corpus_files, workers, args.runs)

@@ -47,20 +47,28 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the CU
 parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the weights' and states' type")
 args = parser.parse_args()
 
+modes = args.modes.split(",")
+if unknown := [m for m in modes if m not in ("cache", "no_cache")]:  # any other word ran uncached, under its name
+    parser.error(f"--modes takes cache and no_cache, comma-separated; got {unknown[0]!r}")
 if args.threads:
     torch.set_num_threads(args.threads)
 device = torch.device(args.device)
 torch.manual_seed(0)
-if args.checkpoint:
-    from trm.checkpoint import load_model
-    model = load_model(args.checkpoint)[0].to(device).eval()
-    cfg = model.config
-else:
-    cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
-                    max_seq_len=args.max_seq_len, latent_steps=args.latent_steps,
-                    supervision_steps=args.supervision_steps, tie_embeddings=args.tie_embeddings,
-                    qk_norm=args.qk_norm, adapter_rank=args.adapter_rank)
-    model = TRM(cfg).to(device).eval()
+try:  # a missing checkpoint, a shape the model refuses: one line, not a traceback
+    if args.checkpoint:
+        from trm.checkpoint import load_model
+        model = load_model(args.checkpoint)[0].to(device).eval()
+        cfg = model.config
+    else:
+        cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
+                        max_seq_len=args.max_seq_len, latent_steps=args.latent_steps,
+                        supervision_steps=args.supervision_steps, tie_embeddings=args.tie_embeddings,
+                        qk_norm=args.qk_norm, adapter_rank=args.adapter_rank)
+        model = TRM(cfg).to(device).eval()
+except (ValueError, RuntimeError) as e:  # (CheckpointError is a RuntimeError)
+    sys.exit(f"error: {e}")
+if args.halt_thresholds and not model.can_halt:
+    sys.exit("error: --halt_thresholds needs a --checkpoint trained with a halting head (train_trm_lm.py --act_weight)")
 if args.dtype == "bf16":
     model = model.to(torch.bfloat16)
 prompts = torch.randint(4, cfg.vocab_size, (max(args.batch), args.prompt_len)).tolist()
@@ -104,7 +112,7 @@ print(f"# {name}, torch {torch.__version__}; d_model={cfg.d_model} n_heads={cfg.
 print(f"| {'mode':8} | {'batch':>5} | {'prefill s':>9} | {'total s':>8} | {'tokens/s':>8} | {'decode tokens/s':>15} | "
       f"{'tokens/CPU-s':>12} | rounds per token |")
 print(f"|{'-' * 10}|{'-' * 7}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 17}|{'-' * 14}|---|")
-runs = [(mode, mode == "cache", None) for mode in args.modes.split(",")]
+runs = [(mode, mode == "cache", None) for mode in modes]
 runs += [(f"halt {p}", True, p) for p in args.halt_thresholds]
 for B in args.batch:
     timed_run(True, 4, B)  # warm-up at this shape: allocator, kernels, lazy init

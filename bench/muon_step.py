@@ -28,7 +28,7 @@ from trm.optim import hidden_matrices  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--device", default="cpu")
-p.add_argument("--arch", default="gpt")
+p.add_argument("--arch", choices=("trm", "gpt"), default="gpt")
 p.add_argument("--d_model", type=int, default=256)
 p.add_argument("--n_heads", type=int, default=4)
 p.add_argument("--n_layers", type=int, default=12)
@@ -37,8 +37,12 @@ p.add_argument("--compiled", action="store_true", help="also time trm.muon.Muon 
 args = p.parse_args()
 
 device = torch.device(args.device)
-model = TRM(TRMConfig(vocab_size=16000, arch=args.arch, d_model=args.d_model, n_heads=args.n_heads,
-                      n_layers=args.n_layers)).to(device)
+try:
+    cfg = TRMConfig(vocab_size=16000, arch=args.arch, d_model=args.d_model, n_heads=args.n_heads,
+                    n_layers=args.n_layers)
+except ValueError as e:  # (a shape the model refuses: one line, not a traceback)
+    sys.exit(f"error: {e}")
+model = TRM(cfg).to(device)
 weights = hidden_matrices(model)
 shapes = sorted({tuple(w.shape) for w in weights})
 print(f"# {args.arch} d_model {args.d_model} x {args.n_layers} layers: {len(weights)} hidden matrices in "

@@ -7,12 +7,13 @@ Every run is train_trm_lm.py with the shared flags (--batch_size 64 --weight_dec
 --eval_every steps on 262k validation tokens) plus its own. The budget counts the trainer's training time, compilation
 included; evaluation and saving do not count. Every distinct graph is compiled once before the race (untimed), so each
 run finds the inductor cache warm and none pays a cold compile that another does not. When a run ends, its final
-checkpoint (EMA weights) is scored by trm.evaluate on --eval_tokens of validation_0 at its trained depth and at 0.5x and
-2x its supervision rounds (deep steps for 1-round models). The table also shows the best validation along the run (the
-trainer's own evaluations), since at 30+ epochs a model can be past its best when the clock stops; best.pt, the
-checkpoint of the best evaluation, is scored on the same tokens as the final one. "GPU busy" is the median of
-nvidia-smi's utilization while a run trained: well under 100% means the GPU waited for the host, and that run's
-tokens/s says more about the machine than about the model.
+checkpoint (EMA weights) is scored by trm.evaluate on --eval_tokens of validation_0 (at most: the header names the
+tokens scored) at its trained depth and at 0.5x and 2x its supervision rounds (deep steps for 1-round models). The
+table also shows the best validation along the run (the trainer's own evaluations), since at 30+ epochs a model can be
+past its best when the clock stops; best.pt, the checkpoint of the best evaluation, is scored on the same tokens as the
+final one. "GPU busy" is the median of nvidia-smi's utilization while a run's trainer ran (its start-up and evaluations
+included, a small share): well under 100% means the GPU waited for the host, and that run's tokens/s says more about
+the machine than about the model. A run that fails, or that race.py itself fails on, keeps its row, saying why.
 
 Prints a markdown table and the tokenizer's fingerprint (rows compare exactly only on one tokenizer: two trainings of
 ja_trm.model on several threads differ), and writes race.json, every run's log and race.png under --out: validation
@@ -26,6 +27,7 @@ import os
 import queue
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -158,12 +160,34 @@ if args.plot_only:  # the runs are the save dirs under --out; _prep and _warm ar
 if not (args.run and args.data_dir and args.sp_model):
     p.error("--run, --data_dir and --sp_model are required (unless --plot_only)")
 args.data_dir, args.sp_model = map(os.path.abspath, (args.data_dir, args.sp_model))
+if not os.path.isdir(args.data_dir):  # (train_shards would end in a FileNotFoundError traceback)
+    sys.exit(f"error: --data_dir {args.data_dir} is not a folder")
+runs = [spec.split("=", 1) for spec in args.run]
+for spec, run in zip(args.run, runs):
+    # a run's name is its save dir and log under --out: a "/" would put its log in a folder nobody made (the worker
+    # thread died there and every run queued after it never raced); "_prep", "_warm" and token_cache are the race's own
+    if len(run) != 2 or not run[0] or os.sep in run[0] or run[0].startswith(("_", ".")) or run[0] == "token_cache":
+        sys.exit(f"error: --run {spec!r}: give NAME=FLAGS, the NAME without '/' and not starting with '_' or '.', "
+                 f"nor token_cache (it names the run's folder under --out)")
+for what, flags in [(f"--run {spec!r}", run[1]) for spec, run in zip(args.run, runs)] + [("--common", args.common)]:
+    try:  # an unclosed quote would end the warm-up, or the run's own thread, in a traceback
+        shlex.split(flags)
+    except ValueError as e:
+        sys.exit(f"error: {what}: its flags do not parse ({e})")
+if len({name for name, _ in runs}) != len(runs):
+    sys.exit("error: run names must be unique")
 
 
 def gpu_ids():
     if args.gpus:
         return args.gpus.split(",")
-    return [str(i) for i in range(torch.cuda.device_count())] or ["cpu"]
+    n = torch.cuda.device_count()
+    # Each run's CUDA_VISIBLE_DEVICES replaces the race's own, and nvidia-smi -i takes the host's ids: under
+    # CUDA_VISIBLE_DEVICES=2,3 the visible GPUs are 2 and 3, not 0 and 1 (the numbers torch counts from)
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if n and len(visible) >= n:
+        return visible[:n]
+    return [str(i) for i in range(n)] or ["cpu"]
 
 
 train_paths = train_shards(args.data_dir)
@@ -172,9 +196,6 @@ if not train_paths or valid_path is None:
     sys.exit(f"error: --data_dir {args.data_dir} needs train_N and validation_0 files ({', '.join(SUFFIXES)})")
 cache_dir = os.path.join(args.out, "token_cache")
 os.makedirs(args.out, exist_ok=True)
-runs = [spec.split("=", 1) for spec in args.run]
-if len({name for name, _ in runs}) != len(runs):
-    sys.exit("error: run names must be unique")
 
 
 def trainer_cmd(name, flags, extra=()):
@@ -241,22 +262,35 @@ def race(name, flags, gpu):
     save_dir = os.path.join(args.out, name)
     shutil.rmtree(save_dir, ignore_errors=True)  # a run of the same name in an earlier race must not be scored
     t0 = time.time()
-    busy = GpuBusy(gpu)
-    with open(log_path, "w") as log:
-        rc = subprocess.call(trainer_cmd(name, flags, ["--max_steps", "10000000", "--max_minutes", str(args.minutes)]),
-                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    row = {"name": name, "flags": flags, "gpu": gpu, "rc": rc, "wall_s": time.time() - t0, "gpu_util": busy.median()}
+    with open(log_path, "w") as log:  # (opened before the sampler starts: a log that cannot be opened starts none)
+        busy = GpuBusy(gpu)
+        try:
+            rc = subprocess.call(trainer_cmd(name, flags, ["--max_steps", "10000000", "--max_minutes",
+                                                           str(args.minutes)]),
+                                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        finally:  # (the sampler stops even when the run could not start: it would sample on beside the next runs)
+            gpu_util = busy.median()
+    row = {"name": name, "flags": flags, "gpu": gpu, "rc": rc, "wall_s": time.time() - t0, "gpu_util": gpu_util}
     finals = [f for f in os.listdir(save_dir) if f.startswith("final_step_")] if os.path.isdir(save_dir) else []
     if rc or not finals:
-        text = open(log_path).read()
-        said = [line for line in text.splitlines() if line.startswith("error: ")]  # the trainer's one line
-        row["error"] = said[-1] if said else text[-600:]
+        lines = [line for line in open(log_path, errors="replace").read().splitlines() if line.strip()]
+        said = [line for line in lines if line.startswith("error: ")]  # the trainer's one line
+        # else what stopped it first: a signal (the kernel's OOM killer: SIGKILL), a traceback's last line (its
+        # exception), or no final checkpoint; the log's last 600 characters began mid-traceback or with a log line
+        last = f"; its log ends: {lines[-1][:300]}" if lines else ""
+        if said:
+            row["error"] = said[-1]
+        elif rc < 0:
+            row["error"] = f"killed by {signal.Signals(-rc).name}{last}"
+        else:
+            row["error"] = (f"exit status {rc}" if rc else f"no final checkpoint in {save_dir}") + last
         return row
     history = [json.loads(line) for line in open(os.path.join(save_dir, "metrics.jsonl")) if line.strip()]
     row.update(along_run(history))
     ckpt = os.path.join(save_dir, finals[0])
     trained = score(name, ckpt, env)
-    row.update(params=trained.get("params"), bpb=trained.get("bits_per_byte"), error=trained.get("error"))
+    row.update(params=trained.get("params"), bpb=trained.get("bits_per_byte"), error=trained.get("error"),
+               scored_tokens=trained.get("tokens"))  # at most --eval_tokens: a validation file may hold fewer
     best_ckpt = os.path.join(save_dir, "best.pt")  # the trainer keeps the checkpoint of its best evaluation
     if os.path.exists(best_ckpt):
         row["bpb_best"] = score(name, best_ckpt, env).get("bits_per_byte")
@@ -264,7 +298,9 @@ def race(name, flags, gpu):
     cfg = state["config"]
     row["tokenizer"] = Tokenizer.from_state(state["tokenizer"]).fingerprint()  # which draw of ja_trm.model it used
     model, depths = TRM(TRMConfig(**cfg)), depth_schedule.grid(TRMConfig(**cfg), state["args"].get("random_depth"))
-    row["mflop_per_token"] = sum(model.flops_per_token(**d) for d in depths) / len(depths) / 1e6  # (as trained)
+    reembed = state["args"].get("sup_update") == "each"  # the paper's rule runs the prelude again every round
+    # (as trained, and as the trainer's log counts it)
+    row["mflop_per_token"] = sum(model.flops_per_token(reembed=reembed, **d) for d in depths) / len(depths) / 1e6
     if not args.no_depth and cfg["arch"] == "trm":
         key = "supervision_steps" if cfg["supervision_steps"] > 1 else "deep_steps"
         half, double = max(1, cfg[key] // 2), 2 * cfg[key]
@@ -281,8 +317,10 @@ shutil.rmtree(os.path.join(args.out, "_prep"), ignore_errors=True)  # a save_dir
 prep = subprocess.run(trainer_cmd("_prep", "--device cpu --compile off --batch_size 1 --max_seq_len 16 --d_model 32 "
                                            "--n_heads 2 --eval_tokens 64", ["--max_steps", "1"]),
                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-if prep.returncode:
-    sys.exit(f"error: preparing the token cache failed:\n{prep.stdout[-2000:]}\n{prep.stderr[-2000:]}")
+if prep.returncode:  # the trainer's own one line where it gave one (a missing --sp_model), else its output's end
+    said = [line for line in prep.stderr.splitlines() if line.startswith("error: ")]
+    sys.exit(f"error: preparing the token cache failed: {said[-1][len('error: '):]}" if said else
+             f"error: preparing the token cache failed:\n{prep.stdout[-2000:]}\n{prep.stderr[-2000:]}")
 
 # torch.compile's first build of a graph takes 20-40 s of the budget; later builds of the same graph load from the
 # inductor cache. Measured on aozora-xl (BENCHMARKS.md): the first run of each architecture lost ~20% of its steps
@@ -320,7 +358,10 @@ def worker(gpu):
         except queue.Empty:
             return
         print(f"[gpu {gpu}] {name}: {flags}", flush=True)
-        row = race(name, flags, gpu)
+        try:
+            row = race(name, flags, gpu)
+        except Exception as e:  # a row that says so, not a dead worker: its run, and those queued after, kept
+            row = {"name": name, "flags": flags, "gpu": gpu, "error": f"race.py: {type(e).__name__}: {e}"}
         with lock:
             rows.append(row)
             json.dump(rows, open(os.path.join(args.out, "race.json"), "w"), indent=1)
@@ -341,7 +382,11 @@ def fmt(v, spec=".4f"):
     return "" if v is None else format(v, spec)
 
 
-print(f"\n{args.minutes:g} minutes each; bits/byte on validation_0 ({args.eval_tokens:,} tokens, EMA) at the end and "
+# the tokens trm.evaluate scored, not those asked for: --eval_tokens is a ceiling, and aozora-xl's validation_0 holds
+# 562,876 of the default 1,000,000 (BENCHMARKS.md)
+scored = ", ".join(f"{n:,}" for n in sorted({r["scored_tokens"] for r in rows if r.get("scored_tokens")})) or "no"
+print(f"\n{args.minutes:g} minutes each; bits/byte on validation_0 ({scored} tokens scored, --eval_tokens "
+      f"{args.eval_tokens:,}; EMA) at the end and "
       "of best.pt (the checkpoint of the trainer's best evaluation); best along run = that evaluation itself (its "
       "own, smaller sample)")
 print("| run | params | MFLOP/token | tok/s (slowest-fastest log window) | GPU busy | steps | bits/byte | best.pt | "
@@ -351,7 +396,8 @@ print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
     if r.get("error") and r.get("bpb") is None:
         # the start of the trainer's error line says why; the end of it, a resume hint, did not
-        print(f"| {r['name']} | failed: {r['error'][:160]!r} |||||||||| `{r['flags']}` |")
+        why = repr(r["error"][:160]).replace("|", "\\|")  # (a log line's own "|" would split the cell)
+        print(f"| {r['name']} | failed: {why} |||||||||| `{r['flags']}` |")
         continue
     busy = "" if r.get("gpu_util") is None else f"{r['gpu_util']}%"
     print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['mflop_per_token']:.0f} | {r['tok_s'] / 1e6:.2f}M "
@@ -361,3 +407,6 @@ for r in sorted(rows, key=lambda r: r.get("bpb") or 9):
           f"{fmt(r.get('bpb_double'))} | `{r['flags']}` |")
 if fingerprints := sorted({r["tokenizer"] for r in rows if "tokenizer" in r}):  # (see the docstring)
     print("\ntokenizer fingerprint: " + ", ".join(fingerprints))
+if len(fingerprints) > 1:  # (a run's own --sp_model or --tokenizer byte): which rows compare with which
+    print("warning: the rows are on different tokenizers and compare only within one: " + "; ".join(
+        f"{fp}: {', '.join(r['name'] for r in rows if r.get('tokenizer') == fp)}" for fp in fingerprints))

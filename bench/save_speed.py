@@ -11,6 +11,7 @@ write is in flight (the thread competes for the CPU: on a GPU machine the step r
 """
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -88,6 +89,7 @@ for d_model in args.d_models:
         saver.wait()
         write_s.append(time.perf_counter() - t)
     saver.close()
+    shutil.rmtree(work, ignore_errors=True)  # two folders of checkpoints per model size: left in /tmp, ~1 GB a run
     rows.append((f"d_model {d_model}", f"{model.num_params() / 1e6:.1f}M", f"{size / 1e6:.0f}", sync_s, async_s,
                  [first], write_s, step_alone, step_writing))
 

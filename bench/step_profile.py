@@ -57,7 +57,7 @@ p.add_argument("--latent_steps", type=int, default=2)
 p.add_argument("--tie_embeddings", action="store_true")
 p.add_argument("--adapter_rank", type=int, default=0, help="per-call adapters (trm/adapters.py)")
 p.add_argument("--vocab_size", type=int, default=16000)
-p.add_argument("--arch", default="trm")
+p.add_argument("--arch", choices=("trm", "gpt"), default="trm")
 p.add_argument("--qk_norm", action="store_true")
 p.add_argument("--zero_init", action="store_true")
 p.add_argument("--dropout", type=float, default=0.1, help="the seed's; the races train with 0")
@@ -83,11 +83,14 @@ if args.threads:
 device, amp, why = pick_device(args.device)
 if args.whole_graph and device.type != "cuda":
     sys.exit("error: --whole_graph captures CUDA graphs: it needs a CUDA device")
-cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
-                max_seq_len=args.max_seq_len, arch=args.arch, supervision_steps=args.supervision_steps,
-                grad_deep_steps=args.grad_deep_steps, qk_norm=args.qk_norm, zero_init=args.zero_init,
-                dropout=args.dropout, latent_steps=args.latent_steps, tie_embeddings=args.tie_embeddings,
-                adapter_rank=args.adapter_rank)
+try:  # (a shape the model refuses, e.g. --d_model 100 --n_heads 3: its reason in one line, not a traceback)
+    cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
+                    max_seq_len=args.max_seq_len, arch=args.arch, supervision_steps=args.supervision_steps,
+                    grad_deep_steps=args.grad_deep_steps, qk_norm=args.qk_norm, zero_init=args.zero_init,
+                    dropout=args.dropout, latent_steps=args.latent_steps, tie_embeddings=args.tie_embeddings,
+                    adapter_rank=args.adapter_rank)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 raw = TRM(cfg).to(device)
 # the trainer's optimizer, rate and weight decay of the races (the step's time does not depend on them)
 opt = build_optimizer(raw, argparse.Namespace(optimizer=args.optimizer, lr=1e-3, weight_decay=0.1), device)

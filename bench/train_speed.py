@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from trm.cli import fail  # noqa: E402 (after the path)
 from trm.corpus import SUFFIXES, train_shards  # noqa: E402
+from trm.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
 CONFIGS = {  # name: extra train_trm_lm.py flags
     "seed b64": ["--batch_size", "64"],
@@ -32,20 +34,35 @@ CONFIGS = {  # name: extra train_trm_lm.py flags
     "gpt12L b64": ["--batch_size", "64", "--arch", "gpt", "--n_layers", "12"],
 }
 
-p = argparse.ArgumentParser()
-p.add_argument("--data", required=True, help="folder with train_*.jsonl.gz and validation_0.jsonl.gz")
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--data", required=True, help="folder with train_N and validation_0 corpus files (.jsonl[.gz|.xz|.zst], "
+                                             ".parquet)")
 p.add_argument("--sp_model", default="ja_trm.model")
-p.add_argument("--steps", type=int, default=300)
-p.add_argument("--configs", nargs="*", default=list(CONFIGS))
+p.add_argument("--steps", type=int, default=300,
+               help="steps per configuration, at least 20: tokens/s and MFU are the median of its log windows (every "
+                    "max(10, steps // 5) steps) but the first, which compiles")
+p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG",
+               help=f"a subset of: {', '.join(repr(c) for c in CONFIGS)}")
 p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
 p.add_argument("--json", default=None)
 args = p.parse_args()
+if args.steps < 20:  # one log window only: it is left out, and the table printed 0 tokens/s
+    p.error("--steps must be at least 20 (two log windows: the first holds compilation and is left out)")
 
+if not os.path.isdir(args.data):
+    fail(f"--data {args.data} is not a folder")
 train_paths = train_shards(args.data)
 if not train_paths:
     fail(f"no training shards (train_N{' or train_N'.join(SUFFIXES)}) in --data {args.data}")
-valid = os.path.join(args.data, "validation_0.jsonl.gz")
-work = tempfile.mkdtemp(prefix="trm_bench_")
+# the trainer's formats, as race.py finds it: a folder of .jsonl shards has a validation_0.jsonl, not .jsonl.gz
+valid = next((v for s in SUFFIXES if os.path.isfile(v := os.path.join(args.data, "validation_0" + s))), None)
+if valid is None:
+    fail(f"no validation_0 file (validation_0{' or validation_0'.join(SUFFIXES)}) in --data {args.data}")
+try:  # every run needs it, and the loader's timing after them: one line now, not a failure per run and a traceback
+    Tokenizer.from_args("sentencepiece", args.sp_model)
+except TokenizerError as e:
+    fail(str(e))
+work = tempfile.mkdtemp(prefix="trm_bench_")  # the runs' checkpoints and two token caches: removed at the end
 rows = []
 
 
@@ -73,7 +90,6 @@ def loader_speed(batch_size=64, seq_len=512, batches=2000):
     """Tokens/s the packed loader delivers (host side, into pinned memory), fresh and after a state round trip."""
     import torch
     from trm.data import PackedLoader, load_tokens
-    from trm.tokenizer import Tokenizer
     tok = Tokenizer.from_args("sentencepiece", args.sp_model)
     cache = os.path.join(work, "token_cache_loader")
     t0 = time.time()
@@ -100,15 +116,19 @@ for name in args.configs:
     if row:
         rows.append(row)
         print(json.dumps(row), flush=True)
+    else:  # its output is above; the table names it too rather than leave it out
+        rows.append({"config": name, "flags": " ".join(CONFIGS[name]), "tok_s": None, "mfu_pct": None, "failed": True})
 loader = loader_speed()
 print(json.dumps(loader), flush=True)
 
 print(f"\n{'config':<16} {'tokens/s':>12} {'MFU':>7}  flags")
 for r in rows:
     mfu = f"{r['mfu_pct']:.1f}%" if r["mfu_pct"] is not None else "-"
-    print(f"{r['config']:<16} {r['tok_s'] or 0:>12,.0f} {mfu:>7}  {r['flags']}")
+    tok_s = "failed" if r.get("failed") else f"{r['tok_s']:,.0f}" if r["tok_s"] is not None else "-"
+    print(f"{r['config']:<16} {tok_s:>12} {mfu:>7}  {r['flags']}")
 print(f"\nloader (64 x 512): {loader['loader_tok_s']:,} tokens/s fresh, {loader['loader_after_resume_tok_s']:,} after "
       f"resume; token cache built at {loader['tokenize_tok_s']:,} tokens/s ({loader['cache_tokens']:,} tokens)")
 if args.json:
     with open(args.json, "w") as f:
         json.dump({"rows": rows, "loader": loader}, f, indent=1)
+shutil.rmtree(work, ignore_errors=True)

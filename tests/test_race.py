@@ -111,6 +111,22 @@ def test_plot_only_without_results_says_so(tmp_path):
     assert r.returncode == 2 and "--run, --data_dir and --sp_model are required" in r.stderr
 
 
+def test_bad_arguments_are_one_line_before_any_work(corpus, tmp_path):
+    # a missing --data_dir ended in a FileNotFoundError traceback; a --run without "=" in a ValueError; a name with a
+    # "/" killed its worker thread at its log file, so that run and every run queued after it never raced
+    data = str(Path(corpus["train_0"]).parent)
+    for run, data_dir, words in (("a=--lr 1e-3", str(tmp_path / "none"), "is not a folder"),
+                                 ("trm", data, "give NAME=FLAGS"),
+                                 ("a/b=--lr 1e-3", data, "give NAME=FLAGS"),
+                                 ('a=--lr "1e-3', data, "do not parse")):
+        r = subprocess.run([sys.executable, str(ROOT / "bench/race.py"), "--run", run, "--data_dir", data_dir,
+                            "--sp_model", "unused.model", "--out", str(tmp_path / "out")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("error: ") and words in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+        assert not (tmp_path / "out" / "token_cache").exists()  # refused before the token cache
+
+
 def test_runs_are_also_compared_at_equal_tokens_up_to_the_shortest_run(tmp_path):
     # a slow model that is better per token, against a fast one: level at 2 minutes, apart at equal tokens
     out = tmp_path / "race_out"
@@ -137,18 +153,20 @@ def test_a_race_on_cpu_scores_every_run_and_names_the_tokenizer(corpus, tiny_sp_
     smi.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "smi_args"}\n'
                    'while :; do for u in 70 80 90; do echo $u; sleep 0.05; done; done\n')
     smi.chmod(0o755)
+    (out / "lost.log").mkdir(parents=True)  # race.py itself fails on this run: its row says so, the next runs race
     tiny = "--d_model 32 --n_heads 2 --max_seq_len 32 --device cpu --compile off --dropout 0"
     r = subprocess.run([sys.executable, str(ROOT / "bench/race.py"), "--data_dir", str(Path(corpus["train_0"]).parent),
                         "--sp_model", tiny_sp_model, "--minutes", "0.03", "--out", str(out), "--no_warm",
                         "--no_depth", "--eval_tokens", "2000", "--gpus", "0",
                         "--common", "--batch_size 4 --eval_every 20 --log_every 5 --eval_tokens 256 --warmup_steps 5",
-                        "--run", f"trm={tiny}", "--run", f"gpt=--arch gpt --n_layers 2 {tiny}",
-                        "--run", f"bad={tiny} --depth_warmup 1.5"],
+                        "--run", f"lost={tiny}", "--run", f"trm={tiny}",
+                        "--run", f"gpt=--arch gpt --n_layers 2 {tiny}", "--run", f"bad={tiny} --depth_warmup 1.5"],
                        capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{bin_dir}:{os.environ['PATH']}"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {row["name"]: row for row in json.loads((out / "race.json").read_text())}
-    assert set(rows) == {"trm", "gpt", "bad"}
+    assert set(rows) == {"trm", "gpt", "bad", "lost"}
+    assert rows.pop("lost")["error"].startswith("race.py: IsADirectoryError")
     # a run that fails says why in its row: the trainer's error line, from its start
     bad = rows.pop("bad")
     assert bad["rc"] == 2 and bad["error"].startswith("error: ") and "--depth_warmup" in bad["error"], bad
@@ -160,8 +178,12 @@ def test_a_race_on_cpu_scores_every_run_and_names_the_tokenizer(corpus, tiny_sp_
         assert row["tokenizer"] == fingerprint
         assert row["gpu_util"] == 80, row
         assert any(line.startswith(f"| {name} | ") and " | 80% | " in line for line in r.stdout.splitlines())
-    # one sampler a run, on the run's GPU, once a second
+    # one sampler a run that started (not "lost"), on the run's GPU, once a second
     assert (tmp_path / "smi_args").read_text().splitlines() == 3 * [
         "--query-gpu=utilization.gpu --format=csv,noheader,nounits -i 0 -l 1"]
     assert r.stdout.rstrip().endswith(f"tokenizer fingerprint: {fingerprint}")
+    # the header names the tokens scored, not --eval_tokens: the tiny validation file holds fewer than 2,000
+    scored = {row["scored_tokens"] for row in rows.values()}
+    assert len(scored) == 1 and 0 < min(scored) < 2000
+    assert f"({min(scored):,} tokens scored, --eval_tokens 2,000; EMA)" in r.stdout
     assert (out / "race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
