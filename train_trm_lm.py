@@ -430,6 +430,8 @@ try:
                           f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "") +
                           f" | epoch {loader.epoch:.2f} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
         if master and val_windows is not None and step % args.eval_every == 0 and step < args.max_steps:
+            if device.type == "cuda":  # the steps still queued on the GPU (off a log step) are training, not the pause's
+                torch.cuda.synchronize(device)
             trained = clock.session_seconds() - seconds_at_eval
             with clock.pause("evaluating"):  # evaluation time is neither training throughput nor --max_minutes
                 last_eval = r = run_eval()
