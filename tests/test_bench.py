@@ -78,3 +78,20 @@ def test_depth_and_generate_speed_refuse_bad_arguments_in_one_line(corpus, tiny_
     assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith("got 'nocache'"), r.stderr
     assert_one_line_error(bench("generate_speed.py", "--checkpoint", tiny_checkpoint, "--halt_thresholds", "0.5"),
                           "halting head")
+
+
+def test_op_count_counts_each_layers_matmuls_and_the_adapters_merges():
+    # a GPT block runs 4 matmuls forward (qkv, proj, gate_up, down) and 8 backward (the input's and the weight's
+    # gradients): 12 a layer, the head's 3 once. Merged adapters (many rows) add the merge's product and its two
+    # gradients for every matrix and call that backpropagates, and one product for each call that does not
+    tiny = "--d_model 32 --n_heads 2 --tie_embeddings"
+    trm = f"{tiny} --latent_steps 1 --supervision_steps 1 --grad_deep_steps 1"  # 4 calls: 2 without gradients
+    r = bench("op_count.py", "--batch_size", 2, "--max_seq_len", 256, "--vocab_size", 64,
+              "--run", f"gpt2=--arch gpt --n_layers 2 {tiny}", "--run", f"gpt4=--arch gpt --n_layers 4 {tiny}",
+              "--run", f"trm={trm}", "--run", f"trm_ad2={trm} --adapter_rank 2")
+    assert r.returncode == 0, r.stderr
+    mm = {line.split(" | ")[0][2:]: int(line.split(" | ")[1]) for line in r.stdout.splitlines()
+          if line.startswith("| ") and not line.startswith(("| run", "|---"))}
+    assert mm["gpt4"] - mm["gpt2"] == 2 * 12
+    assert mm["trm_ad2"] - mm["trm"] == 2 * 4 * (2 * 3 + 2 * 1)  # 2 layers x 4 matrices x (2 grad calls, 2 without)
+    assert_one_line_error(bench("op_count.py", "--run", "nameless"), "give NAME=FLAGS", code=1)
