@@ -166,22 +166,77 @@ def test_adapter_parameters_and_flops_are_counted():
 
 
 def test_a_delta_merged_into_the_weight_equals_the_thin_matmuls():
-    """Training merges A B into W (many rows), decoding multiplies (h A) B (few rows): the same layer either way, and
-    the same gradients for W, A and B."""
+    """Over many rows a pass merges every call's A B into W (adapters.merge_all), over few it multiplies (h A) B: the
+    same layer either way, and the same gradients for W, A and B."""
     g = torch.Generator().manual_seed(0)
     f64 = dict(generator=g, dtype=torch.float64)  # the two orders of summation agree to ~1e-4 in float32
     layer = torch.nn.Linear(D, 3 * D, bias=False, dtype=torch.float64)
     a = torch.randn(2, D, 2, **f64).requires_grad_()
     b = torch.randn(2, 2, 3 * D, **f64).requires_grad_()
-    for rows in (1, 2, 4 * D):  # the switch is at D * 3D / (D + 3D) = 0.75 D rows
+    merged = {"qkv": (layer.weight + (a @ b).mT).unbind(0)}  # what merge_all builds for one matrix
+    for rows in (1, 4 * D):
         h = torch.randn(rows, D, **f64)
         weights = torch.randn(rows, 3 * D, **f64)  # a loss that weighs every output differently
         grads = []
-        for out in (linear(layer, h, ({"qkv_a": a, "qkv_b": b}, 1), "qkv"), h @ layer.weight.T + (h @ a[1]) @ b[1]):
-            grads.append(torch.autograd.grad((out * weights).sum(), (layer.weight, a, b)) + (out.detach(),))
-        for got, want in zip(*grads):
-            torch.testing.assert_close(got, want)
-        assert grads[0][1][0].abs().sum() == 0 and grads[0][1][1].abs().sum() > 0  # call 0's adapter: untouched
+        for out in (linear(layer, h, ({"qkv_a": a, "qkv_b": b}, 1), "qkv"), linear(layer, h, (merged, 1), "qkv"),
+                    h @ layer.weight.T + (h @ a[1]) @ b[1]):
+            grads.append(torch.autograd.grad((out * weights).sum(), (layer.weight, a, b), retain_graph=True)
+                         + (out.detach(),))
+        for got_thin, got_merged, want in zip(*grads):
+            torch.testing.assert_close(got_thin, want)
+            torch.testing.assert_close(got_merged, want)
+        assert grads[1][1][0].abs().sum() == 0 and grads[1][1][1].abs().sum() > 0  # call 0's adapter: untouched
+
+
+@pytest.mark.parametrize("reembed", [False, True], ids=["one-backward", "a-backward-a-round"])
+def test_a_pass_that_merges_its_adapters_ahead_trains_as_the_thin_products(reembed, monkeypatch):
+    """Many rows merge every call's delta once for the pass (TRM.pass_adapters), few take the thin products per call:
+    the same losses and gradients, also with the paper's update rule (a backward a round, the merge made again for
+    each: the weights may have stepped in between)."""
+    import trm.model
+    model = trained_looking(tiny(adapter_rank=2, supervision_steps=2, step_embed=True)).double()
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=2)
+    assert trm.model.merge_pays(model.config, idx.numel())  # (32 rows are many for d_model 32 at rank 2)
+    results = []
+    for merge in (True, False):
+        monkeypatch.setattr(trm.model, "merge_pays", lambda cfg, rows, merge=merge: merge)
+        model.zero_grad()
+        if reembed:
+            losses = []
+            for loss in model.supervision_rounds(idx, targets):
+                loss.backward()
+                losses.append(loss.detach())
+        else:
+            loss = model(idx, targets)[1]
+            loss.backward()
+            losses = [loss.detach()]
+        results.append((losses, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (losses_merged, grads_merged), (losses_thin, grads_thin) = results
+    torch.testing.assert_close(losses_merged, losses_thin)
+    assert len(grads_merged) == len(grads_thin) == len([p for p in model.parameters() if p.requires_grad])
+    for got, want in zip(grads_merged, grads_thin):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_pass_merges_once_a_matrix_for_every_call():
+    """bench/op_count.py's figure, as a property: with many rows the adapters add one product a matrix to the
+    forward (all calls at once), not one a call and round."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Matmuls(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ in ("mm", "bmm", "addmm")
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for rank in (0, 2):
+        model = tiny(adapter_rank=rank, supervision_steps=2)
+        with torch.no_grad(), Matmuls() as count:
+            model(tokens(2, 16))  # 32 rows: many (test above)
+        counts.append(count.n)
+    assert counts[1] - counts[0] == model.config.n_layers * 4  # qkv, proj, gate_up, down: once each a block
 
 
 @pytest.mark.parametrize("variant", [VARIANTS["adapters"], VARIANTS["adapters_single"], VARIANTS["all"]],

@@ -40,34 +40,43 @@ def call_index(cfg, t, i, n):
 
 def linear(layer, h, adapter, name):
     """layer(h), with this net call's delta A B added to its weight when it has adapters (adapter: (params, call),
-    params a block's A and B, or its weights merged ahead by merge_all, which generation uses).
-    Over many rows (training, prefill) the delta is merged into the weight first: one weight-sized product per call
-    instead of two thin matmuls and an add that read and write every row's activations (those cost the TRM-384 30%
-    of its training speed on an H200 at rank 4; merged, the step costs 5% more than without adapters, BENCHMARKS.md).
-    Over few rows the thin matmuls are the cheaper, for a single call."""
+    params a block's factors A and B, or its weights with every call's delta merged in, from merge_all).
+    The model picks one of the two for the whole pass (TRM.pass_adapters, by merge_pays): over many rows the weights
+    merged ahead, one weight-sized product per matrix for the pass; over few rows the thin products (h A) B, which
+    read and write every row's activations."""
     if adapter is None:
         return layer(h)
     params, call = adapter
-    if name in params:  # merged ahead for generation (merge_all): this call's own weight, ready
+    if name in params:  # merged ahead: this call's own weight, ready
         return F.linear(h, params[name][call], layer.bias)
-    a, b = params[name + "_a"][call], params[name + "_b"][call]
-    n_in, n_out = a.size(0), b.size(1)
-    if h.numel() // n_in * (n_in + n_out) < n_in * n_out:  # rows * R * (in + out) < in * R * out multiply-adds
-        return layer(h) + (h @ a) @ b
-    return F.linear(h, layer.weight + (a @ b).mT, layer.bias)
+    return layer(h) + (h @ params[name + "_a"][call]) @ params[name + "_b"][call]
+
+
+def merge_pays(cfg, rows):
+    """Whether merging every call's delta into its weights ahead of a pass of `rows` token rows costs fewer
+    multiply-adds than the thin products: in x R x out a matrix and call once, against rows x R x (in + out) a matrix
+    and call each time the call runs (per call, the thin factors of the TRM-384 at rank 4 lost 30% of its training
+    speed on an H200, merged 5%, BENCHMARKS.md)."""
+    D, H = cfg.d_model, cfg.mlp_hidden
+    shapes = ((D, 3 * D), (D, D), (D, 2 * H), (H, D))  # qkv, proj, gate_up, down
+    return rows * sum(n_in + n_out for n_in, n_out in shapes) >= sum(n_in * n_out for n_in, n_out in shapes)
 
 
 def merge_all(model):
-    """Every net call's weights with its delta merged in, per block {name: [calls, out, in]}, for TRM.merged_adapters.
+    """Every net call's weights with its delta merged in, per block {name: its calls' weights, each [out, in]}, for
+    TRM.pass_adapters: one batched product per matrix (the calls' A [calls, in, R] times B [calls, R, out]) where
+    merging call by call took one per call and round, and in the backward two more each, every one a kernel launch
+    (bench/op_count.py: the TRM-384's step at batch 4 ran 195 matmuls against the plain model's 99).
 
-    Generation decodes a row at a time, too few rows to merge per call (linear), so it would take the thin products:
-    three extra small kernels per matrix and call, which a launch-bound decoding step pays in full. The weights stay
-    fixed while generating, so the merge is done once, ahead (the recommended TRM-384: 14M numbers, 56 MB in float32),
-    and every step then runs the plain model's matmuls."""
+    Generation decodes a row at a time, too few rows to merge per pass, so it merges once, ahead, and keeps the
+    result while the weights stay fixed (TRM.merged_adapters; the recommended TRM-384: 14M numbers, 56 MB in float32):
+    every step then runs the plain model's matmuls."""
     merged = []
     for block, params in zip(model.blocks, model.adapters):
         layers = {"qkv": block.attn.qkv, "proj": block.attn.proj, "gate_up": block.mlp.gate_up,
                   "down": block.mlp.down}
-        merged.append({name: layer.weight + (params[name + "_a"] @ params[name + "_b"]).mT
+        # unbind: each call's weight a view, whose gradients the backward stacks once (indexing [call] would build a
+        # zero tensor of every call's weights for each call that reads one)
+        merged.append({name: (layer.weight + (params[name + "_a"] @ params[name + "_b"]).mT).unbind(0)
                        for name, layer in layers.items()})
     return merged

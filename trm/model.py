@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trm import halting
-from trm.adapters import adapter_params, call_index, init_a, linear
+from trm.adapters import adapter_params, call_index, init_a, linear, merge_all, merge_pays
 from trm.config import TRMConfig
 
 
@@ -253,36 +253,45 @@ class TRM(nn.Module):
         return x * self.embed_scale if self.embed_scale != 1.0 else x
 
     # ---- the recursion ------------------------------------------------------------------------------------
-    def net(self, h, rope, slot=NO_CACHE, call=None):
-        """The shared blocks; call (TRM.adapter_call) picks the adapters of this net call, when the model has them."""
-        adapters = self.merged_adapters or self.adapters
+    def net(self, h, rope, slot=NO_CACHE, call=None, adapters=None):
+        """The shared blocks; call (TRM.adapter_call) picks this net call's own among the pass's adapters."""
         for layer, block in enumerate(self.blocks):
             adapter = None if adapters is None or call is None else (adapters[layer], call)
             h = block(h, *rope, slot[layer], adapter)
         return h
 
-    def latent_recursion(self, x, y, z, n, rope, slot=NO_CACHE, t=0):
+    def latent_recursion(self, x, y, z, n, rope, slot=NO_CACHE, t=0, adapters=None):
         """One latent recursion, the t-th of its deep recursion (t picks the net calls' adapters)."""
         if self.config.single_stream:  # one state, the same n + 1 net calls (a variant: arXiv 2603.08082)
             for i in range(n + 1):
-                z = self.net(x + z, rope, slot[i], self.adapter_call(t, i, n))
+                z = self.net(x + z, rope, slot[i], self.adapter_call(t, i, n), adapters)
             return z, z
-        for i in range(n):
-            z = self.net(x + y + z, rope, slot[i], self.adapter_call(t, i, n))  # refine the latent reasoning state
-        y = self.net(y + z, rope, slot[n], self.adapter_call(t, n, n))  # then the answer, from the latent state alone
+        for i in range(n):  # refine the latent reasoning state
+            z = self.net(x + y + z, rope, slot[i], self.adapter_call(t, i, n), adapters)
+        y = self.net(y + z, rope, slot[n], self.adapter_call(t, n, n), adapters)  # then the answer, from z alone
         return y, z
 
     def adapter_call(self, t, i, n):
         """The adapter index of net call i (of n + 1) in deep step t (trm/adapters.py), None without adapters."""
         return None if self.adapters is None else call_index(self.config, t, i, n)
 
-    def deep_recursion(self, x, y, z, n, T_deep, rope, slot=NO_CACHE):
+    def pass_adapters(self, rows):
+        """What every net call of a pass of `rows` token rows reads for its adapters (trm/adapters.py linear): None
+        without; while generating, the weights merged ahead; else, over many rows, every call's delta merged into its
+        weights for this pass, over few the thin factors."""
+        if self.adapters is None:
+            return None
+        if self.merged_adapters is not None:
+            return self.merged_adapters
+        return merge_all(self) if merge_pays(self.config, rows) else self.adapters
+
+    def deep_recursion(self, x, y, z, n, T_deep, rope, slot=NO_CACHE, adapters=None):
         with_grad = self._grad_deep_steps(T_deep)
         with torch.no_grad():
             for t in range(T_deep - with_grad):
-                y, z = self.latent_recursion(self.at_step(x, t), y, z, n, rope, slot[t], t)
+                y, z = self.latent_recursion(self.at_step(x, t), y, z, n, rope, slot[t], t, adapters)
         for t in range(T_deep - with_grad, T_deep):  # the paper backpropagates through the last deep step only
-            y, z = self.latent_recursion(self.at_step(x, t), y, z, n, rope, slot[t], t)
+            y, z = self.latent_recursion(self.at_step(x, t), y, z, n, rope, slot[t], t, adapters)
         return y, z
 
     def at_step(self, x, t):
@@ -320,10 +329,12 @@ class TRM(nn.Module):
             return
         x = self.unshared(self.prelude, x, rope, slot["prelude"])
         y, z = self.y_init.expand_as(x), self.z_init.expand_as(x)
+        adapters = self.pass_adapters(idx.numel())
         for r in range(N_sup):
-            if reembed and r:
+            if reembed and r:  # (the optimizer stepped: the weights, and so their merged adapters, are new)
                 x = self.unshared(self.prelude, self.embed_tokens(idx), rope, slot["prelude"])
-            y, z = self.deep_recursion(x, y, z, n, T_deep, rope, slot[r])
+                adapters = self.pass_adapters(idx.numel())
+            y, z = self.deep_recursion(x, y, z, n, T_deep, rope, slot[r], adapters)
             yield self.unshared(self.coda, y, rope, slot[r]["coda"])  # what the heads read; y itself recurses
             y, z = y.detach(), z.detach()
 
