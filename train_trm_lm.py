@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from trm.checkpoint import CheckpointError
 from trm.cli import fail, one_line_when_a_peer_is_lost, quiet_interrupt
-from trm.clock import RunClock
+from trm.clock import RunClock, hms
 from trm import depth as depth_schedule
 from trm.corpus import unique_paths, validation_in_training
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
@@ -405,8 +405,10 @@ try:
         tokens_seen += tokens_per_step
         bar.update(1)
         saver.poll()  # the background write's lines, and its failure, between steps
+        # read before the log line: a run stopped by its budget or a signal logs its last stretch's loss too
+        stop = clock.should_stop(step)
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if step % args.log_every == 0 or step == args.max_steps or stop:
             check_finite()  # .item() forces a CPU-GPU sync; only on log steps
             if ddp:
                 dist.all_reduce(loss_sum)  # the global batch's loss, not rank 0's share (SUM: older gloo has no AVG)
@@ -417,7 +419,7 @@ try:
             dt = max(clock.session_seconds() - seconds_at_log, 1e-9)  # training time only: evaluations excluded
             tok_s = (tokens_seen - tokens_at_log) / dt
             mfu = flops_at_log / dt / world_size / peak if peak else None
-            eta = min((args.max_steps - step) * dt / max(step - steps_at_log, 1), clock.budget_left())
+            eta = clock.eta(args.max_steps - step, dt / max(step - steps_at_log, 1))  # wall seconds, pauses included
             if args.max_minutes and steps_at_log > start_step:  # (not from the first window: it holds compilation)
                 say_once("budget", budget_warning(step, args.warmup_steps, (step - steps_at_log) / dt,
                                                   clock.budget_left()))
@@ -428,7 +430,7 @@ try:
                                 "train_seconds": round(clock.seconds(), 2)})
                 log(f"step {step:>6}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                           f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "") +
-                          f" | epoch {loader.epoch:.2f} | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+                          f" | epoch {loader.epoch:.2f} | ETA {hms(eta)}")
         if master and val_windows is not None and step % args.eval_every == 0 and step < args.max_steps:
             if device.type == "cuda":  # the steps still queued on the GPU (off a log step) are training, not the pause's
                 torch.cuda.synchronize(device)
@@ -441,8 +443,8 @@ try:
                       (f" | halting head accuracy {r['halt_accuracy']:.3f}" if "halt_accuracy" in r else "") +
                       (f" | at {eval_depth['deep_steps']} deep step (warm-up)" if eval_depth else ""))
             judge(r)
-            if device.type == "cpu" and clock.last_pause > trained:
-                say_once("eval", f"note: an evaluation takes {clock.last_pause:.1f} s here, more than the "
+            if device.type == "cpu" and r["seconds"] > trained:  # (the pause also holds a drawing of the curves)
+                say_once("eval", f"note: an evaluation takes {r['seconds']:.1f} s here, more than the "
                                  f"{trained:.1f} s of training between two; fewer --eval_tokens (now "
                                  f"{args.eval_tokens:,}) or a larger --eval_every (now {args.eval_every:,}) leaves "
                                  f"more of the time to training")
@@ -454,7 +456,7 @@ try:
             if master and not (guard is not None and guard.suspect):  # an evaluation clears the weights first
                 with clock.pause("saving"):
                     save(f"step_{step}.pt", rng_ranks)
-        if clock.should_stop(step):
+        if stop:
             break
 except OSError as e:  # metrics.jsonl or the curves: the same disk as the checkpoints
     fail(run_dir.failure(e, args.save_dir, step), 1)

@@ -96,3 +96,51 @@ def test_the_curves_are_redrawn_at_most_once_a_minute_and_whenever_forced(tmp_pa
     log.append(EVAL[1])
     log.plot(force=True)
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_full_disk_leaves_whole_lines_and_the_error_names_the_file(tmp_path):
+    # the kernel's file-size limit stands in for a full disk: a write across it is cut short, the next one fails,
+    # as a disk that fills up in the middle of a line does (seen: a run that died so left `{"step": 88, "kind": ...`)
+    import resource
+    import signal
+    log = MetricsLog(str(tmp_path), "t")
+    log.start()
+    log.append(TRAIN[0])
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 20, limits[1]))  # room for 20 bytes of the next line
+    try:
+        with pytest.raises(OSError) as e:
+            log.append(TRAIN[1])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before  # no partial line
+    assert e.value.filename == str(tmp_path / "metrics.jsonl")  # the trainer's one-line error names it
+
+
+def test_warm_up_evaluations_are_drawn_apart_from_the_full_depth_ones(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    shallow = [dict(h, eval_depth={"deep_steps": 1}) for h in EVAL[:1]]
+    log = MetricsLog(str(tmp_path), "t", "validation loss")
+    log.history = sorted(TRAIN + shallow + EVAL[1:], key=lambda h: h["step"])
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the drawing to read its lines
+    log.draw()
+    lines = {line.get_label(): list(line.get_xdata()) for line in figures[0].axes[0].get_lines()}
+    assert lines == {"train loss": [2, 4, 6, 8], "validation loss": [8],
+                     "validation loss, warm-up (1 deep step)": [4]}
+
+
+def test_an_abandoned_stretch_keeps_its_log_beside_its_checkpoints(tmp_path):
+    log = MetricsLog(str(tmp_path), "t")
+    log.start()
+    for entry in TRAIN:
+        log.append(entry)
+    (tmp_path / "abandoned_after_step_4").mkdir()  # a resume from step 4 moved the later checkpoints there
+    MetricsLog(str(tmp_path), "t").start(resume_step=4)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    aside = [json.loads(line)["step"] for line in open(tmp_path / "abandoned_after_step_4" / "metrics.jsonl")]
+    assert steps == [2, 4] and aside == [2, 4, 6, 8]
+    MetricsLog(str(tmp_path), "t").start(resume_step=2)  # (nothing moved aside: the stretch after 2 is dropped)
+    assert not (tmp_path / "abandoned_after_step_2").exists()

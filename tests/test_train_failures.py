@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error
-from trainer_run import ROOT, TINY, endless_trainer, logged_losses, params, run_in_process, train
+from trainer_run import ROOT, TINY, endless_trainer, logged, logged_losses, params, run_in_process, train
 from trm.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from trm.run_dir import link_best, take_ownership
 
@@ -48,7 +48,8 @@ def test_resuming_an_earlier_checkpoint_keeps_what_it_writes(corpus, tmp_path):
     # the checkpoint just written survives pruning; the abandoned stretch is kept aside, out of --resume auto's way
     assert (save / "step_5.pt").exists() and (save / "final_step_6.pt").exists() and not (save / "step_4.pt").exists()
     aside = {p.name for p in (save / "abandoned_after_step_4").iterdir()}
-    assert aside - {"best.pt"} == {"step_8.pt", "final_step_12.pt"}
+    assert aside - {"best.pt"} == {"step_8.pt", "final_step_12.pt", "metrics.jsonl"}  # its log went with them
+    assert [h["step"] for h in logged(save / "abandoned_after_step_4", "train")] == [4, 8, 12]
     if "best.pt" in aside:  # the abandoned stretch's best went with it
         assert load_checkpoint(save / "abandoned_after_step_4" / "best.pt")["step"] > 4
     assert load_checkpoint(save / "best.pt")["step"] <= 6  # the resumed stretch's own

@@ -13,6 +13,12 @@ import torch
 import torch.distributed as dist
 
 
+def hms(seconds):
+    """H:MM:SS for the ETA, the hours counted past a day (time.strftime's %H wraps round: 25 hours read 01:00:00)."""
+    s = int(seconds)
+    return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 class RunClock:
     def __init__(self, seconds_before=0.0, max_minutes=0.0, ddp=False, master=True, device="cpu", agree_every=10):
         self.seconds_before = seconds_before  # training seconds of earlier sessions (from the checkpoint)
@@ -36,6 +42,14 @@ class RunClock:
 
     def budget_left(self):
         return max(0.0, self.budget - self.seconds()) if self.budget else float("inf")
+
+    def eta(self, steps_left, seconds_per_step):
+        """Wall seconds to the end, for the log line: the training left (the steps, or the --max_minutes budget if it
+        ends first), stretched by this session's pauses so far, since its evaluations and checkpoints happen on the
+        way (on a CPU evaluating can take as long as training: an ETA of training alone promised half the wait)."""
+        left = min(steps_left * seconds_per_step, self.budget_left())
+        trained = self.session_seconds()
+        return left * (time.time() - self.t_start) / trained if trained > 0 else left
 
     def out_of_time(self):
         return self.budget_frac >= 1

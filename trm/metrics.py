@@ -48,11 +48,18 @@ class MetricsLog:
 
     def start(self, resume_step=None):
         """A fresh run starts an empty log; a resumed one keeps its history up to the resumed step and drops what came
-        after (a later, abandoned stretch would otherwise be logged twice). Only the process that logs calls this (rank
-        0 under DDP), so only it writes TensorBoard events."""
+        after (a later, abandoned stretch would otherwise be logged twice). Where trm/run_dir.py moved that stretch's
+        checkpoints aside (abandoned_after_step_N/), its whole log goes there with them: what it learned stays
+        comparable with the new stretch, and resuming it later has its curves. Only the process that logs calls this
+        (rank 0 under DDP), so only it writes TensorBoard events."""
         self.history = []
         if resume_step is not None and os.path.exists(self.path):
-            self.history = [h for h in self.read() if h["step"] <= resume_step]
+            old = self.read()
+            self.history = [h for h in old if h["step"] <= resume_step]
+            aside = os.path.join(os.path.dirname(self.path), f"abandoned_after_step_{resume_step}")
+            if len(old) > len(self.history) and os.path.isdir(aside):
+                with AtomicFile(os.path.join(aside, "metrics.jsonl"), "w") as f:
+                    f.writelines(json.dumps(h) + "\n" for h in old)
         with AtomicFile(self.path, "w") as f:  # a crash here leaves the old log, never an empty one
             f.writelines(json.dumps(h) + "\n" for h in self.history)
         if self.tensorboard_dir:
@@ -80,8 +87,21 @@ class MetricsLog:
 
     def append(self, entry):
         self.history.append(entry)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        line = (json.dumps(entry) + "\n").encode()
+        # unbuffered, and cut back on failure: a full disk writes part of a line (a short write) and then fails; the
+        # file keeps whole lines only, and the error names it (a failed write has no file name of its own)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # (the mode open() gives)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while line:
+                    line = line[os.write(fd, line):]
+            except OSError as e:
+                os.ftruncate(fd, end)
+                e.filename = e.filename or self.path
+                raise
+        finally:
+            os.close(fd)
         if self.tensorboard is not None:  # every number of the entry, as train/loss, eval/bits_per_byte, ...
             for key, value in entry.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -103,10 +123,18 @@ class MetricsLog:
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4.5))
         train = [h for h in self.history if h["kind"] == "train"]
-        valid = [h for h in self.history if h["kind"] == "eval"]
+        valid = [h for h in self.history if h["kind"] == "eval" and "eval_depth" not in h]
+        # --depth_warmup's evaluations score the shallower model being trained, another function than the full-depth
+        # one: drawn apart (hollow, dashed), so the switch to full depth does not read as a jump of one curve
+        shallow = [h for h in self.history if h["kind"] == "eval" and "eval_depth" in h]
         ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss", lw=1)
         if valid:
             ax.plot([h["step"] for h in valid], [h["loss"] for h in valid], "o-", label=self.valid_label, lw=1.5)
+        if shallow:
+            deep = sorted({h["eval_depth"].get("deep_steps") for h in shallow} - {None})
+            ax.plot([h["step"] for h in shallow], [h["loss"] for h in shallow], "o--", mfc="none", lw=1,
+                    label=f"{self.valid_label}, warm-up" + (f" ({'/'.join(map(str, deep))} deep step"
+                                                           f"{'s' * (deep != [1])})" if deep else ""))
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(self.title)
