@@ -239,3 +239,11 @@ def test_a_two_process_run_continues_on_one_process_at_the_same_global_batch(cor
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert load_checkpoint(tmp_path / "then_one" / "final_step_8.pt")["loader"]["cursor"] == 8 * 4
+
+
+def test_a_device_the_machine_lacks_is_one_line_not_one_per_process(corpus, tmp_path):
+    # each process of a machine asks for the same device: its first says why (two processes printed it twice)
+    r = torchrun(corpus, tmp_path / "ck", "--max_steps", "2", "--device", "cuda:99", port=29569)
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and len(errors) == 1 and "--device cuda" in errors[0], r.stdout + r.stderr
+    assert not [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("[rank")]

@@ -1,14 +1,19 @@
-"""A resume must not carry a data position over to another token stream of the same length without a word."""
+"""Resuming a run's data position and generators: never onto another token stream without a word (said once, not once
+per rank), and on a machine with fewer GPUs than the one that saved them."""
 import gzip
 import json
 import os
+import random
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import assert_one_line_error
 from trainer_run import train
 from trm.checkpoint import load_checkpoint
 from trm.data import PackedLoader, load_tokens
+from trm.resume import restore
 from trm.tokenizer import Tokenizer
 
 
@@ -53,3 +58,42 @@ def test_a_resume_on_other_tokens_of_the_same_length_is_told(tmp_path, capsys):
     same.load_state_dict(state)
     assert capsys.readouterr().err == ""
     assert same.cursor == first.cursor
+
+
+def test_a_changed_corpus_is_told_once_under_torchrun_not_once_per_rank(tmp_path, capsys):
+    # every rank loads the same checkpoint: rank 0 says it (two processes printed the warning twice)
+    tok = Tokenizer("byte")
+    a = write_jsonl_gz(tmp_path / "a.jsonl.gz", ["吾輩は猫である。" * 4])
+    b = write_jsonl_gz(tmp_path / "b.jsonl.gz", ["名前はまだ無い。"])  # another length: fewer windows
+    cache = str(tmp_path / "c")
+    state = PackedLoader(load_tokens([a], tok, cache, log=lambda m: None), 8, 2, seed=1, world_size=2).state_dict()
+    capsys.readouterr()
+    tokens = load_tokens([b], tok, cache, log=lambda m: None)
+    ranks = [PackedLoader(tokens, 8, 2, seed=1, rank=r, world_size=2) for r in range(2)]
+    for loader in ranks:
+        loader.load_state_dict(state)
+    assert capsys.readouterr().err.count("training corpus changed") == 1
+    assert [loader.cursor for loader in ranks] == [state["cursor"]] * 2
+
+
+def test_a_checkpoint_resumes_where_fewer_gpus_are_visible(monkeypatch):
+    # a checkpoint keeps the generator of every GPU its machine had (each rank of a two-GPU run: two); resumed on one
+    # GPU (another machine, or CUDA_VISIBLE_DEVICES=0 to continue on one process), it ended in torch's IndexError
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = PackedLoader(np.arange(100), 8, 2)
+    gpu_states = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": gpu_states},
+            "step": 4, "tokens_seen": 64}
+    restored = {}
+
+    def set_rng_state(state, device="cuda"):  # torch's, on a machine with one GPU
+        if device >= 1:
+            raise IndexError("tuple index out of range")  # torch.cuda.default_generators[device]
+        restored[device] = state
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)  # what torch.cuda.set_rng_state_all calls
+    assert restore(ckpt, model, optimizer, None, loader, torch.device("cuda", 0))[0] == 4
+    assert list(restored) == [0] and torch.equal(restored[0], gpu_states[0])  # GPU 0's own stream goes on

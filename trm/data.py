@@ -314,14 +314,17 @@ class PackedLoader:
         return {"cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows, "corpus": self.corpus}
 
     def load_state_dict(self, state):
+        warning = None
         if state["n_windows"] != self.n_windows:
-            print(f"warning: the training corpus changed since the checkpoint ({state['n_windows']} -> "
-                  f"{self.n_windows} windows); continuing from the same position in the new order", file=sys.stderr)
+            warning = (f"warning: the training corpus changed since the checkpoint ({state['n_windows']} -> "
+                       f"{self.n_windows} windows); continuing from the same position in the new order")
         elif None not in (state.get("corpus"), self.corpus) and state["corpus"] != self.corpus:
             # as many windows of other tokens (files in another order, a file rewritten): the position would go on
             # silently in another stream, training some text of this epoch twice and some not at all
-            print(f"warning: the training corpus changed since the checkpoint (as many windows, {self.n_windows}, "
-                  f"of other tokens); continuing from the same position in the new stream", file=sys.stderr)
+            warning = (f"warning: the training corpus changed since the checkpoint (as many windows, {self.n_windows}, "
+                       f"of other tokens); continuing from the same position in the new stream")
+        if warning and self.rank == 0:  # every rank loads the same state: one warning, not one per process
+            print(warning, file=sys.stderr)
         self.cursor = state["cursor"]
 
 

@@ -2,6 +2,7 @@
 import inspect
 import os
 import re
+import sys
 
 import torch
 import torch.distributed as dist
@@ -9,6 +10,14 @@ import torch.distributed as dist
 from trm.cli import fail
 
 DEVICES = ("auto", "cuda", "mps", "cpu")  # and cuda:N, a GPU by number
+
+
+def refuse(message):
+    """fail(), said once per machine: under torchrun each of its processes asks for the same device and would print
+    the same line (another machine, whose GPUs may differ, says its own)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        sys.exit(2)
+    fail(message)
 
 
 def pick_device(requested="auto", dtype="auto"):
@@ -23,20 +32,21 @@ def pick_device(requested="auto", dtype="auto"):
     else:
         kind, _, number = requested.partition(":")
         if kind not in DEVICES[1:] or (number and not (kind == "cuda" and number.isdigit())):
-            fail(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {requested!r}")
+            refuse(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), got {requested!r}")
         device, why = torch.device(requested), "--device"
         if device.type == "cuda" and not torch.cuda.is_available():
-            fail("--device cuda was given but torch.cuda.is_available() is False (no GPU, or a CPU-only torch build)")
+            refuse("--device cuda was given but torch.cuda.is_available() is False (no GPU, or a CPU-only torch "
+                   "build)")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            fail(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
-                 f"cuda:{torch.cuda.device_count() - 1}")
+            refuse(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                   f"cuda:{torch.cuda.device_count() - 1}")
         if device.type == "cuda" and device.index is not None:
             # and the current device: the CUDA graphs of decoding and of --compile whole are captured on streams of
             # the current device (torch.cuda.Stream()), which must be the model's
             torch.cuda.set_device(device)
         if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            fail("--device mps was given but torch.backends.mps.is_available() is False (MPS is Apple's GPU, on macOS "
-                 "with a torch built for it)")
+            refuse("--device mps was given but torch.backends.mps.is_available() is False (MPS is Apple's GPU, on "
+                   "macOS with a torch built for it)")
     if dtype == "auto":
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         amp = torch.bfloat16 if bf16_ok else None
@@ -46,7 +56,7 @@ def pick_device(requested="auto", dtype="auto"):
     elif dtype == "fp32":
         amp, why = None, why + ", fp32 (--dtype)"
     else:
-        fail(f"--dtype must be auto, bf16 or fp32, got {dtype!r}")
+        refuse(f"--dtype must be auto, bf16 or fp32, got {dtype!r}")
     return device, amp, why
 
 

@@ -88,6 +88,8 @@ def restore(ckpt, model, optimizer, ema, loader, device, rank=0, world_size=1):
     rng = ranks[rank] if world_size > 1 and restored else ckpt["rng"]
     torch.set_rng_state(rng["torch"])
     if device.type == "cuda" and rng.get("cuda"):
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # one state per GPU of the machine that saved it; this one may have fewer (another machine, fewer processes
+        # under CUDA_VISIBLE_DEVICES), and a state for a GPU it has not would end the resume with an IndexError
+        torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
     random.setstate(rng["python"])
     return ckpt["step"], ckpt["tokens_seen"], ckpt.get("metrics"), restored
