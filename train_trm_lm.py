@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from trm.checkpoint import CheckpointError
-from trm.cli import fail, one_line_when_a_peer_is_lost, quiet_interrupt
+from trm.cli import fail, fail_once, one_line_when_a_peer_is_lost, quiet_interrupt
 from trm.clock import RunClock, hms
 from trm import depth as depth_schedule
 from trm.corpus import unique_paths, validation_in_training
@@ -57,7 +57,7 @@ sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
 
 
 if problem := check_flags(args, int(os.environ.get("WORLD_SIZE", "1"))):
-    fail(problem)
+    fail_once(problem)  # (every process of a torchrun has the same command line: one says it)
 
 # ----------------------------------------------------------------------------------------------------------------
 # setup: processes, device, tokenizer, the checkpoint to resume, the configuration, data, model, optimizer
@@ -108,7 +108,7 @@ except (SaveDirError, CheckpointError) as e:
 if ckpt is not None:
     log(f"resuming from {ckpt_path} (step {ckpt['step']})")
     if problem := resume_error(ckpt, ckpt_path, tokenizer, args):
-        fail(problem)
+        fail_once(problem)
 try:
     config = TRMConfig(**ckpt["config"]) if ckpt is not None else \
         TRMConfig(vocab_size=tokenizer.vocab_size, halt_head=args.act_weight > 0,
@@ -118,7 +118,7 @@ except (ValueError, TypeError) as e:
 
 keep_checkpoint_settings(args, p, config, ckpt, log)
 if args.act_weight and not (config.halt_head and config.recursive):
-    fail("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
+    fail_once("--act_weight needs --arch trm and, when resuming, a checkpoint that was trained with a halting head")
 if master:
     try:
         run_id = take_ownership(args.save_dir, ckpt, ckpt_path, args.resume, args.overwrite, log, vars(args))
@@ -139,8 +139,8 @@ try:
 except DataError as e:
     fail(str(e), 1 if isinstance(e, CacheWriteError) else 2)
 except KeyboardInterrupt:  # (Ctrl-C is the trainer's own only from the loop on: clock.catch_signals)
-    fail("interrupted while tokenizing the corpus: nothing was trained and nothing lost (a partial token cache is "
-         "removed). Run the same command again to start.", 130)
+    fail_once("interrupted while tokenizing the corpus: nothing was trained and nothing lost (a partial token cache "
+              "is removed). Run the same command again to start.", 130)
 loader = PackedLoader(train_tokens, L, args.batch_size, args.seed, rank, world_size)
 val_windows = eval_windows(valid_tokens, L, args.eval_tokens) if valid_tokens is not None else None
 token_bytes = tokenizer.token_bytes()
@@ -175,6 +175,8 @@ else:
     random.seed(args.seed + rank)
 
 raw_model = model  # what gets saved, evaluated and sampled; never the compiled or DDP wrapper
+if config.halt_head and not args.act_weight:  # a halting checkpoint resumed without --act_weight: no loss reaches the
+    raw_model.halt.requires_grad_(False)  # head, and DDP, waiting for its gradient, would end the run at step 2
 compile_mode, why = choose_compile(args.compile, device.type, args.batch_size * L, not_compilable(args),
                                    whole_step_refusal(args, world_size))
 use_compile, cuda_graphs = compile_mode != "off", compile_mode == "graphs"
@@ -291,8 +293,10 @@ def check_finite():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
         saver.wait()  # the write in flight decides which checkpoint is the last good one
-        fail(f"non-finite loss or gradient before step {step}: stopping without saving; {run_dir.survivor()}. Try a "
-             f"lower --lr or more --warmup_steps" + (f", then {run_dir.advice}." if run_dir.saved else "."), 3)
+        # (once: rank 0, which saves, knows which checkpoint survived; another rank would say "none saved yet")
+        fail_once(f"non-finite loss or gradient before step {step}: stopping without saving; {run_dir.survivor()}. "
+                  f"Try a lower --lr or more --warmup_steps" + (f", then {run_dir.advice}." if run_dir.saved else "."),
+                  3)
 
 
 def judge(result):
@@ -336,6 +340,8 @@ def abort():
     could surface it anywhere, even inside torch.save ('RuntimeError: unexpected pos'), and interpreter shutdown
     would then wait for or tear down the writer thread."""
     saver.abandon()
+    if not master:  # (torchrun passes the signal to every rank)
+        os._exit(130)
     print(f"error: interrupted twice: stopped at step {step} without saving it; {run_dir.survivor()}. Continue with "
           f"{run_dir.advice}.", file=sys.stderr)
     sys.stdout.flush()
@@ -473,6 +479,8 @@ bar.close()
 # ----------------------------------------------------------------------------------------------------------------
 # the end: a final checkpoint (or an interrupted one), evaluation, summary
 check_finite()
+if ddp:  # a signal to one rank since the last agreement: every rank saves and exits as interrupted, as one process
+    clock.should_stop(step, last=True)
 interrupted = clock.interrupted
 rng_ranks = every_rank_rng(device, world_size)
 if master:

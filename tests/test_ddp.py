@@ -247,3 +247,24 @@ def test_a_device_the_machine_lacks_is_one_line_not_one_per_process(corpus, tmp_
     errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
     assert r.returncode != 0 and len(errors) == 1 and "--device cuda" in errors[0], r.stdout + r.stderr
     assert not [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("[rank")]
+
+
+def test_the_same_verdict_on_every_rank_is_one_line(corpus, tmp_path):
+    # a flag refused, or a resume refused by its checkpoint, is the same on every rank: one line, not one a process
+    for extra in (["--max_steps", "2", "--compile", "whole"], ["--max_steps", "2", "--lr", "-1"]):
+        r = torchrun(corpus, tmp_path / "ck", *extra, port=29571)
+        errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
+        assert r.returncode != 0 and len(errors) == 1, r.stdout + r.stderr
+
+
+def test_a_halting_checkpoint_resumes_under_ddp_without_act_weight(corpus, tmp_path):
+    # no loss reaches the halting head without --act_weight: DDP, waiting for its gradient, ended the run at the next
+    # step with a traceback from every rank. One process trains on with the head as it was; so do two now
+    common = ["--eval_every", "100", "--log_every", "1"]
+    r = torchrun(corpus, tmp_path / "ck", "--max_steps", "2", "--act_weight", "0.1", *common, port=29572)
+    assert r.returncode == 0, r.stdout + r.stderr
+    head = {k: v for k, v in params(tmp_path / "ck" / "final_step_2.pt").items() if k.startswith("halt.")}
+    r = torchrun(corpus, tmp_path / "ck", "--max_steps", "4", "--resume", "auto", *common, port=29573)
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = params(tmp_path / "ck" / "final_step_4.pt")
+    assert head and all(torch.equal(after[k], v) for k, v in head.items())

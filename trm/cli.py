@@ -6,6 +6,7 @@ unusable file: fix the command; argparse uses 2 for its own refusals), 1 when th
 """
 import argparse
 import math
+import os
 import re
 import sys
 
@@ -42,6 +43,15 @@ def fail(message, code=2):
     """Print `error: message` (one line, no traceback) and exit."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def fail_once(message, code=2, local=False):
+    """fail() for what every process of a torchrun finds alike (the same command line, checkpoint or verdict): rank 0
+    says it, the others leave with the same code. local=True: once per machine (LOCAL_RANK 0), for what each machine
+    finds for itself, its devices. (What one rank can meet alone, a file missing on its node, stays fail().)"""
+    if os.environ.get("LOCAL_RANK" if local else "RANK", "0") != "0":
+        sys.exit(code)
+    fail(message, code)
 
 
 INTERVAL = re.compile(r"^([\[(])\s*(-inf|[-+0-9._e]+)\s*,\s*(inf|[-+0-9._e]+)\s*([\])])$")

@@ -99,13 +99,15 @@ class RunClock:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, on_signal)
 
-    def should_stop(self, step):
-        """True when every rank should leave the loop now: a signal was received or the budget is spent."""
+    def should_stop(self, step, last=False):
+        """True when every rank should leave the loop now: a signal was received or the budget is spent. last: the
+        loop has ended (its last step): agree whatever the step, so that a signal since the last agreement stops
+        every rank alike, not one rank with 128 + N after the others finished."""
         frac = self.seconds() / self.budget if self.budget else 0.0
         if not self.ddp:
             self.budget_frac = frac
             return bool(self.stop_requested) or self.out_of_time()
-        if step % self.agree_every:
+        if step % self.agree_every and not last:
             return False
         signum = signal.Signals[self.stop_requested].value if self.stop_requested else 0
         shared = torch.tensor([float(signum), frac if self.master else 0.0], device=self.device)

@@ -2,22 +2,19 @@
 import inspect
 import os
 import re
-import sys
 
 import torch
 import torch.distributed as dist
 
-from trm.cli import fail
+from trm.cli import fail_once
 
 DEVICES = ("auto", "cuda", "mps", "cpu")  # and cuda:N, a GPU by number
 
 
 def refuse(message):
-    """fail(), said once per machine: under torchrun each of its processes asks for the same device and would print
-    the same line (another machine, whose GPUs may differ, says its own)."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        sys.exit(2)
-    fail(message)
+    # under torchrun each process of a machine asks for the same device: one line a machine (another, whose GPUs may
+    # differ, says its own)
+    fail_once(message, local=True)
 
 
 def pick_device(requested="auto", dtype="auto"):
