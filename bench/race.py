@@ -382,8 +382,8 @@ def fmt(v, spec=".4f"):
     return "" if v is None else format(v, spec)
 
 
-# the tokens trm.evaluate scored, not those asked for: --eval_tokens is a ceiling, and aozora-xl's validation_0 holds
-# 562,876 of the default 1,000,000 (BENCHMARKS.md)
+# the tokens trm.evaluate scored, not those asked for: --eval_tokens is a ceiling, and aozora-xl's validation_0 gives
+# 562,876 of the default 1,000,000 (its whole windows, BENCHMARKS.md)
 scored = ", ".join(f"{n:,}" for n in sorted({r["scored_tokens"] for r in rows if r.get("scored_tokens")})) or "no"
 print(f"\n{args.minutes:g} minutes each; bits/byte on validation_0 ({scored} tokens scored, --eval_tokens "
       f"{args.eval_tokens:,}; EMA) at the end and "

@@ -315,3 +315,21 @@ def test_a_model_with_a_halting_head_is_scored_eagerly_when_compiled_is_asked(gr
         eager = evaluate(model, windows, token_bytes, batch_size=4, halt_threshold=threshold)
         assert evaluate(model, windows, token_bytes, batch_size=4, halt_threshold=threshold, compiled=True) == eager
     assert graphs_compiled() == 0
+
+
+def test_the_json_names_the_checkpoint_file_a_save_dir_stood_for(tiny_sp_model, tmp_path, capsys):
+    # a save dir stands for its best.pt, else its newest checkpoint: the JSON named the folder, so a results table could
+    # not tell which file was scored (and the same folder names another file once training goes on)
+    from trm.evaluate import main
+    save = tmp_path / "checkpoints_new"
+    save.mkdir()
+    make_checkpoint(save / "step_7.pt", Tokenizer.from_args("sentencepiece", tiny_sp_model))
+    args = ["--model_path", str(save), "--data", held_out(tmp_path), "--eval_tokens", "200", "--device", "cpu"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(save / "step_7.pt")
+    make_checkpoint(save / "best.pt", Tokenizer.from_args("sentencepiece", tiny_sp_model))
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(save / "best.pt")
+    # a file named is named as given
+    assert main([*args[:1], str(save / "step_7.pt"), *args[2:]]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(save / "step_7.pt")

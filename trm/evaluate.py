@@ -3,8 +3,10 @@
     python -m trm.evaluate --model_path checkpoints_new/step_500.pt --data validation_0.jsonl.gz [--eval_tokens N]
         [--halt_threshold P]   # a model with a halting head, scored as adaptive generation runs
 
-Bits per byte divides the summed loss (in bits) by the UTF-8 bytes the target tokens stand for, so it compares
-models with different tokenizers. EOS targets count their loss but no bytes (slightly pessimistic).
+Bits per byte divides the summed loss (in bits) by the UTF-8 bytes the target tokens stand for (SentencePiece: of
+the text as it normalizes it, NFKC), so it compares models with different tokenizers. EOS and BOS targets (a
+document's end, and the next one's start) count their loss but no bytes (slightly pessimistic); the stream's first
+BOS is never a target, and tokens past the last whole window are not scored (trm/data.py eval_windows).
 """
 import argparse
 import functools
@@ -115,11 +117,12 @@ def compiled_score_batch():
 
 
 def main(argv=None):
-    from trm.checkpoint import CheckpointError, load_model
+    from trm.checkpoint import CheckpointError, checkpoint_of, load_model
     from trm.corpus import CorpusStats, iter_texts
     from trm.data import DataError, check_paths, document_ids, eval_windows
     from trm.depth import add_depth_flags, depth_flags, depth_refused
     from trm.device import out_of_memory, pick_device
+    from trm.model_folder import is_model_folder
 
     p = argparse.ArgumentParser(
         description="Score a checkpoint on held-out JSONL text; prints one JSON object.",
@@ -200,8 +203,12 @@ def main(argv=None):
         return 1
     # the weights scored, not those asked for: without an EMA load_model falls back to the raw ones (a note on stderr
     # that a results table built from this JSON never sees)
-    result.update(params=model.num_params(), step=state.get("step"), weights=state["weights"],
-                  checkpoint=args.model_path)
+    # ... and the file scored, not the folder named: a save dir stands for its best.pt, else its newest checkpoint
+    # (load_model's choice, said on stderr only), which the next evaluation of the same folder may not be
+    scored = args.model_path
+    if os.path.isdir(scored) and not is_model_folder(scored):
+        scored = checkpoint_of(scored) or scored
+    result.update(params=model.num_params(), step=state.get("step"), weights=state["weights"], checkpoint=scored)
     if windows.shape[1] - 1 < (args.seq_len or model.config.max_seq_len):  # the one short window eval_windows gives
         print(f"warning: {', '.join(args.data)} holds fewer tokens than one window ({result['tokens']:,} scored): a "
               f"score from so little text says little about the model", file=sys.stderr)
