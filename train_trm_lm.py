@@ -224,6 +224,9 @@ saver = Saver(run_dir, log, on_error=lambda message: fail(message, 1))
 bad = torch.zeros((), device=device, dtype=torch.bool)  # sticky: any non-finite loss or grad since the last check
 loss_sum = torch.zeros((), device=device)
 loss_count = 0
+if ckpt is not None and ckpt.get("loss_window") and not ddp:
+    loss_sum += ckpt["loss_window"][0]
+    loss_count = ckpt["loss_window"][1]
 # --compile whole: the step as one CUDA graph (trm/whole_step.py), its optimizer made capturable after restore()
 whole = (WholeStep(model, raw_model, optimizer, ema, args.grad_clip, amp_dtype, loss_sum, bad, halt_args)
          if compile_mode == "whole" else None)
@@ -244,7 +247,10 @@ def checkpoint_state(rng_ranks=None):
             "step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
             "rng": rng_state(device), "rng_ranks": rng_ranks,
             "args": vars(args), "tokenizer": tokenizer.to_state(), "metrics": last_eval,
-            "train_seconds": clock.seconds(), "run_id": run_id}
+            "train_seconds": clock.seconds(), "run_id": run_id,
+            # the log's open window (a save off a log step): a resume logs the same losses (one process; under DDP the
+            # window is each rank's own and starts afresh)
+            "loss_window": None if ddp else [loss_sum.item(), loss_count]}
 
 
 def evaluated_now():

@@ -155,6 +155,17 @@ def test_resume_is_bit_identical(corpus, tmp_path, extra):
     assert logged_losses(straight) == logged_losses(resumed)
 
 
+def test_a_resume_from_a_save_off_a_log_step_logs_the_same_losses(corpus, tmp_path):
+    # saved at step 6, logged every 4: the checkpoint cut the log's window at 2 of its 4 steps. The resumed run's
+    # step-8 line averaged only steps 7 and 8; it averages 5 to 8, as the uninterrupted run's
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--max_steps", "12", "--eval_every", "100", "--log_every", "4", "--save_every", "6"]
+    train(corpus, straight, *common)
+    copy_run_until(straight, resumed, 6)
+    train(corpus, resumed, *common, "--resume", "auto")
+    assert logged_losses(straight) == logged_losses(resumed)
+
+
 @pytest.mark.slow
 def test_grad_accum_is_one_step_on_all_its_micro_batches(corpus, tmp_path):
     # two micro-batches of 2 windows, their losses averaged, make one optimizer step on the same 4 windows as one
