@@ -255,7 +255,7 @@ def load_model(path, weights="ema", map_location="cpu"):
     raw weights, with a note on stderr; the dict's "weights" names those loaded, which the callers' own output
     (generate.py's header, evaluate.py's JSON) reports. A folder is a model folder written by export.py
     (trm/model_folder.py): the same three things; or a trainer's save dir, which stands for its best.pt, else its newest
-    checkpoint (said on stderr).
+    checkpoint (said on stderr). The dict's "path" is the file or model folder loaded.
     """
     from trm.tokenizer import Tokenizer
 
@@ -267,6 +267,7 @@ def load_model(path, weights="ema", map_location="cpu"):
     if os.path.isdir(path):
         try:
             model, tokenizer, state = load_folder(path, weights)
+            state["path"] = path
         except CheckpointError:
             raise
         except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as e:  # a hand-edited config.json
@@ -274,6 +275,7 @@ def load_model(path, weights="ema", map_location="cpu"):
                                   f"{one_line(e)})") from None
         return finite(model, path), tokenizer, state
     state = load_checkpoint(path, map_location)
+    state["path"] = path
     try:
         if weights not in ("ema", "raw"):
             raise CheckpointError(f"weights must be 'ema' or 'raw', got {weights!r}")

@@ -117,12 +117,11 @@ def compiled_score_batch():
 
 
 def main(argv=None):
-    from trm.checkpoint import CheckpointError, checkpoint_of, load_model
+    from trm.checkpoint import CheckpointError, load_model
     from trm.corpus import CorpusStats, iter_texts
     from trm.data import DataError, check_paths, document_ids, eval_windows
     from trm.depth import add_depth_flags, depth_flags, depth_refused
     from trm.device import out_of_memory, pick_device
-    from trm.model_folder import is_model_folder
 
     p = argparse.ArgumentParser(
         description="Score a checkpoint on held-out JSONL text; prints one JSON object.",
@@ -205,10 +204,8 @@ def main(argv=None):
     # that a results table built from this JSON never sees)
     # ... and the file scored, not the folder named: a save dir stands for its best.pt, else its newest checkpoint
     # (load_model's choice, said on stderr only), which the next evaluation of the same folder may not be
-    scored = args.model_path
-    if os.path.isdir(scored) and not is_model_folder(scored):
-        scored = checkpoint_of(scored) or scored
-    result.update(params=model.num_params(), step=state.get("step"), weights=state["weights"], checkpoint=scored)
+    result.update(params=model.num_params(), step=state.get("step"), weights=state["weights"],
+                  checkpoint=state["path"])
     if windows.shape[1] - 1 < (args.seq_len or model.config.max_seq_len):  # the one short window eval_windows gives
         print(f"warning: {', '.join(args.data)} holds fewer tokens than one window ({result['tokens']:,} scored): a "
               f"score from so little text says little about the model", file=sys.stderr)
