@@ -107,6 +107,26 @@ def test_a_resume_trains_at_the_command_lines_weight_decay(optimizer):
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_cpu_checkpoint_resumed_on_cuda_runs_the_fused_adamw(optimizer):
+    # torch's load_state_dict takes the saved groups' `fused`: a CPU run's checkpoint resumed on a GPU stepped AdamW
+    # unfused for the rest of the run. (torch.device("cuda") only names the kind; the fused kernel runs on the CPU too)
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    model = tiny_model()
+    opt = build_optimizer(model, flags("--optimizer", optimizer), torch.device("cpu"))
+    _, loss = model(x, x)
+    loss.backward()
+    opt.step()
+    adamw = lambda o: o if isinstance(o, torch.optim.AdamW) else o.adamw  # noqa: E731
+    assert not any(g["fused"] for g in adamw(opt).param_groups)
+    opt2 = build_optimizer(model, flags("--optimizer", optimizer), torch.device("cuda"))
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(g["fused"] for g in adamw(opt2).param_groups)
+    assert all(s["step"].dtype == torch.float32 for s in adamw(opt2).state.values())  # placed for the fused kernel
+    assert all(s["step"].item() == 1 for s in adamw(opt2).state.values())  # the moments kept
+    opt2.step()
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch >= 2.9")
 def test_batched_muon_steps_as_torch_muon_and_reads_its_state():
     # trm/muon.py is torch.optim.Muon(adjust_lr_fn="match_rms_adamw") with the matrices of one shape stacked: the

@@ -36,23 +36,27 @@ def hidden_matrices(model):
 def adamw(params, args, device):
     decay = [p for p in params if p.dim() >= 2]  # matrices; gains and biases none here, but stay safe
     no_decay = [p for p in params if p.dim() < 2]
-    return keep_weight_decay(torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+    return keep_settings(torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                                 {"params": no_decay, "weight_decay": 0.0}],
                                                lr=args.lr, betas=BETAS, fused=device.type == "cuda"))
 
 
-def keep_weight_decay(optimizer):
-    """The optimizer, its groups keeping the weight decay they were built with (this command's --weight_decay) when a
-    checkpoint's state is loaded. torch's load_state_dict takes every setting of the saved groups, so a resume with
-    another --weight_decay trained on at the old one, while its checkpoints' args recorded the new one; --lr is the
-    command line's as well (the schedule sets it every step)."""
-    built = [group["weight_decay"] for group in optimizer.param_groups]
+def keep_settings(optimizer):
+    """The optimizer, its groups keeping the settings this command built them with when a checkpoint's state is
+    loaded. torch's load_state_dict takes every setting of the saved groups: a resume with another --weight_decay
+    trained on at the old one (while its checkpoints' args recorded the new one), and a CPU checkpoint resumed on CUDA
+    ran AdamW unfused (its step counters left on the host). The saved groups are corrected before torch reads them,
+    so the state is also placed for the kernel this machine runs. --lr is the command line's as well (the schedule
+    sets it every step)."""
+    built = [{k: group[k] for k in ("weight_decay", "fused", "foreach", "capturable") if k in group}
+             for group in optimizer.param_groups]
 
-    def restore(opt):
-        for group, weight_decay in zip(opt.param_groups, built):
-            group["weight_decay"] = weight_decay
+    def correct(opt, state_dict):
+        state_dict = dict(state_dict, param_groups=[dict(saved, **mine)
+                                                    for saved, mine in zip(state_dict["param_groups"], built)])
+        return state_dict
 
-    optimizer.register_load_state_dict_post_hook(restore)
+    optimizer.register_load_state_dict_pre_hook(correct)
     return optimizer
 
 
@@ -64,7 +68,7 @@ def build_optimizer(model, args, device):
     hidden = hidden_matrices(model)
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    muon = keep_weight_decay(Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
+    muon = keep_settings(Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
                                   ns_steps=5))
     return MuonAdamW(muon, adamw(rest, args, device))
 
