@@ -273,6 +273,30 @@ def test_generation_merges_every_calls_adapters_ahead_and_decodes_as_the_full_fo
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
 
 
+def test_a_generation_left_half_way_leaves_training_its_adapters():
+    # the merged weights are inference tensors of the weights as they were: a generator paused at a yield (a caller
+    # that samples a few tokens, trains, then samples on) must not leave them in the model, or the training step
+    # reaches no adapter and an evaluation reads stale weights
+    model = trained_looking(tiny(adapter_rank=2)).eval()
+    paused = generate_batch(model, [[1, 5, 9]], 10, temperature=0)
+    next(paused)
+    model.train()
+    loss = model(tokens(2, 8), tokens(2, 8, seed=2))[1]
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(1.0)  # an optimizer step: the generator's merge is now stale; the model's own forward is not
+        idx = tokens(1, 8)
+        model.merged_adapters = merge_all(model)
+        fresh = model(idx)[0]
+        model.merged_adapters = None
+        torch.testing.assert_close(model(idx)[0], fresh)
+    next(paused)  # and the generator goes on
+    paused.close()
+    assert model.merged_adapters is None
+
+
 def test_weights_merged_ahead_give_the_per_call_paths_outputs():
     model = trained_looking(tiny(adapter_rank=2)).double()
     idx = tokens(2, 12)

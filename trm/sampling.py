@@ -163,7 +163,9 @@ def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k
         return logits
 
     # the weights stay fixed while generating: each net call's adapters merged into its weights once, not per step
-    # (trm/adapters.py merge_all); held here too, so that a captured graph's weights outlive the model's attribute
+    # (trm/adapters.py merge_all); held here too, so that a captured graph's weights outlive the model's attribute.
+    # The model holds them only while this generator runs, never across a yield: a caller that trains or evaluates
+    # with a generator half-consumed must not run on them (inference tensors, stale after an optimizer step)
     merged = model.merged_adapters = merge_all(model) if model.adapters is not None else None
     try:
         if n - start > L:
@@ -175,7 +177,9 @@ def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k
             ended = [e or t == eos_id for e, t in zip(ended, tokens)]
             if all(ended):
                 return
+            model.merged_adapters = None
             yield [None if e else t for e, t in zip(ended, tokens)]
+            model.merged_adapters = merged
             ids[:, n] = next_id
             n += 1
             if n == P + max_new_tokens:
@@ -196,8 +200,7 @@ def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k
             else:
                 logits = refill()
     finally:
-        if model.merged_adapters is merged:  # (another generation may have set its own since)
-            model.merged_adapters = None
+        model.merged_adapters = None
 
 
 class StreamDecoder:
