@@ -153,6 +153,15 @@ def test_kv_cache_overflow_and_a_change_of_depth_raise_clear_errors():
             model(tokens(1, 3), cache=cache)
         with pytest.raises(ValueError, match="KV cache full"):
             model(tokens(1, 9), cache=KVCache(8))
-        # a deeper pass would attend over slots that hold nothing for the earlier tokens
-        with pytest.raises(ValueError, match="same depth"):
-            model(tokens(1, 1), cache=cache, supervision_steps=3)
+        # a deeper pass would attend over slots that hold nothing for the earlier tokens; a shallower latent depth
+        # over keys that other calls stored (call n updates the answer, and n has changed): it ran, silently wrong
+        cache.reset()
+        model(tokens(1, 6), cache=cache, latent_steps=3)
+        for depth in (dict(supervision_steps=3), dict(latent_steps=2), dict()):
+            with pytest.raises(ValueError, match="same depth"):
+                model(tokens(1, 1), cache=cache, **depth)
+        model(tokens(1, 1), cache=cache, latent_steps=3)
+        cache.reset()  # and an emptied cache takes any depth
+        model(tokens(1, 1), cache=cache)
+        with pytest.raises(ValueError, match="prefilled at depth"):  # the fixed-shape cache continues its prefill's
+            model(tokens(1, 1), cache=StaticKVCache(cache), latent_steps=3)

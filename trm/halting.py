@@ -70,8 +70,8 @@ class StoppedKV:
     def __init__(self, cache=None):
         self.cache, self.last, self.stopped = cache, {}, None  # stopped [B, T], set between rounds by rounds()
 
-    def begin(self, T):
-        return 0 if self.cache is None else self.cache.begin(T)
+    def begin(self, T, depth=None):
+        return 0 if self.cache is None else self.cache.begin(T, depth)
 
     def attend(self, key, q, k, v):
         earlier = previous_round(key)

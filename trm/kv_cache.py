@@ -2,8 +2,10 @@
 
 A cache knows nothing of the model. The model asks it two things (trm/model.py, class Slot):
 
-- begin(T): T new tokens start a pass; returns the position of the first (an int, or a device tensor: then the
-  cache's max_len bounds the positions, so that the model's tables can reach them all ahead).
+- begin(T, depth): T new tokens start a pass at the model's depth; returns the position of the first (an int, or a
+  device tensor: then the cache's max_len bounds the positions, so that the model's tables can reach them all ahead).
+  Every pass through a cache runs at one depth: slot keys name net calls by number, so at another latent depth a
+  call would attend over keys that a different call stored (call 4 the answer update at n=4, a latent one at n=6).
 - attend(key, q, k, v): store k, v in the slot `key`, attend q over what that slot holds.
 
 The model names every slot: key = (round, deep step, call, layer) for the recursion, (layer,) for arch="gpt". A slot
@@ -23,10 +25,17 @@ class KVCache:
         self.slots = {}   # key -> (k, v), each [B, H, max_len, head_dim]
         self.pos = 0      # tokens stored
         self.start = 0    # the current pass's tokens are start .. pos - 1
+        self.depth = None  # the depth of the passes that stored the tokens held
 
-    def begin(self, T):
+    def begin(self, T, depth=None):
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {T} > {self.max_len} tokens")
+        if self.pos and depth != self.depth:
+            raise ValueError(f"a pass at depth {depth} through a KV cache filled at depth {self.depth} (latent, deep, "
+                             f"supervision steps): every pass through a cache must run at the same depth, or its net "
+                             f"calls read keys that other calls stored; reset() the cache and prefill again to change "
+                             f"it")
+        self.depth = depth
         self.start, self.pos = self.pos, self.pos + T
         return self.start
 
@@ -63,6 +72,7 @@ class KVCache:
     def reset(self):
         """Empty; the buffers are kept (a captured graph holds their addresses)."""
         self.pos = self.start = 0
+        self.depth = None
 
 
 class StaticKVCache:
@@ -88,9 +98,11 @@ class StaticKVCache:
         """Continue after the KVCache's tokens (after every prefill); the same tensor, so a captured graph reads it."""
         self.pos.fill_(self.cache.pos)
 
-    def begin(self, T):
+    def begin(self, T, depth=None):
         if T != 1:
             raise ValueError(f"a fixed-shape cache takes one token per pass, got {T}")
+        if depth != self.cache.depth:
+            raise ValueError(f"a pass at depth {depth} through a cache prefilled at depth {self.cache.depth}")
         self.at.copy_(self.pos)
         self.pos += 1
         # keys stored so far and this token's own: 0 there, -inf beyond, added to every call's scores of this pass

@@ -319,7 +319,7 @@ class TRM(nn.Module):
         """
         n, T_deep, N_sup = self.steps(**depth)
         slot = NO_CACHE if cache is None else Slot(cache)
-        start = 0 if cache is None else cache.begin(idx.size(1))
+        start = 0 if cache is None else cache.begin(idx.size(1), (n, T_deep, N_sup) if self.recursive else None)
         if torch.is_tensor(start):  # a position the host cannot read: the table must already reach the cache's end
             self.rope(0, cache.max_len)
         rope = self.rope(start, idx.size(1))
