@@ -7,7 +7,7 @@ import pytest
 
 from conftest import assert_one_line_error
 from trainer_run import TINY, make_corpus
-from trm.device import pick_device
+from trm.device import pick_device, start_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +42,14 @@ def test_a_device_this_machine_lacks_is_one_line(monkeypatch, capsys):
         pick_device("cuda:7", "fp32")
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--device cuda:7: this machine has 1 GPU(s), cuda:0 to cuda:0" in err
+
+
+def test_a_gpu_number_under_torchrun_is_one_line(monkeypatch, capsys):
+    # each rank takes its LOCAL_RANK's GPU: a --device cuda:1 was silently ignored by every rank
+    import torch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as e:
+        start_processes(torch.device("cuda", 1))
+    assert e.value.code == 2 and "--device cuda:1 under torchrun" in capsys.readouterr().err

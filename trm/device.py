@@ -62,6 +62,9 @@ def start_processes(device):
     its local GPU; alone, (1, 0, device)."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world_size > 1:
+        if device.type == "cuda" and device.index is not None:
+            refuse(f"--device {device} under torchrun: each process takes the GPU of its LOCAL_RANK; give --device "
+                   f"cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
