@@ -34,7 +34,7 @@ from trm.corpus import unique_paths, validation_in_training
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
 from trm.device import autocast, autocast_each, distributed, out_of_memory, pick_device, start_processes
 from trm.ema import EMA
-from trm.evaluate import evaluate
+from trm.evaluate import evaluate, unknown_note
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, not_compilable, trainer_parser
 from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops
@@ -148,6 +148,8 @@ epoch_steps = loader.n_windows * L / tokens_per_step  # (a tiny corpus: less tha
 log(f"data: {len(train_tokens):,} train tokens = {loader.n_windows:,} windows of {L} "
     f"({epoch_steps:,.{0 if epoch_steps >= 10 else 2}f} steps per epoch at {tokens_per_step:,} tokens/step)"
     + (f"; {val_windows.shape[0]} validation windows" if val_windows is not None else ""))
+if val_windows is not None and (note := unknown_note(val_windows, tokenizer)):
+    log(f"note: validation: {note}")
 if len(train_tokens) < L + 1:  # a window then wraps round the circle: the same text several times in one window
     log(f"warning: the training corpus is {len(train_tokens):,} tokens, less than one window of {L + 1:,}: each window "
         f"repeats it about {(L + 1) / len(train_tokens):.0f} times. Add text, or train a new run with --max_seq_len "

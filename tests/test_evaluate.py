@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import assert_one_line_error, japanese_lines, make_checkpoint
 from trm.data import document_ids, eval_windows
-from trm.evaluate import evaluate
+from trm.evaluate import evaluate, unknown_note
 from trm.model import TRM, TRMConfig
 from trm.tokenizer import Tokenizer
 
@@ -333,3 +333,22 @@ def test_the_json_names_the_checkpoint_file_a_save_dir_stood_for(tiny_sp_model, 
     # a file named is named as given
     assert main([*args[:1], str(save / "step_7.pt"), *args[2:]]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"] == str(save / "step_7.pt")
+
+
+def test_unknown_targets_are_named_where_no_byte_fallback_carries_their_bytes(tiny_sp_model, tmp_path):
+    # a tokenizer without byte fallback (the users' earlier ja_trm.model) maps a character outside its vocabulary to
+    # <unk>, which stands for no bytes: bits/byte counts its loss and not its bytes, and should say so
+    import sentencepiece as spm
+    model_file = tmp_path / "no_fallback"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(japanese_lines()), model_prefix=str(model_file),
+                                   vocab_size=300, model_type="bpe", byte_fallback=False, character_coverage=0.98,
+                                   unk_id=0, pad_id=1, bos_id=2, eos_id=3, minloglevel=2)
+    text = "鬱蒼とした森の奥で、猫は静かに眠っていた。" * 20
+    for tokenizer, unknowns in ((Tokenizer.from_args("sentencepiece", str(model_file) + ".model"), True),
+                                (Tokenizer.from_args("sentencepiece", tiny_sp_model), False)):
+        windows = eval_windows(np.array(next(document_ids(tokenizer, [text]))), 16, 10_000)
+        note = unknown_note(windows, tokenizer)
+        assert (note is not None) == unknowns
+        if unknowns:
+            n = int((windows[:, 1:] == 0).sum())
+            assert note.startswith(f"{n:,} of the scored tokens") and "no byte fallback" in note

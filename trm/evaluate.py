@@ -94,6 +94,19 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     return result
 
 
+def unknown_note(windows, tokenizer):
+    """A line for a scored text whose targets include <unk> (a SentencePiece model without byte fallback, as the
+    users' earlier ja_trm.model), or None. Such a target stands for characters the model cannot name, whose bytes no
+    id carries: its loss counts, its bytes do not, so bits/byte reads high by their share (train_spm.py's models
+    fall back to bytes and have none)."""
+    n = int((windows[:, 1:] == tokenizer.unk_id).sum())
+    if not n:
+        return None
+    share = n / windows[:, 1:].numel()
+    return (f"{n:,} of the scored tokens ({share:.2%}) are <unk>: the tokenizer has no byte fallback, so their loss "
+            f"counts in bits/byte but their bytes do not (it reads high); train_spm.py's tokenizers have none")
+
+
 def score_batch(model, idx, targets, token_bytes, head_windows, **depth):
     """(summed nats in float32, summed bytes) of one batch's targets from the last round's logits, the head and its
     loss head_windows windows at a time: evaluate()'s plain case as straight-line code, for torch.compile to fuse
@@ -206,6 +219,8 @@ def main(argv=None):
     # (load_model's choice, said on stderr only), which the next evaluation of the same folder may not be
     result.update(params=model.num_params(), step=state.get("step"), weights=state["weights"],
                   checkpoint=state["path"])
+    if note := unknown_note(windows, tokenizer):
+        print(f"note: {note}", file=sys.stderr)
     if windows.shape[1] - 1 < (args.seq_len or model.config.max_seq_len):  # the one short window eval_windows gives
         print(f"warning: {', '.join(args.data)} holds fewer tokens than one window ({result['tokens']:,} scored): a "
               f"score from so little text says little about the model", file=sys.stderr)
