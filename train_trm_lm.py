@@ -37,7 +37,7 @@ from trm.ema import EMA
 from trm.evaluate import evaluate, unknown_note
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, not_compilable, trainer_parser
 from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
-from trm.metrics import MetricsLog, peak_flops
+from trm.metrics import MetricsLog, peak_flops, resumed_log
 from trm.model import TRM, TRMConfig
 from trm.optim import build_optimizer, clip_and_step, describe as describe_optimizer
 from trm.resume import every_rank_rng, keep_checkpoint_settings, resume_error, restore, rng_state
@@ -215,7 +215,7 @@ metrics = MetricsLog(args.save_dir, f"{config.arch} d_model={config.d_model} n_l
                      f"validation loss ({eval_weights} weights)", args.tensorboard)
 if master:
     try:  # rewritten whole on a resume: a nearly full disk fails here first (the old log stays, AtomicFile)
-        metrics.start(step if ckpt is not None else None)
+        metrics.start(step if ckpt is not None else None, resumed_log(ckpt_path, args.save_dir))
     except OSError as e:
         fail(run_dir.failure(e, metrics.path, step), 1)
 clock = RunClock(ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0,  # --max_minutes counts across resumes

@@ -166,6 +166,19 @@ def test_a_resume_from_a_save_off_a_log_step_logs_the_same_losses(corpus, tmp_pa
     assert logged_losses(straight) == logged_losses(resumed)
 
 
+def test_a_checkpoint_resumed_from_another_folder_brings_its_own_curves(corpus, tmp_path):
+    # the history came from whatever metrics.jsonl the new save dir held (here a run that never saved a checkpoint),
+    # spliced before the resumed steps; it is the resumed checkpoint's own run's
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--max_steps", "12", "--eval_every", "100", "--log_every", "4", "--save_every", "6"]
+    train(corpus, first, *common)
+    second.mkdir()
+    stale = [{"step": s, "kind": "train", "loss": 99.0} for s in (2, 4, 6)]
+    (second / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in stale))
+    train(corpus, second, *common, "--resume", str(first / "step_6.pt"))
+    assert logged_losses(second) == logged_losses(first)
+
+
 @pytest.mark.slow
 def test_grad_accum_is_one_step_on_all_its_micro_batches(corpus, tmp_path):
     # two micro-batches of 2 windows, their losses averaged, make one optimizer step on the same 4 windows as one

@@ -37,6 +37,17 @@ def tensorboard_missing():
         return TENSORBOARD_MISSING
 
 
+def resumed_log(ckpt_path, save_dir):
+    """The log a resume's history comes from when it is not the save dir's: that of the resumed checkpoint's own
+    folder, where the checkpoint lies outside the save dir and its folder has one; else None (the save dir's)."""
+    if ckpt_path is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    log = os.path.join(folder, "metrics.jsonl")
+    inside = os.path.isdir(save_dir) and os.path.samefile(folder, save_dir)
+    return log if not inside and os.path.isfile(log) else None
+
+
 class MetricsLog:
     def __init__(self, save_dir, title, valid_label="validation loss", tensorboard_dir=None):
         self.path = os.path.join(save_dir, "metrics.jsonl")
@@ -46,14 +57,18 @@ class MetricsLog:
         self.history = []
         self.drawn, self.drawn_at = 0, -math.inf  # entries in the last drawing, and when it was drawn
 
-    def start(self, resume_step=None):
+    def start(self, resume_step=None, source=None):
         """A fresh run starts an empty log; a resumed one keeps its history up to the resumed step and drops what came
-        after (a later, abandoned stretch would otherwise be logged twice). Where trm/run_dir.py moved that stretch's
+        after (a later, abandoned stretch would otherwise be logged twice). source: the log that history comes from
+        when it is another folder's (a checkpoint resumed from outside the save dir carries its own run's curves, not
+        whatever log the save dir held). Where trm/run_dir.py moved that stretch's
         checkpoints aside (abandoned_after_step_N/), its whole log goes there with them: what it learned stays
         comparable with the new stretch, and resuming it later has its curves. Only the process that logs calls this
         (rank 0 under DDP), so only it writes TensorBoard events."""
         self.history = []
-        if resume_step is not None and os.path.exists(self.path):
+        if resume_step is not None and source is not None:
+            self.history = [h for h in self.read(source) if h["step"] <= resume_step]
+        elif resume_step is not None and os.path.exists(self.path):
             old = self.read()
             self.history = [h for h in old if h["step"] <= resume_step]
             aside = os.path.join(os.path.dirname(self.path), f"abandoned_after_step_{resume_step}")
@@ -68,11 +83,12 @@ class MetricsLog:
             self.tensorboard = SummaryWriter(self.tensorboard_dir, purge_step=None if resume_step is None else
                                              resume_step + 1)
 
-    def read(self):
-        """The entries on file. A line that does not parse (the trainer died in the middle of appending it) is dropped
-        with a warning rather than making every resume fail."""
+    def read(self, path=None):
+        """The entries on file (this log's, or the log at `path`). A line that does not parse (the trainer died in the
+        middle of appending it) is dropped with a warning rather than making every resume fail."""
+        path = path or self.path
         entries, torn = [], []
-        with open(self.path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -81,7 +97,7 @@ class MetricsLog:
                 except ValueError:
                     torn.append(n)
         if torn:
-            print(f"warning: {self.path}: dropped {len(torn)} unreadable line(s) (line {torn[0]}"
+            print(f"warning: {path}: dropped {len(torn)} unreadable line(s) (line {torn[0]}"
                   f"{', ...' if len(torn) > 1 else ''}), e.g. one cut short by a crash", file=sys.stderr)
         return [e for e in entries if isinstance(e, dict) and "step" in e]
 
