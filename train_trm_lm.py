@@ -433,7 +433,10 @@ try:
             dt = max(clock.session_seconds() - seconds_at_log, 1e-9)  # training time only: evaluations excluded
             tok_s = (tokens_seen - tokens_at_log) / dt
             mfu = flops_at_log / dt / world_size / peak if peak else None
-            eta = clock.eta(args.max_steps - step, dt / max(step - steps_at_log, 1))  # wall seconds, pauses included
+            ahead = depth_schedule.flops_ahead(config, args.random_depth, args.depth_warmup, step, args.max_steps,
+                                               flops_at)  # (inside --depth_warmup the steps ahead cost more)
+            eta = clock.eta(args.max_steps - step, dt / max(step - steps_at_log, 1) if ahead is None else
+                            dt / max(flops_at_log, 1.0) * ahead / max(args.max_steps - step, 1))  # wall seconds
             if args.max_minutes and steps_at_log > start_step:  # (not from the first window: it holds compilation)
                 say_once("budget", budget_warning(step, args.warmup_steps, (step - steps_at_log) / dt,
                                                   clock.budget_left()))

@@ -384,6 +384,18 @@ def test_random_depth_is_reproducible_from_the_seed_and_covers_its_range():
     assert len(grid) == 4 * 6 * 4 and all(d in grid for d in draws)
 
 
+def test_the_steps_ahead_are_priced_at_the_depth_each_will_run():
+    # the ETA: inside --depth_warmup the shallow steps so far priced the full-depth steps ahead as cheap
+    from trm.depth import flops_ahead, for_step
+    config = tiny(deep_steps=3).config
+    price = lambda depth: 10 if depth.get("deep_steps") == 1 else 30  # noqa: E731
+    for warmup, step, max_steps in ((0.5, 10, 100), (0.3, 0, 7), (0.5, 60, 100), (0.25, 99, 100)):
+        scheduled = sum(price(for_step(config, None, warmup, 0, s, s / max_steps)) for s in range(step, max_steps))
+        assert flops_ahead(config, None, warmup, step, max_steps, price) == scheduled
+    assert flops_ahead(config, "all", 0.5, 10, 100, price) is None  # random depths: the steps so far are the mean
+    assert flops_ahead(config, None, 0.0, 10, 100, price) is None
+
+
 def test_depth_schedules_draw_what_they_promise():
     from trm.depth import depth_warmup, random_deep_steps
     cfg = TRMConfig(vocab_size=50, d_model=32, n_heads=2, deep_steps=3)

@@ -5,6 +5,7 @@ supervision_steps) that TRM.forward, TRM.rounds and TRM.flops_per_token take ({}
 Every draw of a schedule depends on (seed, step) alone, so a resumed run draws the same depths as an uninterrupted one.
 """
 import itertools
+import math
 
 import numpy as np
 
@@ -86,6 +87,18 @@ def for_step(config, mode, warmup, seed, step, progress):
     if mode == "deep":
         return random_deep_steps(config, seed, step)
     return trained_depth(config, mode, warmup, progress)
+
+
+def flops_ahead(config, mode, warmup, step, max_steps, flops_at):
+    """The FLOPs of the steps from `step` to max_steps, each at the depth it will run (flops_at(depth): a step's), for
+    the log's ETA; None where the steps so far already price those ahead. Inside --depth_warmup they do not: its
+    shallow steps made the full-depth ones ahead look as cheap (an ETA of a fraction of the wait). Random depths draw
+    every step anew, so the steps so far are their mean."""
+    if not (config.recursive and warmup and mode is None):
+        return None
+    left = max(0, max_steps - step)
+    shallow = min(left, max(0, math.ceil(warmup * max_steps) - step))  # progress = step / max_steps < warmup
+    return shallow * flops_at({"deep_steps": 1}) + (left - shallow) * flops_at({})
 
 
 def trained_depth(config, mode, warmup, progress):
