@@ -59,11 +59,11 @@ class MetricsLog:
 
     def start(self, resume_step=None, source=None):
         """A fresh run starts an empty log; a resumed one keeps its history up to the resumed step and drops what came
-        after (a later, abandoned stretch would otherwise be logged twice). source: the log that history comes from
-        when it is another folder's (a checkpoint resumed from outside the save dir carries its own run's curves, not
-        whatever log the save dir held). Where trm/run_dir.py moved that stretch's
+        after (a later, abandoned stretch would otherwise be logged twice). Where trm/run_dir.py moved that stretch's
         checkpoints aside (abandoned_after_step_N/), its whole log goes there with them: what it learned stays
-        comparable with the new stretch, and resuming it later has its curves. Only the process that logs calls this
+        comparable with the new stretch, and resuming it later has its curves. source: the log the history comes from
+        when it is another folder's (a checkpoint resumed from outside the save dir continues its own run's curves,
+        not whatever log the save dir held). Only the process that logs calls this
         (rank 0 under DDP), so only it writes TensorBoard events."""
         self.history = []
         if resume_step is not None and source is not None:

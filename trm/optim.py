@@ -37,8 +37,8 @@ def adamw(params, args, device):
     decay = [p for p in params if p.dim() >= 2]  # matrices; gains and biases none here, but stay safe
     no_decay = [p for p in params if p.dim() < 2]
     return keep_settings(torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                                {"params": no_decay, "weight_decay": 0.0}],
-                                               lr=args.lr, betas=BETAS, fused=device.type == "cuda"))
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=args.lr, betas=BETAS, fused=device.type == "cuda"))
 
 
 def keep_settings(optimizer):
@@ -69,7 +69,7 @@ def build_optimizer(model, args, device):
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in ids]
     muon = keep_settings(Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
-                                  ns_steps=5))
+                              ns_steps=5))
     return MuonAdamW(muon, adamw(rest, args, device))
 
 
