@@ -165,7 +165,8 @@ def generate_batch(model, prompt_rows, max_new_tokens, *, temperature=0.8, top_k
     # the weights stay fixed while generating: each net call's adapters merged into its weights once, not per step
     # (trm/adapters.py merge_all); held here too, so that a captured graph's weights outlive the model's attribute.
     # The model holds them only while this generator runs, never across a yield: a caller that trains or evaluates
-    # with a generator half-consumed must not run on them (inference tensors, stale after an optimizer step)
+    # with a generator half-consumed must not run on them (inference tensors, stale after an optimizer step). The
+    # generator itself, resumed after such a step, decodes on with the weights it started from (as a captured graph)
     merged = model.merged_adapters = merge_all(model) if model.adapters is not None else None
     try:
         if n - start > L:
