@@ -17,7 +17,7 @@ from trm.whole_step import WholeStep
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def setup(seed=0, device="cpu", optimizer="adamw"):
+def setup(seed=0, device="cpu", optimizer="adamw", ns_dtype=None):
     torch.manual_seed(seed)
     model = TRM(TRMConfig(vocab_size=64, d_model=32, n_heads=2, max_seq_len=16, dropout=0.0)).to(device)
     hidden = {id(p) for p in hidden_matrices(model)} if optimizer == "muon" else set()
@@ -30,7 +30,7 @@ def setup(seed=0, device="cpu", optimizer="adamw"):
     if optimizer == "adamw":
         return model, adamw(rest), EMA(model, 0.99)
     # --optimizer muon: trm.optim.build_optimizer's pair
-    muon = Muon([p for p in model.parameters() if id(p) in hidden], lr=1e-3, weight_decay=0.1)
+    muon = Muon([p for p in model.parameters() if id(p) in hidden], lr=1e-3, weight_decay=0.1, ns_dtype=ns_dtype)
     return model, MuonAdamW(muon, adamw(rest)), EMA(model, 0.99)
 
 
