@@ -88,12 +88,12 @@ def interrupt(proc, at, act):
     return "".join(out)
 
 
-def rank_1(proc):
-    """The pid of rank 1 of a 2-process torchrun: the younger of its two workers."""
+def rank_1(proc, rank=1):
+    """The pid of rank 1 (or 0) of a 2-process torchrun: the younger (older) of its two workers."""
     ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train_trm_lm.py"], capture_output=True,
                            text=True).stdout.split()
     assert len(ranks) == 2, ranks
-    return max(map(int, ranks))
+    return sorted(map(int, ranks))[rank]
 
 
 def test_only_rank_0_writes_checkpoints_metrics_curves_and_run_json(corpus, tmp_path):
@@ -158,11 +158,13 @@ def test_a_locked_save_dir_refuses_every_rank_at_once(corpus, tmp_path):
         live.wait()
 
 
-def test_a_rank_that_dies_ends_the_run_with_one_line_and_a_usable_checkpoint(corpus, tmp_path):
+@pytest.mark.parametrize("rank,port", [(1, 29545), (0, 29575)])
+def test_a_rank_that_dies_ends_the_run_with_one_line_and_a_usable_checkpoint(corpus, tmp_path, rank, port):
+    # rank 1 lost: rank 0 says it; rank 0 lost (the one that saves and speaks): rank 1 says it instead
     save = tmp_path / "ck"
-    proc = torchrun(corpus, save, "--max_steps", "100000", "--eval_every", "5", "--log_every", "1", port=29545,
+    proc = torchrun(corpus, save, "--max_steps", "100000", "--eval_every", "5", "--log_every", "1", port=port,
                     popen=True)
-    text = interrupt(proc, "step     10/", lambda: os.kill(rank_1(proc), signal.SIGKILL))  # past the first checkpoint
+    text = interrupt(proc, "step     10/", lambda: os.kill(rank_1(proc, rank), signal.SIGKILL))  # past a checkpoint
     assert proc.returncode != 0
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--resume auto" in errors[0], text
@@ -170,7 +172,8 @@ def test_a_rank_that_dies_ends_the_run_with_one_line_and_a_usable_checkpoint(cor
     saved = sorted(save.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     assert saved, text
     step = load_checkpoint(saved[-1])["step"]
-    r = torchrun(corpus, save, "--max_steps", str(step + 2), "--eval_every", "100000", "--resume", "auto", port=29546)
+    r = torchrun(corpus, save, "--max_steps", str(step + 2), "--eval_every", "100000", "--resume", "auto",
+                 port=port + 1)
     assert r.returncode == 0 and f"resuming from {saved[-1]}" in r.stdout, r.stdout + r.stderr
 
 

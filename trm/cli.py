@@ -5,10 +5,12 @@ unusable file: fix the command; argparse uses 2 for its own refusals), 1 when th
 3 when training diverged, 130 when Ctrl-C stopped it (the shell's code for SIGINT).
 """
 import argparse
+import datetime
 import math
 import os
 import re
 import sys
+import time
 
 
 def quiet_interrupt():
@@ -104,20 +106,38 @@ def _number(text):
         return float(text)
 
 
-def one_line_when_a_peer_is_lost(master, survivor, advice="the same command plus --resume auto"):
+def one_line_when_a_peer_is_lost(master, survivor, save_dir, advice="the same command plus --resume auto"):
     """Under torchrun: a collective that fails because another process died or quit ends this one with a single line
     from rank 0 (survivor() says which checkpoint is intact) instead of a traceback from every rank. A rank that
-    failed for its own reason (fail()) has already said why."""
+    failed for its own reason (fail()) has already said why. When rank 0 itself is the process lost, one of the others
+    says it: each process counts itself in torchrun's store (its agent holds it, so it outlives rank 0), rank 0 at
+    once, the others after a moment; the first to count speaks."""
     import torch.distributed as dist
     previous = sys.excepthook  # (quiet_interrupt's, for Ctrl-C)
+
+    def first_to_speak():
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=5), wait_for_workers=False)
+            # (a key per torchrun restart: --max_restarts starts the workers again on the same store)
+            return store.add(f"trm_peer_lost_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", 1) == 1
+        except (KeyError, ValueError, RuntimeError):  # no store to ask: rank 0 speaks, the others stay quiet
+            return master
 
     def hook(kind, value, tb):
         if not (isinstance(value, RuntimeError) and ("gloo" in str(value) or "NCCL" in str(value)
                                                      or isinstance(value, dist.DistError))):
             return previous(kind, value, tb)
         if master:
+            first_to_speak()
             print(f"error: another training process stopped (it crashed, was killed or refused to start; its own "
                   f"output says why); {survivor()}. Continue with {advice}.",
                   file=sys.stderr)
+        else:
+            time.sleep(2)  # rank 0, if it lives, meets the same failure and counts first
+            if first_to_speak():
+                print(f"error: the training process of rank 0 stopped (torchrun's report names how); the checkpoints "
+                      f"it saved in {save_dir} are whole, as each is written completely or not at all. Continue with "
+                      f"{advice}.", file=sys.stderr)
 
     sys.excepthook = hook
