@@ -7,6 +7,7 @@
         --qk_norm --zero_init --compile graphs
     python bench/step_profile.py --device cuda --compile graphs --loop_steps 3000 --save_every 500   # the loop
     python bench/step_profile.py --device cuda --compile on --whole_graph          # the whole step as one graph
+    python bench/step_profile.py --device cuda --compile on --whole_graph --overlap_eval   # an evaluation beside it
     python bench/step_profile.py --device cuda --batch_size 64 --dropout 0 --compile on --d_model 384 --n_heads 6 \
         --latent_steps 1 --supervision_steps 1 --grad_deep_steps 0 --tie_embeddings --optimizer muon --qk_norm \
         --zero_init --adapter_rank 4                                                          # the adapters' cost
@@ -20,6 +21,8 @@ log window to the next in a race while the TRM held 1.43M (BENCHMARKS.md, Round 
 --compile as the trainer's: off (default here, as before the flag), on (torch.compile), graphs (with CUDA graphs).
 --loop_steps N then times N steps as the trainer's loop takes them, without and with its background checkpoints: the
 difference from the whole step above is what the loop costs besides the math.
+--overlap_eval (CUDA) times one of the trainer's evaluations (the procedure's 512 windows, 256 a batch) alone, then
+from a second thread on a second stream while the steps go on: what it costs the steps there against its time alone.
 """
 import argparse
 import os
@@ -73,6 +76,8 @@ p.add_argument("--whole_graph", action="store_true",
                help="CUDA, AdamW: the trainer's --compile whole, the whole step (forward, backward, clipping, the "
                     "optimizer, the EMA) as one CUDA graph, timed by its replays: against --compile graphs, which "
                     "captures the forward and backward only (issue 20: the procedure's batch 4)")
+p.add_argument("--overlap_eval", action="store_true",
+               help="CUDA: one evaluation alone, then beside the steps on a second stream: what it costs them")
 args = p.parse_args()
 if args.whole_graph and (args.optimizer != "adamw" or args.compile == "graphs" or args.loop_steps):
     sys.exit("error: --whole_graph takes --optimizer adamw and --compile off or on (the model is compiled inside the "
@@ -83,6 +88,8 @@ if args.threads:
 device, amp, why = pick_device(args.device)
 if args.whole_graph and device.type != "cuda":
     sys.exit("error: --whole_graph captures CUDA graphs: it needs a CUDA device")
+if args.overlap_eval and device.type != "cuda":
+    sys.exit("error: --overlap_eval runs the evaluation on a second CUDA stream: it needs a CUDA device")
 try:  # (a shape the model refuses, e.g. --d_model 100 --n_heads 3: its reason in one line, not a traceback)
     cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
                     max_seq_len=args.max_seq_len, arch=args.arch, supervision_steps=args.supervision_steps,
@@ -181,6 +188,47 @@ print(f"\nwhole step, no sync inside (median of 3 x {args.steps}): {1000 * wall:
 if device.type == "cuda":  # what --compile graphs costs in memory (its static buffers and pool) against on
     print(f"GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated at most, "
           f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved at most")
+
+if args.overlap_eval:
+    # The trainer evaluates between two steps while training waits: 21 of the 218 s of the procedure's 50,000 steps
+    # (BENCHMARKS.md, "The procedure's whole run"). At batch 4 a step fills a small part of the GPU, so an evaluation
+    # on a second stream, launched from a second thread, might run beside the steps for less than its own time.
+    import copy
+    import threading
+
+    from trm.evaluate import evaluate
+    snapshot = copy.deepcopy(raw)  # the trainer would score a copy of the EMA's weights, not weights the steps update
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, cfg.vocab_size, (512, args.max_seq_len + 1), generator=g)
+    token_bytes = torch.randint(1, 4, (cfg.vocab_size,), generator=g)
+    side = torch.cuda.Stream()
+
+    def side_eval(done=None):
+        with torch.cuda.stream(side):
+            evaluate(snapshot, windows, token_bytes, 256, device, amp, head_windows=64)  # (ends synced: .item())
+        if done is not None:
+            done.set()
+
+    side_eval()  # allocations, cuBLAS's choices
+    t = time.perf_counter()
+    side_eval()
+    alone = time.perf_counter() - t
+    done = threading.Event()
+    thread = threading.Thread(target=side_eval, args=(done,))
+    sync()
+    t = time.perf_counter()
+    thread.start()
+    n = 0
+    while not done.is_set():
+        step()
+        n += 1
+    sync()
+    both = time.perf_counter() - t
+    thread.join()
+    cost = both - n * wall  # the steps' time beyond what they take alone
+    print(f"evaluation alone: {1000 * alone:.1f} ms; beside the steps: {n} steps and the evaluation in "
+          f"{1000 * both:.1f} ms against {1000 * n * wall:.1f} ms for the steps alone, so it cost the steps "
+          f"{1000 * cost:.1f} ms ({100 * cost / alone:.0f}% of its time alone)")
 
 if args.loop_steps:
     # The trainer's loop (train_trm_lm.py) does a little more each step than step() above, and saves in the background

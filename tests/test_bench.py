@@ -96,3 +96,14 @@ def test_op_count_counts_each_layers_matmuls_and_the_adapters_merges():
     assert mm["gpt4"] - mm["gpt2"] == 2 * 12
     assert mm["trm_ad2"] - mm["trm"] == 2 * 4 * 3  # 2 layers x 4 matrices x (the merge and its two gradients)
     assert_one_line_error(bench("op_count.py", "--run", "nameless"), "give NAME=FLAGS", code=1)
+
+
+def test_step_profile_times_each_phase_on_the_cpu_and_refuses_what_needs_cuda():
+    tiny = ["--d_model", 32, "--n_heads", 2, "--vocab_size", 64, "--max_seq_len", 32, "--steps", 2]
+    r = bench("step_profile.py", *tiny)
+    assert r.returncode == 0, r.stderr
+    phases = [line.split()[0] for line in r.stdout.splitlines() if line.split() and line.split()[0] in
+              ("forward", "backward", "optimizer", "ema")]
+    assert phases == ["forward", "backward", "optimizer", "ema"] and "whole step, no sync inside" in r.stdout
+    for flag, words in (("--overlap_eval", "second CUDA stream"), ("--whole_graph", "needs a CUDA device")):
+        assert_one_line_error(bench("step_profile.py", *tiny, flag), words, code=1)
