@@ -121,7 +121,7 @@ def one_line_when_a_peer_is_lost(master, survivor, save_dir, advice="the same co
                                   timeout=datetime.timedelta(seconds=5), wait_for_workers=False)
             # (a key per torchrun restart: --max_restarts starts the workers again on the same store)
             return store.add(f"trm_peer_lost_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", 1) == 1
-        except (KeyError, ValueError, RuntimeError):  # no store to ask: rank 0 speaks, the others stay quiet
+        except Exception:  # no store to ask (a hook must not fail in turn): rank 0 speaks, the others stay quiet
             return master
 
     def hook(kind, value, tb):
