@@ -73,7 +73,8 @@ def log(msg):
 
 if ddp:  # a rank that dies ends the run with one line, not a traceback from every other rank
     one_line_when_a_peer_is_lost(master, lambda: run_dir.survivor() if "run_dir" in globals() else
-                                 "no checkpoint of this run was saved yet", args.save_dir, resume_advice(args.overwrite))
+                                 "no checkpoint of this run was saved yet", args.save_dir,
+                                 resume_advice(args.overwrite))
 
 
 log(f"device: {device} ({device_why})" + (f", {world_size} processes" if ddp else ""))
