@@ -88,8 +88,8 @@ def interrupt(proc, at, act):
     return "".join(out)
 
 
-def rank_1(proc, rank=1):
-    """The pid of rank 1 (or 0) of a 2-process torchrun: the younger (older) of its two workers."""
+def rank_pid(proc, rank):
+    """The pid of rank 0 or 1 of a 2-process torchrun: the older or the younger of its two workers."""
     ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train_trm_lm.py"], capture_output=True,
                            text=True).stdout.split()
     assert len(ranks) == 2, ranks
@@ -164,7 +164,7 @@ def test_a_rank_that_dies_ends_the_run_with_one_line_and_a_usable_checkpoint(cor
     save = tmp_path / "ck"
     proc = torchrun(corpus, save, "--max_steps", "100000", "--eval_every", "5", "--log_every", "1", port=port,
                     popen=True)
-    text = interrupt(proc, "step     10/", lambda: os.kill(rank_1(proc, rank), signal.SIGKILL))  # past a checkpoint
+    text = interrupt(proc, "step     10/", lambda: os.kill(rank_pid(proc, rank), signal.SIGKILL))  # past a checkpoint
     assert proc.returncode != 0
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--resume auto" in errors[0], text
@@ -186,7 +186,7 @@ def test_a_signal_saves_every_ranks_step_and_the_run_resumes(corpus, tmp_path, h
     proc = torchrun(corpus, save, "--max_steps", "100000", "--eval_every", "100000", "--log_every", "1", port=29547,
                     popen=True)
     text = interrupt(proc, "step      6/", lambda: os.killpg(proc.pid, signal.SIGINT) if how == "ctrl-c in the terminal"
-                     else os.kill(rank_1(proc), signal.SIGTERM))
+                     else os.kill(rank_pid(proc, 1), signal.SIGTERM))
     assert proc.returncode != 0  # (torchrun's own: it was interrupted)
     stopped = re.search(r"interrupted at step (\d+): saved (\S+); continue with the same command plus --resume auto",
                         text)
