@@ -211,7 +211,8 @@ def test_whole_step_replays_equal_eager_steps_on_cuda(optimizer):
     # --compile whole: three eager warm-up steps, the capture (run by its first replay), then replays, against the
     # loop's own steps; fp32 and uncompiled, so the graph is the only difference. Muon's Newton-Schulz runs in fp32
     # here: in its bf16 (the GPU default) the two sides' fp32 rounding, an ulp apart, can flip the odd bf16 rounding,
-    # a 0.4% step that says nothing of the graph (likely what an H100 showed on 2026-12-05: 19 of 2,048, 1.4e-4 at most)
+    # a 0.4% step that says nothing of the graph (likely what an H100 showed on 2026-12-05: 19 of 2,048, 1.4e-4 at most;
+    # in fp32 both cases passed on an H100 on 2026-12-06)
     from test_whole_step import loop_step, setup
     from trm.whole_step import WARMUP, WholeStep
 

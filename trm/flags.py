@@ -87,7 +87,7 @@ def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable
     """(mode, why): how the step runs for --compile auto|on|off|graphs|whole. mode is "off", "on" (torch.compile),
     "graphs" (its forward and backward as CUDA graphs) or "whole" (compiled without graphs of its own:
     trm/whole_step.py captures the whole step around it). not_compilable: why this run's step cannot be compiled, or
-    None; whole_refused: why auto should not capture it whole (trm/whole_step.py auto_refusal), or None."""
+    None; whole_refused: why auto should not capture it whole (trm/whole_step.py refusal), or None."""
     if requested == "off":
         return "off", "--compile off"
     if not_compilable:

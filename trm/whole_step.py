@@ -36,15 +36,6 @@ def refusal(args, world_size):
     return None
 
 
-def auto_refusal(args, world_size):
-    """Why --compile auto should not choose whole for these flags, or None: refusal()'s reasons, and Muon inside the
-    graph, which --compile whole runs when asked (it trained well on an H100, BENCHMARKS.md) but whose GPU test of
-    replays against eager steps has not passed yet (its first run, with Newton-Schulz in bf16, was off by bf16 ulps;
-    the test now runs it in fp32), so the default stays the forward and backward graphed until it does."""
-    if args.optimizer == "muon":
-        return "Muon inside the whole graph has not yet passed its GPU test"
-    return refusal(args, world_size)
-
 
 def make_capturable(optimizer, device):
     """Turn the trainer's optimizer capturable, its rate one device tensor shared by every group: the fused AdamW
