@@ -109,6 +109,10 @@ if args.compile != "off":  # as the trainer does under --compile: the model, and
     if args.optimizer == "muon":
         opt.muon.compile()
 x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.max_seq_len), device=device)
+# targets a tensor of their own, as the trainer's. With one tensor for both, --whole_graph compiled again inside its
+# capture, which CUDA refused (an H100, 2026-12-06), most likely because the warm-ups compiled for aliased inputs and
+# the capture passes two buffers
+y = torch.roll(x, -1, 1)
 tokens = args.batch_size * args.max_seq_len
 flops = raw.flops_per_token(args.max_seq_len) * tokens
 whole = None  # --whole_graph: the trainer's --compile whole step (trm/whole_step.py), warmed up and captured below
@@ -132,7 +136,7 @@ def step(times=None):
             stamps.append(time.perf_counter())
 
     if whole is not None:  # one replay: its phases cannot be told apart
-        whole.step(x, x, 1e-3, {})
+        whole.step(x, y, 1e-3, {})
         lap()
         if times is not None:
             times.setdefault("replay", []).append(stamps[1] - stamps[0])
@@ -140,7 +144,7 @@ def step(times=None):
     if graphs:
         torch.compiler.cudagraph_mark_step_begin()
     with autocast(device, amp):
-        _, loss = model(x, x)
+        _, loss = model(x, y)
     lap()
     loss.backward()
     lap()

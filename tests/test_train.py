@@ -456,10 +456,12 @@ def test_the_summary_line_adds_up_and_a_costly_evaluation_is_pointed_out(corpus,
     assert trained <= wall
     # where the seconds went: steps 1-3 and the end each evaluate and save
     m = re.search(r"time: ([\d.]+) s training, ([\d.]+) s evaluating \(4 evaluations\), ([\d.]+) s saving \(4 "
-                  r"checkpoints: the loop's stalls and the last write\), ([\d.]+) s other \(start-up, data\)", r.stdout)
+                  r"checkpoints: the loop's stalls and the last write\), ([\d.]+) s other \(start-up, data; "
+                  r"([\d.]+) s before the first step\)", r.stdout)
     assert m, r.stdout
-    seconds = [float(x) for x in m.groups()]
+    *seconds, startup = [float(x) for x in m.groups()]
     assert all(x > 0 for x in seconds) and sum(seconds) <= t + 0.2  # (each rounded to 0.05 s)
+    assert 0 < startup <= seconds[3] + 0.1  # the start-up is part of "other"
     assert abs(seconds[0] / 60 - trained) < 0.06
     assert r.stdout.count("note: an evaluation takes") == 1 and "--eval_tokens (now 4,096)" in r.stdout
     state = load_checkpoint(save / "final_step_4.pt")

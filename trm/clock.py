@@ -76,14 +76,16 @@ class RunClock:
         return (f"{budget} ({steps} in this session: {wall:.1f} min, {trained:.1f} of them training; "
                 f"{self.seconds() / 60:.1f} min of training in all)")
 
-    def summary(self, wall):
+    def summary(self, wall, t_process):
         """Where the session's wall seconds went, in one line: training (its first steps compile), evaluating, saving,
-        and the rest (start-up, reading and tokenizing the corpus)."""
+        and the rest, of which the start-up (imports, the device, reading and tokenizing the corpus, the model: the
+        seconds from t_process, when the process started, to the loop's first step) is named apart."""
         train, evaluating, saving = self.session_seconds(), self.spent["evaluating"], self.spent["saving"]
         n_eval, n_save = self.pauses["evaluating"], self.pauses["saving"]
         return (f"time: {train:.1f} s training, {evaluating:.1f} s evaluating ({n_eval} evaluation{'s' * (n_eval != 1)}"
                 f"), {saving:.1f} s saving ({n_save} checkpoint{'s' * (n_save != 1)}: the loop's stalls and the last "
-                f"write), {wall - train - evaluating - saving:.1f} s other (start-up, data)")
+                f"write), {wall - train - evaluating - saving:.1f} s other (start-up, data; "
+                f"{self.t_start - t_process:.1f} s before the first step)")
 
     def catch_signals(self, log, on_abort=None):
         """Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C aborts at once, calling on_abort
