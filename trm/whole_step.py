@@ -36,7 +36,6 @@ def refusal(args, world_size):
     return None
 
 
-
 def make_capturable(optimizer, device):
     """Turn the trainer's optimizer capturable, its rate one device tensor shared by every group: the fused AdamW
     (capturable, its step counts on the device), and Muon's groups under --optimizer muon. Returns the rate."""
