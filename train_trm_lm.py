@@ -519,7 +519,7 @@ if master:
     else:
         minutes = clock.minutes(time.time() - t_process, step - start_step, ckpt is not None)
         log(f"done: {step} step{'s' * (step != 1)}{minutes}, {tokens_seen:,} tokens; final checkpoint {path}")
-    log(clock.summary(time.time() - t_process, t_process))
+    log(clock.summary(t_process))
     if last_eval and not interrupted:
         log(f"validation ({eval_weights} weights): loss {last_eval['loss']:.4f}, perplexity "
             f"{last_eval['perplexity']:.1f}, {last_eval['bits_per_byte']:.4f} bits/byte" +

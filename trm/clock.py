@@ -76,10 +76,11 @@ class RunClock:
         return (f"{budget} ({steps} in this session: {wall:.1f} min, {trained:.1f} of them training; "
                 f"{self.seconds() / 60:.1f} min of training in all)")
 
-    def summary(self, wall, t_process):
+    def summary(self, t_process):
         """Where the session's wall seconds went, in one line: training (its first steps compile), evaluating, saving,
         and the rest, of which the start-up (imports, the device, reading and tokenizing the corpus, the model: the
         seconds from t_process, when the process started, to the loop's first step) is named apart."""
+        wall = time.time() - t_process
         train, evaluating, saving = self.session_seconds(), self.spent["evaluating"], self.spent["saving"]
         n_eval, n_save = self.pauses["evaluating"], self.pauses["saving"]
         return (f"time: {train:.1f} s training, {evaluating:.1f} s evaluating ({n_eval} evaluation{'s' * (n_eval != 1)}"
