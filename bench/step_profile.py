@@ -8,6 +8,7 @@
     python bench/step_profile.py --device cuda --compile graphs --loop_steps 3000 --save_every 500   # the loop
     python bench/step_profile.py --device cuda --compile on --whole_graph          # the whole step as one graph
     python bench/step_profile.py --device cuda --compile on --whole_graph --overlap_eval   # an evaluation beside it
+    python bench/step_profile.py --device cuda --compile on --whole_graph --background_compile   # its compile beside it
     python bench/step_profile.py --device cuda --batch_size 64 --dropout 0 --compile on --d_model 384 --n_heads 6 \
         --latent_steps 1 --supervision_steps 1 --grad_deep_steps 0 --tie_embeddings --optimizer muon --qk_norm \
         --zero_init --adapter_rank 4                                                          # the adapters' cost
@@ -23,6 +24,11 @@ log window to the next in a race while the TRM held 1.43M (BENCHMARKS.md, Round 
 difference from the whole step above is what the loop costs besides the math.
 --overlap_eval (CUDA) times one of the trainer's evaluations (the procedure's 512 windows, 256 a batch) alone, then
 from a second thread on a second stream while the steps go on: what it costs the steps there against its time alone.
+--background_compile (CUDA, --whole_graph) compiles the trainer's evaluation (trm.evaluate's compiled=True) on a second
+thread while the whole-step graph replays as the trainer's loop takes it (a batch from the loader, pinned, copied), and
+prints what training lost meanwhile, an evaluation's time eager and compiled, and after how many evaluations the
+compile pays back. --switch_interval sets Python's thread switch interval while it compiles (0: Python's own, 5 ms).
+Run it with fresh TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR for a cold compile, again with the same for a warm one.
 """
 import argparse
 import os
@@ -40,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trm.data import PackedLoader  # noqa: E402
 from trm.device import autocast, pick_device  # noqa: E402
 from trm.ema import EMA  # noqa: E402
+from trm.evaluate import evaluate  # noqa: E402
 from trm.metrics import peak_flops  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
 from trm.optim import build_optimizer  # noqa: E402
@@ -78,6 +85,10 @@ p.add_argument("--whole_graph", action="store_true",
                     "captures the forward and backward only (issue 20: the procedure's batch 4)")
 p.add_argument("--overlap_eval", action="store_true",
                help="CUDA: one evaluation alone, then beside the steps on a second stream: what it costs them")
+p.add_argument("--background_compile", action="store_true",
+               help="CUDA, --whole_graph: the compiled evaluation's compile on a thread beside the steps: what it costs")
+p.add_argument("--switch_interval", type=float, default=0.0,
+               help="with --background_compile: Python's thread switch interval in seconds while it compiles")
 args = p.parse_args()
 if args.whole_graph and (args.optimizer != "adamw" or args.compile == "graphs" or args.loop_steps):
     sys.exit("error: --whole_graph takes --optimizer adamw and --compile off or on (the model is compiled inside the "
@@ -90,6 +101,10 @@ if args.whole_graph and device.type != "cuda":
     sys.exit("error: --whole_graph captures CUDA graphs: it needs a CUDA device")
 if args.overlap_eval and device.type != "cuda":
     sys.exit("error: --overlap_eval runs the evaluation on a second CUDA stream: it needs a CUDA device")
+if args.background_compile and not args.whole_graph:
+    sys.exit("error: --background_compile compiles beside the replays of --whole_graph: add it (and a CUDA device)")
+if args.switch_interval < 0:
+    sys.exit("error: --switch_interval is a number of seconds > 0 (or 0 for Python's own)")
 try:  # (a shape the model refuses, e.g. --d_model 100 --n_heads 3: its reason in one line, not a traceback)
     cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
                     max_seq_len=args.max_seq_len, arch=args.arch, supervision_steps=args.supervision_steps,
@@ -200,7 +215,6 @@ if args.overlap_eval:
     import copy
     import threading
 
-    from trm.evaluate import evaluate
     snapshot = copy.deepcopy(raw)  # the trainer would score a copy of the EMA's weights, not weights the steps update
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(0, cfg.vocab_size, (512, args.max_seq_len + 1), generator=g)
@@ -238,6 +252,84 @@ if args.overlap_eval:
         print(f"evaluation alone: {1000 * alone:.1f} ms; beside the steps ({what}): {n} steps and the evaluation in "
               f"{1000 * both:.1f} ms against {1000 * n * wall:.1f} ms for the steps alone, so it cost the steps "
               f"{1000 * cost:.1f} ms ({100 * cost / alone:.0f}% of its time alone)")
+
+if args.background_compile:
+    # The compiled evaluation is 2.8x faster a call than the eager one the trainer runs (70 against 195 ms on an H100),
+    # but its cold compile (20 s) is more than that saves over the procedure's 100 evaluations (BENCHMARKS.md). On a
+    # thread of its own while the graph replays, the compile would cost training only what it takes from the loop: the
+    # interpreter's lock (the loop's Python waits up to a switch interval for it), the CPU, and the first call's run on
+    # the GPU. Measured here before the trainer does it.
+    import copy
+    import threading
+
+    snapshot = copy.deepcopy(raw).eval()  # the EMA's model in the trainer
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, cfg.vocab_size, (512, args.max_seq_len + 1), generator=g)
+    token_bytes = torch.randint(1, 4, (cfg.vocab_size,), generator=g)
+    loader = PackedLoader(np.random.default_rng(0).integers(0, cfg.vocab_size, 4_000_000, dtype=np.uint16),
+                          args.max_seq_len, args.batch_size)
+
+    def loop_step():  # the trainer's host work a step under --compile whole: the batch, pinned and copied; a replay
+        xb, yb = loader.next_batch()
+        whole.step(xb.pin_memory().to(device, non_blocking=True), yb.pin_memory().to(device, non_blocking=True),
+                   1e-3, {})
+
+    def loop_seconds(n):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loop_step()
+        sync()
+        return (time.perf_counter() - t0) / n
+
+    loop_seconds(100)  # the loader's first batches, pinned memory
+    per_step = statistics.median(loop_seconds(1000) for _ in range(3))
+    compiled = {}
+
+    def compile_eval():  # one batch: the first call compiles for the trainer's 256 windows a batch
+        t0 = time.perf_counter()
+        with torch.cuda.stream(torch.cuda.Stream()):
+            evaluate(snapshot, windows[:256], token_bytes, 256, device, amp, head_windows=64, compiled=True)
+        compiled["seconds"] = time.perf_counter() - t0
+
+    python_interval = sys.getswitchinterval()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    thread = threading.Thread(target=compile_eval)
+    sync()
+    t0 = time.perf_counter()
+    thread.start()
+    n = 0
+    while thread.is_alive():
+        loop_step()
+        n += 1
+    sync()
+    beside = time.perf_counter() - t0
+    thread.join()
+    sys.setswitchinterval(python_interval)
+    if "seconds" not in compiled:
+        sys.exit("error: the compile on the second thread failed (its traceback is above)")
+    lost = beside - n * per_step
+
+    def eval_seconds(**kw):  # the best of 3, after one to warm up (each ends synced: it reads its sums)
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            evaluate(snapshot, windows, token_bytes, 256, device, amp, head_windows=64, **kw)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    eager, fused = eval_seconds(), eval_seconds(compiled=True)
+    saved = eager - fused
+    print(f"\nthe trainer's loop alone: {1000 * per_step:.2f} ms a step, {tokens / per_step:,.0f} tokens/s")
+    print(f"the evaluation's compile on a second thread (switch interval "
+          f"{1000 * (args.switch_interval or python_interval):g} ms): "
+          f"{compiled['seconds']:.1f} s, beside {n:,} steps at {tokens * n / beside:,.0f} tokens/s: training lost "
+          f"{lost:.1f} s ({100 * lost / beside:.0f}% of that time)")
+    print(f"an evaluation (512 windows, 256 a batch): eager {1000 * eager:.1f} ms, compiled {1000 * fused:.1f} ms, "
+          f"{1000 * saved:.1f} ms saved each: " + (f"the compile beside training pays back after "
+                                                    f"{max(lost, 0) / saved:.0f} evaluations" if saved > 0 else
+                                                    "the compiled one is not faster"))
 
 if args.loop_steps:
     # The trainer's loop (train_trm_lm.py) does a little more each step than step() above, and saves in the background

@@ -105,5 +105,8 @@ def test_step_profile_times_each_phase_on_the_cpu_and_refuses_what_needs_cuda():
     phases = [line.split()[0] for line in r.stdout.splitlines() if line.split() and line.split()[0] in
               ("forward", "backward", "optimizer", "ema")]
     assert phases == ["forward", "backward", "optimizer", "ema"] and "whole step, no sync inside" in r.stdout
-    for flag, words in (("--overlap_eval", "second CUDA stream"), ("--whole_graph", "needs a CUDA device")):
-        assert_one_line_error(bench("step_profile.py", *tiny, flag), words, code=1)
+    for flags, words in ((["--overlap_eval"], "second CUDA stream"), (["--whole_graph"], "needs a CUDA device"),
+                         (["--background_compile"], "beside the replays of --whole_graph"),
+                         (["--background_compile", "--whole_graph"], "needs a CUDA device"),
+                         (["--switch_interval", -1], "number of seconds")):
+        assert_one_line_error(bench("step_profile.py", *tiny, *flags), words, code=1)
