@@ -4,6 +4,7 @@
     python bench/eval_speed.py --device cuda --batch_sizes 16 64 128 256 512
     python bench/eval_speed.py --device cuda --batch_sizes 64 128 256 512 --head_windows 64   # the head in chunks
     python bench/eval_speed.py --device cuda --batch_sizes 256 --head_windows 64 --compiled   # the trainer's call
+    python bench/eval_speed.py --device cuda --batch_sizes 256 --head_windows 64 --compiled_blocks   # regional
 
 The procedure's run spends most of its overhead evaluating (BENCHMARKS.md, "The procedure's run under `--compile
 whole`"): 512 windows of 512 tokens every 500 steps, scored by trm.evaluate.evaluate at 256 windows a batch on CUDA
@@ -15,7 +16,10 @@ launching kernels bounds it (larger batches through the recursion would help), a
 16k head and its loss). --head_windows N runs the head and its loss N windows at a time, as evaluate() can, so that a
 large batch keeps a small batch's logits (2 GB in float32 for 64 windows of 512 at 16k). --compiled times
 evaluate(compiled=True), one torch.compile graph a batch, as the trainer calls it where its step is compiled (the
-untimed first call compiles); without it, the eager call of the same arguments.
+untimed first call compiles); without it, the eager call of the same arguments. --compiled_blocks times the eager
+call with each transformer block compiled in place first (trm.evaluate.compile_blocks: one block's compile, not the
+whole recursion's), its compile in the first call's time. For a cold compile, give each run fresh
+TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR.
 """
 import argparse
 import os
@@ -27,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trm.device import pick_device  # noqa: E402
-from trm.evaluate import evaluate  # noqa: E402
+from trm.evaluate import compile_blocks, evaluate  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -40,8 +44,12 @@ p.add_argument("--n_heads", type=int, default=4)
 p.add_argument("--batch_sizes", type=int, nargs="+", default=[16, 64])
 p.add_argument("--head_windows", type=int, default=None, help="windows per pass of the head (default: the batch)")
 p.add_argument("--compiled", action="store_true", help="evaluate(compiled=True), as the trainer on a GPU")
+p.add_argument("--compiled_blocks", action="store_true",
+               help="each transformer block compiled in place (trm.evaluate.compile_blocks), the rest eager")
 p.add_argument("--reps", type=int, default=5)
 args = p.parse_args()
+if args.compiled and args.compiled_blocks:
+    sys.exit("error: --compiled and --compiled_blocks are two ways to compile the evaluation: pick one")
 
 device, amp, why = pick_device(args.device)
 print(f"device: {device} ({why})")
@@ -51,6 +59,8 @@ try:
 except ValueError as e:  # (a shape the model refuses: one line, not a traceback)
     sys.exit(f"error: {e}")
 model = TRM(cfg).to(device)
+if args.compiled_blocks:
+    compile_blocks(model)  # (lazily: the first call compiles)
 g = torch.Generator().manual_seed(0)
 windows = torch.randint(0, cfg.vocab_size, (args.windows, args.max_seq_len + 1), generator=g)
 token_bytes = torch.randint(1, 4, (cfg.vocab_size,), generator=g)
@@ -65,10 +75,11 @@ def one_eval(batch_size):
     return time.perf_counter() - t
 
 
-if args.compiled:  # a graph per batch size and per shape of a short last batch; past dynamo's limit, silently eager
-    import torch._dynamo
+if args.compiled or args.compiled_blocks:  # a graph per batch size and per shape of a short last batch; past
+    import torch._dynamo  # dynamo's limit, silently eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(args.batch_sizes))
-print(f"\nthe head over {args.head_windows or 'all the'} windows at a time, {'compiled' if args.compiled else 'eager'}")
+how = "compiled" if args.compiled else "eager, its blocks compiled" if args.compiled_blocks else "eager"
+print(f"\nthe head over {args.head_windows or 'all the'} windows at a time, {how}")
 print("\n| windows a batch | first call s | ms an evaluation (min-max) | tokens/s | kernels | busy ms | idle |")
 print("|---|---|---|---|---|---|---|")
 for batch_size in args.batch_sizes:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import assert_one_line_error, japanese_lines, make_checkpoint
 from trm.data import document_ids, eval_windows
-from trm.evaluate import evaluate, unknown_note
+from trm.evaluate import compile_blocks, evaluate, unknown_note
 from trm.model import TRM, TRMConfig
 from trm.tokenizer import Tokenizer
 
@@ -304,6 +304,47 @@ def test_compiled_evaluation_scores_weights_updated_in_place(graphs_compiled):
     # the raw model, another object through the same compiled function: its own weights, not the EMA's
     raw_scores = [evaluate(raw, windows, token_bytes, batch_size=4, compiled=c)["loss"] for c in (False, True)]
     assert math.isclose(raw_scores[1], raw_scores[0], rel_tol=1e-5) and abs(raw_scores[1] - after[True]["loss"]) > 0.01
+
+
+# ---- compile_blocks: each block compiled in place, the rest of the evaluation eager (issue 20) -----------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["trm", "gpt"])
+def test_compiled_blocks_give_the_eager_scores_with_one_graph_per_batch_shape(arch, graphs_compiled):
+    # the TRM with a prelude and a coda: 4 blocks, 12 block calls a round; however many, one graph a batch shape
+    torch.manual_seed(0)
+    shape = dict(n_layers=2, deep_steps=2, prelude_layers=1, coda_layers=1) if arch == "trm" else dict(n_layers=3)
+    model = TRM(tiny_config(arch=arch, **shape))
+    windows, token_bytes = random_windows(7)  # two batches of 4 windows, the second short: a shape of its own
+    eager = evaluate(model, windows, token_bytes, batch_size=4, head_windows=3)
+    names = list(model.state_dict())
+    compiled = evaluate(compile_blocks(model), windows, token_bytes, batch_size=4, head_windows=3)
+    assert compiled["tokens"] == eager["tokens"] == 7 * 16 and compiled["bytes"] == eager["bytes"]
+    for key in ("loss", "bits_per_byte", "perplexity"):
+        assert math.isclose(compiled[key], eager[key], rel_tol=1e-5), (key, compiled, eager)
+    assert graphs_compiled() == 2  # compiled (not silently eager), and shared by every block and call
+    assert list(model.state_dict()) == names  # a checkpoint of the model keeps its names
+
+
+@pytest.mark.slow
+def test_compiled_blocks_score_weights_updated_in_place(graphs_compiled):
+    # the trainer's EMA moves its weights in place between evaluations: the compiled blocks read them at each call
+    from trm.ema import EMA
+    torch.manual_seed(0)
+    raw = TRM(tiny_config(n_layers=2))
+    ema = EMA(raw, 0.9)
+    compile_blocks(ema.model)
+    windows, token_bytes = random_windows(8)  # two full batches of 4: one graph
+    first = evaluate(ema.model, windows, token_bytes, batch_size=4)["loss"]
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.add_(torch.randn_like(p))
+    ema.lerp(raw, 0.5)
+    after = evaluate(ema.model, windows, token_bytes, batch_size=4)["loss"]
+    assert graphs_compiled() == 1  # no graph rebuilt for new values
+    reference = TRM(tiny_config(n_layers=2))  # eager, with the EMA's weights as they are now
+    reference.load_state_dict(ema.model.state_dict())
+    assert abs(after - first) > 0.01 and math.isclose(
+        after, evaluate(reference, windows, token_bytes, batch_size=4)["loss"], rel_tol=1e-5)
 
 
 def test_a_model_with_a_halting_head_is_scored_eagerly_when_compiled_is_asked(graphs_compiled):

@@ -44,7 +44,7 @@ def test_compiled_matches_eager_in_bf16(arch):
 def test_compiled_evaluation_equals_eager_in_bf16():
     # the trainer's validation on CUDA (evaluate(compiled=True), issue 20): bf16 rounds the fused kernels and the eager
     # ones differently, so the losses agree to bf16's rounding, not bit for bit; the tokens and bytes exactly
-    from trm.evaluate import evaluate
+    from trm.evaluate import compile_blocks, evaluate
     torch.manual_seed(0)
     model = TRM(tiny(vocab_size=2048, d_model=256, max_seq_len=128)).cuda()  # the seed's width and depth
     with torch.no_grad():  # confident logits: a loss far from ln(vocab), which a wrong round or chunk would move
@@ -61,6 +61,11 @@ def test_compiled_evaluation_equals_eager_in_bf16():
     assert abs(compiled["loss"] - eager["loss"]) < 1e-2 * eager["loss"], (compiled, eager)
     # and no further from fp32 than eager bf16 is (a dropped cast or a wrong fusion would be far further)
     assert abs(compiled["loss"] - fp32["loss"]) <= 2 * abs(eager["loss"] - fp32["loss"]) + 1e-3 * fp32["loss"]
+    # the regional way (trm.evaluate.compile_blocks): the blocks fused, the rest eager, to the same bounds
+    blocks = evaluate(compile_blocks(model), *args[1:], torch.bfloat16, head_windows=8)
+    assert blocks["tokens"] == eager["tokens"] and blocks["bytes"] == eager["bytes"]
+    assert abs(blocks["loss"] - eager["loss"]) < 1e-2 * eager["loss"], (blocks, eager)
+    assert abs(blocks["loss"] - fp32["loss"]) <= 2 * abs(eager["loss"] - fp32["loss"]) + 1e-3 * fp32["loss"]
 
 
 def test_kv_cache_equals_full_forward_on_cuda():

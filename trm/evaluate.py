@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from trm.cli import PathList, quiet_interrupt
 from trm.device import autocast
+from trm.model import Block
 
 
 @torch.no_grad()
@@ -127,6 +128,18 @@ def compiled_score_batch():
     the EMA's, updated in place between evaluations, are scored as they are now (tested). No CUDA graphs: at the
     trainer's 256 windows a batch the kernels bound it, not their launches."""
     return torch.compile(score_batch, dynamic=False)
+
+
+def compile_blocks(model):
+    """Compile each transformer block of the model in place (nn.Module.compile: the state dict, its names and
+    everything else stay as they are), so that evaluate() runs fused blocks with the rest eager: a regional
+    compile. The blocks' weights are inputs of the graph, so every block of one shape, in every net call of the
+    recursion, runs one graph per batch shape (tested): its compile is that of one block, where compiled=True's is
+    that of the whole unrolled recursion (20 s on an H100 for the seed, BENCHMARKS.md). Returns the model."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile(dynamic=False)
+    return model
 
 
 def main(argv=None):
