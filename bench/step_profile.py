@@ -191,11 +191,12 @@ for k, v in med.items():
 print(f"{'step':<10} {1000 * total:>9.1f}  -> {tokens / total:,.0f} tokens/s, {flops / total / 1e9:.1f} GFLOP/s")
 
 
-def whole_steps(n):
+def whole_steps(n, one_step=step):
+    """Seconds a step over n of them, synced only at both ends, as the trainer's loop runs."""
     sync()
     t0 = time.perf_counter()
     for _ in range(n):
-        step()
+        one_step()
     sync()
     return (time.perf_counter() - t0) / n
 
@@ -274,16 +275,8 @@ if args.background_compile:
         whole.step(xb.pin_memory().to(device, non_blocking=True), yb.pin_memory().to(device, non_blocking=True),
                    1e-3, {})
 
-    def loop_seconds(n):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            loop_step()
-        sync()
-        return (time.perf_counter() - t0) / n
-
-    loop_seconds(100)  # the loader's first batches, pinned memory
-    per_step = statistics.median(loop_seconds(1000) for _ in range(3))
+    whole_steps(100, loop_step)  # the loader's first batches, pinned memory
+    per_step = statistics.median(whole_steps(1000, loop_step) for _ in range(3))
     compiled = {}
 
     def compile_eval():  # one batch: the first call compiles for the trainer's 256 windows a batch
