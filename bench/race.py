@@ -11,7 +11,7 @@ checkpoint (EMA weights) is scored by trm.evaluate on --eval_tokens of validatio
 tokens scored) at its trained depth and at 0.5x and 2x its supervision rounds (deep steps for 1-round models). The
 table also shows the best validation along the run (the trainer's own evaluations), since at 30+ epochs a model can be
 past its best when the clock stops; best.pt, the checkpoint of the best evaluation, is scored on the same tokens as the
-final one. "GPU busy" is the median of nvidia-smi's utilization while a run's trainer ran (its start-up and evaluations
+final one (its score reused when it holds the final weights). "GPU busy" is the median of nvidia-smi's utilization while a run's trainer ran (its start-up and evaluations
 included, a small share): well under 100% means the GPU waited for the host, and that run's tokens/s says more about
 the machine than about the model. A run that fails, or that race.py itself fails on, keeps its row, saying why.
 
@@ -39,6 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from trm import depth as depth_schedule  # noqa: E402
+from trm.checkpoint import same_weights  # noqa: E402
 from trm.corpus import SUFFIXES, train_shards  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
 from trm.tokenizer import Tokenizer  # noqa: E402
@@ -291,10 +292,13 @@ def race(name, flags, gpu):
     trained = score(name, ckpt, env)
     row.update(params=trained.get("params"), bpb=trained.get("bits_per_byte"), error=trained.get("error"),
                scored_tokens=trained.get("tokens"))  # at most --eval_tokens: a validation file may hold fewer
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     best_ckpt = os.path.join(save_dir, "best.pt")  # the trainer keeps the checkpoint of its best evaluation
     if os.path.exists(best_ckpt):
-        row["bpb_best"] = score(name, best_ckpt, env).get("bits_per_byte")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        # a run whose last evaluation was its best (most runs of a few minutes) ends with best.pt holding the final
+        # weights: scored once, not twice (each scoring is a process, ~10 s of the GPU's time between two runs)
+        row["best_is_final"] = same_weights(torch.load(best_ckpt, map_location="cpu", weights_only=True), state)
+        row["bpb_best"] = row["bpb"] if row["best_is_final"] else score(name, best_ckpt, env).get("bits_per_byte")
     cfg = state["config"]
     row["tokenizer"] = Tokenizer.from_state(state["tokenizer"]).fingerprint()  # which draw of ja_trm.model it used
     model, depths = TRM(TRMConfig(**cfg)), depth_schedule.grid(TRMConfig(**cfg), state["args"].get("random_depth"))

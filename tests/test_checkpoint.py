@@ -11,7 +11,7 @@ import torch
 
 from trm import atomic, checkpoint
 from trm.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, load_model, prune_checkpoints,
-                            save_checkpoint)
+                            same_weights, save_checkpoint)
 
 
 def state(step=0):
@@ -291,6 +291,22 @@ def test_load_model_without_ema_says_it_uses_the_raw_weights(tmp_path, tiny_chec
     load_model(tiny_checkpoint)  # a checkpoint with an EMA: nothing to say
     load_model(str(path), weights="raw")  # the raw weights asked for: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_same_weights_tells_a_checkpoint_from_one_differing_in_one_weight_or_its_ema(tiny_checkpoint):
+    # bench/race.py scores best.pt once when it holds the final checkpoint's weights: a false "same" would report
+    # the final score as best.pt's
+    state = load_checkpoint(tiny_checkpoint)
+    assert same_weights(state, load_checkpoint(tiny_checkpoint))
+    for part in ("model", "ema"):
+        other = load_checkpoint(tiny_checkpoint)
+        weights = other["model"] if part == "model" else other["ema"]["model"]
+        name = sorted(weights)[-1]
+        weights[name] = weights[name].clone()
+        weights[name].view(-1)[0] += 1e-3
+        assert not same_weights(state, other) and not same_weights(other, state), part
+    assert not same_weights(state, {**state, "ema": None}) and same_weights({**state, "ema": None},
+                                                                             {**state, "ema": None})
 
 
 # ---- listing and pruning ------------------------------------------------------------------------------------------

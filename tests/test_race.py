@@ -187,3 +187,11 @@ def test_a_race_on_cpu_scores_every_run_and_names_the_tokenizer(corpus, tiny_sp_
     assert len(scored) == 1 and 0 < min(scored) < 2000
     assert f"({min(scored):,} tokens scored, --eval_tokens 2,000; EMA)" in r.stdout
     assert (out / "race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # best.pt's score is its own, whether race.py scored it or reused the final one's (the same weights)
+    for name, row in rows.items():
+        own = subprocess.run([sys.executable, "-m", "trm.evaluate", "--model_path", str(out / name / "best.pt"),
+                              "--data", corpus["validation_0"], "--eval_tokens", "2000", "--device", "cpu"],
+                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert own.returncode == 0, own.stderr
+        assert row["bpb_best"] == json.loads(own.stdout.splitlines()[-1])["bits_per_byte"], (name, row)
+        assert isinstance(row["best_is_final"], bool) and row["best_is_final"] == (row["bpb_best"] == row["bpb"])

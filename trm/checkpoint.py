@@ -216,6 +216,15 @@ def checkpoint_of(save_dir):
     return best if os.path.isfile(best) else next(iter(list_checkpoints(save_dir)), None)
 
 
+def same_weights(a, b):
+    """Whether two loaded checkpoints hold the same weights, and the same EMA weights (or neither keeps an EMA): best.pt
+    and the final checkpoint of a run whose last evaluation was its best."""
+    if (a.get("ema") is None) != (b.get("ema") is None):
+        return False
+    pairs = [(a["model"], b["model"])] + ([(a["ema"]["model"], b["ema"]["model"])] if a.get("ema") else [])
+    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in pairs)
+
+
 def prune_checkpoints(save_dir, keep_last, keep=()):
     """Delete all but the newest `keep_last` step_N.pt files (0 = keep all), never those in `keep` (e.g. the one just
     written, which is not the highest step after resuming from an earlier one) nor a final checkpoint. Returns the
