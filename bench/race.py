@@ -8,12 +8,13 @@ Every run is train_trm_lm.py with the shared flags (--batch_size 64 --weight_dec
 included; evaluation and saving do not count. Every distinct graph is compiled once before the race (untimed), so each
 run finds the inductor cache warm and none pays a cold compile that another does not. When a run ends, its final
 checkpoint (EMA weights) is scored by trm.evaluate on --eval_tokens of validation_0 (at most: the header names the
-tokens scored) at its trained depth and at 0.5x and 2x its supervision rounds (deep steps for 1-round models). The
-table also shows the best validation along the run (the trainer's own evaluations), since at 30+ epochs a model can be
-past its best when the clock stops; best.pt, the checkpoint of the best evaluation, is scored on the same tokens as the
-final one (its score reused when it holds the final weights). "GPU busy" is the median of nvidia-smi's utilization while a run's trainer ran (its start-up and evaluations
-included, a small share): well under 100% means the GPU waited for the host, and that run's tokens/s says more about
-the machine than about the model. A run that fails, or that race.py itself fails on, keeps its row, saying why.
+tokens scored) at its trained depth and at 0.5x and 2x its supervision rounds (deep steps for 1-round models). The table
+also shows the best validation along the run (the trainer's own evaluations), since at 30+ epochs a model can be past
+its best when the clock stops; best.pt, the checkpoint of the best evaluation, is scored on the same tokens as the final
+one (its score reused when it holds the final weights). "GPU busy" is the median of nvidia-smi's utilization while a
+run's trainer ran (its start-up and evaluations included, a small share): well under 100% means the GPU waited for the
+host, and that run's tokens/s says more about the machine than about the model. A run that fails, or that race.py itself
+fails on, keeps its row, saying why.
 
 Prints a markdown table and the tokenizer's fingerprint (rows compare exactly only on one tokenizer: two trainings of
 ja_trm.model on several threads differ), and writes race.json, every run's log and race.png under --out: validation
