@@ -310,7 +310,7 @@ def test_compiled_evaluation_scores_weights_updated_in_place(graphs_compiled):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["trm", "gpt"])
 def test_compiled_blocks_give_the_eager_scores_with_one_graph_per_batch_shape(arch, graphs_compiled):
-    # the TRM with a prelude and a coda: 4 blocks, 12 block calls a round; however many, one graph a batch shape
+    # the TRM with a prelude and a coda: 4 blocks, 19 block calls a batch; however many, one graph a batch shape
     torch.manual_seed(0)
     shape = dict(n_layers=2, deep_steps=2, prelude_layers=1, coda_layers=1) if arch == "trm" else dict(n_layers=3)
     model = TRM(tiny_config(arch=arch, **shape))
