@@ -209,17 +209,21 @@ if device.type == "cuda":  # what --compile graphs costs in memory (its static b
     print(f"GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated at most, "
           f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved at most")
 
+if args.overlap_eval or args.background_compile:
+    # one of the trainer's evaluations (the procedure's 512 windows) of a copy of the weights, as the trainer scores the
+    # EMA's model, not weights the steps update
+    import copy
+    import threading
+
+    snapshot = copy.deepcopy(raw).eval()
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, cfg.vocab_size, (512, args.max_seq_len + 1), generator=g)
+    token_bytes = torch.randint(1, 4, (cfg.vocab_size,), generator=g)
+
 if args.overlap_eval:
     # The trainer evaluates between two steps while training waits: 21 of the 218 s of the procedure's 50,000 steps
     # (BENCHMARKS.md, "The procedure's whole run"). At batch 4 a step fills a small part of the GPU, so an evaluation
     # on a second stream, launched from a second thread, might run beside the steps for less than its own time.
-    import copy
-    import threading
-
-    snapshot = copy.deepcopy(raw)  # the trainer would score a copy of the EMA's weights, not weights the steps update
-    g = torch.Generator().manual_seed(0)
-    windows = torch.randint(0, cfg.vocab_size, (512, args.max_seq_len + 1), generator=g)
-    token_bytes = torch.randint(1, 4, (cfg.vocab_size,), generator=g)
     side = torch.cuda.Stream()
 
     def side_eval(done=None):
@@ -260,13 +264,6 @@ if args.background_compile:
     # thread of its own while the graph replays, the compile would cost training only what it takes from the loop: the
     # interpreter's lock (the loop's Python waits up to a switch interval for it), the CPU, and the first call's run on
     # the GPU. Measured here before the trainer does it.
-    import copy
-    import threading
-
-    snapshot = copy.deepcopy(raw).eval()  # the EMA's model in the trainer
-    g = torch.Generator().manual_seed(0)
-    windows = torch.randint(0, cfg.vocab_size, (512, args.max_seq_len + 1), generator=g)
-    token_bytes = torch.randint(1, 4, (cfg.vocab_size,), generator=g)
     loader = PackedLoader(np.random.default_rng(0).integers(0, cfg.vocab_size, 4_000_000, dtype=np.uint16),
                           args.max_seq_len, args.batch_size)
 
