@@ -128,14 +128,15 @@ def test_a_cpu_checkpoint_resumed_on_cuda_runs_the_fused_adamw(optimizer):
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch >= 2.9")
-def test_batched_muon_steps_as_torch_muon_and_reads_its_state():
+@pytest.mark.parametrize("ns_steps", [5, 2])
+def test_batched_muon_steps_as_torch_muon_and_reads_its_state(ns_steps):
     # trm/muon.py is torch.optim.Muon(adjust_lr_fn="match_rms_adamw") with the matrices of one shape stacked: the
     # same weights after several steps (up to bf16 rounding in another kernel order), the same state layout
     torch.manual_seed(0)
     shapes = [(24, 16), (16, 24), (24, 16), (16, 16), (40, 16), (24, 16)]  # tall, wide, square; repeated shapes
     ours = [torch.nn.Parameter(torch.randn(s) / 4) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5)
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=ns_steps)
     a = Muon(ours, **kw, ns_dtype=torch.bfloat16)  # torch's precision (on a CPU ours would iterate in fp32)
     b = torch.optim.Muon(theirs, adjust_lr_fn="match_rms_adamw", **kw)
     for step in range(4):
@@ -150,6 +151,20 @@ def test_batched_muon_steps_as_torch_muon_and_reads_its_state():
             a.load_state_dict(copy.deepcopy(b.state_dict()))
     with pytest.raises(ValueError, match="matrices only"):
         Muon([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+
+
+def test_muon_ns_steps_reaches_every_orthogonalization(monkeypatch):
+    # --muon_ns_steps (a cheaper Muon at small batches): the trainer's optimizer iterates that many times, no more
+    import trm.muon
+    seen = []
+    real = trm.muon.orthogonalize
+    monkeypatch.setattr(trm.muon, "orthogonalize", lambda G, steps, *a: seen.append(steps) or real(G, steps, *a))
+    model = tiny_model(arch="gpt", n_layers=2)
+    opt = build_optimizer(model, flags(*MUON, "--muon_ns_steps", "2"), torch.device("cpu"))
+    model(torch.randint(0, 300, (2, 16)))[0].float().pow(2).mean().backward()
+    opt.step()
+    assert seen and set(seen) == {2}
+    assert flags(*MUON).muon_ns_steps == 5  # the default: Muon as before the flag
 
 
 def test_one_padded_stack_steps_as_one_stack_per_shape(monkeypatch):

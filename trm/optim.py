@@ -69,7 +69,7 @@ def build_optimizer(model, args, device):
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in ids]
     muon = keep_settings(Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
-                              ns_steps=5))
+                              ns_steps=args.muon_ns_steps))
     return MuonAdamW(muon, adamw(rest, args, device))
 
 
