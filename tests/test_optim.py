@@ -165,6 +165,10 @@ def test_muon_ns_steps_reaches_every_orthogonalization(monkeypatch):
     opt.step()
     assert seen and set(seen) == {2}
     assert flags(*MUON).muon_ns_steps == 5  # the default: Muon as before the flag
+    # a resume takes the command line's count, not the checkpoint's (torch's load_state_dict would take the saved one)
+    resumed = build_optimizer(model, flags(*MUON, "--muon_ns_steps", "3"), torch.device("cpu"))
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.muon.param_groups[0]["ns_steps"] == 3
 
 
 def test_one_padded_stack_steps_as_one_stack_per_shape(monkeypatch):

@@ -44,11 +44,11 @@ def adamw(params, args, device):
 def keep_settings(optimizer):
     """The optimizer, its groups keeping the settings this command built them with when a checkpoint's state is
     loaded. torch's load_state_dict takes every setting of the saved groups: a resume with another --weight_decay
-    trained on at the old one (while its checkpoints' args recorded the new one), and a CPU checkpoint resumed on CUDA
-    ran AdamW unfused (its step counters left on the host). The saved groups are corrected before torch reads them,
-    so the state is also placed for the kernel this machine runs. --lr is the command line's as well (the schedule
-    sets it every step)."""
-    built = [{k: group[k] for k in ("weight_decay", "fused", "foreach", "capturable") if k in group}
+    trained on at the old one (while its checkpoints' args recorded the new one; --muon_ns_steps alike), and a CPU
+    checkpoint resumed on CUDA ran AdamW unfused (its step counters left on the host). The saved groups are corrected
+    before torch reads them, so the state is also placed for the kernel this machine runs. --lr is the command line's
+    as well (the schedule sets it every step)."""
+    built = [{k: group[k] for k in ("weight_decay", "fused", "foreach", "capturable", "ns_steps") if k in group}
              for group in optimizer.param_groups]
 
     def correct(opt, state_dict):
