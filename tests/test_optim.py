@@ -13,7 +13,7 @@ from trm.checkpoint import load_checkpoint
 from trm.flags import trainer_parser
 from trm.model import TRM, TRMConfig
 from trm.muon import Muon, orthogonalize, orthogonalize_shapes
-from trm.optim import MuonAdamW, build_optimizer
+from trm.optim import MuonAdamW, build_optimizer, describe
 
 MUON = ["--optimizer", "muon"]
 
@@ -164,6 +164,7 @@ def test_muon_ns_steps_reaches_every_orthogonalization(monkeypatch):
     model(torch.randint(0, 300, (2, 16)))[0].float().pow(2).mean().backward()
     opt.step()
     assert seen and set(seen) == {2}
+    assert "2 Newton-Schulz iterations a step" in describe(opt)  # the log says it
     assert flags(*MUON).muon_ns_steps == 5  # the default: Muon as before the flag
     # a resume takes the command line's count, not the checkpoint's (torch's load_state_dict would take the saved one)
     resumed = build_optimizer(model, flags(*MUON, "--muon_ns_steps", "3"), torch.device("cpu"))

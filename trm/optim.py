@@ -130,5 +130,6 @@ def describe(optimizer):
         return "AdamW"
     count = lambda opt: sum(p.numel() for g in opt.param_groups for p in g["params"])  # noqa: E731
     n_muon = sum(len(g["params"]) for g in optimizer.muon.param_groups)
-    return (f"Muon for {n_muon} hidden matrices ({count(optimizer.muon):,} parameters), AdamW for the embedding, heads, "
-            f"vectors and adapters ({count(optimizer.adamw):,})")
+    ns_steps = optimizer.muon.param_groups[0]["ns_steps"]
+    return (f"Muon for {n_muon} hidden matrices ({count(optimizer.muon):,} parameters; {ns_steps} Newton-Schulz "
+            f"iterations a step), AdamW for the embedding, heads, vectors and adapters ({count(optimizer.adamw):,})")
