@@ -200,8 +200,8 @@ def trainer_parser(doc):
                         "embedding, the heads and the vectors. Muon scales its step per matrix to AdamW's update size "
                         "(Moonshot's rule), so the same --lr and --weight_decay are a sensible start")
     p.add_argument("--muon_ns_steps", type=int, default=5,
-                   help="--optimizer muon: Newton-Schulz iterations a step. At batch 4 they are a large share of a "
-                        "step (a GPT 7 x 512's: +63%% of its FLOPs); fewer orthogonalize less exactly")
+                   help="--optimizer muon: Newton-Schulz iterations a step. At small batches they are a large "
+                        "share of a step's time; fewer are cheaper but orthogonalize less exactly")
     p.add_argument("--weight_decay", type=float, default=0.01, help="weight decay of the weight matrices")
     p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up to --lr over N steps")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
