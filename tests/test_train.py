@@ -336,7 +336,7 @@ def test_truncated_checkpoint_is_reported_and_auto_resume_falls_back(corpus, tmp
     final.write_bytes(final.read_bytes()[:1000])
     r = train(corpus, save, "--max_steps", "10", "--eval_every", "4", "--log_every", "2", "--resume", "auto")
     # the warning names the damaged file: the user's cue to look at it
-    assert re.search(r"warning: skipping .*final_step_8\.pt is unreadable or truncated", r.stdout)
+    assert re.search(r"warning: .*final_step_8\.pt is unreadable or truncated .*; skipping it", r.stdout)
     assert [h["step"] for h in logged(save, "train")] == [4, 6, 8, 10]  # resumed from step_4.pt, its log kept
     r = train(corpus, save, "--resume", str(final), check=False)
     assert_one_line_error(r, "unreadable or truncated", str(final), code=2)

@@ -134,7 +134,7 @@ def find_checkpoint(save_dir, resume, log):
         try:
             state = load_resumable(path)
         except CheckpointError as e:
-            log(f"warning: skipping {e}")
+            log(f"warning: {e}; skipping it")
             continue
         if owner and state.get("run_id") not in (None, owner):  # None: written before checkpoints had run ids
             log(f"warning: skipping {path}: it belongs to run {state['run_id']}, not to {owner} that owns {save_dir}")
