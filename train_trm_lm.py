@@ -34,7 +34,7 @@ from trm.corpus import unique_paths, validation_in_training
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
 from trm.device import autocast, autocast_each, distributed, out_of_memory, pick_device, start_processes
 from trm.ema import EMA
-from trm.evaluate import evaluate, unknown_note
+from trm.evaluate import compile_blocks, evaluate, unknown_note
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, not_compilable, trainer_parser
 from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops, resumed_log
@@ -195,6 +195,11 @@ if use_compile:
     model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
     if args.optimizer == "muon":  # ~170 launches a step from Python would otherwise hold back a 12-layer GPT on a GPU
         optimizer.muon.compile()
+if use_compile and device.type == "cuda" and ema is not None:
+    # the evaluation's blocks fused (trm/evaluate.py): one block's compile at the first evaluation, then each takes half
+    # the eager time (the procedure's 100: 21.1 s -> 12.9 s on an H100, BENCHMARKS.md, issue 20). The EMA's copy only:
+    # the trained model is compiled above, as the step
+    compile_blocks(ema.model)
 step_flops = {}  # a step's FLOPs at each depth it runs (--depth_warmup and --random_depth change it step by step)
 
 
@@ -270,8 +275,8 @@ def run_eval():
     trained = round(clock.seconds(), 2)  # read before scoring: the pause around this call has only just begun
     # on a GPU few windows a pass are launch-bound (16: 637 ms, 69% idle); 256 through the recursion, the head and its
     # loss 64 at a time (their logits: 2 GB in float32), took 176 ms against 191-208 at 64 (bench/eval_speed.py, H200)
-    # (evaluate(compiled=True), one fused graph a batch, is built and CPU-tested but not yet run on a GPU: eager here
-    # until it has been, BENCHMARKS.md, issue 20)
+    # (under --compile on CUDA the EMA's blocks are compiled, above; evaluate(compiled=True), the whole recursion as one
+    # graph, is faster a call but its compile costs more than it saves in the procedure's run: BENCHMARKS.md, issue 20)
     cuda = device.type == "cuda"
     started = time.perf_counter()
     result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes,

@@ -1,4 +1,5 @@
 """CUDA paths: compile, bf16, CUDA graphs, NCCL. Skipped without a GPU; run on one with `make test-gpu`."""
+import json
 import os
 import subprocess
 import sys
@@ -209,6 +210,16 @@ def test_trainer_runs_compiled_on_cuda(tmp_path, mode, extra):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "bf16 autocast" in r.stdout and "tok/s" in r.stdout
     assert (tmp_path / "ck" / "final_step_20.pt").exists()
+    # its evaluations ran the EMA's compiled blocks: the last one agrees with an eager scoring of the same weights
+    # and windows, to bf16's rounding
+    with open(tmp_path / "ck" / "metrics.jsonl") as f:
+        last = [h for h in map(json.loads, f) if h["kind"] == "eval"][-1]
+    eager = subprocess.run([sys.executable, "-m", "trm.evaluate", "--model_path", str(tmp_path / "ck" /
+                            "final_step_20.pt"), "--data", str(tmp_path / "validation_0.jsonl.gz")],
+                           capture_output=True, text=True)
+    assert eager.returncode == 0, eager.stderr
+    score = json.loads(eager.stdout.splitlines()[-1])["loss"]
+    assert abs(score - last["loss"]) < 1e-2 * last["loss"], (score, last)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
