@@ -69,6 +69,33 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path):
     assert len(tokens) == 9 and len(list((tmp_path / "c").glob("*.bin"))) == 2
 
 
+def test_the_cache_carries_its_unigram_entropy_and_an_older_one_is_counted(tmp_path, monkeypatch):
+    # the collapse guard's level is counted once, by the build, and a later start reads it instead of counting again;
+    # a sidecar written before it had the figure still loads, and its tokens are counted as before
+    import trm.guard
+    tok = Tokenizer("byte")
+    path = write_jsonl_gz(tmp_path / "a.jsonl.gz", [f"文書{i}は{'あいう' * (i % 7)}です。" for i in range(200)])
+    tokens = load_tokens([path], tok, str(tmp_path / "c"), log=lambda m: None)
+    counted = trm.guard.unigram_entropy(np.asarray(tokens), tok.vocab_size)  # a plain array: counted here
+    (bin_path,) = (tmp_path / "c").glob("*.bin")
+    side = bin_path.with_name(bin_path.name + ".json")
+    assert json.loads(side.read_text())["unigram_nats"] == pytest.approx(counted, rel=1e-12)
+
+    def no_counting(*args, **kwargs):
+        raise AssertionError("counted again")
+
+    with monkeypatch.context() as m:
+        m.setattr(trm.guard.np, "bincount", no_counting)
+        reused = load_tokens([path], tok, str(tmp_path / "c"), log=lambda m: None)
+        assert trm.guard.unigram_entropy(reused, tok.vocab_size) == pytest.approx(counted, rel=1e-12)
+    meta = json.loads(side.read_text())
+    del meta["unigram_nats"]
+    side.write_text(json.dumps(meta))
+    older = load_tokens([path], tok, str(tmp_path / "c"), log=lambda m: None)
+    assert older.unigram_nats is None and older.tolist() == tokens.tolist()  # reused, not rebuilt
+    assert trm.guard.unigram_entropy(older, tok.vocab_size) == pytest.approx(counted, rel=1e-12)
+
+
 def test_a_reused_cache_still_names_what_its_build_skipped(tmp_path):
     # a second run (or a resume) on a damaged corpus trains on what was readable; its log must say so as the first did
     tok = Tokenizer("byte")
