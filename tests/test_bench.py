@@ -112,12 +112,14 @@ def test_step_profile_times_each_phase_on_the_cpu_and_refuses_what_needs_cuda():
         assert_one_line_error(bench("step_profile.py", *tiny, *flags), words, code=1)
 
 
-def test_eval_speed_times_the_evaluation_eager_and_with_its_blocks_compiled():
+def test_eval_speed_times_the_evaluation_eager_and_compiled_by_regions():
     tiny = ["--d_model", 32, "--n_heads", 2, "--vocab_size", 64, "--max_seq_len", 16, "--windows", 8,
             "--batch_sizes", 4, "--reps", 1]
-    for flags, how in (([], "eager"), (["--compiled_blocks"], "eager, its blocks compiled")):
+    for flags, how in (([], "eager"), (["--compiled_blocks"], "eager, its blocks compiled"),
+                       (["--compiled_blocks", "--compiled_head"], "eager, its blocks and the head's loss compiled")):
         r = bench("eval_speed.py", *tiny, *flags)
         assert r.returncode == 0, r.stderr
         rows = [line for line in r.stdout.splitlines() if line.startswith("| 4 |")]
         assert f"at a time, {how}" in r.stdout and len(rows) == 1, r.stdout
     assert_one_line_error(bench("eval_speed.py", *tiny, "--compiled", "--compiled_blocks"), "pick one", code=1)
+    assert_one_line_error(bench("eval_speed.py", *tiny, "--compiled_head"), "give both", code=1)

@@ -308,8 +308,8 @@ def test_compiled_evaluation_scores_weights_updated_in_place(graphs_compiled):
 
 # ---- compile_blocks: each block compiled in place, the rest of the evaluation eager (issue 20) -----------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["trm", "gpt"])
-def test_compiled_blocks_give_the_eager_scores_with_one_graph_per_batch_shape(arch, graphs_compiled):
+@pytest.mark.parametrize("arch,head", [("trm", True), ("trm", False), ("gpt", True)])
+def test_compiled_blocks_give_the_eager_scores_with_one_graph_per_batch_shape(arch, head, graphs_compiled):
     # the TRM with a prelude and a coda: 4 blocks, 19 block calls a batch; however many, one graph a batch shape
     torch.manual_seed(0)
     shape = dict(n_layers=2, deep_steps=2, prelude_layers=1, coda_layers=1) if arch == "trm" else dict(n_layers=3)
@@ -317,22 +317,26 @@ def test_compiled_blocks_give_the_eager_scores_with_one_graph_per_batch_shape(ar
     windows, token_bytes = random_windows(7)  # two batches of 4 windows, the second short: a shape of its own
     eager = evaluate(model, windows, token_bytes, batch_size=4, head_windows=3)
     names = list(model.state_dict())
-    compiled = evaluate(compile_blocks(model), windows, token_bytes, batch_size=4, head_windows=3)
+    compiled = evaluate(compile_blocks(model, head=head), windows, token_bytes, batch_size=4, head_windows=3)
     assert compiled["tokens"] == eager["tokens"] == 7 * 16 and compiled["bytes"] == eager["bytes"]
     for key in ("loss", "bits_per_byte", "perplexity"):
         assert math.isclose(compiled[key], eager[key], rel_tol=1e-5), (key, compiled, eager)
-    assert graphs_compiled() == 2  # compiled (not silently eager), and shared by every block and call
+    # compiled (not silently eager), and shared by every block and call: one graph a batch shape (4 and 3 windows);
+    # the head's loss, one a chunk shape (3 and 1 windows: the batches' chunks are 3 + 1 and 3)
+    assert graphs_compiled() == (4 if head else 2)
     assert list(model.state_dict()) == names  # a checkpoint of the model keeps its names
 
 
 @pytest.mark.slow
-def test_compiled_blocks_score_weights_updated_in_place(graphs_compiled):
-    # the trainer's EMA moves its weights in place between evaluations: the compiled blocks read them at each call
+@pytest.mark.parametrize("head", [False, True])
+def test_compiled_blocks_score_weights_updated_in_place(head, graphs_compiled):
+    # the trainer's EMA moves its weights in place between evaluations: the compiled blocks (and head) read them at
+    # each call
     from trm.ema import EMA
     torch.manual_seed(0)
     raw = TRM(tiny_config(n_layers=2))
     ema = EMA(raw, 0.9)
-    compile_blocks(ema.model)
+    compile_blocks(ema.model, head=head)
     windows, token_bytes = random_windows(8)  # two full batches of 4: one graph
     first = evaluate(ema.model, windows, token_bytes, batch_size=4)["loss"]
     with torch.no_grad():
@@ -340,7 +344,7 @@ def test_compiled_blocks_score_weights_updated_in_place(graphs_compiled):
             p.add_(torch.randn_like(p))
     ema.lerp(raw, 0.5)
     after = evaluate(ema.model, windows, token_bytes, batch_size=4)["loss"]
-    assert graphs_compiled() == 1  # no graph rebuilt for new values
+    assert graphs_compiled() == 1 + head  # no graph rebuilt for new values
     reference = TRM(tiny_config(n_layers=2))  # eager, with the EMA's weights as they are now
     reference.load_state_dict(ema.model.state_dict())
     assert abs(after - first) > 0.01 and math.isclose(

@@ -67,6 +67,11 @@ def test_compiled_evaluation_equals_eager_in_bf16():
     assert blocks["tokens"] == eager["tokens"] and blocks["bytes"] == eager["bytes"]
     assert abs(blocks["loss"] - eager["loss"]) < 1e-2 * eager["loss"], (blocks, eager)
     assert abs(blocks["loss"] - fp32["loss"]) <= 2 * abs(eager["loss"] - fp32["loss"]) + 1e-3 * fp32["loss"]
+    # and with the head's loss compiled too (compile_blocks(head=True): the loss reduced as the logits are read)
+    head = evaluate(compile_blocks(model, head=True), *args[1:], torch.bfloat16, head_windows=8)
+    assert head["tokens"] == eager["tokens"] and head["bytes"] == eager["bytes"]
+    assert abs(head["loss"] - eager["loss"]) < 1e-2 * eager["loss"], (head, eager)
+    assert abs(head["loss"] - fp32["loss"]) <= 2 * abs(eager["loss"] - fp32["loss"]) + 1e-3 * fp32["loss"]
 
 
 def test_kv_cache_equals_full_forward_on_cuda():

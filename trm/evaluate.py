@@ -62,6 +62,7 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
             part = slice(j, j + head_windows)
             yield model.head(y[part]), targets[part], part
 
+    nats_of = getattr(model, "head_nats", head_nats)  # compile_blocks(model)'s compiled one, or eager
     score = compiled_score_batch() if compiled and halt_threshold is None and not model.can_halt else None
     for i in range(0, len(windows), batch_size):
         idx, targets = windows[i:i + batch_size, :-1], windows[i:i + batch_size, 1:]
@@ -79,8 +80,8 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
                     stop = model.halt(y).squeeze(-1) > 0
                     for logits, t, part in head_chunks(y, targets):
                         halt_right += (stop[part] == (logits.argmax(-1) == t)).sum()
-            for logits, t, _ in head_chunks(y, targets):
-                nats += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), t.reshape(-1), reduction="sum")
+            for j in range(0, len(y), head_windows):
+                nats += nats_of(model, y[j:j + head_windows], targets[j:j + head_windows])
         n_tokens += targets.numel()
         n_bytes += token_bytes[targets].sum()
     model.train(was_training)
@@ -115,10 +116,16 @@ def score_batch(model, idx, targets, token_bytes, head_windows, **depth):
     and materialises the float32 logits)."""
     for y in model.rounds(idx, **depth):  # only the last round is scored: the others need no head
         pass
-    nats = sum(F.cross_entropy(model.head(y[j:j + head_windows]).float().flatten(0, 1),
-                               targets[j:j + head_windows].flatten(), reduction="sum")
+    nats = sum(head_nats(model, y[j:j + head_windows], targets[j:j + head_windows])
                for j in range(0, len(y), head_windows))
     return nats, token_bytes[targets].sum()
+
+
+def head_nats(model, y, targets):
+    """Summed nats of targets [n, L] under the head's logits of the states y [n, L, D], in float32. Eager, the logits,
+    their float32 copy and their log-probabilities are each written out (1, 2 and 2 GB for 64 windows of 512 at 16k);
+    compiled (compile_blocks), the loss is reduced from the logits as they are read."""
+    return F.cross_entropy(model.head(y).float().flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 @functools.cache
@@ -130,16 +137,27 @@ def compiled_score_batch():
     return torch.compile(score_batch, dynamic=False)
 
 
-def compile_blocks(model):
+def compile_blocks(model, head=False):
     """Compile each transformer block of the model in place (nn.Module.compile: the state dict, its names and
     everything else stay as they are), so that evaluate() runs fused blocks with the rest eager: a regional
     compile. The blocks' weights are inputs of the graph, so every block of one shape, in every net call of the
     recursion, runs one graph per batch shape (tested): its compile is that of one block, where compiled=True's is
-    that of the whole unrolled recursion (20 s on an H100 for the seed, BENCHMARKS.md). Returns the model."""
+    that of the whole unrolled recursion (20 s on an H100 for the seed, BENCHMARKS.md). head=True also compiles the
+    head with its loss (head_nats, one graph per chunk shape), which evaluate() finds on the model: eager, the loss
+    of 64 windows writes 5 GB at 16k (built on the CPU; the trainer leaves it off until a GPU has timed it). Returns
+    the model."""
     for module in model.modules():
         if isinstance(module, Block):
             module.compile(dynamic=False)
+    if head:
+        model.head_nats = compiled_head_nats()  # a plain attribute: not in the state dict, not a submodule
     return model
+
+
+@functools.cache
+def compiled_head_nats():
+    """head_nats compiled, once per process; the model is an argument, so one function serves every model."""
+    return torch.compile(head_nats, dynamic=False)
 
 
 def main(argv=None):
