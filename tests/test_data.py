@@ -84,8 +84,8 @@ def test_the_cache_carries_its_unigram_entropy_and_an_older_one_is_counted(tmp_p
     def no_counting(*args, **kwargs):
         raise AssertionError("counted again")
 
-    with monkeypatch.context() as m:
-        m.setattr(trm.guard.np, "bincount", no_counting)
+    with monkeypatch.context() as patch:
+        patch.setattr(trm.guard.np, "bincount", no_counting)
         reused = load_tokens([path], tok, str(tmp_path / "c"), log=lambda m: None)
         assert trm.guard.unigram_entropy(reused, tok.vocab_size) == pytest.approx(counted, rel=1e-12)
     meta = json.loads(side.read_text())
