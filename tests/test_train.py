@@ -106,10 +106,33 @@ def test_time_budget_stops_with_a_final_checkpoint_and_a_decayed_lr(corpus, tmp_
     lrs = [h["lr"] for h in map(json.loads, (save / "metrics.jsonl").read_text().splitlines()) if h["kind"] == "train"]
     # the cosine schedule ran on the clock: from the top to near its floor (10% of --lr), where steps would say top
     assert lrs[0] == 3e-3 and lrs[-1] < 0.2 * 3e-3
-    # the budget counts across a resume: a spent one trains no further step
-    train(corpus, save, *budget, "--resume", "auto")
+    # the budget counts across a resume: a spent one trains no further step, says so, and rewrites nothing
+    before = (save / final[0]).stat()
+    r = train(corpus, save, *budget, "--resume", "auto")
+    assert "nothing to train" in r.stdout and "raise --max_minutes" in r.stdout, r.stdout
     assert [f for f in os.listdir(save) if f.startswith("final_step_")] == final
+    assert (save / final[0]).stat().st_mtime_ns == before.st_mtime_ns
     assert logged(save, "train")[-1]["step"] == load_checkpoint(save / final[0])["step"] == steps
+
+
+def test_a_finished_run_resumed_again_trains_nothing_and_rewrites_nothing(corpus, tmp_path):
+    # `--resume auto` run once more after the end (a script's loop, a habit): one line, exit 0, and the final checkpoint,
+    # best.pt (its hard link) and the log stay as they were; a larger --max_steps trains on from there
+    save, run = tmp_path / "ck", ["--max_steps", "4", "--eval_every", "2", "--log_every", "2"]
+    train(corpus, save, *run)
+    final, best = save / "final_step_4.pt", save / "best.pt"
+    def files():  # what each file is and when it was written (the lock is rewritten by every run that opens the folder)
+        return {name: (st.st_ino, st.st_mtime_ns, st.st_size) for name in os.listdir(save) if name != ".lock"
+                for st in [(save / name).stat()]}
+
+    written = files()
+    assert best.stat().st_ino == final.stat().st_ino  # linked, not copied (the state this must keep)
+    r = train(corpus, save, *run, "--resume", "auto")
+    assert "nothing to train" in r.stdout and "step 4 (--max_steps 4)" in r.stdout, r.stdout
+    assert "done:" not in r.stdout and not r.stderr
+    assert files() == written
+    train(corpus, save, "--max_steps", "6", "--eval_every", "2", "--log_every", "2", "--resume", "auto")
+    assert (save / "final_step_6.pt").exists() and logged(save, "train")[-1]["step"] == 6
 
 
 @pytest.mark.parametrize("rule", ["mean", "each"])

@@ -4,6 +4,7 @@ Everything that makes a resumed run continue bit-identically travels together: w
 loader's place in its epoch and every random generator. The checks come before the corpus is tokenized, so a command
 that cannot continue a checkpoint is told in seconds.
 """
+import os
 import random
 
 import torch
@@ -37,6 +38,20 @@ def resume_error(ckpt, ckpt_path, tokenizer, args):
                 (f" (it was started with {started:,})" if started else "") +
                 ", or start a new one with --overwrite or another --save_dir")
     return resume_problem(ckpt, args.optimizer)
+
+
+def run_ended(ckpt, ckpt_path, args):
+    """A note when the checkpoint is the final one of a run that this command's own limits end where it ended (its
+    --max_steps reached, or its --max_minutes spent), or None. There is nothing to train, and finishing it again would
+    only rewrite final_step_N.pt as a second copy beside best.pt, its hard link until then."""
+    if not os.path.basename(ckpt_path).startswith("final_step_"):
+        return None  # (a step_N.pt at --max_steps is a run to finish: its last evaluation and final checkpoint)
+    spent = args.max_minutes and ckpt.get("train_seconds", 0.0) >= 60 * args.max_minutes
+    if ckpt["step"] < args.max_steps and not spent:
+        return None
+    limit = f"--max_minutes {args.max_minutes:g}" if spent else f"--max_steps {args.max_steps:,}"
+    return (f"nothing to train: {ckpt_path} ended this run at step {ckpt['step']:,} ({limit}); to train on, raise "
+            f"{limit.split()[0]}, or start a new run with --overwrite or another --save_dir")
 
 
 def keep_checkpoint_settings(args, parser, config, ckpt, log):
