@@ -29,7 +29,7 @@ $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 	touch $@
 
 # TRM_TEST_OPTIONAL=1: the optional packages were just installed, so a test that would skip for want of one fails instead
-test: setup $(VENV)/.installed-test  ## the test suite, CPU only, with the optional packages (about 15 minutes on 2 cores; the slowest tests listed last)
+test: setup $(VENV)/.installed-test  ## the test suite, CPU only, with the optional packages (about 10 minutes on 2 cores; the slowest tests listed last)
 	TRM_TEST_OPTIONAL=1 $(PY) -m pytest -q --durations=10
 
 # On a GPU machine whose Python already has torch: CUDA, bf16, torch.compile and NCCL tests.
