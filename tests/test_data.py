@@ -374,7 +374,8 @@ def test_a_path_that_is_no_file_says_what_it_is(tmp_path):
     os.mkfifo(tmp_path / "pipe.jsonl.gz")
     os.symlink("gone.jsonl.gz", tmp_path / "dangling.jsonl.gz")
     for name, kind in (("shards", "is a directory"), ("pipe.jsonl.gz", "is a FIFO"),
-                       ("dangling.jsonl.gz", "points to nothing"), ("absent.jsonl.gz", "train file not found")):
+                       ("dangling.jsonl.gz", "points to nothing"), ("absent.jsonl.gz", "train file not found"),
+                       ("data/train_*.jsonl.gz", "no train file matches")):  # a pattern: it matched nothing
         with pytest.raises(DataError, match=kind):
             check_paths([str(tmp_path / name)], "train")
 

@@ -20,6 +20,7 @@ disjoint batch_size of them, so the whole data position is one integer (`cursor`
 """
 import concurrent.futures
 import fcntl
+import glob
 import hashlib
 import json
 import mmap
@@ -52,7 +53,8 @@ def check_paths(paths, what):
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         kind = what_it_is(missing[0])
-        first = (f"{what} file not found: {missing[0]}" if kind == "missing" else
+        first = (f"no {what} file matches {missing[0]}" if kind == "missing" and glob.has_magic(missing[0]) else
+                 f"{what} file not found: {missing[0]}" if kind == "missing" else
                  f"{what} path {missing[0]} is {kind}, not a file" +
                  (f" (name its files, e.g. {os.path.join(missing[0], 'train_*.jsonl.gz')})" if kind == "a directory"
                   else ""))
