@@ -138,6 +138,11 @@ def test_a_two_process_run_resumes_bit_identically(corpus, tmp_path, dropout, po
         pa, pb = params(a, key), params(b, key)
         assert all(torch.equal(pa[k], pb[k]) for k in pa), key
     assert logged_losses(straight) == logged_losses(resumed)
+    # the finished run resumed once more: every rank leaves at once, rank 0 says why in one line, nothing is rewritten
+    written = a.stat().st_mtime_ns
+    r = torchrun(corpus, straight, *common, "--resume", "auto", port=port + 40)
+    assert r.returncode == 0 and r.stdout.count("nothing to train") == 1, r.stdout + r.stderr
+    assert "error" not in (r.stdout + r.stderr).lower() and a.stat().st_mtime_ns == written
 
 
 def test_a_locked_save_dir_refuses_every_rank_at_once(corpus, tmp_path):
