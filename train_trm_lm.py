@@ -112,7 +112,8 @@ if ckpt is not None:
         fail_once(problem)
     if ended := run_ended(ckpt, ckpt_path, args):  # a finished run resumed (--resume auto again): said, not redone
         log(ended)
-        if ddp:
+        if ddp:  # every rank is here (the same checkpoint): none tears the group down while another still uses it
+            dist.barrier()
             dist.destroy_process_group()
         sys.exit(0)
 try:
@@ -205,6 +206,7 @@ if use_compile and device.type == "cuda" and ema is not None:
     # the eager time (the procedure's 100: 21.1 s -> 12.9 s on an H100, BENCHMARKS.md, issue 20). The EMA's copy only:
     # the trained model is compiled above, as the step
     compile_blocks(ema.model)
+    log("compile: the evaluation's blocks too (the EMA's copy), at the first evaluation")
 step_flops = {}  # a step's FLOPs at each depth it runs (--depth_warmup and --random_depth change it step by step)
 
 

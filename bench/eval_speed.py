@@ -19,9 +19,9 @@ large batch keeps a small batch's logits (2 GB in float32 for 64 windows of 512 
 evaluate(compiled=True), one torch.compile graph a batch, as the trainer calls it where its step is compiled (the
 untimed first call compiles); without it, the eager call of the same arguments. --compiled_blocks times the eager
 call with each transformer block compiled in place first (trm.evaluate.compile_blocks: one block's compile, not the
-whole recursion's), as the trainer's call on a GPU, its compile in the first call's time; --compiled_head compiles
-the head with its loss as well (compile_blocks(head=True)). For a cold compile, give each run fresh
-TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR.
+whole recursion's), as the trainer's call on a GPU, its compile in the first call's time; --compiled_head runs the
+head with its loss as one compiled function (evaluate(compiled_head=True)), with or without it. For a cold compile,
+give each run fresh TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR.
 """
 import argparse
 import os
@@ -48,13 +48,13 @@ p.add_argument("--head_windows", type=int, default=None, help="windows per pass 
 p.add_argument("--compiled", action="store_true", help="evaluate(compiled=True), as the trainer on a GPU")
 p.add_argument("--compiled_blocks", action="store_true",
                help="each transformer block compiled in place (trm.evaluate.compile_blocks), the rest eager")
-p.add_argument("--compiled_head", action="store_true", help="with --compiled_blocks: the head and its loss as well")
+p.add_argument("--compiled_head", action="store_true", help="the head and its loss compiled (evaluate(compiled_head))")
 p.add_argument("--reps", type=int, default=5)
 args = p.parse_args()
 if args.compiled and args.compiled_blocks:
     sys.exit("error: --compiled and --compiled_blocks are two ways to compile the evaluation: pick one")
-if args.compiled_head and not args.compiled_blocks:
-    sys.exit("error: --compiled_head is a variant of --compiled_blocks: give both")
+if args.compiled and args.compiled_head:
+    sys.exit("error: --compiled already compiles the head with the rest: --compiled_head is for the eager call")
 
 device, amp, why = pick_device(args.device)
 print(f"device: {device} ({why})")
@@ -65,7 +65,7 @@ except ValueError as e:  # (a shape the model refuses: one line, not a traceback
     sys.exit(f"error: {e}")
 model = TRM(cfg).to(device)
 if args.compiled_blocks:
-    compile_blocks(model, head=args.compiled_head)  # (lazily: the first call compiles)
+    compile_blocks(model)  # (lazily: the first call compiles)
 g = torch.Generator().manual_seed(0)
 windows = torch.randint(0, cfg.vocab_size, (args.windows, args.max_seq_len + 1), generator=g)
 token_bytes = torch.randint(1, 4, (cfg.vocab_size,), generator=g)
@@ -76,15 +76,17 @@ print(f"model: {model.num_params():,} parameters; {args.windows} windows of {arg
 def one_eval(batch_size):
     t = time.perf_counter()
     evaluate(model, windows, token_bytes, batch_size, device, amp, head_windows=args.head_windows,
-             compiled=args.compiled)  # ends synced
+             compiled=args.compiled, compiled_head=args.compiled_head)  # ends synced
     return time.perf_counter() - t
 
 
-if args.compiled or args.compiled_blocks:  # a graph per batch size and per shape of a short last batch; past
-    import torch._dynamo  # dynamo's limit, silently eager
+if args.compiled or args.compiled_blocks or args.compiled_head:  # a graph per batch size and per shape of a short
+    import torch._dynamo  # last batch; past dynamo's limit, silently eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(args.batch_sizes))
-how = ("compiled" if args.compiled else "eager, its blocks and the head's loss compiled" if args.compiled_head
-       else "eager, its blocks compiled" if args.compiled_blocks else "eager")
+how = "compiled" if args.compiled else "eager" + {(True, False): ", its blocks compiled",
+                                                  (False, True): ", its head's loss compiled",
+                                                  (True, True): ", its blocks and the head's loss compiled",
+                                                  }.get((args.compiled_blocks, args.compiled_head), "")
 print(f"\nthe head over {args.head_windows or 'all the'} windows at a time, {how}")
 print("\n| windows a batch | first call s | ms an evaluation (min-max) | tokens/s | kernels | busy ms | idle |")
 print("|---|---|---|---|---|---|---|")

@@ -122,4 +122,4 @@ def test_eval_speed_times_the_evaluation_eager_and_compiled_by_regions():
         rows = [line for line in r.stdout.splitlines() if line.startswith("| 4 |")]
         assert f"at a time, {how}" in r.stdout and len(rows) == 1, r.stdout
     assert_one_line_error(bench("eval_speed.py", *tiny, "--compiled", "--compiled_blocks"), "pick one", code=1)
-    assert_one_line_error(bench("eval_speed.py", *tiny, "--compiled_head"), "give both", code=1)
+    assert_one_line_error(bench("eval_speed.py", *tiny, "--compiled", "--compiled_head"), "already compiles", code=1)

@@ -317,7 +317,7 @@ def test_compiled_blocks_give_the_eager_scores_with_one_graph_per_batch_shape(ar
     windows, token_bytes = random_windows(7)  # two batches of 4 windows, the second short: a shape of its own
     eager = evaluate(model, windows, token_bytes, batch_size=4, head_windows=3)
     names = list(model.state_dict())
-    compiled = evaluate(compile_blocks(model, head=head), windows, token_bytes, batch_size=4, head_windows=3)
+    compiled = evaluate(compile_blocks(model), windows, token_bytes, batch_size=4, head_windows=3, compiled_head=head)
     assert compiled["tokens"] == eager["tokens"] == 7 * 16 and compiled["bytes"] == eager["bytes"]
     for key in ("loss", "bits_per_byte", "perplexity"):
         assert math.isclose(compiled[key], eager[key], rel_tol=1e-5), (key, compiled, eager)
@@ -336,14 +336,14 @@ def test_compiled_blocks_score_weights_updated_in_place(head, graphs_compiled):
     torch.manual_seed(0)
     raw = TRM(tiny_config(n_layers=2))
     ema = EMA(raw, 0.9)
-    compile_blocks(ema.model, head=head)
+    compile_blocks(ema.model)
     windows, token_bytes = random_windows(8)  # two full batches of 4: one graph
-    first = evaluate(ema.model, windows, token_bytes, batch_size=4)["loss"]
+    first = evaluate(ema.model, windows, token_bytes, batch_size=4, compiled_head=head)["loss"]
     with torch.no_grad():
         for p in raw.parameters():
             p.add_(torch.randn_like(p))
     ema.lerp(raw, 0.5)
-    after = evaluate(ema.model, windows, token_bytes, batch_size=4)["loss"]
+    after = evaluate(ema.model, windows, token_bytes, batch_size=4, compiled_head=head)["loss"]
     assert graphs_compiled() == 1 + head  # no graph rebuilt for new values
     reference = TRM(tiny_config(n_layers=2))  # eager, with the EMA's weights as they are now
     reference.load_state_dict(ema.model.state_dict())

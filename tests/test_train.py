@@ -116,21 +116,23 @@ def test_time_budget_stops_with_a_final_checkpoint_and_a_decayed_lr(corpus, tmp_
 
 
 def test_a_finished_run_resumed_again_trains_nothing_and_rewrites_nothing(corpus, tmp_path):
-    # `--resume auto` run once more after the end (a script's loop, a habit): one line, exit 0, and the final checkpoint,
-    # best.pt (its hard link) and the log stay as they were; a larger --max_steps trains on from there
+    # `--resume auto` run once more after the end (a script's loop, a habit): one line, exit 0, and the final
+    # checkpoint, best.pt (its hard link) and the log stay as they were; a larger --max_steps trains on from there
     save, run = tmp_path / "ck", ["--max_steps", "4", "--eval_every", "2", "--log_every", "2"]
     train(corpus, save, *run)
     final, best = save / "final_step_4.pt", save / "best.pt"
-    def files():  # what each file is and when it was written (the lock is rewritten by every run that opens the folder)
+
+    def files():  # what each file is and when it was written (the lock is rewritten by every run that opens it)
         return {name: (st.st_ino, st.st_mtime_ns, st.st_size) for name in os.listdir(save) if name != ".lock"
                 for st in [(save / name).stat()]}
 
     written = files()
     assert best.stat().st_ino == final.stat().st_ino  # linked, not copied (the state this must keep)
-    r = train(corpus, save, *run, "--resume", "auto")
-    assert "nothing to train" in r.stdout and "step 4 (--max_steps 4)" in r.stdout, r.stdout
-    assert "done:" not in r.stdout and not r.stderr
-    assert files() == written
+    for resume in ("auto", str(best)):  # (best.pt, the final checkpoint's link, is that checkpoint)
+        r = train(corpus, save, *run, "--resume", resume)
+        assert "nothing to train" in r.stdout and "step 4 (--max_steps 4)" in r.stdout, r.stdout
+        assert "done:" not in r.stdout and not r.stderr
+        assert files() == written
     train(corpus, save, "--max_steps", "6", "--eval_every", "2", "--log_every", "2", "--resume", "auto")
     assert (save / "final_step_6.pt").exists() and logged(save, "train")[-1]["step"] == 6
 

@@ -26,7 +26,7 @@ from trm.model import Block
 
 @torch.no_grad()
 def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype=None, halt_threshold=None,
-             head_windows=None, compiled=False, **depth):
+             head_windows=None, compiled=False, compiled_head=False, **depth):
     """Score fixed windows [n, L + 1] with the model's final-round logits. Returns a dict of plain floats/ints.
 
     batch_size windows go through the recursion together, and the head and its loss take head_windows of them at a
@@ -41,7 +41,10 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
 
     compiled=True scores each batch with one torch.compile graph (score_batch) where the model has no halting head and
     no threshold is given (otherwise eagerly, as without it). The first call of each batch shape and depth compiles
-    (seconds to minutes), so it pays where evaluation is repeated on a GPU: the trainer's.
+    (seconds to minutes), so it pays only where evaluation is repeated often on a GPU: in the procedure's run its 20 s
+    compile costs more than it saves, and the trainer compiles the blocks alone instead (compile_blocks).
+    compiled_head=True (without compiled) runs the head and its float32 loss as one compiled function (head_nats), a
+    graph per chunk shape, so that the loss is reduced as the logits are read.
     """
     device = torch.device(device)
     was_training = model.training
@@ -62,7 +65,7 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
             part = slice(j, j + head_windows)
             yield model.head(y[part]), targets[part], part
 
-    nats_of = getattr(model, "head_nats", head_nats)  # compile_blocks(model)'s compiled one, or eager
+    nats_of = compiled_head_nats() if compiled_head else head_nats
     score = compiled_score_batch() if compiled and halt_threshold is None and not model.can_halt else None
     for i in range(0, len(windows), batch_size):
         idx, targets = windows[i:i + batch_size, :-1], windows[i:i + batch_size, 1:]
@@ -124,7 +127,7 @@ def score_batch(model, idx, targets, token_bytes, head_windows, **depth):
 def head_nats(model, y, targets):
     """Summed nats of targets [n, L] under the head's logits of the states y [n, L, D], in float32. Eager, the logits,
     their float32 copy and their log-probabilities are each written out (1, 2 and 2 GB for 64 windows of 512 at 16k);
-    compiled (compile_blocks), the loss is reduced from the logits as they are read."""
+    compiled (evaluate(compiled_head=True)), the loss is reduced from the logits as they are read."""
     return F.cross_entropy(model.head(y).float().flatten(0, 1), targets.flatten(), reduction="sum")
 
 
@@ -137,26 +140,23 @@ def compiled_score_batch():
     return torch.compile(score_batch, dynamic=False)
 
 
-def compile_blocks(model, head=False):
+def compile_blocks(model):
     """Compile each transformer block of the model in place (nn.Module.compile: the state dict, its names and
     everything else stay as they are), so that evaluate() runs fused blocks with the rest eager: a regional
     compile. The blocks' weights are inputs of the graph, so every block of one shape, in every net call of the
     recursion, runs one graph per batch shape (tested): its compile is that of one block, where compiled=True's is
-    that of the whole unrolled recursion (20 s on an H100 for the seed, BENCHMARKS.md). head=True also compiles the
-    head with its loss (head_nats, one graph per chunk shape), which evaluate() finds on the model: eager, the loss
-    of 64 windows writes 5 GB at 16k (built on the CPU; the trainer leaves it off until a GPU has timed it). Returns
-    the model."""
+    that of the whole unrolled recursion (20 s on an H100 for the seed, BENCHMARKS.md). Returns the model."""
     for module in model.modules():
         if isinstance(module, Block):
             module.compile(dynamic=False)
-    if head:
-        model.head_nats = compiled_head_nats()  # a plain attribute: not in the state dict, not a submodule
     return model
 
 
 @functools.cache
 def compiled_head_nats():
-    """head_nats compiled, once per process; the model is an argument, so one function serves every model."""
+    """head_nats compiled, once per process; the model is an argument, so one function serves every model (and the
+    EMA's weights, moved in place, are read at each call). Built and CPU-tested; the trainer leaves it off until a GPU
+    has timed it against its compile (BENCHMARKS.md, issue 20)."""
     return torch.compile(head_nats, dynamic=False)
 
 

@@ -44,14 +44,17 @@ def run_ended(ckpt, ckpt_path, args):
     """A note when the checkpoint is the final one of a run that this command's own limits end where it ended (its
     --max_steps reached, or its --max_minutes spent), or None. There is nothing to train, and finishing it again would
     only rewrite final_step_N.pt as a second copy beside best.pt, its hard link until then."""
-    if not os.path.basename(ckpt_path).startswith("final_step_"):
+    final = os.path.join(os.path.dirname(ckpt_path), f"final_step_{ckpt['step']}.pt")
+    if not os.path.exists(final) or not os.path.samefile(ckpt_path, final):  # (best.pt may be the final one's link)
         return None  # (a step_N.pt at --max_steps is a run to finish: its last evaluation and final checkpoint)
-    spent = args.max_minutes and ckpt.get("train_seconds", 0.0) >= 60 * args.max_minutes
-    if ckpt["step"] < args.max_steps and not spent:
+    reached = ([f"--max_steps {args.max_steps:,}"] if ckpt["step"] >= args.max_steps else []) + \
+        ([f"--max_minutes {args.max_minutes:g}"] if args.max_minutes and
+         ckpt.get("train_seconds", 0.0) >= 60 * args.max_minutes else [])
+    if not reached:
         return None
-    limit = f"--max_minutes {args.max_minutes:g}" if spent else f"--max_steps {args.max_steps:,}"
-    return (f"nothing to train: {ckpt_path} ended this run at step {ckpt['step']:,} ({limit}); to train on, raise "
-            f"{limit.split()[0]}, or start a new run with --overwrite or another --save_dir")
+    return (f"nothing to train: {ckpt_path} ended this run at step {ckpt['step']:,} ({' and '.join(reached)}); to "
+            f"train on, raise {' and '.join(limit.split()[0] for limit in reached)}; to start over, leave out "
+            f"--resume and add --overwrite")
 
 
 def keep_checkpoint_settings(args, parser, config, ckpt, log):
