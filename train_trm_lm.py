@@ -201,7 +201,7 @@ if use_compile:
     model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
     if args.optimizer == "muon":  # ~170 launches a step from Python would otherwise hold back a 12-layer GPT on a GPU
         optimizer.muon.compile()
-if use_compile and device.type == "cuda" and ema is not None:
+if use_compile and device.type == "cuda" and ema is not None and val_windows is not None:
     # the evaluation's blocks fused (trm/evaluate.py): one block's compile at the first evaluation, then each takes half
     # the eager time (the procedure's 100: 21.1 s -> 12.9 s on an H100, BENCHMARKS.md, issue 20). The EMA's copy only:
     # the trained model is compiled above, as the step
