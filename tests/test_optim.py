@@ -314,13 +314,15 @@ def test_muon_two_gloo_processes_match_one_process_with_the_same_global_batch(co
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("arch", ["trm", "gpt"])
-def test_muon_compiled_bf16_on_cuda_trains_and_resumes(corpus, tmp_path, arch):  # noqa: F811
+@pytest.mark.parametrize("arch,ns_steps", [("trm", 5), ("gpt", 5), ("gpt", 3)])
+def test_muon_compiled_bf16_on_cuda_trains_and_resumes(corpus, tmp_path, arch, ns_steps):  # noqa: F811
+    # (--muon_ns_steps 3: the cheaper Muon of issue 19's ideas, compiled and resumed as the default is)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["--max_steps", "40", "--eval_every", "20", "--log_every", "5", "--dropout", "0", "--arch", arch,
-              "--compile", "auto", *MUON]
+              "--compile", "auto", *MUON, "--muon_ns_steps", str(ns_steps)]
     r = train(corpus, straight, *common)
     assert "bf16 autocast" in r.stdout and "--compile auto: CUDA graphs" in r.stdout and "Muon for" in r.stdout
+    assert f"{ns_steps} Newton-Schulz" in r.stdout, r.stdout
     losses = [loss for _, kind, loss in logged_losses(straight) if kind == "train"]
     assert losses[-1] < losses[0] - 0.5, losses
     resumed.mkdir()
