@@ -119,14 +119,13 @@ def build_token_cache(paths, tokenizer, out_path, text_field="text", num_threads
         if n_tokens == 0:
             raise DataError(f"no readable documents in {', '.join(paths)} (text field {text_field!r})")
     # the .bin first: a crash before the sidecar is renamed leaves a new .bin beside an old checksum, i.e. a rebuild
-    tokens = np.memmap(out_path, dtype=dtype, mode="r", shape=(n_tokens,))
     meta = {"tokens": n_tokens, "dtype": np.dtype(dtype).name, "documents": stats.documents,
             "skipped": dict(stats.skipped), "errors": stats.errors, "files": [os.path.abspath(p) for p in paths],
             "unopened": stats.unopened, "seconds": round(time.time() - t0, 2), "checksum": file_checksum(out_path),
             # the collapse guard's level, counted once here rather than at every start (a sidecar written before
             # it has none, and the trainer counts)
-            "unigram_nats": unigram_entropy(tokens, tokenizer.vocab_size)}
-    del tokens
+            "unigram_nats": unigram_entropy(np.memmap(out_path, dtype=dtype, mode="r", shape=(n_tokens,)),
+                                            tokenizer.vocab_size)}
     with AtomicFile(out_path + ".json", "w", durable=False, encoding="utf-8") as f:
         json.dump(meta, f, indent=1)  # ASCII escapes: a file name that is not UTF-8 reads back as it was
     return meta
