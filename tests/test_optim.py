@@ -321,7 +321,9 @@ def test_muon_compiled_bf16_on_cuda_trains_and_resumes(corpus, tmp_path, arch, n
     common = ["--max_steps", "40", "--eval_every", "20", "--log_every", "5", "--dropout", "0", "--arch", arch,
               "--compile", "auto", *MUON, "--muon_ns_steps", str(ns_steps)]
     r = train(corpus, straight, *common)
-    assert "bf16 autocast" in r.stdout and "--compile auto: CUDA graphs" in r.stdout and "Muon for" in r.stdout
+    # (auto captures Muon's step whole since 514a032: this test's CUDA-graphs string went stale then, and failed on
+    # the H100 of the fifth session of 2026-12-06)
+    assert "bf16 autocast" in r.stdout and "--compile auto: the whole step" in r.stdout and "Muon for" in r.stdout
     assert f"{ns_steps} Newton-Schulz" in r.stdout, r.stdout
     losses = [loss for _, kind, loss in logged_losses(straight) if kind == "train"]
     assert losses[-1] < losses[0] - 0.5, losses
