@@ -201,12 +201,13 @@ if use_compile:
     model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
     if args.optimizer == "muon":  # ~170 launches a step from Python would otherwise hold back a 12-layer GPT on a GPU
         optimizer.muon.compile()
-if use_compile and device.type == "cuda" and ema is not None and val_windows is not None:
+compiled_eval = use_compile and device.type == "cuda" and ema is not None and val_windows is not None
+if compiled_eval:
     # the evaluation's blocks fused (trm/evaluate.py): one block's compile at the first evaluation, then each takes half
-    # the eager time (the procedure's 100: 21.1 s -> 12.9 s on an H100, BENCHMARKS.md, issue 20). The EMA's copy only:
-    # the trained model is compiled above, as the step
+    # the eager time (the procedure's 100: 21.1 s -> 12.9 s on an H100, BENCHMARKS.md, issue 20); its head's loss too
+    # (run_eval: 96 -> 76 ms an evaluation). The EMA's copy only: the trained model is compiled above, as the step
     compile_blocks(ema.model)
-    log("compile: the evaluation's blocks too (the EMA's copy), at the first evaluation")
+    log("compile: the evaluation's blocks too, and its head's loss (the EMA's copy), at the first evaluation")
 step_flops = {}  # a step's FLOPs at each depth it runs (--depth_warmup and --random_depth change it step by step)
 
 
@@ -282,12 +283,14 @@ def run_eval():
     trained = round(clock.seconds(), 2)  # read before scoring: the pause around this call has only just begun
     # on a GPU few windows a pass are launch-bound (16: 637 ms, 69% idle); 256 through the recursion, the head and its
     # loss 64 at a time (their logits: 2 GB in float32), took 176 ms against 191-208 at 64 (bench/eval_speed.py, H200)
-    # (under --compile on CUDA the EMA's blocks are compiled, above; evaluate(compiled=True), the whole recursion as one
-    # graph, is faster a call but its compile costs more than it saves in the procedure's run: BENCHMARKS.md, issue 20)
+    # (under --compile on CUDA the EMA's blocks and the head's loss are compiled, above; evaluate(compiled=True), the
+    # whole recursion as one graph, is faster a call but its compile costs more than it saves in the procedure's run:
+    # BENCHMARKS.md, issue 20)
     cuda = device.type == "cuda"
     started = time.perf_counter()
     result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes,
-                      256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None, **eval_depth)
+                      256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None,
+                      compiled_head=compiled_eval, **eval_depth)
     # its own seconds (it ends synced, reading its sums): what one costs, apart from the curves drawn after it
     result.update(step=step, kind="eval", tokens_seen=tokens_seen, train_seconds=trained,
                   seconds=round(time.perf_counter() - started, 3))
