@@ -164,11 +164,12 @@ if len(train_tokens) < L + 1:  # a window then wraps round the circle: the same 
 
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 model = TRM(config).to(device)
+flops_per_token = model.flops_per_token(L, reembed=args.sup_update == "each")
 log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} without "
     f"embeddings), {model.net_calls()} net call{'s' * (model.net_calls() != 1)} per token, "
-    f"{model.flops_per_token(L, reembed=args.sup_update == 'each') / 1e6:.1f} MFLOP per training token")
+    f"{flops_per_token / 1e6:.1f} MFLOP per training token")
 optimizer = build_optimizer(model, args, device)
-log(f"optimizer: {describe_optimizer(optimizer)}")
+log(f"optimizer: {describe_optimizer(optimizer, args.batch_size * L * args.grad_accum, flops_per_token)}")
 ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
 checkpoint_bytes = 4 * model.num_params() * (4 if ema is not None else 3)  # fp32 weights, Adam's 2 moments, EMA
 n_kept = args.keep_last + 2 if args.keep_last else args.max_steps // (args.save_every or args.eval_every) + 1

@@ -13,7 +13,7 @@ from trm.checkpoint import load_checkpoint
 from trm.flags import trainer_parser
 from trm.model import TRM, TRMConfig
 from trm.muon import Muon, orthogonalize, orthogonalize_shapes
-from trm.optim import MuonAdamW, build_optimizer, describe
+from trm.optim import MuonAdamW, build_optimizer, describe, hidden_matrices
 
 MUON = ["--optimizer", "muon"]
 
@@ -200,6 +200,35 @@ def test_one_padded_stack_steps_as_one_stack_per_shape(monkeypatch):
         assert (p - q).abs().max().item() < 1e-5 * moved  # fp32 on a CPU: other sums' order, nothing more
     with pytest.raises(ValueError, match="one shorter side"):
         orthogonalize_shapes([torch.zeros(1, 16, 24), torch.zeros(1, 8, 24)])
+
+
+@pytest.mark.parametrize("one_stack", [False, True], ids=["stack_per_shape", "one_padded_stack"])
+@pytest.mark.parametrize("arch", ["trm", "gpt"])
+def test_newton_schulz_flops_are_the_products_a_step_runs(arch, one_stack):
+    # the log's Newton-Schulz cost a token (a step's fixed cost, which at the procedure's batch 4 rivals the model's):
+    # the formula against the matrix products PyTorch counts in a real step, the padding of one stack included
+    from torch.utils.flop_counter import FlopCounterMode
+    model = TRM(TRMConfig(vocab_size=64, d_model=32, n_heads=2, arch=arch, n_layers=3 if arch == "gpt" else 2))
+    weights = hidden_matrices(model)
+    for p in weights:
+        p.grad = torch.randn_like(p)
+    for ns_steps in (5, 2):
+        opt = Muon(weights, lr=0.01, ns_steps=ns_steps, one_stack=one_stack)
+        with FlopCounterMode(display=False) as counted:
+            opt.step()
+        assert opt.flops_per_step() == counted.get_total_flops() > 0
+    # (padding to the widest costs FLOPs: the four shapes of a block differ in their longer side)
+    assert Muon(weights, lr=0.01, one_stack=True).flops_per_step() > Muon(weights, lr=0.01).flops_per_step()
+
+
+def test_the_log_line_gives_muons_cost_a_token_against_the_models():
+    model = TRM(TRMConfig(vocab_size=64, d_model=32, n_heads=2))
+    opt = build_optimizer(model, flags(*MUON), torch.device("cpu"))
+    per_token = opt.muon.flops_per_step() / 128
+    line = describe(opt, 128, model.flops_per_token(32))
+    assert f"{per_token / 1e6:.1f} MFLOP a token at 128 tokens a step" in line, line
+    assert f"{per_token / model.flops_per_token(32):.0%} of the model's" in line, line
+    assert "MFLOP" not in describe(opt) and describe(build_optimizer(model, flags(), torch.device("cpu")), 128) == "AdamW"
 
 
 @pytest.mark.parametrize("one_stack", [False, True], ids=["stack_per_shape", "one_padded_stack"])

@@ -108,6 +108,26 @@ class Muon(torch.optim.Optimizer):
         self.one_stack = one_stack  # shapes sharing their shorter side in one padded stack; None: on a GPU only
         self.compiled, self._update, self._lr = False, update, None
 
+    def calls(self, params):
+        """The Newton-Schulz calls of a step over these matrices: for each, ((shape, indices into params), ...)."""
+        one_stack = params[0].is_cuda if self.one_stack is None else self.one_stack
+        calls = defaultdict(lambda: defaultdict(list))  # one Newton-Schulz call: {shape: indices into params}
+        for i, p in enumerate(params):
+            shape = tuple(p.shape)
+            calls[min(shape) if one_stack else shape][shape].append(i)
+        return tuple(tuple((shape, tuple(index)) for shape, index in call.items()) for call in calls.values())
+
+    def flops_per_step(self):
+        """The Newton-Schulz products of one step, as run: each call's matrices, of shorter side m, padded to its
+        widest n; an iteration is X X^T (2 m^2 n), A A (2 m^3) and B X (2 m^2 n). It costs the same at any batch, so
+        at a small one it can cost as much as the model (the GPT 7 x 512 at 2,048 tokens a step, BENCHMARKS.md)."""
+        total = 0
+        for group in self.param_groups:
+            for call in self.calls(group["params"]):
+                m, n = min(call[0][0]), max(max(shape) for shape, _ in call)
+                total += sum(map(len, (index for _, index in call))) * group["ns_steps"] * (4 * m * m * n + 2 * m ** 3)
+        return total
+
     def compile(self):
         self.compiled, self._update = True, torch.compile(update)
         return self
@@ -124,12 +144,7 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
-            one_stack = params[0].is_cuda if self.one_stack is None else self.one_stack
-            calls = defaultdict(lambda: defaultdict(list))  # one Newton-Schulz call: {shape: indices into params}
-            for i, p in enumerate(params):
-                shape = tuple(p.shape)
-                calls[min(shape) if one_stack else shape][shape].append(i)
-            groups = tuple(tuple((shape, tuple(index)) for shape, index in call.items()) for call in calls.values())
+            groups = self.calls(params)
             lr = group["lr"]
             if self.compiled:  # the rate as a device tensor, set without a host sync
                 if self._lr is None:

@@ -124,12 +124,19 @@ def resume_problem(ckpt, optimizer):
             f"{optimizer} (--overwrite, or another --save_dir)")
 
 
-def describe(optimizer):
-    """One line for the log: which optimizer steps how many weights."""
+def describe(optimizer, tokens_per_step=None, model_flops_per_token=None):
+    """One line for the log: which optimizer steps how many weights; for Muon, what its Newton-Schulz costs a token at
+    tokens_per_step (one process's tokens an optimizer step) against the model's training FLOPs a token."""
     if not isinstance(optimizer, MuonAdamW):
         return "AdamW"
     count = lambda opt: sum(p.numel() for g in opt.param_groups for p in g["params"])  # noqa: E731
     n_muon = sum(len(g["params"]) for g in optimizer.muon.param_groups)
     ns_steps = optimizer.muon.param_groups[0]["ns_steps"]
+    cost = ""
+    if tokens_per_step:  # a fixed cost a step: more tokens a step (--batch_size, --grad_accum) spread it
+        per_token = optimizer.muon.flops_per_step() / tokens_per_step
+        share = f", {per_token / model_flops_per_token:.0%} of the model's" if model_flops_per_token else ""
+        cost = f": {per_token / 1e6:.1f} MFLOP a token at {tokens_per_step:,} tokens a step{share}"
     return (f"Muon for {n_muon} hidden matrices ({count(optimizer.muon):,} parameters; {ns_steps} Newton-Schulz "
-            f"iterations a step), AdamW for the embedding, heads, vectors and adapters ({count(optimizer.adamw):,})")
+            f"iterations a step{cost}), AdamW for the embedding, heads, vectors and adapters "
+            f"({count(optimizer.adamw):,})")
