@@ -9,8 +9,10 @@ one step launches. Random gradients: the time does not depend on them.
 
 trm.muon.Muon is timed both ways: a stack per shape (four Newton-Schulz calls, its choice on a CPU) and one padded
 stack (one call, its choice on a GPU). --compiled adds both compiled as the trainer does under --compile
-(Muon.compile(): default mode, the rate a device tensor); the warm-up steps compile. A CUDA-graph variant
-("reduce-overhead") was tried on an H200 and dropped: inductor skips CUDA graphs for a step that mutates its inputs,
+(Muon.compile(): default mode, the rate a device tensor); the warm-up steps compile. On CUDA it also adds both
+compiled and captured by hand in one CUDA graph, as --compile whole captures the trainer's step: there the launches
+cost next to nothing and the padding's extra FLOPs may decide (the Newton-Schulz GFLOP column). Inductor's own
+CUDA graphs ("reduce-overhead") were tried on an H200 and dropped: it skips them for a step that mutates its inputs,
 and the process then crashed (BENCHMARKS.md).
 """
 import argparse
@@ -60,6 +62,26 @@ if args.compiled:
     for stacks, one in (("a stack per shape", False), ("one padded stack", True)):
         optimizers[f"trm.muon.Muon, {stacks}, compiled as the trainer does"] = \
             lambda one=one: Muon(weights, lr=1e-3, weight_decay=0.1, one_stack=one).compile()
+    if device.type == "cuda":  # as --compile whole runs it: launches replayed by the GPU, the kernels' own time left
+        for stacks, one in (("a stack per shape", False), ("one padded stack", True)):
+            optimizers[f"trm.muon.Muon, {stacks}, compiled, in a CUDA graph (--compile whole)"] = \
+                lambda one=one: graphed(Muon(weights, lr=1e-3, weight_decay=0.1, one_stack=one).compile())
+
+
+def graphed(opt):
+    """opt with its step captured in one CUDA graph after warm-up steps on a side stream (trm/whole_step.py captures
+    the trainer's whole step so); step() replays it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    opt.step = graph.replay
+    return opt
 
 
 def sync():
@@ -90,11 +112,15 @@ def measure(opt):
     return f"{1e3 * statistics.median(times):.2f}", kernels
 
 
-print("| optimizer | ms per step | kernels per step |")
-print("|---|---|---|")
+print("| optimizer | ms per step | kernels per step | Newton-Schulz GFLOP a step | its TFLOP/s |")
+print("|---|---|---|---|---|")
 for name, build in optimizers.items():
+    flops = rate = "-"
     try:
-        ms, kernels = measure(build())
+        opt = build()
+        ms, kernels = measure(opt)
+        if isinstance(opt, Muon):  # (the products as run: one padded stack computes its zeros too)
+            flops, rate = f"{opt.flops_per_step() / 1e9:.1f}", f"{opt.flops_per_step() / float(ms) / 1e9:.1f}"
     except Exception as e:  # a compiled variant this torch cannot build: its row says why, the others still run
         ms, kernels = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", "-"
-    print(f"| {name} | {ms} | {kernels} |", flush=True)
+    print(f"| {name} | {ms} | {kernels} | {flops} | {rate} |", flush=True)
