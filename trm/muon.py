@@ -123,9 +123,9 @@ class Muon(torch.optim.Optimizer):
         at a small one it can cost as much as the model (the GPT 7 x 512 at 2,048 tokens a step, BENCHMARKS.md)."""
         total = 0
         for group in self.param_groups:
-            for call in self.calls(group["params"]):
+            for call in self.calls(group["params"]) if group["params"] else ():
                 m, n = min(call[0][0]), max(max(shape) for shape, _ in call)
-                total += sum(map(len, (index for _, index in call))) * group["ns_steps"] * (4 * m * m * n + 2 * m ** 3)
+                total += sum(len(index) for _, index in call) * group["ns_steps"] * (4 * m * m * n + 2 * m ** 3)
         return total
 
     def compile(self):
