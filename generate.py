@@ -22,7 +22,7 @@ import torch
 from trm.checkpoint import CheckpointError, load_model
 from trm.cli import quiet_interrupt
 from trm.depth import add_depth_flags, depth_flags, depth_refused
-from trm.device import out_of_memory, pick_device
+from trm.device import bytecode_note, out_of_memory, pick_device
 from trm.sampling import StreamDecoder, generate, generate_batch, prompt_ids
 from trm.tokenizer import Tokenizer, TokenizerError
 
@@ -159,6 +159,8 @@ print(f"{args.model_path}: step {state.get('step', '?')}, {model.num_params() / 
       f"{state['weights']} weights, arch {c.arch}, depth n={n} T={T_deep} N_sup={N_sup}{adaptive}, "
       f"window {c.max_seq_len} tokens, {decoding}, device {device.type} ({why.split(',')[0]}), seed {seed}",
       file=sys.stderr)
+if note := bytecode_note():
+    print(f"note: {note}", file=sys.stderr)
 
 
 # ---- generate --------------------------------------------------------------------------------------------------

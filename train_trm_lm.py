@@ -32,7 +32,8 @@ from trm.clock import RunClock, hms
 from trm import depth as depth_schedule
 from trm.corpus import unique_paths, validation_in_training
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
-from trm.device import autocast, autocast_each, distributed, out_of_memory, pick_device, start_processes
+from trm.device import (autocast, autocast_each, bytecode_note, distributed, out_of_memory, pick_device,
+                        start_processes)
 from trm.ema import EMA
 from trm.evaluate import compile_blocks, evaluate, unknown_note
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, not_compilable, trainer_parser
@@ -78,6 +79,8 @@ if ddp:  # a rank that dies ends the run with one line, not a traceback from eve
 
 
 log(f"device: {device} ({device_why})" + (f", {world_size} processes" if ddp else ""))
+if note := bytecode_note():
+    log(f"note: {note}")
 if warning := warmup_warning(args.lr, args.warmup_steps, args.max_steps):
     log(f"warning: {warning}")
 if device.type == "cuda":

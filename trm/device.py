@@ -1,7 +1,9 @@
-"""The one place that decides device and precision, and says why."""
+"""The one place that decides device and precision, and says why; and what this machine's Python costs each start."""
+import importlib.util
 import inspect
 import os
 import re
+import sys
 
 import torch
 import torch.distributed as dist
@@ -111,3 +113,27 @@ def out_of_memory(e):
     if not m:
         return ""
     return f" (it asked for {int(m[1]) / 1e9:,.1f} GB more)" if m[1] else f" (it asked for {m[2]} more)"
+
+
+def bytecode_note(module_file=None, dont_write=None):
+    """One line when Python compiles torch from source at every start, else None: torch installed without its bytecode
+    (`uv pip install` compiles none unless told to) and Python not allowed to write it (PYTHONDONTWRITEBYTECODE, which
+    many container images set, or a read-only install). On an H100's host `import torch, torch._dynamo` took 12.1 s
+    so, against 3.6 s with the bytecode (BENCHMARKS.md, issue 20), and every run pays it again."""
+    module_file = module_file or torch.__file__
+    dont_write = sys.flags.dont_write_bytecode if dont_write is None else dont_write
+    cached = importlib.util.cache_from_source(module_file)  # (under PYTHONPYCACHEPREFIX when it is set)
+    if os.path.exists(cached):
+        return None
+    folder = os.path.dirname(cached)
+    while not os.path.isdir(folder):  # (__pycache__ not made yet: whether its parent may be written)
+        folder = os.path.dirname(folder)
+    head = ("Python compiles torch from source at every start here, several seconds each time (its install has no "
+            "bytecode")
+    if not os.access(folder, os.W_OK):  # (compileall could not write there either)
+        return (f"{head} and {folder} is read-only). Set PYTHONPYCACHEPREFIX to a writable folder and leave "
+                f"PYTHONDONTWRITEBYTECODE unset: the first run writes it there, the next ones read it")
+    if not dont_write:
+        return None  # this start writes it, the next ones read it
+    return (f"{head} and PYTHONDONTWRITEBYTECODE is set). Write it once: python -m compileall -q "
+            f"{os.path.dirname(module_file)} (pip install does; uv pip install with --compile-bytecode)")
