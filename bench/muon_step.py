@@ -68,9 +68,19 @@ if args.compiled:
                 lambda one=one: graphed(Muon(weights, lr=1e-3, weight_decay=0.1, one_stack=one).compile())
 
 
+def random_grads():
+    """Fresh random gradients, written into the tensors there are (a CUDA graph reads the ones it captured)."""
+    for w in weights:
+        if w.grad is None:
+            w.grad = torch.randn_like(w)
+        else:
+            w.grad.normal_()
+
+
 def graphed(opt):
     """opt with its step captured in one CUDA graph after warm-up steps on a side stream (trm/whole_step.py captures
     the trainer's whole step so); step() replays it."""
+    random_grads()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -91,8 +101,7 @@ def sync():
 
 def measure(opt):
     """(median ms per step, kernels per step or "-")."""
-    for w in weights:
-        w.grad = torch.randn_like(w)
+    random_grads()
     for _ in range(3):
         opt.step()
     times = []
