@@ -172,7 +172,6 @@ log(f"model: {config.arch}, {model.num_params():,} parameters ({model.num_params
     f"embeddings), {model.net_calls()} net call{'s' * (model.net_calls() != 1)} per token, "
     f"{flops_per_token / 1e6:.1f} MFLOP per training token")
 optimizer = build_optimizer(model, args, device)
-log(f"optimizer: {describe_optimizer(optimizer, args.batch_size * L * args.grad_accum, flops_per_token)}")
 ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
 checkpoint_bytes = 4 * model.num_params() * (4 if ema is not None else 3)  # fp32 weights, Adam's 2 moments, EMA
 n_kept = args.keep_last + 2 if args.keep_last else args.max_steps // (args.save_every or args.eval_every) + 1
@@ -204,7 +203,8 @@ if use_compile:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * config.deep_steps + 4)
     model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
     if args.optimizer == "muon":  # ~170 launches a step from Python would otherwise hold back a 12-layer GPT on a GPU
-        optimizer.muon.compile()
+        optimizer.muon.compile(graphed=compile_mode == "whole")  # (captured, its shapes stay apart: trm/muon.py)
+log(f"optimizer: {describe_optimizer(optimizer, args.batch_size * L * args.grad_accum, flops_per_token)}")
 compiled_eval = use_compile and device.type == "cuda" and ema is not None and val_windows is not None
 if compiled_eval:
     # the evaluation's blocks fused (trm/evaluate.py): one block's compile at the first evaluation, then each takes half

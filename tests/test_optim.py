@@ -12,7 +12,7 @@ from trainer_run import ROOT, TINY, copy_run_until, logged_losses, params, train
 from trm.checkpoint import load_checkpoint
 from trm.flags import trainer_parser
 from trm.model import TRM, TRMConfig
-from trm.muon import Muon, orthogonalize, orthogonalize_shapes
+from trm.muon import GRAPHED_APART, Muon, orthogonalize, orthogonalize_shapes
 from trm.optim import MuonAdamW, build_optimizer, describe, hidden_matrices
 
 MUON = ["--optimizer", "muon"]
@@ -200,6 +200,18 @@ def test_one_padded_stack_steps_as_one_stack_per_shape(monkeypatch):
         assert (p - q).abs().max().item() < 1e-5 * moved  # fp32 on a CPU: other sums' order, nothing more
     with pytest.raises(ValueError, match="one shorter side"):
         orthogonalize_shapes([torch.zeros(1, 16, 24), torch.zeros(1, 8, 24)])
+
+
+def test_a_step_captured_in_a_cuda_graph_stacks_the_narrow_shapes_only():
+    # in a CUDA graph (--compile whole) launches cost next to nothing: from d_model 512 the padding's FLOPs decide, and
+    # each shape is its own stack; narrower, latency still does, and one padded stack stays (unless one_stack says)
+    for d_model, n_calls in ((GRAPHED_APART // 2, 1), (GRAPHED_APART, 4)):
+        weights = hidden_matrices(TRM(TRMConfig(vocab_size=64, d_model=d_model, n_heads=2)))
+        assert len(Muon(weights, lr=0.01).compile(graphed=True).calls(weights)) == n_calls
+        for one_stack in (False, True):
+            asked = Muon(weights, lr=0.01, one_stack=one_stack).compile(graphed=True)
+            assert len(asked.calls(weights)) == (1 if one_stack else 4)
+    assert len(Muon(weights, lr=0.01).compile().calls(weights)) == 4  # (uncaptured on a CPU: apart, as ever)
 
 
 @pytest.mark.parametrize("one_stack", [False, True], ids=["stack_per_shape", "one_padded_stack"])

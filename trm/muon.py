@@ -15,8 +15,9 @@ exact: every iteration multiplies X by its own Gram matrix X X^T, which the zero
 maps to [NS(X) 0]. It costs ~1.8x the products' FLOPs. On a CPU the FLOPs are what costs (the 12-layer GPT's step:
 1.29 s padded against 0.57 s, bench/muon_step.py), so there the shapes stay apart. On an H200 the compiled step took
 about the same time for the TRM-384's 8 matrices as for the GPT-12's 48 (3.2 and 3.9 ms, 120 kernels each): launches
-and latency, not FLOPs, so one Newton-Schulz (~18 kernels) instead of four should save ~50 of them. Not yet timed on
-a GPU: `python bench/muon_step.py --device cuda --compiled` times both ways.
+and latency, not FLOPs, so one Newton-Schulz (~18 kernels) instead of four: the compiled step 1.68 ms against 3.60
+(`python bench/muon_step.py --device cuda --compiled`). Captured in a CUDA graph (--compile whole) launches cost next
+to nothing and, from d_model 512, the FLOPs decide again, so there the shapes stay apart (Muon.stacked).
 """
 import math
 from collections import defaultdict
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 # Keller Jordan's quintic coefficients, as torch.optim.Muon uses: they push every singular value towards ~1 in 5 steps
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 EPS = 1e-7
+# captured in a CUDA graph, matrices whose shorter side is this or more stay a stack per shape (Muon.stacked)
+GRAPHED_APART = 512
 
 
 def orthogonalize(G, steps=5, dtype=None):
@@ -106,15 +109,27 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon steps matrices only, got a parameter of shape {tuple(p.shape)}")
         self.ns_dtype = ns_dtype  # None: orthogonalize()'s choice for the device
         self.one_stack = one_stack  # shapes sharing their shorter side in one padded stack; None: on a GPU only
-        self.compiled, self._update, self._lr = False, update, None
+        self.compiled, self.graphed, self._update, self._lr = False, False, update, None
+
+    def stacked(self, p):
+        """Whether p's shape goes into one padded stack with the others of its shorter side: one_stack if given; on a
+        GPU, yes, unless the step is captured in a CUDA graph and the side is GRAPHED_APART or more. Captured, launches
+        cost next to nothing, but a small matrix's products still wait on their latency: the padded stack's step took
+        0.29 ms against 0.52 at d_model 384 (TRM, 8 matrices), 0.97 against 0.92 at 256 (GPT-12, 48), and at 512 and
+        768, where the FLOPs decide, 1.71 against 1.30 (GPT 7 x 512) and 1.19 against 1.03 (TRM-768). H100,
+        bench/muon_step.py --device cuda --compiled, BENCHMARKS.md."""
+        if self.one_stack is not None:
+            return self.one_stack
+        if self.graphed:
+            return min(p.shape) < GRAPHED_APART
+        return p.is_cuda
 
     def calls(self, params):
         """The Newton-Schulz calls of a step over these matrices: for each, ((shape, indices into params), ...)."""
-        one_stack = params[0].is_cuda if self.one_stack is None else self.one_stack
         calls = defaultdict(lambda: defaultdict(list))  # one Newton-Schulz call: {shape: indices into params}
         for i, p in enumerate(params):
             shape = tuple(p.shape)
-            calls[min(shape) if one_stack else shape][shape].append(i)
+            calls[min(shape) if self.stacked(p) else shape][shape].append(i)
         return tuple(tuple((shape, tuple(index)) for shape, index in call.items()) for call in calls.values())
 
     def flops_per_step(self):
@@ -128,7 +143,10 @@ class Muon(torch.optim.Optimizer):
                 total += sum(len(index) for _, index in call) * group["ns_steps"] * (4 * m * m * n + 2 * m ** 3)
         return total
 
-    def compile(self):
+    def compile(self, graphed=False):
+        """graphed: the step will be captured in a CUDA graph (--compile whole), where launches cost next to nothing:
+        see stacked()."""
+        self.graphed = graphed
         self.compiled, self._update = True, torch.compile(update)
         return self
 
