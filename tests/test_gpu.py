@@ -286,7 +286,8 @@ def test_whole_step_replays_draw_new_dropout_masks(dropout):
 
 
 @pytest.mark.parametrize("extra,tolerance", [((), 0.02), (("--depth_warmup", "0.5"), 0.02),
-                                             (("--dropout", "0.1"), 0.15), (("--optimizer", "muon", "--d_model", "512", "--n_heads", "8"), 0.02),
+                                             (("--dropout", "0.1"), 0.15),
+                                             (("--optimizer", "muon", "--d_model", "512", "--n_heads", "8"), 0.02),
                                              (("--act_weight", "0.1"), 0.02)],
                          ids=["plain", "depth-warmup", "dropout", "muon", "halting-head"])
 def test_compile_whole_trains_as_compile_on(tmp_path, extra, tolerance):
