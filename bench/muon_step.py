@@ -129,7 +129,8 @@ for name, build in optimizers.items():
         opt = build()
         ms, kernels = measure(opt)
         if isinstance(opt, Muon):  # (the products as run: one padded stack computes its zeros too)
-            flops, rate = f"{opt.flops_per_step() / 1e9:.1f}", f"{opt.flops_per_step() / float(ms) / 1e9:.1f}"
+            gflop = opt.flops_per_step() / 1e9
+            flops, rate = f"{gflop:.1f}", f"{gflop / float(ms):.1f}"
     except Exception as e:  # a compiled variant this torch cannot build: its row says why, the others still run
         ms, kernels = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", "-"
     print(f"| {name} | {ms} | {kernels} | {flops} | {rate} |", flush=True)
