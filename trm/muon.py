@@ -12,12 +12,13 @@ model.
 On a GPU the four shapes go further, into one stack: they all have d_model on one side, so turned wide and
 zero-padded to the widest they make one [S, d_model, widest] stack, and one Newton-Schulz instead of four. Padding is
 exact: every iteration multiplies X by its own Gram matrix X X^T, which the zero columns leave unchanged, so [X 0]
-maps to [NS(X) 0]. It costs ~1.8x the products' FLOPs. On a CPU the FLOPs are what costs (the 12-layer GPT's step:
-1.29 s padded against 0.57 s, bench/muon_step.py), so there the shapes stay apart. On an H200 the compiled step took
-about the same time for the TRM-384's 8 matrices as for the GPT-12's 48 (3.2 and 3.9 ms, 120 kernels each): launches
-and latency, not FLOPs, so one Newton-Schulz (~18 kernels) instead of four: the compiled step 1.68 ms against 3.60
-(`python bench/muon_step.py --device cuda --compiled`). Captured in a CUDA graph (--compile whole) launches cost next
-to nothing and, from d_model 512, the FLOPs decide again, so there the shapes stay apart (Muon.stacked).
+maps to [NS(X) 0]. It costs ~1.7x the products' FLOPs (bench/muon_step.py counts them). On a CPU the FLOPs are
+what costs (the 12-layer GPT's step: 1.29 s padded against 0.57 s, bench/muon_step.py), so there the shapes stay
+apart. On an H200 the compiled step took about the same time for the TRM-384's 8 matrices as for the GPT-12's 48
+(3.2 and 3.9 ms, 120 kernels each): launches and latency, not FLOPs, so one Newton-Schulz (~18 kernels) instead of
+four: the compiled step 1.68 ms against 3.60 (`python bench/muon_step.py --device cuda --compiled`). Captured in a
+CUDA graph (--compile whole) launches cost next to nothing and, from d_model 512, the FLOPs decide again, so there the
+shapes stay apart (Muon.stacked): at batch 4 that made the GPT 7 x 768 train 18% faster (BENCHMARKS.md, Round 2).
 """
 import math
 from collections import defaultdict
