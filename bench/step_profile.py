@@ -114,8 +114,10 @@ try:  # (a shape the model refuses, e.g. --d_model 100 --n_heads 3: its reason i
 except ValueError as e:
     sys.exit(f"error: {e}")
 raw = TRM(cfg).to(device)
-# the trainer's optimizer, rate and weight decay of the races (the step's time does not depend on them)
-opt = build_optimizer(raw, argparse.Namespace(optimizer=args.optimizer, lr=1e-3, weight_decay=0.1), device)
+# the trainer's optimizer, rate and weight decay of the races (the step's time does not depend on them), and Muon's
+# default iterations (without them here, --optimizer muon stopped on a missing flag)
+opt = build_optimizer(raw, argparse.Namespace(optimizer=args.optimizer, lr=1e-3, weight_decay=0.1, muon_ns_steps=5,
+                                              muon_ns_coefficients="jordan"), device)
 ema = EMA(raw, 0.995)
 graphs = args.compile == "graphs" and device.type == "cuda"
 model = raw

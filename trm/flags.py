@@ -202,6 +202,10 @@ def trainer_parser(doc):
     p.add_argument("--muon_ns_steps", type=int, default=5,
                    help="--optimizer muon: Newton-Schulz iterations a step. At small batches they are a large "
                         "share of a step's time; fewer are cheaper but orthogonalize less exactly")
+    p.add_argument("--muon_ns_coefficients", default="jordan", choices=["jordan", "polar_express"],
+                   help="--optimizer muon: the Newton-Schulz polynomials. jordan: Keller Jordan's one quintic (as "
+                        "torch.optim.Muon); polar_express: one per iteration (arXiv 2505.16932), nearer orthogonal "
+                        "at 5 iterations or more, at the same cost (trm/muon.py)")
     p.add_argument("--weight_decay", type=float, default=0.01, help="weight decay of the weight matrices")
     p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up to --lr over N steps")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")

@@ -26,42 +26,60 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-# Keller Jordan's quintic coefficients, as torch.optim.Muon uses: they push every singular value towards ~1 in 5 steps
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# The odd quintics p(x) = a x + b x^3 + c x^5 that Newton-Schulz applies to every singular value, one (a, b, c) an
+# iteration (the last repeats), and the margin the input's norm is divided by. "jordan": Keller Jordan's one quintic,
+# as torch.optim.Muon uses; fast from small singular values, it plateaus ~0.3 from 1. "polar_express" (Amsel et al.,
+# arXiv 2505.16932, Algorithm 1): a quintic per iteration, each the minimax-optimal one for where the previous left the
+# singular values (from [0.001, 1]), all but the last evaluated at x / 1.01, and the input at 1 / 1.01 of its norm,
+# for bf16's rounding (the paper's safety factor). At 5 iterations it lands nearer 1 than Jordan's (mean |s - 1| 0.08
+# against 0.14-0.20 for Gaussian matrices of 64 x 160 to 256 x 704); at 2-4 it is further (tests/test_optim.py).
+_PE = ((8.28721201814563, -23.595886519098837, 17.300387312530933),
+       (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+       (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+       (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+       (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+       (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+       (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+       (1.875, -1.25, 0.375))
+NS_COEFFICIENTS = {
+    "jordan": (((3.4445, -4.7750, 2.0315),), 1.0),
+    "polar_express": (tuple((a / 1.01, b / 1.01 ** 3, c / 1.01 ** 5) for a, b, c in _PE[:-1]) + _PE[-1:], 1.01),
+}
 EPS = 1e-7
 # captured in a CUDA graph, matrices whose shorter side is this or more stay a stack per shape (Muon.stacked)
 GRAPHED_APART = 512
 
 
-def orthogonalize(G, steps=5, dtype=None):
+def orthogonalize(G, steps=5, dtype=None, coefficients="jordan"):
     """The nearest semi-orthogonal matrix (approximately: singular values in ~[0.7, 1.2]) to each matrix of the stack
-    G [S, rows, cols], by Newton-Schulz iterations in `dtype`; by default bf16 on a GPU (as torch.optim.Muon), fp32 on a
-    CPU: a CPU without native bf16 products takes a reference path for them, 22 s a step for a 12-layer GPT's matrices
-    on an AVX2 EPYC against 0.6 s in fp32 (bench/muon_step.py, BENCHMARKS.md)."""
-    a, b, c = NS_COEFFICIENTS
+    G [S, rows, cols], by Newton-Schulz iterations (NS_COEFFICIENTS[coefficients]) in `dtype`; by default bf16 on a
+    GPU (as torch.optim.Muon), fp32 on a CPU: a CPU without native bf16 products takes a reference path for them, 22 s
+    a step for a 12-layer GPT's matrices on an AVX2 EPYC against 0.6 s in fp32 (bench/muon_step.py, BENCHMARKS.md)."""
+    polynomials, margin = NS_COEFFICIENTS[coefficients]
     X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
     tall = G.size(1) > G.size(2)
     if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
         X = X.mT
-    X = X / X.norm(dim=(1, 2), keepdim=True).clamp(min=EPS)  # spectral norm <= Frobenius norm = 1
-    for _ in range(steps):
+    X = X / (X.norm(dim=(1, 2), keepdim=True) * margin).clamp(min=EPS)  # spectral norm <= Frobenius norm = 1
+    for i in range(steps):
+        a, b, c = polynomials[min(i, len(polynomials) - 1)]
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
     return X.mT if tall else X
 
 
-def orthogonalize_shapes(stacks, steps=5, dtype=None):
+def orthogonalize_shapes(stacks, steps=5, dtype=None, coefficients="jordan"):
     """orthogonalize() of several stacks [S_k, rows_k, cols_k] whose matrices share their shorter side, as one stack:
     each turned wide and zero-padded on the right to the widest, the result cut back (exact: see the module's
     docstring)."""
     if len(stacks) == 1:
-        return [orthogonalize(stacks[0], steps, dtype)]
+        return [orthogonalize(stacks[0], steps, dtype, coefficients)]
     wide = [G.mT if G.size(1) > G.size(2) else G for G in stacks]
     if len({G.size(1) for G in wide}) != 1:
         raise ValueError(f"one padded stack needs one shorter side, got {[tuple(G.shape[1:]) for G in stacks]}")
     n = max(G.size(2) for G in wide)
-    X = orthogonalize(torch.cat([F.pad(G, (0, n - G.size(2))) for G in wide]), steps, dtype)
+    X = orthogonalize(torch.cat([F.pad(G, (0, n - G.size(2))) for G in wide]), steps, dtype, coefficients)
     out = []
     for G, part in zip(stacks, X.split([G.size(0) for G in stacks])):
         part = part[:, :, :max(G.shape[1:])]  # the padding cut off
@@ -69,7 +87,8 @@ def orthogonalize_shapes(stacks, steps=5, dtype=None):
     return out
 
 
-def update(params, grads, bufs, lr, weight_decay, momentum, nesterov, ns_steps, groups, ns_dtype=None):
+def update(params, grads, bufs, lr, weight_decay, momentum, nesterov, ns_steps, groups, ns_dtype=None,
+           ns_coefficients="jordan"):
     """One Muon step of a parameter group, in place. groups: for each Newton-Schulz call, the (shape, indices into
     params) it orthogonalizes, several shapes sharing their shorter side or one. lr is a float, or a 0-d tensor on the
     weights' device when this function is compiled (a float would be baked into the graph, and the schedule's new
@@ -79,7 +98,7 @@ def update(params, grads, bufs, lr, weight_decay, momentum, nesterov, ns_steps, 
     torch._foreach_mul_(params, 1 - lr * weight_decay)
     for group in groups:
         stacks = [torch.stack([updates[i] for i in index]) for _, index in group]
-        for (shape, index), ortho in zip(group, orthogonalize_shapes(stacks, ns_steps, ns_dtype)):
+        for (shape, index), ortho in zip(group, orthogonalize_shapes(stacks, ns_steps, ns_dtype, ns_coefficients)):
             # in the weights' dtype first: a foreach add of bf16 into fp32 falls back to one kernel per matrix (48
             # for a 12-layer GPT); cast once, it is one launch per shape, and the same arithmetic
             ortho = list(ortho.to(params[index[0]].dtype).unbind(0))
@@ -98,10 +117,10 @@ class Muon(torch.optim.Optimizer):
     compile() compiles the step with torch.compile: a few fused kernels instead of ~170 launches from Python for a
     12-layer GPT, whose training on an H200 is otherwise near host-bound (BENCHMARKS.md, Round 2).
     one_stack: orthogonalize the shapes that share their shorter side as one padded stack (module docstring); None
-    (default) does so on a GPU only."""
+    (default) does so on a GPU only. ns_coefficients: the Newton-Schulz polynomials, a key of NS_COEFFICIENTS."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None,
-                 one_stack=None):
+                 one_stack=None, ns_coefficients="jordan"):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps))
         for group in self.param_groups:
@@ -109,6 +128,10 @@ class Muon(torch.optim.Optimizer):
                 if p.dim() != 2:
                     raise ValueError(f"Muon steps matrices only, got a parameter of shape {tuple(p.shape)}")
         self.ns_dtype = ns_dtype  # None: orthogonalize()'s choice for the device
+        if ns_coefficients not in NS_COEFFICIENTS:
+            raise ValueError(f"ns_coefficients must be one of {sorted(NS_COEFFICIENTS)}, got {ns_coefficients!r}")
+        # (not a group setting, as ns_dtype: a state saved by torch.optim.Muon, which has no such setting, loads)
+        self.ns_coefficients = ns_coefficients
         self.one_stack = one_stack  # shapes sharing their shorter side in one padded stack; None: on a GPU only
         self.compiled, self.graphed, self._update, self._lr = False, False, update, None
 
@@ -170,4 +193,4 @@ class Muon(torch.optim.Optimizer):
                     self._lr = torch.zeros((), device=params[0].device)
                 lr = self._lr.fill_(lr)
             self._update(params, [p.grad for p in params], bufs, lr, group["weight_decay"], group["momentum"],
-                         group["nesterov"], group["ns_steps"], groups, self.ns_dtype)
+                         group["nesterov"], group["ns_steps"], groups, self.ns_dtype, self.ns_coefficients)

@@ -69,7 +69,7 @@ def build_optimizer(model, args, device):
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in ids]
     muon = keep_settings(Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
-                              ns_steps=args.muon_ns_steps))
+                              ns_steps=args.muon_ns_steps, ns_coefficients=args.muon_ns_coefficients))
     return MuonAdamW(muon, adamw(rest, args, device))
 
 
@@ -132,11 +132,12 @@ def describe(optimizer, tokens_per_step=None, model_flops_per_token=None):
     count = lambda opt: sum(p.numel() for g in opt.param_groups for p in g["params"])  # noqa: E731
     n_muon = sum(len(g["params"]) for g in optimizer.muon.param_groups)
     ns_steps = optimizer.muon.param_groups[0]["ns_steps"]
+    polynomials = "" if optimizer.muon.ns_coefficients == "jordan" else " (Polar Express)"
     cost = ""
     if tokens_per_step:  # a fixed cost a step: more tokens a step (--batch_size, --grad_accum) spread it
         per_token = optimizer.muon.flops_per_step() / tokens_per_step
         share = f", {per_token / model_flops_per_token:.0%} of the model's" if model_flops_per_token else ""
         cost = f": {per_token / 1e6:.1f} MFLOP a token at {tokens_per_step:,} tokens a step{share}"
     return (f"Muon for {n_muon} hidden matrices ({count(optimizer.muon):,} parameters; {ns_steps} Newton-Schulz "
-            f"iterations a step{cost}), AdamW for the embedding, heads, vectors and adapters "
+            f"iterations{polynomials} a step{cost}), AdamW for the embedding, heads, vectors and adapters "
             f"({count(optimizer.adamw):,})")
