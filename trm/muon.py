@@ -60,7 +60,7 @@ def orthogonalize(G, steps=5, dtype=None, coefficients="jordan"):
     tall = G.size(1) > G.size(2)
     if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(1, 2), keepdim=True) * margin).clamp(min=EPS)  # spectral norm <= Frobenius norm = 1
+    X = X / (X.norm(dim=(1, 2), keepdim=True) * margin).clamp(min=EPS)  # spectral <= Frobenius norm = 1 / margin
     for i in range(steps):
         a, b, c = polynomials[min(i, len(polynomials) - 1)]
         A = X @ X.mT
