@@ -398,7 +398,8 @@ if master and depth_schedule.trained_depth(config, args.random_depth, args.depth
 model.train()
 try:
     while step < args.max_steps and not clock.out_of_time():
-        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule, clock.budget_frac)
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule, clock.budget_frac,
+                   args.lr_cooldown)
         if whole is None:  # (--compile whole writes the rate into its device tensor instead)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -23,3 +23,13 @@ def test_contradicting_flags_are_one_line(argv, words):
 @pytest.mark.parametrize("argv", [(), ("--random_depth",), ("--depth_warmup", "0.3"), ("--sup_update", "each")])
 def test_each_alone_is_taken(argv):
     assert check_flags(parse(*argv)) is None
+
+
+def test_a_cool_down_belongs_to_wsd_and_is_a_share_of_the_run():
+    assert check_flags(parse("--lr_schedule", "wsd")) is None
+    assert check_flags(parse("--lr_schedule", "wsd", "--lr_cooldown", "1")) is None
+    problem = check_flags(parse("--lr_cooldown", "0.3"))  # the default cosine has no cool-down to set
+    assert "--lr_schedule wsd" in problem and "cosine" in problem
+    for bad in ("0", "1.5", "nan"):
+        problem = check_flags(parse("--lr_schedule", "wsd", "--lr_cooldown", bad))
+        assert problem.startswith("--lr_cooldown must be greater than 0 and at most 1"), problem

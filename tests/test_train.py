@@ -115,6 +115,16 @@ def test_time_budget_stops_with_a_final_checkpoint_and_a_decayed_lr(corpus, tmp_
     assert logged(save, "train")[-1]["step"] == load_checkpoint(save / final[0])["step"] == steps
 
 
+def test_the_wsd_schedule_reaches_every_step_with_its_cool_down(corpus, tmp_path):
+    save = tmp_path / "ck"
+    train(corpus, save, "--max_steps", "12", "--warmup_steps", "2", "--eval_every", "12", "--log_every", "1",
+          "--lr_schedule", "wsd", "--lr_cooldown", "0.5")
+    lrs = {h["step"]: h["lr"] for h in logged(save, "train")}
+    from trm.schedule import lr_at
+    assert lrs == pytest.approx({s: lr_at(s - 1, 3e-3, 2, 12, "wsd", cooldown=0.5) for s in range(1, 13)})
+    assert lrs[7] == 3e-3 and lrs[12] < 3e-3 / 4  # held to the middle of the run after warm-up, then cooling to 0
+
+
 def test_a_finished_run_resumed_again_trains_nothing_and_rewrites_nothing(corpus, tmp_path):
     # `--resume auto` run once more after the end (a script's loop, a habit): one line, exit 0, and the final
     # checkpoint, best.pt (its hard link) and the log stay as they were; a larger --max_steps trains on from there

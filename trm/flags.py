@@ -9,6 +9,7 @@ import argparse
 from trm import whole_step
 from trm.cli import PathList, range_error
 from trm.metrics import tensorboard_missing
+from trm.schedule import WSD_COOLDOWN
 
 # the flags that make the architecture: a resumed run keeps the checkpoint's values
 ARCH_FLAGS = ("arch", "d_model", "n_heads", "n_layers", "latent_steps", "deep_steps", "supervision_steps", "dropout",
@@ -42,6 +43,7 @@ RANGES = {  # flag: its range (trm/cli.py's notation), or (its range, what a val
     "act_weight": ("[0, inf)", "0 = no halting head"),
     "train_halt_threshold": "[0, 1]",
     "depth_warmup": ("[0, 1)", "0 = off"),
+    "lr_cooldown": "(0, 1]",
 }
 
 
@@ -54,6 +56,8 @@ def check_flags(args, world_size=1):
     if args.random_depth and args.depth_warmup:  # (the draw would win, and the warm-up be ignored without a word)
         return ("--depth_warmup fixes one deep step for the start and --random_depth draws the depth every step: "
                 "choose one")
+    if args.lr_cooldown is not None and args.lr_schedule != "wsd":
+        return f"--lr_cooldown is the cool-down of --lr_schedule wsd; this run's schedule is {args.lr_schedule}"
     if args.train_halt_threshold is not None and not args.act_weight:
         return "--train_halt_threshold needs --act_weight > 0"
     if args.tensorboard and (problem := tensorboard_missing()):
@@ -193,8 +197,12 @@ def trainer_parser(doc):
     # optimizer
     p.add_argument("--lr", type=float, default=3e-4,
                    help="peak learning rate (of both optimizers with --optimizer muon: see there)")
-    p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"],
-                   help="after warm-up: decay to 10%% of --lr, or constant")
+    p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant", "wsd"],
+                   help="after warm-up: cosine or linear decay to 10%% of --lr; constant; or wsd: --lr held, then a "
+                        "linear cool-down to 0 over the last --lr_cooldown of the run")
+    p.add_argument("--lr_cooldown", type=float, default=None,
+                   help="--lr_schedule wsd: the share of the run after warm-up spent cooling down to 0 (default "
+                        f"{WSD_COOLDOWN})")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
                    help="muon: Muon (trm/muon.py) for the blocks' weight matrices, AdamW for the "
                         "embedding, the heads and the vectors. Muon scales its step per matrix to AdamW's update size "

@@ -1,17 +1,25 @@
-"""The learning-rate schedule: a linear warm-up to --lr, then a cosine or linear decay to 10% of it (or constant).
+"""The learning-rate schedule: a linear warm-up to --lr, then a cosine or linear decay to 10% of it, constant, or
+wsd: held at --lr, then a linear cool-down to 0 over the last --lr_cooldown of the run.
+
+wsd (warm-up, stable, decay) is the shape of the speedrun-style trainers (modded-nanogpt holds the rate and cools
+down over the last 40%): at the top rate for longest, and ending at 0, where the cosine stops at 10%.
 
 The decay follows whichever runs out first, steps or the --max_minutes budget: `time_frac` is the share of the time
 budget spent (0 without one), so a run stopped by the clock still ends at the bottom of its schedule.
 """
 import math
 
+WSD_COOLDOWN = 0.4  # --lr_cooldown's default: the share of the run after warm-up spent cooling down
 
-def lr_at(step, lr, warmup_steps, max_steps, schedule="cosine", time_frac=0.0):
+
+def lr_at(step, lr, warmup_steps, max_steps, schedule="cosine", time_frac=0.0, cooldown=None):
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return lr
     frac = min(1.0, max((step - warmup_steps) / max(1, max_steps - warmup_steps), time_frac))
+    if schedule == "wsd":
+        return lr * min(1.0, (1 - frac) / (cooldown or WSD_COOLDOWN))
     shape = 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1 - frac
     return lr * (0.1 + 0.9 * shape)
 
