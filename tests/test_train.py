@@ -20,6 +20,7 @@ from trainer_run import (ROOT, TINY, copy_run_until, endless_trainer, logged, lo
                          train)
 from trm.checkpoint import load_checkpoint, save_checkpoint
 from trm.metrics import tensorboard_missing
+from trm.schedule import lr_at
 from trm.tokenizer import Tokenizer
 
 
@@ -120,7 +121,6 @@ def test_the_wsd_schedule_reaches_every_step_with_its_cool_down(corpus, tmp_path
     train(corpus, save, "--max_steps", "12", "--warmup_steps", "2", "--eval_every", "12", "--log_every", "1",
           "--lr_schedule", "wsd", "--lr_cooldown", "0.5")
     lrs = {h["step"]: h["lr"] for h in logged(save, "train")}
-    from trm.schedule import lr_at
     assert lrs == pytest.approx({s: lr_at(s - 1, 3e-3, 2, 12, "wsd", cooldown=0.5) for s in range(1, 13)})
     assert lrs[7] == 3e-3 and lrs[12] < 3e-3 / 4  # held to the middle of the run after warm-up, then cooling to 0
 
