@@ -41,7 +41,8 @@ from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops, resumed_log
 from trm.model import TRM, TRMConfig
 from trm.optim import build_optimizer, clip_and_step, describe as describe_optimizer
-from trm.resume import every_rank_rng, keep_checkpoint_settings, resume_error, restore, rng_state, run_ended
+from trm.resume import (every_rank_rng, keep_checkpoint_settings, resume_error, restore, rng_state, run_ended,
+                        schedule_changes)
 from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resume_advice, take_ownership
 from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
@@ -111,6 +112,8 @@ except (SaveDirError, CheckpointError) as e:
     fail(str(e))
 if ckpt is not None:
     log(f"resuming from {ckpt_path} (step {ckpt['step']})")
+    if changes := schedule_changes(ckpt, args):
+        log(changes)
     if problem := resume_error(ckpt, ckpt_path, tokenizer, args):
         fail_once(problem)
     if ended := run_ended(ckpt, ckpt_path, args):  # a finished run resumed (--resume auto again): said, not redone

@@ -123,6 +123,14 @@ def test_the_wsd_schedule_reaches_every_step_with_its_cool_down(corpus, tmp_path
     lrs = {h["step"]: h["lr"] for h in logged(save, "train")}
     assert lrs == pytest.approx({s: lr_at(s - 1, 3e-3, 2, 12, "wsd", cooldown=0.5) for s in range(1, 13)})
     assert lrs[7] == 3e-3 and lrs[12] < 3e-3 / 4  # held to the middle of the run after warm-up, then cooling to 0
+    # a resume follows its own command's schedule, and says where it differs (here: the wsd flags left out)
+    r = train(corpus, save, "--max_steps", "14", "--warmup_steps", "2", "--eval_every", "12", "--log_every", "1",
+              "--resume", "auto")
+    line = next(x for x in r.stdout.splitlines() if "the schedule follows this command" in x)
+    assert "--lr_schedule cosine (was wsd)" in line and "--lr_cooldown unset (was 0.5)" in line, line
+    assert "--max_steps 14 (was 12)" in line and "--lr " not in line and "--warmup_steps" not in line, line
+    again = ("--max_steps", "14", "--warmup_steps", "2", "--eval_every", "12", "--log_every", "1", "--resume", "auto")
+    assert "the schedule follows" not in train(corpus, save, *again).stdout  # the same schedule: nothing to say
 
 
 def test_a_finished_run_resumed_again_trains_nothing_and_rewrites_nothing(corpus, tmp_path):

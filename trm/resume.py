@@ -57,6 +57,19 @@ def run_ended(ckpt, ckpt_path, args):
             f"--resume and add --overwrite")
 
 
+SCHEDULE_FLAGS = ("lr", "lr_schedule", "lr_cooldown", "warmup_steps", "max_steps", "max_minutes")
+
+
+def schedule_changes(ckpt, args):
+    """A resumed run follows the command line's schedule (so --max_steps can extend it): a line naming the schedule
+    flags that differ from the checkpoint's command, so that one left out of a resume (--lr_schedule wsd, say) is
+    seen before the rate jumps, or None."""
+    was, shown = ckpt.get("args") or {}, lambda value: "unset" if value is None else value
+    changed = [f"--{name} {shown(getattr(args, name))} (was {shown(was[name])})" for name in SCHEDULE_FLAGS
+               if name in was and was[name] != getattr(args, name)]
+    return "the schedule follows this command, not the checkpoint's: " + ", ".join(changed) if changed else None
+
+
 def keep_checkpoint_settings(args, parser, config, ckpt, log):
     """A resumed run keeps its checkpoint's architecture, window length and seed (which orders its windows and depth
     draws: another would reshuffle the epoch mid-run). `args` takes them; a command line that asks for others is told
