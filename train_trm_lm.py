@@ -113,7 +113,7 @@ except (SaveDirError, CheckpointError) as e:
 if ckpt is not None:
     log(f"resuming from {ckpt_path} (step {ckpt['step']})")
     if changes := schedule_changes(ckpt, args):
-        log(changes)
+        log(f"note: {changes}")
     if problem := resume_error(ckpt, ckpt_path, tokenizer, args):
         fail_once(problem)
     if ended := run_ended(ckpt, ckpt_path, args):  # a finished run resumed (--resume auto again): said, not redone
