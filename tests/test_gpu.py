@@ -288,9 +288,11 @@ def test_whole_step_replays_draw_new_dropout_masks(dropout):
 @pytest.mark.parametrize("extra,tolerance", [((), 0.02), (("--depth_warmup", "0.5"), 0.02),
                                              (("--dropout", "0.1"), 0.15),
                                              (("--optimizer", "muon", "--d_model", "512", "--n_heads", "8"), 0.02),
+                                             (("--optimizer", "muon", "--d_model", "512", "--n_heads", "8",
+                                               "--prelude_layers", "1", "--coda_layers", "1"), 0.02),
                                              (("--act_weight", "0.1"), 0.02),
                                              (("--lr_schedule", "wsd", "--lr_cooldown", "0.5"), 0.02)],
-                         ids=["plain", "depth-warmup", "dropout", "muon", "halting-head", "wsd"])
+                         ids=["plain", "depth-warmup", "dropout", "muon", "muon-hybrid", "halting-head", "wsd"])
 def test_compile_whole_trains_as_compile_on(tmp_path, extra, tolerance):
     # bf16 both; only the optimizer's path differs (a capturable AdamW or Muon on a rate tensor, the graph).
     # --depth_warmup captures a second graph at its depth change; with dropout the two draw their masks differently,
