@@ -310,10 +310,10 @@ def test_weights_merged_ahead_give_the_per_call_paths_outputs():
 
 
 def test_adapters_train_with_adamw_under_muon():
-    from argparse import Namespace
+    from trm.flags import trainer_parser
     from trm.optim import build_optimizer
     model = tiny(adapter_rank=2)
-    args = Namespace(optimizer="muon", lr=1e-3, weight_decay=0.1, muon_ns_steps=5, muon_ns_coefficients="jordan")
+    args = trainer_parser("\n\n").parse_args(["--optimizer", "muon", "--lr", "1e-3", "--weight_decay", "0.1"])
     opt = build_optimizer(model, args, torch.device("cpu"))
     in_adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
     assert all(id(p) in in_adamw for p in model.adapters.parameters())
