@@ -47,9 +47,9 @@ from trm.data import PackedLoader  # noqa: E402
 from trm.device import autocast, pick_device  # noqa: E402
 from trm.ema import EMA  # noqa: E402
 from trm.evaluate import evaluate  # noqa: E402
+from trm.flags import trainer_parser  # noqa: E402
 from trm.metrics import peak_flops  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
-from trm.flags import trainer_parser  # noqa: E402
 from trm.optim import build_optimizer  # noqa: E402
 from trm.run_dir import RunDir  # noqa: E402
 from trm.saver import Saver  # noqa: E402
@@ -117,8 +117,8 @@ except ValueError as e:
 raw = TRM(cfg).to(device)
 # the trainer's optimizer, rate and weight decay of the races (the step's time does not depend on them), every other
 # optimizer flag at the trainer's default (parsed, so a new one cannot go missing here)
-opt = build_optimizer(raw, trainer_parser("\n\n").parse_args(["--optimizer", args.optimizer, "--lr", "1e-3",
-                                                               "--weight_decay", "0.1"]), device)
+opt = build_optimizer(raw, trainer_parser().parse_args(["--optimizer", args.optimizer, "--lr", "1e-3",
+                                                        "--weight_decay", "0.1"]), device)
 ema = EMA(raw, 0.995)
 graphs = args.compile == "graphs" and device.type == "cuda"
 model = raw

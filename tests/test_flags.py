@@ -5,7 +5,7 @@ from trm.flags import check_flags, trainer_parser
 
 
 def parse(*argv):
-    return trainer_parser("trainer\n\nexample").parse_args(list(argv))
+    return trainer_parser().parse_args(list(argv))
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -19,7 +19,7 @@ MUON = ["--optimizer", "muon"]
 
 
 def flags(*argv):
-    return trainer_parser("doc\n\nexample").parse_args(list(argv))
+    return trainer_parser().parse_args(list(argv))
 
 
 def tiny_model(**kw):

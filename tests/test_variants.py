@@ -313,7 +313,7 @@ def test_adapters_train_with_adamw_under_muon():
     from trm.flags import trainer_parser
     from trm.optim import build_optimizer
     model = tiny(adapter_rank=2)
-    args = trainer_parser("\n\n").parse_args(["--optimizer", "muon", "--lr", "1e-3", "--weight_decay", "0.1"])
+    args = trainer_parser().parse_args(["--optimizer", "muon", "--lr", "1e-3", "--weight_decay", "0.1"])
     opt = build_optimizer(model, args, torch.device("cpu"))
     in_adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
     assert all(id(p) in in_adamw for p in model.adapters.parameters())

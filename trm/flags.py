@@ -118,12 +118,13 @@ def choose_compile(requested, device_type, tokens_per_micro_step, not_compilable
     return "whole", f"--compile auto: the whole step (optimizer and EMA included) as one CUDA graph, as {bound}"
 
 
-def trainer_parser(doc):
+def trainer_parser(doc=None):
     """train_trm_lm.py's flags: the procedure's, with their names, meanings and defaults, then this project's.
 
-    doc: the script's docstring (first line: the description; second paragraph: the example)."""
-    p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=HelpFormatter,
-                                epilog="example (the procedure's step 3):\n" + doc.split("\n\n")[1])
+    doc: the script's docstring (first line: the description; second paragraph: the example) for --help; None for
+    a parser that only reads flags (benchmarks and tests that want the trainer's defaults)."""
+    p = argparse.ArgumentParser(description=doc and doc.split("\n")[0], formatter_class=HelpFormatter,
+                                epilog=doc and "example (the procedure's step 3):\n" + doc.split("\n\n")[1])
     # data and tokenizer (the procedure's flags)
     p.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "byte"],
                    help="byte: raw UTF-8 bytes, no model file")
