@@ -7,6 +7,10 @@
         --qk_norm --zero_init --compile graphs
     python bench/step_profile.py --device cuda --compile graphs --loop_steps 3000 --save_every 500   # the loop
     python bench/step_profile.py --device cuda --compile on --whole_graph          # the whole step as one graph
+    python bench/step_profile.py --device cuda --compile on --whole_graph --optimizer muon --muon_ns_steps 3 \
+        --arch gpt --n_layers 4 --d_model 1024 --n_heads 16 --qk_norm --zero_init --tie_embeddings --dropout 0
+        # the equal-compute pair's GPT as raced; its TRM: --d_model 1024 --n_heads 16 --latent_steps 1 --deep_steps 1
+        # --supervision_steps 1 --grad_deep_steps 0 and the same recipe
     python bench/step_profile.py --device cuda --compile on --whole_graph --overlap_eval   # an evaluation beside it
     python bench/step_profile.py --device cuda --compile on --whole_graph --background_compile   # its compile beside it
     python bench/step_profile.py --device cuda --batch_size 64 --dropout 0 --compile on --d_model 384 --n_heads 6 \
@@ -47,7 +51,7 @@ from trm.data import PackedLoader  # noqa: E402
 from trm.device import autocast, pick_device  # noqa: E402
 from trm.ema import EMA  # noqa: E402
 from trm.evaluate import evaluate  # noqa: E402
-from trm.flags import trainer_parser  # noqa: E402
+from trm.flags import check_flags, trainer_parser  # noqa: E402
 from trm.metrics import peak_flops  # noqa: E402
 from trm.model import TRM, TRMConfig  # noqa: E402
 from trm.optim import build_optimizer  # noqa: E402
@@ -65,6 +69,7 @@ p.add_argument("--n_layers", type=int, default=2)
 p.add_argument("--supervision_steps", type=int, default=2)
 p.add_argument("--grad_deep_steps", type=int, default=1)
 p.add_argument("--latent_steps", type=int, default=2)
+p.add_argument("--deep_steps", type=int, default=2, help="as the trainer's (1: the TRM-1024's equal-compute row)")
 p.add_argument("--tie_embeddings", action="store_true")
 p.add_argument("--adapter_rank", type=int, default=0, help="per-call adapters (trm/adapters.py)")
 p.add_argument("--vocab_size", type=int, default=16000)
@@ -73,6 +78,7 @@ p.add_argument("--qk_norm", action="store_true")
 p.add_argument("--zero_init", action="store_true")
 p.add_argument("--dropout", type=float, default=0.1, help="the seed's; the races train with 0")
 p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
+p.add_argument("--muon_ns_steps", type=int, default=5, help="as the trainer's: Newton-Schulz iterations of Muon")
 p.add_argument("--compile", choices=("off", "on", "graphs"), default="off")
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--threads", type=int, default=0)
@@ -81,7 +87,7 @@ p.add_argument("--loop_steps", type=int, default=0,
                     "the finite check, the loss sum), then the same with a checkpoint every --save_every steps")
 p.add_argument("--save_every", type=int, default=100)
 p.add_argument("--whole_graph", action="store_true",
-               help="CUDA, AdamW: the trainer's --compile whole, the whole step (forward, backward, clipping, the "
+               help="CUDA: the trainer's --compile whole, the whole step (forward, backward, clipping, the "
                     "optimizer, the EMA) as one CUDA graph, timed by its replays: against --compile graphs, which "
                     "captures the forward and backward only (issue 20: the procedure's batch 4)")
 p.add_argument("--overlap_eval", action="store_true",
@@ -91,9 +97,9 @@ p.add_argument("--background_compile", action="store_true",
 p.add_argument("--switch_interval", type=float, default=0.0,
                help="with --background_compile: Python's thread switch interval in seconds while it compiles")
 args = p.parse_args()
-if args.whole_graph and (args.optimizer != "adamw" or args.compile == "graphs" or args.loop_steps):
-    sys.exit("error: --whole_graph takes --optimizer adamw and --compile off or on (the model is compiled inside the "
-             "graph), without --loop_steps")
+if args.whole_graph and (args.compile == "graphs" or args.loop_steps):
+    sys.exit("error: --whole_graph takes --compile off or on (the model is compiled inside the graph), without "
+             "--loop_steps")
 if args.threads:
     torch.set_num_threads(args.threads)
 
@@ -110,22 +116,25 @@ try:  # (a shape the model refuses, e.g. --d_model 100 --n_heads 3: its reason i
     cfg = TRMConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
                     max_seq_len=args.max_seq_len, arch=args.arch, supervision_steps=args.supervision_steps,
                     grad_deep_steps=args.grad_deep_steps, qk_norm=args.qk_norm, zero_init=args.zero_init,
-                    dropout=args.dropout, latent_steps=args.latent_steps, tie_embeddings=args.tie_embeddings,
-                    adapter_rank=args.adapter_rank)
+                    dropout=args.dropout, latent_steps=args.latent_steps, deep_steps=args.deep_steps,
+                    tie_embeddings=args.tie_embeddings, adapter_rank=args.adapter_rank)
 except ValueError as e:
     sys.exit(f"error: {e}")
 raw = TRM(cfg).to(device)
 # the trainer's optimizer, rate and weight decay of the races (the step's time does not depend on them), every other
 # optimizer flag at the trainer's default (parsed, so a new one cannot go missing here)
-opt = build_optimizer(raw, trainer_parser().parse_args(["--optimizer", args.optimizer, "--lr", "1e-3",
-                                                        "--weight_decay", "0.1"]), device)
+opt_args = trainer_parser().parse_args(["--optimizer", args.optimizer, "--lr", "1e-3", "--weight_decay", "0.1",
+                                        "--muon_ns_steps", str(args.muon_ns_steps)])
+if problem := check_flags(opt_args):
+    sys.exit(f"error: {problem}")
+opt = build_optimizer(raw, opt_args, device)
 ema = EMA(raw, 0.995)
 graphs = args.compile == "graphs" and device.type == "cuda"
 model = raw
 if args.compile != "off":  # as the trainer does under --compile: the model, and Muon's step
     model = torch.compile(raw, mode="reduce-overhead" if graphs else None)
-    if args.optimizer == "muon":
-        opt.muon.compile()
+    if args.optimizer == "muon":  # captured whole as under the trainer's --compile whole: its wide shapes stay apart
+        opt.muon.compile(graphed=args.whole_graph)
 x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.max_seq_len), device=device)
 # targets a tensor of their own, as the trainer's. With one tensor for both, --whole_graph compiled again inside its
 # capture, which CUDA refused (an H100, 2026-12-06), most likely because the warm-ups compiled for aliased inputs and
@@ -187,7 +196,9 @@ med = {k: statistics.median(v) for k, v in times.items()}
 total = sum(med.values())
 print(f"# {device} ({why}), torch {torch.__version__}, threads {torch.get_num_threads()}; {cfg.arch} d_model "
       f"{cfg.d_model} n_layers {cfg.n_layers} vocab {cfg.vocab_size}, batch {args.batch_size} x {args.max_seq_len}, "
-      f"{raw.flops_per_token(args.max_seq_len) / 1e6:.1f} MFLOP/token, {args.optimizer}, --compile {args.compile}")
+      f"{raw.flops_per_token(args.max_seq_len) / 1e6:.1f} MFLOP/token, {args.optimizer}"
+      f"{f' ({args.muon_ns_steps} Newton-Schulz iterations)' if args.optimizer == 'muon' else ''}, --compile "
+      f"{'whole' if args.whole_graph else args.compile}")
 print(f"{'phase':<10} {'ms':>9} {'share':>7}   (each phase synced)")
 for k, v in med.items():
     print(f"{k:<10} {1000 * v:>9.1f} {100 * v / total:>6.1f}%")

@@ -3,6 +3,7 @@ apart from the user's files and from another corpus's. (bench/race.py has tests/
 import gzip
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,15 @@ def test_step_profile_times_each_phase_on_the_cpu_and_refuses_what_needs_cuda():
     phases = [line.split()[0] for line in r.stdout.splitlines() if line.split() and line.split()[0] in
               ("forward", "backward", "optimizer", "ema")]
     assert phases == ["forward", "backward", "optimizer", "ema"] and "whole step, no sync inside" in r.stdout
+    # the equal-compute pair's flags reach the model and Muon: half the deep steps, fewer FLOPs a token, as the header says
+    mflop = lambda out: float(re.search(r"([0-9.]+) MFLOP/token", out).group(1))  # noqa: E731
+    half = bench("step_profile.py", *tiny, "--deep_steps", 1, "--optimizer", "muon", "--muon_ns_steps", 3)
+    assert half.returncode == 0, half.stderr
+    assert mflop(half.stdout) < mflop(r.stdout) and "muon (3 Newton-Schulz iterations)" in half.stdout
     for flags, words in ((["--overlap_eval"], "second CUDA stream"), (["--whole_graph"], "needs a CUDA device"),
+                         (["--whole_graph", "--optimizer", "muon"], "needs a CUDA device"),
+                         (["--optimizer", "muon", "--muon_ns_steps", 0], "--muon_ns_steps must be at least 1"),
+                         (["--deep_steps", 0], "deep_steps"),
                          (["--background_compile"], "beside the replays of --whole_graph"),
                          (["--background_compile", "--whole_graph"], "needs a CUDA device"),
                          (["--switch_interval", -1], "number of seconds")):

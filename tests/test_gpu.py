@@ -258,6 +258,20 @@ def test_whole_step_replays_equal_eager_steps_on_cuda(optimizer):
     assert not bad
 
 
+def test_step_profile_captures_the_whole_step_with_muon():
+    # bench/step_profile.py --whole_graph took AdamW only; the races' recipe is Muon under --compile whole, which the
+    # trainer captures with Muon's wide shapes apart: the bench now does the same, for the equal-compute pair's profile
+    tiny_flags = ["--d_model", "64", "--n_heads", "4", "--vocab_size", "512", "--max_seq_len", "64", "--steps", "3",
+                  "--latent_steps", "1", "--deep_steps", "1", "--supervision_steps", "1", "--grad_deep_steps", "0",
+                  "--dropout", "0"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "step_profile.py"), "--device", "cuda",
+                        "--compile", "on", "--whole_graph", "--optimizer", "muon", "--muon_ns_steps", "3", *tiny_flags],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "muon (3 Newton-Schulz iterations), --compile whole" in r.stdout and "replay" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_whole_step_replays_draw_new_dropout_masks(dropout):
     # a graph replays its kernels as captured: dropout must still draw a new mask each replay (CUDA's generator hands
