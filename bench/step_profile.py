@@ -100,6 +100,8 @@ args = p.parse_args()
 if args.whole_graph and (args.compile == "graphs" or args.loop_steps):
     sys.exit("error: --whole_graph takes --compile off or on (the model is compiled inside the graph), without "
              "--loop_steps")
+if args.whole_graph and args.optimizer == "muon" and args.compile == "off":  # (Muon's stacks follow the compile)
+    sys.exit("error: --whole_graph with --optimizer muon takes --compile on, as the trainer's --compile whole")
 if args.threads:
     torch.set_num_threads(args.threads)
 

@@ -106,13 +106,14 @@ def test_step_profile_times_each_phase_on_the_cpu_and_refuses_what_needs_cuda():
     phases = [line.split()[0] for line in r.stdout.splitlines() if line.split() and line.split()[0] in
               ("forward", "backward", "optimizer", "ema")]
     assert phases == ["forward", "backward", "optimizer", "ema"] and "whole step, no sync inside" in r.stdout
-    # the equal-compute pair's flags reach the model and Muon: half the deep steps, fewer FLOPs a token, as the header says
+    # the equal-compute pair's flags reach the model and Muon (half the deep steps: fewer FLOPs a token)
     mflop = lambda out: float(re.search(r"([0-9.]+) MFLOP/token", out).group(1))  # noqa: E731
     half = bench("step_profile.py", *tiny, "--deep_steps", 1, "--optimizer", "muon", "--muon_ns_steps", 3)
     assert half.returncode == 0, half.stderr
     assert mflop(half.stdout) < mflop(r.stdout) and "muon (3 Newton-Schulz iterations)" in half.stdout
     for flags, words in ((["--overlap_eval"], "second CUDA stream"), (["--whole_graph"], "needs a CUDA device"),
-                         (["--whole_graph", "--optimizer", "muon"], "needs a CUDA device"),
+                         (["--whole_graph", "--optimizer", "muon", "--compile", "on"], "needs a CUDA device"),
+                         (["--whole_graph", "--optimizer", "muon"], "takes --compile on"),
                          (["--optimizer", "muon", "--muon_ns_steps", 0], "--muon_ns_steps must be at least 1"),
                          (["--deep_steps", 0], "deep_steps"),
                          (["--background_compile"], "beside the replays of --whole_graph"),
