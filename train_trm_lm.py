@@ -347,10 +347,8 @@ def stop_if_collapsed():
     collapsed = torch.tensor(guard is not None and guard.collapsed, device=device)
     if ddp:
         dist.broadcast(collapsed, 0)
-    if collapsed.item():
-        if master:
-            fail(collapse_error(), 3)
-        sys.exit(3)
+    if collapsed.item():  # (rank 0 knows the last good checkpoint; the others wait for its line: fail_once)
+        fail_once(collapse_error() if master else None, 3)
 
 
 def optimizer_step(loss):

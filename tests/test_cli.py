@@ -1,5 +1,6 @@
 """trm/cli.py: every script's range check says the flag, its range in words and the value, in one style; Ctrl-C
 is one line; a list of files may be given in several pieces."""
+import os
 import signal
 import subprocess
 import sys
@@ -61,3 +62,29 @@ def test_a_list_of_files_given_twice_is_refused_not_cut_to_the_last(capsys):
     assert p.parse_args(["--train_paths", "a", "b"]).train_paths == ["a", "b"]
     assert p.parse_args([]).train_paths[0] == "train_0.jsonl.gz"  # the default
     assert p.parse_args(["--valid_paths"]).valid_paths == []  # none: no evaluation, as before
+
+
+def fail_once_as(rank, wait_s):
+    # a process that installed a SIGTERM handler that only takes note (as the training loop's does), then meets a
+    # verdict every rank meets alike
+    code = ("import signal, trm.cli as cli; signal.signal(signal.SIGTERM, lambda *a: None); "
+            f"cli.PEER_WAIT_S = {wait_s}; cli.fail_once('bad flag', code=2)")
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_the_other_ranks_wait_for_rank_0s_line_and_die_at_once_when_torchrun_ends_them():
+    # torchrun stops every process at the first exit: a rank 1 that left at once cut rank 0 off before its line
+    # (CI on a slow host: no "error:" line at all)
+    assert fail_once_as(0, 60).communicate(timeout=60) == ("", "error: bad flag\n")
+    other = fail_once_as(1, 60)
+    with pytest.raises(subprocess.TimeoutExpired):
+        other.wait(timeout=8)  # (long past a start-up's skew between ranks)
+    other.send_signal(signal.SIGTERM)  # what torchrun sends once rank 0 has left
+    assert other.wait(timeout=5) == -signal.SIGTERM and other.communicate() == ("", "")
+
+
+def test_a_rank_whose_rank_0_never_speaks_leaves_silently_with_the_code_after_the_wait():
+    other = fail_once_as(1, 1)
+    assert other.wait(timeout=60) == 2 and other.communicate() == ("", "")

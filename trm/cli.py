@@ -9,6 +9,7 @@ import datetime
 import math
 import os
 import re
+import signal
 import sys
 import time
 
@@ -47,11 +48,21 @@ def fail(message, code=2):
     sys.exit(code)
 
 
+PEER_WAIT_S = 30  # fail_once: how long the other ranks wait for rank 0's line
+
+
 def fail_once(message, code=2, local=False):
     """fail() for what every process of a torchrun finds alike (the same command line, checkpoint or verdict): rank 0
     says it, the others leave with the same code. local=True: once per machine (LOCAL_RANK 0), for what each machine
     finds for itself, its devices. (What one rank can meet alone, a file missing on its node, stays fail().)"""
     if os.environ.get("LOCAL_RANK" if local else "RANK", "0") != "0":
+        # torchrun stops every process as soon as one leaves: a rank that left first could cut rank 0 off before its
+        # line was out (seen on a slow host: no line at all). So wait for rank 0 to say it and end the run, dying at
+        # once by the signal torchrun then sends (whatever handler the loop installed); the bound is for a rank 0 that
+        # never does, on another machine
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+        time.sleep(PEER_WAIT_S)
         sys.exit(code)
     fail(message, code)
 
