@@ -53,8 +53,9 @@ PEER_WAIT_S = 30  # fail_once: how long the other ranks wait for rank 0's line
 
 def fail_once(message, code=2, local=False):
     """fail() for what every process of a torchrun finds alike (the same command line, checkpoint or verdict): rank 0
-    says it, the others leave with the same code. local=True: once per machine (LOCAL_RANK 0), for what each machine
-    finds for itself, its devices. (What one rank can meet alone, a file missing on its node, stays fail().)"""
+    says it, the others wait for its line and leave with the same code. local=True: once per machine (LOCAL_RANK 0),
+    for what each machine finds for itself, its devices. (What one rank can meet alone, a file missing on its node,
+    stays fail().)"""
     if os.environ.get("LOCAL_RANK" if local else "RANK", "0") != "0":
         # torchrun stops every process as soon as one leaves: a rank that left first could cut rank 0 off before its
         # line was out (seen on a slow host: no line at all). So wait for rank 0 to say it and end the run, dying at
