@@ -14,7 +14,6 @@ mean of the rounds' losses. y and z are detached between rounds, so this equals 
 learning rate, with no measured gain for language modeling here; see README).
 """
 import contextlib
-import gc
 import os
 import random
 import shutil
@@ -32,8 +31,8 @@ from trm.clock import RunClock, hms
 from trm import depth as depth_schedule
 from trm.corpus import unique_paths, validation_in_training
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
-from trm.device import (autocast, autocast_each, bytecode_note, distributed, out_of_memory, pick_device,
-                        start_processes)
+from trm.device import (autocast, autocast_each, bytecode_note, distributed, end_processes, out_of_memory,
+                        pick_device, start_processes)
 from trm.ema import EMA
 from trm.evaluate import compile_blocks, evaluate, unknown_note
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, not_compilable, trainer_parser
@@ -118,10 +117,7 @@ if ckpt is not None:
         fail_once(problem)
     if ended := run_ended(ckpt, ckpt_path, args):  # a finished run resumed (--resume auto again): said, not redone
         log(ended)
-        if ddp:  # every rank is here (the same checkpoint): none tears the group down while another still uses it
-            dist.barrier()
-            dist.destroy_process_group()
-        sys.exit(0)
+        end_processes(0, ddp)  # (every rank is here: the same checkpoint)
 try:
     config = TRMConfig(**ckpt["config"]) if ckpt is not None else \
         TRMConfig(vocab_size=tokenizer.vocab_size, halt_head=args.act_weight > 0,
@@ -547,23 +543,6 @@ if master:
             (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "") +
             (f", at the warm-up's {last_eval['eval_depth']['deep_steps']} deep step" if "eval_depth" in last_eval
              else "") + f"; curves in {metrics.curves_path}")
-if ddp:
-    # the others wait for rank 0's evaluation and save: a process group torn down on one side only can abort the
-    # other (seen with gloo: "terminate called without an active exception", and torchrun then kills rank 0)
-    dist.barrier()
-    # The DDP wrapper holds the process group and its last work, tensors included: freed now, while the interpreter
-    # is whole, not during its finalization, where gloo's threads releasing them can abort the process (SIGABRT,
-    # the same message; seen once in CI on rank 1 after a complete run)
-    del model
-    gc.collect()
-    dist.destroy_process_group()
-# interrupted: saved, but not done; `train && generate final_step_N.pt` stops here, as after any signal (128 + N)
-code = 128 + signal.Signals[interrupted] if interrupted else 0
-if ddp:
-    # Even so, gloo's teardown in the interpreter's finalization aborted rank 1 of a complete run, twice in CI (SIGABRT
-    # after "done:", and torchrun failed the run). Nothing is left to do: every file is written and closed (the
-    # metrics log writes through os.write, the saver is closed), so leave without finalizing, the output flushed
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-sys.exit(code)
+# the others wait for rank 0's evaluation and save. Interrupted: saved, but not done; `train && generate
+# final_step_N.pt` stops here, as after any signal (128 + N)
+end_processes(128 + signal.Signals[interrupted] if interrupted else 0, ddp)
