@@ -13,7 +13,6 @@ mean of the rounds' losses. y and z are detached between rounds, so this equals 
 (the paper instead steps the optimizer after every round: N_sup times the optimizer work and a different effective
 learning rate, with no measured gain for language modeling here; see README).
 """
-import contextlib
 import os
 import random
 import shutil
@@ -31,21 +30,22 @@ from trm.clock import RunClock, hms
 from trm import depth as depth_schedule
 from trm.corpus import unique_paths, validation_in_training
 from trm.data import CacheWriteError, DataError, PackedLoader, check_cache_dir, check_paths, eval_windows, load_corpora
-from trm.device import (autocast, autocast_each, bytecode_note, distributed, end_processes, out_of_memory,
-                        pick_device, start_processes)
+from trm.device import (bytecode_note, compile_training, distributed, end_processes, pick_device, start_processes,
+                        training_out_of_memory)
 from trm.ema import EMA
-from trm.evaluate import compile_blocks, evaluate, unknown_note
+from trm.evaluate import compile_blocks, describe, evaluate, slow_note, trainer_batch, unknown_note
 from trm.flags import ARCH_FLAGS, check_flags, choose_compile, not_compilable, trainer_parser
 from trm.guard import CollapseGuard, last_good_checkpoint, unigram_entropy
 from trm.metrics import MetricsLog, peak_flops, resumed_log
 from trm.model import TRM, TRMConfig
-from trm.optim import build_optimizer, clip_and_step, describe as describe_optimizer
+from trm.optim import build_optimizer, describe as describe_optimizer
 from trm.resume import (every_rank_rng, keep_checkpoint_settings, resume_error, restore, rng_state, run_ended,
                         schedule_changes)
 from trm.run_dir import RunDir, SaveDirError, disk_warning, open_save_dir, resume_advice, take_ownership
 from trm.saver import Saver
 from trm.schedule import budget_warning, lr_at, warmup_warning
 from trm.tokenizer import Tokenizer, TokenizerError
+from trm.step import EagerStep
 from trm.whole_step import WholeStep, refusal as whole_step_refusal
 
 p = trainer_parser(__doc__)
@@ -153,16 +153,12 @@ except KeyboardInterrupt:  # (Ctrl-C is the trainer's own only from the loop on:
 loader = PackedLoader(train_tokens, L, args.batch_size, args.seed, rank, world_size)
 val_windows = eval_windows(valid_tokens, L, args.eval_tokens) if valid_tokens is not None else None
 token_bytes = tokenizer.token_bytes()
-epoch_steps = loader.n_windows * L / tokens_per_step  # (a tiny corpus: less than one step, not "0 steps")
-log(f"data: {len(train_tokens):,} train tokens = {loader.n_windows:,} windows of {L} "
-    f"({epoch_steps:,.{0 if epoch_steps >= 10 else 2}f} steps per epoch at {tokens_per_step:,} tokens/step)"
-    + (f"; {val_windows.shape[0]} validation windows" if val_windows is not None else ""))
+data_line, short = loader.describe(tokens_per_step)
+log(f"data: {data_line}" + (f"; {val_windows.shape[0]} validation windows" if val_windows is not None else ""))
 if val_windows is not None and (note := unknown_note(val_windows, tokenizer)):
     log(f"note: validation: {note}")
-if len(train_tokens) < L + 1:  # a window then wraps round the circle: the same text several times in one window
-    log(f"warning: the training corpus is {len(train_tokens):,} tokens, less than one window of {L + 1:,}: each window "
-        f"repeats it about {(L + 1) / len(train_tokens):.0f} times. Add text, or train a new run with --max_seq_len "
-        f"{max(1, len(train_tokens) - 1)} or less")
+if short:
+    log(f"warning: {short}")
 
 torch.manual_seed(args.seed)  # identical initial weights on every rank
 model = TRM(config).to(device)
@@ -195,14 +191,7 @@ log(f"compile: {why}")
 if ddp:
     model = distributed(model, device)
 if use_compile:
-    # compiled after DDP so that the compiler splits the graph at gradient buckets and overlaps the all-reduce;
-    # CUDA graphs replay a whole step's kernels with one launch: small batches are launch-bound, not math-bound
-    import torch._dynamo
-    # one graph per depth a depth schedule asks for (--random_depth deep: 2T of them), each compiled once
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * config.deep_steps + 4)
-    model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
-    if args.optimizer == "muon":  # ~170 launches a step from Python would otherwise hold back a 12-layer GPT on a GPU
-        optimizer.muon.compile(graphed=compile_mode == "whole")  # (captured, its shapes stay apart: trm/muon.py)
+    model = compile_training(model, optimizer, compile_mode, config.deep_steps)
 log(f"optimizer: {describe_optimizer(optimizer, args.batch_size * L * args.grad_accum, flops_per_token)}")
 compiled_eval = use_compile and device.type == "cuda" and ema is not None and val_windows is not None
 if compiled_eval:
@@ -249,6 +238,7 @@ if ckpt is not None and ckpt.get("loss_window") and not ddp:
 # --compile whole: the step as one CUDA graph (trm/whole_step.py), its optimizer made capturable after restore()
 whole = (WholeStep(model, raw_model, optimizer, ema, args.grad_clip, amp_dtype, loss_sum, bad, halt_args)
          if compile_mode == "whole" else None)
+eager = EagerStep(model, raw_model, optimizer, ema, args, amp_dtype, loss_sum, bad, halt_args, cuda_graphs)
 guarded = args.collapse_guard == "on" and val_windows is not None  # the same on every rank; rank 0 judges
 # a resumed guard starts from the best it can know: best.pt's, or, inside a depth warm-up (whose shallow scores best.pt
 # does not keep), the resumed checkpoint's own evaluation, which the guard passed
@@ -284,16 +274,12 @@ def save(name, rng_ranks, quiet=False):
 
 def run_eval():
     trained = round(clock.seconds(), 2)  # read before scoring: the pause around this call has only just begun
-    # on a GPU few windows a pass are launch-bound (16: 637 ms, 69% idle); 256 through the recursion, the head and its
-    # loss 64 at a time (their logits: 2 GB in float32), took 176 ms against 191-208 at 64 (bench/eval_speed.py, H200)
     # (under --compile on CUDA the EMA's blocks and the head's loss are compiled, above; evaluate(compiled=True), the
     # whole recursion as one graph, is faster a call but its compile costs more than it saves in the procedure's run:
     # BENCHMARKS.md, issue 20)
-    cuda = device.type == "cuda"
     started = time.perf_counter()
-    result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes,
-                      256 if cuda else 16, device, amp_dtype, head_windows=64 if cuda else None,
-                      compiled_head=compiled_eval, **eval_depth)
+    result = evaluate(ema.model if ema is not None else raw_model, val_windows, token_bytes, device=device,
+                      amp_dtype=amp_dtype, compiled_head=compiled_eval, **trainer_batch(device), **eval_depth)
     # its own seconds (it ends synced, reading its sums): what one costs, apart from the curves drawn after it
     result.update(step=step, kind="eval", tokens_seen=tokens_seen, train_seconds=trained,
                   seconds=round(time.perf_counter() - started, 3))
@@ -347,12 +333,6 @@ def stop_if_collapsed():
         fail_once(collapse_error() if master else None, 3)
 
 
-def optimizer_step(loss):
-    """Clip, flag, step (trm.optim.clip_and_step), then clear the gradients: both update rules."""
-    clip_and_step(raw_model.parameters(), optimizer, args.grad_clip, loss, bad)
-    optimizer.zero_grad(set_to_none=True)
-
-
 def next_batch():
     x, targets = loader.next_batch()
     if device.type == "cuda":  # pinned, so the copy is asynchronous and the CPU runs ahead of the GPU
@@ -360,18 +340,9 @@ def next_batch():
     return x.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
-def abort():
-    """A second Ctrl-C: give up the write in flight and stop now, with one line. Stopping by an exception instead
-    could surface it anywhere, even inside torch.save ('RuntimeError: unexpected pos'), and interpreter shutdown
-    would then wait for or tear down the writer thread."""
-    saver.abandon()
-    if not master:  # (torchrun passes the signal to every rank)
-        os._exit(130)
-    print(f"error: interrupted twice: stopped at step {step} without saving it; {run_dir.survivor()}. Continue with "
-          f"{run_dir.advice}.", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)  # no atexit: the abandoned write is not waited for
+def abort():  # a second Ctrl-C: stop now, the write in flight given up
+    saver.abort(master, f"error: interrupted twice: stopped at step {step} without saving it; {run_dir.survivor()}. "
+                        f"Continue with {run_dir.advice}.")
 
 
 clock.catch_signals(log, on_abort=abort)
@@ -397,42 +368,15 @@ try:
     while step < args.max_steps and not clock.out_of_time():
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.lr_schedule, clock.budget_frac,
                    args.lr_cooldown)
-        if whole is None:  # (--compile whole writes the rate into its device tensor instead)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
         progress = max(step / args.max_steps, clock.budget_frac)
         depth = depth_schedule.for_step(config, args.random_depth, args.depth_warmup, args.seed, step, progress)
         eval_depth = depth_schedule.trained_depth(config, args.random_depth, args.depth_warmup, progress)
         flops_at_log += flops_at(depth)
-        if whole is not None:  # the whole step, EMA included, as one graph
+        if whole is not None:  # the whole step, EMA included, as one graph; it writes the rate into a device tensor
             whole.step(*next_batch(), lr, depth)
             loss_count += 1
-        elif args.sup_update == "each":  # the paper's rule: an optimizer step after every supervision round
-            x, targets = next_batch()
-            round_losses = []
-            # each round's forward under autocast, as in the mean rule; backward and optimizer step outside it
-            rounds = raw_model.supervision_rounds(x, targets, **halt_args, **depth)
-            for round_loss in autocast_each(rounds, device, amp_dtype):
-                round_loss.backward()
-                optimizer_step(round_loss)
-                round_losses.append(round_loss.detach())
-            loss_sum += torch.stack(round_losses).mean()
-            loss_count += 1
-        else:  # one optimizer step on the mean of the rounds' losses, over grad_accum micro-batches
-            for micro in range(args.grad_accum):
-                if cuda_graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                x, targets = next_batch()
-                sync = not ddp or micro == args.grad_accum - 1  # DDP all-reduces only on the last micro-step
-                with model.no_sync() if not sync else contextlib.nullcontext():
-                    with autocast(device, amp_dtype):
-                        _, loss = model(x, targets, **halt_args, **depth)
-                    (loss / args.grad_accum).backward()
-                loss_sum += loss.detach()
-                loss_count += 1
-            optimizer_step(loss)
-        if ema is not None and whole is None:
-            ema.update(raw_model)
+        else:  # trm/step.py: either update rule, over --grad_accum micro-batches
+            loss_count += eager.step(next_batch, lr, depth)
         step += 1
         tokens_seen += tokens_per_step
         bar.update(1)
@@ -473,16 +417,10 @@ try:
             with clock.pause("evaluating"):  # evaluation time is neither training throughput nor --max_minutes
                 last_eval = r = run_eval()
             seconds_at_eval = clock.session_seconds()
-            log(f"eval  {step:>6} | val loss {r['loss']:.4f} | ppl {r['perplexity']:.1f} | "
-                      f"{r['bits_per_byte']:.4f} bits/byte" +
-                      (f" | halting head accuracy {r['halt_accuracy']:.3f}" if "halt_accuracy" in r else "") +
-                      (f" | at {eval_depth['deep_steps']} deep step (warm-up)" if eval_depth else ""))
+            log(f"eval  {step:>6} | {describe(r, short=True)}")
             judge(r)
-            if device.type == "cpu" and r["seconds"] > trained:  # (the pause also holds a drawing of the curves)
-                say_once("eval", f"note: an evaluation takes {r['seconds']:.1f} s here, more than the "
-                                 f"{trained:.1f} s of training between two; fewer --eval_tokens (now "
-                                 f"{args.eval_tokens:,}) or a larger --eval_every (now {args.eval_every:,}) leaves "
-                                 f"more of the time to training")
+            if device.type == "cpu":  # (the pause also holds a drawing of the curves)
+                say_once("eval", slow_note(r["seconds"], trained, args.eval_tokens, args.eval_every))
         if guarded and step % args.eval_every == 0 and step < args.max_steps:
             stop_if_collapsed()
         if step % save_every == 0 and step < args.max_steps:
@@ -496,13 +434,10 @@ try:
 except OSError as e:  # metrics.jsonl or the curves: the same disk as the checkpoints
     fail(run_dir.failure(e, args.save_dir, step), 1)
 except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError, or the CPU allocator's
-    if (more := out_of_memory(e)) is None:
+    if (advice := training_out_of_memory(e, device, args.batch_size, L, config.d_model)) is None:
         raise
     saver.wait()  # (a write in flight decides the last good checkpoint)
-    fail(f"{'CUDA' if device.type == 'cuda' else 'CPU'} out of memory at --batch_size {args.batch_size} --max_seq_len "
-         f"{L} --d_model {config.d_model}{more}. Reduce --batch_size (e.g. {max(1, args.batch_size // 4)}; keep the "
-         f"global batch with --grad_accum), --max_seq_len (e.g. {max(16, L // 2)}) or --d_model (e.g. "
-         f"{max(32, config.d_model // 2)}); {run_dir.survivor()}.", 1)
+    fail(f"{advice}; {run_dir.survivor()}.", 1)
 bar.close()
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -538,11 +473,7 @@ if master:
         log(f"done: {step} step{'s' * (step != 1)}{minutes}, {tokens_seen:,} tokens; final checkpoint {path}")
     log(clock.summary(t_process))
     if last_eval and not interrupted:
-        log(f"validation ({eval_weights} weights): loss {last_eval['loss']:.4f}, perplexity "
-            f"{last_eval['perplexity']:.1f}, {last_eval['bits_per_byte']:.4f} bits/byte" +
-            (f", halting head accuracy {last_eval['halt_accuracy']:.3f}" if "halt_accuracy" in last_eval else "") +
-            (f", at the warm-up's {last_eval['eval_depth']['deep_steps']} deep step" if "eval_depth" in last_eval
-             else "") + f"; curves in {metrics.curves_path}")
+        log(f"validation ({eval_weights} weights): {describe(last_eval)}; curves in {metrics.curves_path}")
 # the others wait for rank 0's evaluation and save. Interrupted: saved, but not done; `train && generate
 # final_step_N.pt` stops here, as after any signal (128 + N)
 end_processes(128 + signal.Signals[interrupted] if interrupted else 0, ddp)

@@ -1,7 +1,7 @@
 """trm/whole_step.py (--compile whole): the step the graph holds equals the trainer's loop step, its checkpoints are
 plain ones, and the flags it cannot take are refused in one line. The capture itself needs a GPU: tests/test_gpu.py."""
 import copy
-import math
+from argparse import Namespace
 
 import pytest
 import torch
@@ -12,6 +12,7 @@ from trm.flags import choose_compile
 from trm.model import TRM, TRMConfig
 from trm.muon import Muon
 from trm.optim import BETAS, MuonAdamW, hidden_matrices
+from trm.step import EagerStep
 from trm.whole_step import WholeStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,17 +40,12 @@ def batches(n):
     return [torch.randint(0, 64, (2, 17), generator=g) for _ in range(n)]
 
 
-def loop_step(model, opt, ema, x, targets, lr, clip, loss_sum):
-    """What train_trm_lm.py's loop does for one step without --compile whole."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-    _, loss = model(x, targets)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    ema.update(model)
-    loss_sum += loss.detach()
+def loop_step(model, opt, ema, x, targets, lr, clip, loss_sum, bad=None):
+    """What train_trm_lm.py's loop does for one step without --compile whole: trm/step.py's EagerStep."""
+    args = Namespace(grad_accum=1, grad_clip=clip, sup_update="mean")
+    bad = torch.zeros((), dtype=torch.bool) if bad is None else bad
+    return EagerStep(model, model, opt, ema, args, None, loss_sum, bad, {}, cuda_graphs=False).step(
+        lambda: (x, targets), lr, {})
 
 
 @pytest.mark.parametrize("clip,optimizer", [(1.0, "adamw"), (0.0, "adamw"), (1.0, "muon")])
@@ -60,7 +56,7 @@ def test_the_whole_step_equals_the_loops_step(clip, optimizer):
     whole = WholeStep(b, b, opt_b, ema_b, clip, None, sum_b, bad, {})
     for i, batch in enumerate(batches(6)):
         lr = 3e-3 * (i + 1) / 6  # a rate that changes every step, as the schedule's
-        loop_step(a, opt_a, ema_a, batch[:, :-1], batch[:, 1:], lr, clip or math.inf, sum_a)
+        assert loop_step(a, opt_a, ema_a, batch[:, :-1], batch[:, 1:], lr, clip, sum_a, bad) == 1
         whole.step(batch[:, :-1], batch[:, 1:], lr, {})
     # capturable AdamW with a tensor rate rounds its weight decay differently from the float-rate kernel: an ulp
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -150,7 +146,6 @@ def test_the_ema_moves_alike_with_a_number_or_a_device_tensor():
 
 def test_auto_takes_the_whole_graph_with_either_optimizer_in_one_process():
     # (Muon joined once its replay test passed on an H100, 2026-12-06)
-    from argparse import Namespace
     from trm.whole_step import refusal
     for optimizer in ("adamw", "muon"):
         args = Namespace(optimizer=optimizer, grad_accum=1, random_depth=None)

@@ -286,6 +286,18 @@ class PackedLoader:
         self.cursor = 0  # windows consumed by all ranks together
         self._order_epoch, self._order = -1, None
 
+    def describe(self, tokens_per_step):
+        """The trainer's data line, and a warning when the corpus is shorter than a window (None otherwise)."""
+        N, epoch_steps = len(self.tokens), self.n_windows * self.L / tokens_per_step  # (<1 step: not "0 steps")
+        line = (f"{N:,} train tokens = {self.n_windows:,} windows of {self.L} "
+                f"({epoch_steps:,.{0 if epoch_steps >= 10 else 2}f} steps per epoch at {tokens_per_step:,} tokens/step)")
+        if N >= self.L + 1:
+            return line, None
+        # a window then wraps round the circle: the same text several times in one window
+        return line, (f"the training corpus is {N:,} tokens, less than one window of {self.L + 1:,}: each window "
+                      f"repeats it about {(self.L + 1) / N:.0f} times. Add text, or train a new run with --max_seq_len "
+                      f"{max(1, N - 1)} or less")
+
     def order(self, epoch):
         if epoch != self._order_epoch:
             self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)

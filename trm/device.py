@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from trm.cli import fail_once
+from trm.optim import MuonAdamW
 
 DEVICES = ("auto", "cuda", "mps", "cpu")  # and cuda:N, a GPU by number
 
@@ -128,6 +129,29 @@ def out_of_memory(e):
     if not m:
         return ""
     return f" (it asked for {int(m[1]) / 1e9:,.1f} GB more)" if m[1] else f" (it asked for {m[2]} more)"
+
+
+def training_out_of_memory(e, device, batch_size, seq_len, d_model):
+    """The trainer's line for running out of memory, naming the flags to lower and to what; None for any other error."""
+    if (more := out_of_memory(e)) is None:
+        return None
+    return (f"{'CUDA' if device.type == 'cuda' else 'CPU'} out of memory at --batch_size {batch_size} --max_seq_len "
+            f"{seq_len} --d_model {d_model}{more}. Reduce --batch_size (e.g. {max(1, batch_size // 4)}; keep the "
+            f"global batch with --grad_accum), --max_seq_len (e.g. {max(16, seq_len // 2)}) or --d_model (e.g. "
+            f"{max(32, d_model // 2)})")
+
+
+def compile_training(model, optimizer, mode, deep_steps):
+    """The trainer's model under torch.compile for --compile on/graphs/whole (mode), and Muon's update too.
+    Compiled after DDP, so the compiler splits the graph at gradient buckets and overlaps the all-reduce; CUDA graphs
+    replay a whole step's kernels with one launch: small batches are launch-bound, not math-bound."""
+    import torch._dynamo
+    # one graph per depth a depth schedule asks for (--random_depth deep: 2T of them), each compiled once
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * deep_steps + 4)
+    model = torch.compile(model, mode="reduce-overhead" if mode == "graphs" else None)
+    if isinstance(optimizer, MuonAdamW):  # ~170 launches a step from Python would otherwise hold back a 12-layer GPT on a GPU
+        optimizer.muon.compile(graphed=mode == "whole")  # (captured, its shapes stay apart: trm/muon.py)
+    return model
 
 
 def bytecode_note(module_file=None, dont_write=None):

@@ -99,6 +99,34 @@ def evaluate(model, windows, token_bytes, batch_size=16, device="cpu", amp_dtype
     return result
 
 
+def trainer_batch(device):
+    """evaluate()'s batch_size and head_windows keywords for the trainer's evaluations. On a GPU few windows a pass are
+    launch-bound (16: 637 ms, 69% idle); 256 through the recursion, the head and its loss 64 at a time (their logits:
+    2 GB in float32), took 176 ms against 191-208 at 64 (bench/eval_speed.py, H200)."""
+    return dict(batch_size=256, head_windows=64) if device.type == "cuda" else dict(batch_size=16)
+
+
+def describe(r, short=False):
+    """An evaluation in words: the trainer's eval lines (short) or its end-of-run summary."""
+    sep, loss, ppl = (" | ", "val loss", "ppl") if short else (", ", "loss", "perplexity")
+    parts = [f"{loss} {r['loss']:.4f}", f"{ppl} {r['perplexity']:.1f}", f"{r['bits_per_byte']:.4f} bits/byte"]
+    if "halt_accuracy" in r:
+        parts.append(f"halting head accuracy {r['halt_accuracy']:.3f}")
+    if "eval_depth" in r:  # a --depth_warmup's shallow score
+        deep = r["eval_depth"]["deep_steps"]
+        parts.append(f"at {deep} deep step (warm-up)" if short else f"at the warm-up's {deep} deep step")
+    return sep.join(parts)
+
+
+def slow_note(seconds, trained, eval_tokens, eval_every):
+    """A note when an evaluation takes longer than the training between two (None otherwise)."""
+    if seconds <= trained:
+        return None
+    return (f"note: an evaluation takes {seconds:.1f} s here, more than the {trained:.1f} s of training between two; "
+            f"fewer --eval_tokens (now {eval_tokens:,}) or a larger --eval_every (now {eval_every:,}) leaves more of "
+            f"the time to training")
+
+
 def unknown_note(windows, tokenizer):
     """A line for a scored text whose targets include <unk> (a SentencePiece model without byte fallback, as the
     users' earlier ja_trm.model), or None. Such a target stands for characters the model cannot name, whose bytes no

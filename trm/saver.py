@@ -139,6 +139,17 @@ class Saver:
                 pass
         self.log(f"abandoned writing {path}; {self.run_dir.survivor()}")
 
+    def abort(self, master, line):
+        """A second Ctrl-C: give up the write in flight and end the process now, rank 0 saying `line`. Stopping by an
+        exception instead could surface it anywhere, even inside torch.save ('RuntimeError: unexpected pos'), and
+        interpreter shutdown would then wait for or tear down the writer thread."""
+        self.abandon()
+        if master:  # (torchrun passes the signal to every rank)
+            print(line, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # no atexit: the abandoned write is not waited for
+
     def close(self):
         """Wait for the last write and let go of the buffers."""
         self.wait()
