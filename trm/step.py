@@ -13,8 +13,9 @@ from trm.optim import clip_and_step
 
 
 class EagerStep:
-    """step(next_batch, lr, depth) trains on next_batch()'s (x, targets), once per --grad_accum micro-batch, adds each
-    loss to loss_sum and any non-finite loss or gradient to bad, and returns how many losses it added."""
+    """step(next_batch, lr, depth) trains on next_batch()'s (x, targets), once per --grad_accum micro-batch (--sup_update
+    each: one batch, an optimizer step a round), adds the losses to loss_sum and any non-finite loss or gradient to
+    bad, and returns how many losses it added."""
 
     def __init__(self, model, raw_model, optimizer, ema, args, amp_dtype, loss_sum, bad, halt_args, cuda_graphs):
         self.model, self.raw_model, self.optimizer, self.ema = model, raw_model, optimizer, ema
@@ -22,7 +23,7 @@ class EagerStep:
         self.amp_dtype, self.loss_sum, self.bad, self.halt_args = amp_dtype, loss_sum, bad, halt_args
         self.cuda_graphs = cuda_graphs  # --compile graphs: each forward starts a new CUDA graph step
         self.device = next(raw_model.parameters()).device
-        self.ddp = hasattr(model, "no_sync")  # (a compiled DDP model forwards it too)
+        self.ddp = hasattr(model, "no_sync")  # DistributedDataParallel's (a compiled DDP model forwards it too)
 
     def optimizer_step(self, loss):
         clip_and_step(self.raw_model.parameters(), self.optimizer, self.grad_clip, loss, self.bad)
