@@ -287,10 +287,11 @@ class PackedLoader:
         self._order_epoch, self._order = -1, None
 
     def describe(self, tokens_per_step):
-        """The trainer's data line, and a warning when the corpus is shorter than a window (None otherwise)."""
+        """The trainer's data line, and a warning when the corpus is shorter than a window (else None)."""
         N, epoch_steps = len(self.tokens), self.n_windows * self.L / tokens_per_step  # (<1 step: not "0 steps")
-        line = (f"{N:,} train tokens = {self.n_windows:,} windows of {self.L} "
-                f"({epoch_steps:,.{0 if epoch_steps >= 10 else 2}f} steps per epoch at {tokens_per_step:,} tokens/step)")
+        per_epoch = f"{epoch_steps:,.{0 if epoch_steps >= 10 else 2}f}"
+        line = (f"{N:,} train tokens = {self.n_windows:,} windows of {self.L} ({per_epoch} steps per epoch at "
+                f"{tokens_per_step:,} tokens/step)")
         if N >= self.L + 1:
             return line, None
         # a window then wraps round the circle: the same text several times in one window

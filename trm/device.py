@@ -149,7 +149,7 @@ def compile_training(model, optimizer, mode, deep_steps):
     # one graph per depth a depth schedule asks for (--random_depth deep: 2T of them), each compiled once
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * deep_steps + 4)
     model = torch.compile(model, mode="reduce-overhead" if mode == "graphs" else None)
-    if isinstance(optimizer, MuonAdamW):  # ~170 launches a step from Python would otherwise hold back a 12-layer GPT on a GPU
+    if isinstance(optimizer, MuonAdamW):  # ~170 launches a step from Python would hold back a 12-layer GPT on a GPU
         optimizer.muon.compile(graphed=mode == "whole")  # (captured, its shapes stay apart: trm/muon.py)
     return model
 

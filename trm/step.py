@@ -13,9 +13,9 @@ from trm.optim import clip_and_step
 
 
 class EagerStep:
-    """step(next_batch, lr, depth) trains on next_batch()'s (x, targets), once per --grad_accum micro-batch (--sup_update
-    each: one batch, an optimizer step a round), adds the losses to loss_sum and any non-finite loss or gradient to
-    bad, and returns how many losses it added."""
+    """step(next_batch, lr, depth) trains on next_batch()'s (x, targets), once per --grad_accum micro-batch
+    (--sup_update each: one batch, an optimizer step a round), adds the losses to loss_sum and any non-finite loss or
+    gradient to bad, and returns how many losses it added."""
 
     def __init__(self, model, raw_model, optimizer, ema, args, amp_dtype, loss_sum, bad, halt_args, cuda_graphs):
         self.model, self.raw_model, self.optimizer, self.ema = model, raw_model, optimizer, ema
@@ -52,7 +52,7 @@ class EagerStep:
         return 1
 
     def mean_of_rounds(self, next_batch, depth):
-        """One optimizer step on the mean of the rounds' losses (the model's forward returns it), over the micro-batches."""
+        """One optimizer step on the mean of the rounds' losses (the forward returns it) over the micro-batches."""
         for micro in range(self.grad_accum):
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
